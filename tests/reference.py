@@ -1,0 +1,160 @@
+"""References for the exactness tests: what a pruned run must equal, computed without vtr's engine.
+
+* Pre-LLM stage: the unpatched model itself, fed the kept input embeddings with the prescribed positions and a
+  2-D mask, then decoded greedily step by step with explicit positions.
+* Layer stage at K: a hand-written loop over the unpatched decoder layers: layers < K on the full sequence, the
+  kept hidden states from layer K on, each layer group with its own explicit additive 4-D mask and positions.
+
+Which tokens are kept comes from the patched run's record (``handle.last.index``); these references check the
+surgery (masks, positions, cache), the selection tests check the choice.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def lm_of(model):
+    return model.model.language_model
+
+
+def capture_lm_inputs(model, inputs: dict, generate: bool = False) -> dict:
+    """Inputs the language model receives at the prefill of an unpatched forward (or ``generate``, which numbers
+    positions from the attention mask): embeddings, 2-D mask, positions."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        if not seen:
+            seen.update(embeds=kwargs["inputs_embeds"].detach().clone(), mask=kwargs.get("attention_mask"),
+                        positions=kwargs.get("position_ids"))
+
+    handle = lm_of(model).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            if generate:
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            else:
+                model(**inputs)
+    finally:
+        handle.remove()
+    B, L, _ = seen["embeds"].shape
+    if seen["mask"] is None:
+        seen["mask"] = torch.ones(B, L, dtype=torch.long)
+    if seen["positions"] is None:
+        seen["positions"] = torch.arange(L).expand(B, L)
+    else:
+        seen["positions"] = seen["positions"].expand(*seen["positions"].shape[:-2], B, L)
+    return seen
+
+
+def gather_seq(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
+    """``x[..., b, index[b, i], ...]`` along the sequence dim of ``[B, L]``, ``[B, L, D]`` or ``[R, B, L]``."""
+    if x.dim() == 3 and x.shape[1] == index.shape[0] and x.shape[2] != index.shape[0] and x.shape[0] in (3, 4):
+        return torch.stack([gather_seq(r, index, fill) for r in x])
+    out = []
+    for b in range(index.shape[0]):
+        row = x[b]
+        picked = row[index[b].clamp(min=0)].clone()
+        picked[index[b] < 0] = fill
+        out.append(picked)
+    return torch.stack(out)
+
+
+def pruned_positions(positions: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, policy: str) -> torch.Tensor:
+    """Positions of the kept slots: original (gathered) or compact (minus the removed real tokens before each)."""
+    kept = gather_seq(positions, index, 1)
+    if policy == "original":
+        return kept
+    B, L = mask.shape
+    present = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        present[b, index[b][index[b] >= 0]] = True
+    removed = (mask.bool() & ~present).long()
+    before = removed.cumsum(1) - removed
+    return kept - gather_seq(before, index, 0)
+
+
+def additive_mask(key_valid: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
+    """``[B, 1, q, kv]`` float mask: query i (the last q of kv slots) sees valid keys up to itself."""
+    B, kv = key_valid.shape
+    q_slot = torch.arange(kv - q_len, kv)[:, None]
+    allowed = (torch.arange(kv)[None, :] <= q_slot)[None] & key_valid.bool()[:, None, :]
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+def _next_positions(positions: torch.Tensor) -> torch.Tensor:
+    return positions[..., -1:] + 1
+
+
+def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, steps: int, tokens=None):
+    """Unpatched model on the kept tokens, decoded greedily (or fed ``tokens`` [B, steps], teacher forcing).
+    Returns (prefill logits [B, L', V], step logits [B, steps, V])."""
+    embeds = gather_seq(lm_inputs["embeds"], index, 0.0)
+    mask = gather_seq(lm_inputs["mask"], index, 0)
+    positions = pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy)
+    cache = DynamicCache(config=lm_of(model).config)
+    step_logits = []
+    with torch.no_grad():
+        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True)
+        prefill = out.logits
+        logits = out.logits[:, -1]
+        for t in range(steps):
+            step_logits.append(logits)
+            token = logits.argmax(-1) if tokens is None else tokens[:, t]
+            embeds = model.get_input_embeddings()(token)[:, None]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            positions = _next_positions(positions)
+            out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True)
+            logits = out.logits[:, -1]
+    return prefill, (torch.stack(step_logits, 1) if step_logits else None)
+
+
+def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, policy: str, steps: int, tokens=None):
+    """Decoder loop over the unpatched layers, pruned before ``layer``. Same returns as ``pre_llm_reference``."""
+    lm = lm_of(model)
+    full_mask = lm_inputs["mask"].bool()
+    full_pos = _rope_rows(lm_inputs["positions"])
+    kept_mask = gather_seq(full_mask, index, False)
+    kept_pos = _rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy))
+    cache = DynamicCache(config=lm.config)
+
+    def run(hidden, full_keys, kept_keys, q_len):
+        for i, block in enumerate(lm.layers):
+            if i == layer and q_len > 1:
+                hidden = gather_seq(hidden, index, 0.0)
+            keys, pos = (full_keys, full_pos) if i < layer else (kept_keys, kept_pos)
+            q = hidden.shape[1]
+            cos, sin = lm.rotary_emb(hidden, pos)
+            hidden = block(hidden, attention_mask=additive_mask(keys, q, hidden.dtype),
+                           position_embeddings=(cos, sin), position_ids=None, past_key_values=cache,
+                           use_cache=True)
+        return model.lm_head(lm.norm(hidden))
+
+    step_logits = []
+    with torch.no_grad():
+        prefill = run(lm_inputs["embeds"], full_mask, kept_mask, full_mask.shape[1])
+        logits = prefill[:, -1]
+        for t in range(steps):
+            step_logits.append(logits)
+            token = logits.argmax(-1) if tokens is None else tokens[:, t]
+            hidden = model.get_input_embeddings()(token)[:, None]
+            ones = full_mask.new_ones(full_mask.shape[0], 1)
+            full_mask, kept_mask = torch.cat([full_mask, ones], 1), torch.cat([kept_mask, ones], 1)
+            full_pos, kept_pos = _next_positions(full_pos), _next_positions(kept_pos)
+            logits = run(hidden, full_mask, kept_mask, 1)[:, -1]
+    return prefill, (torch.stack(step_logits, 1) if step_logits else None)
+
+
+def _rope_rows(positions: torch.Tensor) -> torch.Tensor:
+    """Positions as the rotary embedding takes them: drop the text row of Qwen's 4-row position ids."""
+    return positions[1:] if positions.dim() == 3 and positions.shape[0] == 4 else positions
+
+
+def reference_for(model, method, lm_inputs, index, steps, tokens=None):
+    """The reference matching a patched method's (single) stage."""
+    spec = method.stages()[0]
+    if spec.stage.value == "pre_llm":
+        return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens)
+    return layer_reference(model, lm_inputs, index, spec.layer, method.positions, steps, tokens)

@@ -1,0 +1,160 @@
+"""Decoding paths beyond greedy generate: a hand-written forward loop, sampling, beam search, labels, concurrent
+and interleaved requests."""
+import threading
+
+import pytest
+import torch
+
+import reference as R
+import tiny_models as tm
+import vtr
+from vtr.methods import REGISTRY
+
+METHODS = sorted(REGISTRY)
+STEPS = 5
+
+
+def manual_loop(model, inputs, steps, with_mask):
+    """What users write without generate: no position ids; the attention mask only if ``with_mask``."""
+    logits = []
+    with torch.no_grad():
+        out = model(**inputs)
+        mask = inputs["attention_mask"]
+        for _ in range(steps):
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            extra = {}
+            if with_mask:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                extra["attention_mask"] = mask
+            out = model(input_ids=token, past_key_values=out.past_key_values, **extra)
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("family,batch", [("llava", 1), ("llava", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1)])
+@pytest.mark.parametrize("method", METHODS)
+def test_manual_forward_loop(method, family, batch):
+    """Decode positions stay right without generate (Qwen: rope_deltas; pre-LLM pruning: the short layer-0 cache).
+    Qwen is run without a mask: transformers 5.23 itself fails a Qwen decode step given a mask and no positions."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch)
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        got = manual_loop(model, inputs, STEPS, with_mask=batch > 1)
+        record = handle.last
+    lm_inputs = R.capture_lm_inputs(model, inputs)
+    _, expected = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_matches_the_reference(method):
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 2)
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        torch.manual_seed(7)
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=True, top_k=20, return_dict_in_generate=True,
+                             output_logits=True)
+        record = handle.last
+    tokens = out.sequences[:, -STEPS:]
+    lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
+    _, expected = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, tokens=tokens)
+    assert (torch.stack(out.logits, 1) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method", ["divprune", "random"])
+def test_beam_search_matches_the_unpatched_model_on_kept_tokens(method, family):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        got = model.generate(**inputs, max_new_tokens=STEPS, num_beams=3, do_sample=False)[:, -STEPS:]
+        index = handle.last.index[::3]  # generate repeats each row once per beam
+    lm = R.capture_lm_inputs(model, inputs, generate=True)
+    expected = model.generate(inputs_embeds=R.gather_seq(lm["embeds"], index, 0.0),
+                              attention_mask=R.gather_seq(lm["mask"], index, 0),
+                              position_ids=R.pruned_positions(lm["positions"], lm["mask"], index,
+                                                              handle.method.positions),
+                              max_new_tokens=STEPS, num_beams=3, do_sample=False)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_beam_search_batched_equals_row_by_row(method):
+    model, proc = tm.build("qwen2_vl")
+    inputs = tm.image_inputs("qwen2_vl", proc, 2)
+    with vtr.patch(model, method, ratio=0.75):
+        batched = model.generate(**inputs, max_new_tokens=STEPS, num_beams=3, do_sample=False)[:, -STEPS:]
+        for b, image in enumerate([tm.random_image(*tm.IMAGE_SIZES[b], seed=b) for b in range(2)]):
+            text = [tm._prompt("qwen2_vl", 1, long=bool(b))]
+            alone = proc(text=text, images=[image], return_tensors="pt")
+            row = model.generate(**alone, max_new_tokens=STEPS, num_beams=3, do_sample=False)[:, -STEPS:]
+            assert torch.equal(row[0], batched[b])
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_over_text_tokens(method, family):
+    """Labels are pruned with the sequence: the loss equals the reference logits' loss on the kept labels."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(labels == model.config.image_token_id, -100)
+    # The first real token of a left-padded row would be "predicted" from a padding slot: never a target.
+    first = inputs["attention_mask"].argmax(1)
+    labels[torch.arange(len(first)), first] = -100
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        with torch.no_grad():
+            loss = model(**inputs, labels=labels).loss
+        index = handle.last.index
+    lm_inputs = R.capture_lm_inputs(model, inputs)
+    ref_logits, _ = R.reference_for(model, handle.method, lm_inputs, index, 0)
+    kept_labels = R.gather_seq(labels, index, -100)
+    expected = model.loss_function(logits=ref_logits, labels=kept_labels, vocab_size=ref_logits.shape[-1])
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with torch.no_grad():
+        unpatched = model(**inputs, labels=labels).loss
+    assert not torch.allclose(loss, unpatched)
+
+
+@pytest.mark.parametrize("method", ["dart", "divprune"])
+def test_concurrent_generate_equals_sequential(method):
+    model, proc = tm.build("qwen2_vl")
+    first = tm.image_inputs("qwen2_vl", proc, 2)
+    second = tm.image_inputs("qwen2_vl", proc, 1, "single")
+    second["pixel_values"] = second["pixel_values"].flip(0)  # a different image
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        kwargs = dict(max_new_tokens=STEPS, do_sample=False)
+        expected = [model.generate(**first, **kwargs), model.generate(**second, **kwargs)]
+        results, errors = [None, None], []
+        barrier = threading.Barrier(2)
+
+        def work(i, inputs):
+            try:
+                barrier.wait()
+                for _ in range(3):
+                    results[i] = model.generate(**inputs, **kwargs)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i, x)) for i, x in enumerate((first, second))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors
+        assert handle.last is not None
+    assert torch.equal(results[0], expected[0]) and torch.equal(results[1], expected[1])
+
+
+@pytest.mark.parametrize("method", ["fastv", "divprune"])
+def test_interleaved_requests_keep_their_own_state(method):
+    model, proc = tm.build("llava")
+    a, b = tm.image_inputs("llava", proc, 1), tm.image_inputs("llava", proc, 2)
+    with vtr.patch(model, method, ratio=0.75):
+        alone = manual_loop(model, a, 3, with_mask=True)
+        with torch.no_grad():
+            out_a = model(**a)
+            out_b = model(**b)  # a second request prefills between a's steps
+            mask = torch.cat([a["attention_mask"], a["attention_mask"].new_ones(1, 1)], 1)
+            step = model(input_ids=out_a.logits[:, -1:].argmax(-1), past_key_values=out_a.past_key_values,
+                         attention_mask=mask)
+        assert torch.allclose(step.logits[:, -1], alone[:, 1], atol=1e-6)
+        assert out_b.logits.shape[0] == 2

@@ -1,0 +1,121 @@
+"""Invariant 5: bad input gets a clear error naming the problem, and a failed patch leaves the model untouched."""
+import pytest
+import torch
+import transformers
+
+import tiny_models as tm
+import vtr
+from test_invariants import hook_count
+
+
+@pytest.fixture
+def llava():
+    model, proc = tm.build("llava")
+    with torch.no_grad():
+        model(**tm.image_inputs("llava", proc, 1))  # let transformers install its lazy hooks first
+    return model, proc
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(method="dartt", ratio=0.5), ValueError, r"unknown method 'dartt'.*Did you mean 'dart'"),
+    (dict(method="dart", ratio=1.0), ValueError, r"ratio must be in \[0, 1\)"),
+    (dict(method="dart", ratio=-0.1), ValueError, r"ratio must be in \[0, 1\)"),
+    (dict(method="fastv", keep=0), ValueError, r"keep must be an integer >= 1"),
+    (dict(method="fastv"), ValueError, r"exactly one of ratio="),
+    (dict(method="fastv", ratio=0.5, keep=4), ValueError, r"exactly one of ratio="),
+    (dict(method="fastv", ratio=0.5, layer=4), ValueError, r"layer must be in \[1, 3\]"),
+    (dict(method="fastv", ratio=0.5, layer=0), ValueError, r"layer must be in \[1, 3\]"),
+    (dict(method="dart", ratio=0.5, pivots=3), TypeError, r"dart has no option 'pivots'"),
+    (dict(method="divprune", ratio=0.5, positions="shifted"), ValueError, r"positions must be one of"),
+])
+def test_bad_arguments(llava, kwargs, error, match):
+    model, _ = llava
+    hooks = hook_count(model)
+    with pytest.raises(error, match=match):
+        vtr.patch(model, **kwargs)
+    assert hook_count(model) == hooks and vtr.handle_of(model) is None
+
+
+def test_unsupported_model_lists_supported_ones():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(TypeError, match=r"does not support LlamaForCausalLM; supported model classes: "
+                                        r"LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration"):
+        vtr.patch(model, "dart", ratio=0.5)
+    assert hook_count(model) == 0
+
+
+def test_unsupported_attention_backend():
+    model, _ = tm.build("llava", attn="flex_attention")
+    with pytest.raises(ValueError, match=r"attn_implementation='flex_attention'; supported: eager, sdpa"):
+        vtr.patch(model, "fastv", ratio=0.5)
+    assert hook_count(model) == 0
+
+
+def test_compact_positions_on_mrope_model():
+    model, _ = tm.build("qwen2_vl")
+    with pytest.raises(ValueError, match=r"positions='compact' is not defined for Qwen2VLForConditionalGeneration"):
+        vtr.patch(model, "divprune", ratio=0.5, positions="compact")
+    assert hook_count(model) == 0
+
+
+def test_already_patched(llava):
+    model, _ = llava
+    handle = vtr.patch(model, "dart", ratio=0.5)
+    hooks = hook_count(model)
+    with pytest.raises(RuntimeError, match="already patched with dart"):
+        vtr.patch(model, "fastv", ratio=0.5)
+    assert hook_count(model) == hooks and vtr.handle_of(model) is handle
+    handle.remove()
+
+
+def test_method_instance_and_options_conflict(llava):
+    model, _ = llava
+    with pytest.raises(ValueError, match="either to the Method instance or to patch"):
+        vtr.patch(model, vtr.DART(ratio=0.5), ratio=0.9)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_chunked_prefill_raises(family):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    with vtr.patch(model, "dart", ratio=0.5):
+        with pytest.raises(ValueError, match="chunked prefill"):
+            model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=16)
+
+
+def test_continuing_a_pruned_cache_with_several_tokens_raises(llava):
+    model, proc = llava
+    inputs = tm.image_inputs("llava", proc, 1)
+    with vtr.patch(model, "fastv", ratio=0.5):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            more = proc.tokenizer(["what is red ?"], return_tensors="pt")["input_ids"]
+            with pytest.raises(ValueError, match=r"cannot continue a pruned KV cache with 4 new tokens"):
+                model(input_ids=more, past_key_values=out.past_key_values)
+
+
+def test_new_images_on_a_non_empty_cache_raise(llava):
+    model, proc = llava
+    inputs = tm.image_inputs("llava", proc, 1)
+    with vtr.patch(model, "divprune", ratio=0.5):
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            with pytest.raises(ValueError, match="cannot add visual inputs to a non-empty cache"):
+                model(**inputs, past_key_values=out.past_key_values)
+
+
+def test_static_cache_raises(llava):
+    model, proc = llava
+    with vtr.patch(model, "dart", ratio=0.5):
+        with pytest.raises(ValueError, match="DynamicCache only, got StaticCache"):
+            model.generate(**tm.image_inputs("llava", proc, 1), max_new_tokens=2, cache_implementation="static")
+
+
+def test_inputs_embeds_with_images_raise(llava):
+    model, proc = llava
+    inputs = tm.image_inputs("llava", proc, 1)
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with vtr.patch(model, "dart", ratio=0.5):
+        with pytest.raises(ValueError, match="needs input_ids to find the visual tokens"):
+            model(inputs_embeds=embeds, **inputs)

@@ -1,0 +1,146 @@
+"""Invariants 1, 3, 4: ratio 0 is the identity, kept counts follow each method's rule, text is never dropped,
+text-only prompts pass through, unpatching restores the model exactly."""
+import pytest
+import torch
+
+import tiny_models as tm
+import vtr
+from vtr.methods import REGISTRY
+
+METHODS = sorted(REGISTRY)
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def run(model, inputs, steps=4):
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    return logits, out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_ratio_zero_is_identity(method, family):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    expected = run(model, inputs)
+    with vtr.patch(model, method, ratio=0.0) as handle:
+        got = run(model, inputs)
+        assert handle.last.n_kept == handle.last.n_visual
+        assert handle.last.index is None
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_everything_is_identity(method):
+    model, proc = tm.build("qwen2_vl")
+    inputs = tm.image_inputs("qwen2_vl", proc, 2)
+    expected = run(model, inputs)
+    with vtr.patch(model, method, keep=10_000):
+        got = run(model, inputs)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
+    """Each method's keep-count rule, written out independently of the implementation."""
+    if method == "dart":
+        per_pivot = keep // 8 if keep is not None else int(n * (1 - ratio) / 8)
+        return min(n, 4 + 8 * per_pivot)
+    if keep is not None:
+        return min(keep, n)
+    if method == "divprune":
+        return int(round((1 - ratio) * n))
+    return round(n * (1 - ratio))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.9}, {"ratio": 0.778}, {"keep": 1}, {"keep": 20}])
+def test_kept_counts_follow_the_rule(method, family, budget):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2, "multi")
+    with vtr.patch(model, method, **budget) as handle:
+        with torch.no_grad():
+            model(**inputs)
+    record = handle.last
+    for row, kept in zip(record.layout.rows, record.kept):
+        assert len(kept) == sum(expected_kept(method, span.n, **budget) for span in row.spans)
+        assert torch.equal(kept, kept.unique())  # ascending, no duplicates
+        for span in row.spans:  # per image
+            mine = kept[(kept >= span.offset) & (kept < span.offset + span.n)]
+            assert len(mine) == expected_kept(method, span.n, **budget)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_text_tokens_are_never_dropped(method, family):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2, "mixed")
+    with vtr.patch(model, method, ratio=0.9) as handle:
+        with torch.no_grad():
+            model(**inputs)
+    record = handle.last
+    visual = record.layout.visual_mask()
+    real = inputs["attention_mask"].bool()
+    for b in range(len(record.layout.rows)):
+        kept_positions = set(record.index[b][record.index[b] >= 0].tolist())
+        text = set((real[b] & ~visual[b]).nonzero().flatten().tolist())
+        assert text <= kept_positions
+        kept_visual = record.layout.rows[b].visual_positions[record.kept[b]].tolist() if record.kept[b].numel() else []
+        assert kept_positions == text | set(kept_visual)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_text_only_prompts_pass_through(method, family):
+    model, proc = tm.build(family)
+    inputs = tm.text_inputs(proc, 2)
+    expected = run(model, inputs)
+    with vtr.patch(model, method, ratio=0.9) as handle:
+        got = run(model, inputs)
+        assert handle.last.n_visual == [0, 0]
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.parametrize("how", ["remove", "unpatch", "context"])
+@pytest.mark.parametrize("method", ["dart", "divprune"])
+def test_unpatch_restores_the_model(method, how):
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 2)
+    expected = run(model, inputs)  # first: transformers installs its own output-capturing hooks lazily
+    hooks = hook_count(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = set(vars(model)) | set(vars(model.model))
+    if how == "context":
+        with vtr.patch(model, method, ratio=0.75):
+            pruned = run(model, inputs)
+    else:
+        handle = vtr.patch(model, method, ratio=0.75)
+        pruned = run(model, inputs)
+        handle.remove() if how == "remove" else vtr.unpatch(model)
+    assert not torch.equal(pruned[1], expected[1]) or not torch.equal(pruned[2], expected[2])
+    assert hook_count(model) == hooks
+    assert vtr.handle_of(model) is None
+    assert set(vars(model)) | set(vars(model.model)) == attributes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    for e, g in zip(expected, run(model, inputs)):
+        assert torch.equal(e, g)
+    vtr.patch(model, method, ratio=0.5).remove()  # can be patched again
+
+
+def test_method_object_is_a_context_manager():
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    with vtr.DART(ratio=0.75, layer=1)(model) as handle:
+        with torch.no_grad():
+            model(**inputs)
+        assert handle.last.n_kept == [4 + 8 * 2]
+        assert handle.method.layer == 1
+    assert vtr.handle_of(model) is None

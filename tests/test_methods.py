@@ -1,0 +1,197 @@
+"""Each method selects what its paper's official code selects, checked against plain transcriptions of the
+research specification (shared/research/methods_image.md) run on signals read from the unpatched model."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import reference as R
+import tiny_models as tm
+import vtr
+from vtr.methods import dart as dart_module
+
+
+def patched_forward(model, inputs, method, **options):
+    with vtr.patch(model, method, **options) as handle:
+        with torch.no_grad():
+            model(**inputs)
+    return handle.last
+
+
+def unpatched_signals(model, inputs):
+    cache = DynamicCache(config=R.lm_of(model).config)
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache, use_cache=True, output_hidden_states=True,
+                    output_attentions=True)
+    return out, cache
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fastv_is_topk_of_eager_last_token_attention(family, batch):
+    """Official: A = eager attention probs of layer K-1, mean over heads, row of the last token; top-k."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch)
+    record = patched_forward(model, inputs, "fastv", ratio=0.75, layer=2)
+    out, _ = unpatched_signals(model, inputs)
+    attention = out.attentions[1].mean(1)[:, -1]  # [B, L]: layer K-1 = 1
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            k = round(span.n * 0.25)
+            top = torch.topk(attention[b, span.positions], k).indices
+            expected.append(span.offset + top)
+        assert torch.equal(record.kept[b], torch.cat(expected).sort().values)
+
+
+def dart_official(keys, normed, text_positions, start, n, ratio, pivots=4):
+    """Batch-1 transcription of DART's get_retained_image_token (keys: [H, L, d] post-RoPE, normed: [L, D])."""
+    flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)
+    image = list(range(start, start + n))
+    piv_i = (torch.topk(flat[image].abs().sum(-1), pivots).indices + start).tolist()
+    txt = [p for p in text_positions if p >= start + n]
+    piv_t = [txt[i] for i in torch.topk(flat[txt].abs().sum(-1), min(pivots, len(txt))).indices.tolist()]
+    retained = set(piv_i + piv_t)
+    pool = set(image) - set(piv_i)
+    per_pivot = int(n * (1 - ratio) / (2 * pivots))
+    for p in list(retained):
+        cand = list(pool)
+        sim = F.cosine_similarity(normed[p][None], normed[cand], dim=-1)
+        pick = [cand[i] for i in torch.topk(-sim, min(per_pivot, len(cand))).indices.tolist()]
+        retained |= set(pick)
+        pool -= set(pick)
+    retained -= set(piv_t)
+    return sorted(p - start for p in retained)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dart_matches_official_selection(family, batch):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch)
+    record = patched_forward(model, inputs, "dart", ratio=0.75)
+    out, cache = unpatched_signals(model, inputs)
+    keys = cache.layers[1].keys  # layer K-1 = 1, post-RoPE
+    normed = R.lm_of(model).norm(out.hidden_states[2])  # input of layer K = 2
+    real = inputs["attention_mask"].bool()
+    visual = record.layout.visual_mask()
+    for b, row in enumerate(record.layout.rows):
+        # The official code sees the row without its padding.
+        slots = real[b].nonzero().flatten()
+        local = {int(s): i for i, s in enumerate(slots)}
+        text = [local[int(s)] for s in (real[b] & ~visual[b]).nonzero().flatten()]
+        span = row.spans[0]
+        expected = dart_official(keys[b][:, slots], normed[b][slots], text, local[int(span.positions[0])], span.n,
+                                 0.75)
+        assert record.kept[b].tolist() == expected
+
+
+def test_pivot_order_changes_the_selection():
+    """Two pivots compete for the same least-similar candidate: whoever comes first takes it."""
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    c1, c2, c3 = torch.tensor([-1.0, -1.0]), torch.tensor([-1.0, 2.0]), torch.tensor([2.0, -1.0])
+    x = torch.stack([a, b, c1, c2, c3])
+    pool = torch.tensor([2, 3, 4])
+    assert sorted(vtr.kernels.pivot_least_similar(x, torch.tensor([0, 1]), pool, 1).tolist()) == [2, 4]
+    assert sorted(vtr.kernels.pivot_least_similar(x, torch.tensor([1, 0]), pool, 1).tolist()) == [2, 3]
+
+
+def test_dart_iterates_pivots_in_python_set_order(monkeypatch):
+    assert list({40, 45, 600, 612, 39, 700, 702, 601}) == [612, 39, 40, 45, 600, 601, 700, 702]  # spec's example
+    seen = []
+    original = vtr.kernels.pivot_least_similar
+
+    def spy(x, pivots, pool, per_pivot):
+        seen.append(pivots.clone())
+        return original(x, pivots, pool, per_pivot)
+
+    monkeypatch.setattr(dart_module.kernels, "pivot_least_similar", spy)
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 2)
+    patched_forward(model, inputs, "dart", ratio=0.75)
+    for b, pivots in enumerate(seen):
+        unpadded = (inputs["attention_mask"][b].cumsum(0) - 1)[pivots].tolist()
+        assert unpadded == list(set(unpadded))
+        assert len(pivots) == 8
+
+
+def divprune_official(features, k):
+    """Transcription of DivPrune: first = argmax of each column's second-smallest distance, then max-min."""
+    unit = F.normalize(features.float(), dim=-1)
+    dist = 1 - unit @ unit.T
+    first = int(torch.argmax(torch.sort(dist, dim=0).values[1]))
+    chosen = [first]
+    min_dist = dist[first].clone()
+    for _ in range(k - 1):
+        nxt = int(torch.argmax(min_dist))
+        chosen.append(nxt)
+        min_dist = torch.minimum(min_dist, dist[nxt])
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+def test_divprune_matches_official_selection(family):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2, "multi")
+    record = patched_forward(model, inputs, "divprune", ratio=0.75)
+    embeds = R.capture_lm_inputs(model, inputs)["embeds"]
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            picks = divprune_official(embeds[b, span.positions], int(round(0.25 * span.n)))
+            expected += [span.offset + p for p in picks]
+        assert record.kept[b].tolist() == sorted(expected)
+
+
+@pytest.mark.parametrize("family,grid,stride", [("llava", (8, 8), 2), ("qwen2_vl", (6, 10), 2)])
+def test_uniform_downsamples_the_grid(family, grid, stride):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    record = patched_forward(model, inputs, "uniform", ratio=0.75)
+    row = record.layout.rows[1]
+    assert row.spans[0].grid == (1, *grid)
+    rows, cols = grid
+    expected = [r * cols + c for r in range(rows) for c in range(cols)
+                if r % stride == stride // 2 and c % stride == stride // 2]
+    assert record.kept[1].tolist() == expected
+
+
+def test_uniform_falls_back_to_evenly_spaced_raster_indices():
+    model, proc = tm.build("llava")
+    record = patched_forward(model, tm.image_inputs("llava", proc, 1), "uniform", keep=10)
+    assert record.kept[0].tolist() == [int((i + 0.5) * 64 / 10) for i in range(10)]
+
+
+def test_random_is_seeded_and_independent_of_the_batch_row():
+    model, proc = tm.build("llava")
+    two = tm.image_inputs("llava", proc, 2)
+    one = tm.image_inputs("llava", proc, 1)
+    a = patched_forward(model, two, "random", ratio=0.75, seed=3)
+    b = patched_forward(model, one, "random", ratio=0.75, seed=3)
+    c = patched_forward(model, one, "random", ratio=0.75, seed=4)
+    assert torch.equal(a.kept[0], a.kept[1]) and torch.equal(a.kept[0], b.kept[0])
+    assert not torch.equal(b.kept[0], c.kept[0])
+
+
+def test_record_reports_stages_and_time():
+    model, proc = tm.build("qwen2_vl")
+    record = patched_forward(model, tm.image_inputs("qwen2_vl", proc, 2), "fastv", ratio=0.5, layer=3)
+    assert [(s.stage, s.layer) for s in record.stages] == [("layer", 3)]
+    assert record.stages[0].n_visual == record.n_visual == [64, 60]
+    assert record.n_kept == [32, 30]
+    assert record.selection_seconds > 0
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_layer_signals_without_a_cache(method):
+    """Without a KV cache the keys of layer K-1 are recomputed from its inputs: same selection."""
+    model, proc = tm.build("qwen2_5_vl")
+    inputs = tm.image_inputs("qwen2_5_vl", proc, 2)
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        with torch.no_grad():
+            cached = model(**inputs, use_cache=True).logits
+            with_cache = handle.last.kept
+            uncached = model(**inputs, use_cache=False).logits
+            without = handle.last.kept
+    assert all(torch.equal(a, b) for a, b in zip(with_cache, without))
+    assert torch.allclose(cached, uncached, atol=1e-5)

@@ -1,0 +1,16 @@
+"""vtr: training-free visual-token reduction for Hugging Face vision-language models.
+
+    import vtr
+    handle = vtr.patch(model, method="dart", ratio=0.9)   # drop 90% of each image's visual tokens
+    model.generate(**inputs)
+    handle.last                                           # what the last prefill kept
+    handle.remove()
+"""
+from .api import Handle, handle_of, methods, patch, unpatch
+from .methods import DART, DivPrune, FastV, Method, Random, Stage, Uniform, register
+from .report import PrefillRecord, StageRecord
+
+__version__ = "0.1.0"
+
+__all__ = ["DART", "DivPrune", "FastV", "Handle", "Method", "PrefillRecord", "Random", "Stage", "StageRecord",
+           "Uniform", "handle_of", "methods", "patch", "register", "unpatch"]

@@ -1,0 +1,131 @@
+"""``vtr.patch`` / ``vtr.unpatch``: the one-call entry point."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import weakref
+
+import torch
+
+from . import compat
+from .engine import Engine
+from .methods import Method, Stage, lookup
+from .methods.base import IMPLEMENTED_STAGES
+from .methods.registry import REGISTRY
+from .patches import family_of
+from .report import PrefillRecord
+
+_PATCHED: "weakref.WeakKeyDictionary[torch.nn.Module, Handle]" = weakref.WeakKeyDictionary()
+_PATCH_LOCK = threading.Lock()
+
+
+class Handle:
+    """A patched model. ``handle.last`` reports the most recent prefill; ``remove()`` (or leaving a ``with`` block)
+    restores the model exactly."""
+
+    def __init__(self, model: torch.nn.Module, method: Method, engine: Engine):
+        self.model, self.method, self._engine = model, method, engine
+
+    @property
+    def last(self) -> PrefillRecord | None:
+        """What the most recent prefill did (per row: visual tokens before, kept indices per stage, time)."""
+        return self._engine.last
+
+    @property
+    def active(self) -> bool:
+        return _PATCHED.get(self.model) is self
+
+    def remove(self) -> None:
+        with _PATCH_LOCK:
+            if _PATCHED.get(self.model) is self:
+                self._engine.detach()
+                del _PATCHED[self.model]
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Handle({type(self.model).__name__}, {self.method!r}, {state})"
+
+
+def patch(model: torch.nn.Module, method: str | Method = "dart", *, ratio: float | None = None,
+          keep: int | None = None, **options) -> Handle:
+    """Patch ``model`` so that every prefill with visual inputs drops visual tokens with ``method``.
+
+    Args:
+        model: a supported Hugging Face VLM (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
+            ``Qwen2_5_VLForConditionalGeneration``).
+        method: a registered name (``vtr.methods()``) or a configured ``Method`` instance.
+        ratio: fraction of each image's visual tokens removed, in [0, 1). ``ratio=0`` is the identity.
+        keep: visual tokens kept per image (>= 1). Give exactly one of ``ratio`` and ``keep``.
+        **options: the method's own options with the official defaults (e.g. ``layer=2``, ``positions="compact"``).
+
+    Every check runs before anything is attached; a failed call leaves the model untouched.
+    """
+    if isinstance(method, Method):
+        if ratio is not None or keep is not None or options:
+            raise ValueError("pass ratio/keep/options either to the Method instance or to patch(), not both")
+        instance = method
+    else:
+        cls = lookup(method)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"{cls.name} has no option {', '.join(map(repr, unknown))}; its options are "
+                            f"{', '.join(sorted(names - {'ratio', 'keep'}))}")
+        instance = cls(ratio=ratio, keep=keep, **options)
+    family = family_of(model)
+    instance = instance.for_model(family.mrope)
+    _validate(model, instance, family)
+    compat.check_transformers_version()
+    with _PATCH_LOCK:
+        if model in _PATCHED:
+            raise RuntimeError(f"model is already patched with {_PATCHED[model].method.name}; call "
+                               "handle.remove() or vtr.unpatch(model) first")
+        engine = Engine(model, instance, family)
+        engine.attach()
+        handle = Handle(model, instance, engine)
+        _PATCHED[model] = handle
+    return handle
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Remove vtr from ``model`` (no-op if it is not patched)."""
+    handle = _PATCHED.get(model)
+    if handle is not None:
+        handle.remove()
+
+
+def handle_of(model: torch.nn.Module) -> Handle | None:
+    return _PATCHED.get(model)
+
+
+def methods() -> dict[str, str]:
+    """Registered methods and their one-line descriptions."""
+    return {name: cls.summary for name, cls in sorted(REGISTRY.items())}
+
+
+def _validate(model: torch.nn.Module, method: Method, family) -> None:
+    backend = compat.attn_implementation(model)
+    if backend not in compat.ATTENTION_BACKENDS:
+        raise ValueError(f"{method.name} cannot run with attn_implementation={backend!r}; supported: "
+                         f"{', '.join(compat.ATTENTION_BACKENDS)}")
+    lm = compat.text_model(model)
+    types = set(compat.layer_types(lm))
+    if types != {"full_attention"}:
+        raise ValueError(f"vtr supports full-attention decoder layers only; this model has {sorted(types)}")
+    n_layers = len(compat.decoder_layers(lm))
+    for spec in method.stages():
+        if spec.stage not in IMPLEMENTED_STAGES:
+            raise NotImplementedError(f"{method.name}: stage {spec.stage.value!r} is not implemented by the engine")
+        if spec.stage is Stage.LAYER and not 1 <= spec.layer < n_layers:
+            raise ValueError(f"{method.name}: layer must be in [1, {n_layers - 1}] for this {n_layers}-layer model, "
+                             f"got {spec.layer}")
+    if method.positions == "compact" and family.mrope:
+        raise ValueError(f"{method.name}: positions='compact' is not defined for {type(model).__name__}, whose "
+                         "M-RoPE gives visual tokens 3-D grid positions; use positions='original' (kept tokens keep "
+                         "their 3-D positions)")

@@ -1,0 +1,152 @@
+"""Every place where vtr depends on transformers internals, in one module.
+
+Supported range: transformers 5.17 to 5.23 (tested at both ends). What is relied on:
+
+* model tree: ``model.model.language_model.layers[i].self_attn`` with ``q_proj``/``k_proj``/``scaling``/
+  ``head_dim``, ``language_model.norm``, ``language_model.rotary_emb``, and ``apply_rotary_pos_emb`` in the
+  attention module's own file;
+* decoder-layer keyword arguments ``attention_mask``, ``position_embeddings`` (cos, sin each ``[B|1, L, head_dim]``;
+  M-RoPE sections already merged), ``position_ids`` and ``past_key_values``;
+* ``masking_utils.create_causal_mask(..., layer_idx=)`` builds the mask of one cache layer for the configured
+  attention backend, and ``DynamicCache`` layers may hold different lengths;
+* Qwen-VL keeps ``rope_deltas`` on the base model for decoding without explicit positions.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+MIN_TRANSFORMERS = Version("5.17.0")
+MAX_TRANSFORMERS = Version("5.23.99")
+# Backends whose masks vtr rebuilds through transformers' own mask functions.
+ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_transformers_version() -> None:
+    version = Version(transformers.__version__)
+    if not MIN_TRANSFORMERS <= version <= MAX_TRANSFORMERS:
+        warnings.warn(f"vtr is tested with transformers {MIN_TRANSFORMERS} to 5.23; found {version}. "
+                      "Pruned outputs may be wrong if the decoder-layer interface changed.", stacklevel=3)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model holding vision tower and language model (``LlavaModel``, ``Qwen2VLModel``)."""
+    return model.model
+
+
+def text_model(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model.language_model
+
+
+def text_config(model: torch.nn.Module):
+    return model.config.get_text_config()
+
+
+def decoder_layers(lm: torch.nn.Module) -> torch.nn.ModuleList:
+    return lm.layers
+
+
+def self_attention(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.self_attn
+
+
+def final_norm(lm: torch.nn.Module) -> torch.nn.Module:
+    return lm.norm
+
+
+def attn_implementation(model: torch.nn.Module) -> str:
+    return text_config(model)._attn_implementation
+
+
+def layer_types(lm: torch.nn.Module) -> list[str]:
+    n = len(lm.layers)
+    return list(getattr(lm.config, "layer_types", None) or ["full_attention"] * n)[:n]
+
+
+def new_cache(lm: torch.nn.Module) -> DynamicCache:
+    """The cache the text model would create for itself when ``use_cache`` and no cache is passed."""
+    return DynamicCache(config=lm.config)
+
+
+def use_cache(lm: torch.nn.Module, kwargs: dict) -> bool:
+    value = kwargs.get("use_cache")
+    return bool(lm.config.use_cache if value is None else value)
+
+
+def is_dynamic_cache(cache) -> bool:
+    return isinstance(cache, DynamicCache)
+
+
+def cache_length(cache, layer_idx: int = 0) -> int:
+    return 0 if cache is None else cache.get_seq_length(layer_idx)
+
+
+def cached_keys(cache, layer_idx: int, length: int) -> torch.Tensor | None:
+    """Post-RoPE keys ``[B, H_kv, length, d]`` that layer ``layer_idx`` stored in this forward, if it holds exactly
+    ``length`` of them (a fresh prefill), else None."""
+    if cache is None or layer_idx >= len(cache.layers):
+        return None
+    keys = getattr(cache.layers[layer_idx], "keys", None)
+    return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] == length else None
+
+
+def rotary_embeddings(lm: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """(cos, sin) for explicit positions: ``position_ids`` is ``[B, L]`` (or ``[3, B, L]`` for M-RoPE)."""
+    return lm.rotary_emb(hidden, position_ids)
+
+
+def causal_mask(lm: torch.nn.Module, layer_idx: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache):
+    """The attention mask that decoder layer ``layer_idx`` needs for a sequence whose padding is ``mask2d``.
+
+    hidden: ``[B, q, D]`` (only shape, dtype and device are read); mask2d: ``[B, past + q]`` bool. The mask is sized
+    against the cache of ``layer_idx``, whose length differs from layer 0 once the layer runs on a pruned sequence.
+    Returns whatever the configured backend expects (4-D bool / float mask, 2-D mask, or ``None``)."""
+    kind = layer_types(lm)[layer_idx]
+    if kind != "full_attention":
+        raise NotImplementedError(f"vtr cannot rebuild masks for {kind!r} layers")
+    return create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d,
+                              past_key_values=cache, position_ids=None, layer_idx=layer_idx)
+
+
+def _rotate(attn: torch.nn.Module):
+    module = sys.modules[type(attn).__module__]
+    return module.apply_rotary_pos_emb
+
+
+def project_keys(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys as the attention module computes them. hidden: ``[B, L, D]`` (after the input layernorm);
+    cos/sin: ``[B|1, L, d]``. Returns ``[B, H_kv, L, d]``."""
+    B, L, _ = hidden.shape
+    k = attn.k_proj(hidden).view(B, L, -1, attn.head_dim)
+    if hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    k = k.transpose(1, 2)
+    _, k = _rotate(attn)(k, k, cos, sin)
+    return k
+
+
+def project_queries(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE queries for the rows in ``hidden`` (``[B, R, D]``, cos/sin ``[B|1, R, d]``). Returns ``[B, H, R, d]``."""
+    B, R, _ = hidden.shape
+    q = attn.q_proj(hidden).view(B, R, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)
+    q, _ = _rotate(attn)(q, q, cos, sin)
+    return q
+
+
+def attention_scaling(attn: torch.nn.Module) -> float:
+    return float(attn.scaling)
+
+
+def loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The loss the model's own forward computes from ``logits`` and ``labels``."""
+    extra = {k: v for k, v in kwargs.items() if k == "num_items_in_batch"}
+    return model.loss_function(logits=logits, labels=labels, vocab_size=text_config(model).vocab_size, **extra)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Method, Stage
+from .registry import register
+
+
+@register
+@dataclass
+class Random(Method):
+    """Random baseline: keep a seeded random subset of each image's visual tokens, before the language model.
+
+    Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``. The subset depends only on ``seed`` and
+    the image's token count (not on its batch row), so results are reproducible across batchings.
+    Positions: ``compact`` by default, like the pre-LLM LLaVA methods.
+    """
+
+    name: ClassVar[str] = "random"
+    summary: ClassVar[str] = "seeded random subset of each image's tokens (baseline), before the LLM"
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    seed: int = 0
+
+    def select(self, ctx, row, span, budget):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + len(span))
+        return torch.randperm(len(span), generator=generator)[:budget].to(span.slots.device)

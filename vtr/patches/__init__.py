@@ -1,0 +1,21 @@
+"""Model-family patches: which model classes vtr supports, and how each lays out its visual tokens."""
+from __future__ import annotations
+
+from .base import Family
+from .llava import LlavaFamily
+from .qwen2_vl import QwenVLFamily
+
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), QwenVLFamily())
+
+
+def supported_model_classes() -> list[str]:
+    return [name for family in FAMILIES for name in family.model_classes]
+
+
+def family_of(model) -> Family:
+    for cls in type(model).__mro__:
+        for family in FAMILIES:
+            if cls.__name__ in family.model_classes:
+                return family
+    raise TypeError(f"vtr does not support {type(model).__name__}; supported model classes: "
+                    f"{', '.join(supported_model_classes())}")

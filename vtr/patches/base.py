@@ -1,0 +1,61 @@
+"""What a model family must tell the engine: where its visual tokens are and how it numbers positions."""
+from __future__ import annotations
+
+import torch
+
+from ..layout import RowLayout, TokenLayout, VisualSpan, split_positions
+
+
+class Family:
+    """One model family. Subclasses list the model classes they cover and build the token layout."""
+
+    name: str = ""
+    model_classes: tuple[str, ...] = ()
+    mrope: bool = False  # positions are 3-D (temporal, height, width) rows
+
+    def has_visual_inputs(self, kwargs: dict) -> bool:
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
+            v is not None for v in mm.values())
+
+    def placeholder_ids(self, config) -> list[int]:
+        """Token ids that stand for visual features in the prompt."""
+        return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+                if i is not None]
+
+    def layout(self, model, kwargs: dict) -> TokenLayout:
+        """Token layout of a prefill, from ``input_ids`` [B, L] and the visual inputs in ``kwargs``."""
+        raise NotImplementedError
+
+    def decode_positions(self, model, batch: int, q_len: int, past: int, kwargs: dict, device) -> torch.Tensor | None:
+        """The positions the unpatched model derives for ``q_len`` new tokens after ``past`` cached ones when the
+        caller passes none, or ``None`` where the model derives them without the cache length."""
+        return (past + torch.arange(q_len, device=device)).expand(batch, q_len)
+
+
+def spans_for_kind(ids_row: torch.Tensor, token_id: int, kind: str, sizes: list[int], grids: list[tuple],
+                   first_index: int = 0) -> list[VisualSpan]:
+    """Cut the row's tokens equal to ``token_id`` into consecutive spans of ``sizes`` tokens."""
+    positions = (ids_row == token_id).nonzero().flatten()
+    chunks = split_positions(positions, sizes)
+    return [VisualSpan(kind=kind, index=first_index + i, positions=p, grid=g, offset=0)
+            for i, (p, g) in enumerate(zip(chunks, grids))]
+
+
+def finish_rows(rows_spans: list[list[VisualSpan]], length: int) -> TokenLayout:
+    """Order each row's spans by position, number them and set their offsets in the row's visual numbering."""
+    rows = []
+    for spans in rows_spans:
+        spans = sorted(spans, key=lambda s: int(s.positions[0]))
+        offset = 0
+        for i, span in enumerate(spans):
+            span.index, span.offset = i, offset
+            offset += span.n
+        rows.append(RowLayout(spans=spans, length=length))
+    return TokenLayout(rows=rows)
+
+
+def count_mismatch(kind: str, expected: int, found: int) -> ValueError:
+    return ValueError(
+        f"vtr: the prompt holds {found} {kind} tokens but the {kind} inputs give {expected}. vtr needs every visual "
+        "token of a prompt in one prefill (chunked prefill and prompts split across calls are not supported).")
