@@ -18,6 +18,10 @@ setup(
         "video": ["torchvision", "av"],
         "flash": ["flash-attn>=2.6"],
         "bench": ["matplotlib", "tqdm", "pillow"],
+        "eval": ["lmms-eval"],
     },
-    entry_points={"console_scripts": ["vtr-bench=vtr.bench.speed:main"]},
+    entry_points={
+        "console_scripts": ["vtr-bench=vtr.bench.speed:main"],
+        "lmms_eval.models": ["vtr=vtr.integrations.lmms_eval_manifest:manifests"],
+    },
 )

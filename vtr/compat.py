@@ -150,3 +150,9 @@ def loss(model: torch.nn.Module, logits: torch.Tensor, labels: torch.Tensor, kwa
     """The loss the model's own forward computes from ``logits`` and ``labels``."""
     extra = {k: v for k, v in kwargs.items() if k == "num_items_in_batch"}
     return model.loss_function(logits=logits, labels=labels, vocab_size=text_config(model).vocab_size, **extra)
+
+
+def skip_weight_init():
+    """Context manager: build a model without initialising its weights (they are filled right after)."""
+    from transformers.initialization import no_init_weights
+    return no_init_weights()

@@ -511,11 +511,14 @@ class Engine:
             kept_ids.append(torch.cat(ids).sort().values if ids else torch.zeros(0, dtype=torch.long))
             n_alive.append(alive)
         record = fwd.request.record
-        record.stages.append(StageRecord(stage=spec.stage.value, layer=spec.layer, n_visual=n_alive, kept=kept_ids))
+        stage = StageRecord(stage=spec.stage.value, layer=spec.layer, n_visual=n_alive, kept=kept_ids,
+                            length=prev.length)
+        record.stages.append(stage)
         try:
             if not dropped_any:
                 return None
             select = kernels.compaction_index(keep)
+            stage.length = select.shape[1]
             removed = prev.mask2d & ~keep
             positions = kernels.gather_positions(prev.positions, select)
             if self.method.positions == "compact":

@@ -15,12 +15,14 @@ class StageRecord:
     n_visual: per row, visual tokens present when the stage ran.
     kept: per row, ascending indices (in the row's visual numbering: all images of the row, in order) of the visual
     tokens still present after the stage.
+    length: sequence length (padding included) the following layers run on.
     """
 
     stage: str
     layer: int
     n_visual: list[int]
     kept: list[torch.Tensor]
+    length: int = 0
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""The benchmark harness end to end on tiny random models (no timing assertions), the local evaluator, the
+overlay and the lmms-eval wrappers."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+from PIL import Image
+
+import tiny_models as tm
+import vtr
+from vtr.bench import evaluate, overlay, speed
+from vtr.bench.timing import llm_prefill_flops
+
+
+def tiny_config_file(tmp_path, family):
+    model, _ = tm.build(family)
+    path = tmp_path / f"tiny-{family}.json"
+    path.write_text(json.dumps(model.config.to_dict()))
+    return str(path)
+
+
+@pytest.mark.parametrize("family,extra", [("llava", []), ("qwen2_vl", ["--image-size", "32"])])
+def test_speed_harness_end_to_end(tmp_path, family, extra):
+    config = tiny_config_file(tmp_path, family)
+    result = speed.main(["--model", config, "--methods", "dart,divprune", "--ratios", "0.5,0.75", "--repeats", "1",
+                         "--warmup", "0", "--decode-tokens", "2", "--batch", "2", "--out", str(tmp_path),
+                         "--tag", "run", "--quiet", *extra])
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert (tmp_path / "run.png").stat().st_size > 0
+    assert saved["environment"]["torch"] == torch.__version__
+    assert saved["settings"]["repeats"] == 1
+    rows = {r["config"]: r for r in saved["results"]}
+    assert set(rows) == {"dense"} | {f"{m}[ratio={r}]{s}" for m in ("dart", "divprune") for r in (0.5, 0.75)
+                                     for s in ("", " ideal")}
+    dense = rows["dense"]
+    for label, row in rows.items():
+        assert row["ttft_s"] > 0 and row["llm_s"] > 0 and row["decode_tokens_per_s"] > 0
+        assert row["kv_cache_bytes"] > 0
+        if row["kind"] == "method":
+            assert sum(row["n_kept"]) < sum(row["n_visual"])
+            assert row["kv_cache_bytes"] < dense["kv_cache_bytes"]
+            assert row["llm_prefill_tflops"] < dense["llm_prefill_tflops"]
+            assert row["ttft_vs_ideal"] is not None and row["selection_s"] > 0
+            ideal = rows[label + " ideal"]
+            assert ideal["layer_lengths"][0] == row["layer_lengths"][-1]
+    divprune = rows["divprune[ratio=0.75]"]
+    assert divprune["layer_lengths"][0] < dense["layer_lengths"][0]  # pre-LLM: every layer runs pruned
+    dart = rows["dart[ratio=0.75]"]
+    assert dart["layer_lengths"][:2] == dense["layer_lengths"][:2] and dart["layer_lengths"][2] < dart["layer_lengths"][1]
+    assert result["results"] == saved["results"] or len(result["results"]) == len(saved["results"])
+
+
+def test_flops_estimate():
+    config = types.SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
+                                   vocab_size=10)
+    per_token = 2 * 8 * (2 * 8 + 2 * 4) + 2 * 3 * 8 * 16
+    expected = 3 * per_token + 2 * 3 * 4 * 8 + 2 * 8 * 10
+    assert llm_prefill_flops(config, [3], 1) == expected
+    assert llm_prefill_flops(config, [3, 3], 2) == 2 * (2 * (3 * per_token + 2 * 3 * 4 * 8) + 2 * 8 * 10)
+
+
+@pytest.fixture
+def saved_llava(tmp_path):
+    model, proc = tm.build("llava")
+    path = tmp_path / "tiny-llava"
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return str(path)
+
+
+def test_real_loading_path(saved_llava):
+    """``from_pretrained`` of a checkpoint directory: the path users take with real weights."""
+    from vtr.bench.models import load
+    model, processor = load(saved_llava)
+    inputs = tm.image_inputs("llava", processor, 1)
+    with vtr.patch(model, "dart", ratio=0.5) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2)
+    assert handle.last.n_kept == [4 + 8 * 4]
+
+
+def test_local_evaluator(tmp_path, saved_llava):
+    for i in range(3):
+        tm.random_image(40 + 8 * i, 64, seed=i).save(tmp_path / f"img{i}.png")
+    lines = [{"image": "img0.png", "question": "what is in this image ?", "choices": ["cat", "dog"],
+              "answer": "cat"},
+             {"image": "img1.png", "question": "what is in this image ?", "answer": "red"},
+             {"image": "img2.png", "question": "describe ?", "choices": ["big", "small"], "answer": "B"}]
+    data = tmp_path / "set.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines))
+    out = tmp_path / "eval.json"
+    report = evaluate.main(["--model", saved_llava, "--data", str(data), "--methods", "dart,divprune",
+                            "--ratios", "0.75", "--max-new-tokens", "3", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == report["results"]
+    for label in ("dart[ratio=0.75]", "divprune[ratio=0.75]"):
+        summary = report["results"][label]
+        assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["agreement_with_dense"] <= 1
+        assert summary["mean_visual_tokens"] == 64 and summary["mean_kept_tokens"] < 64
+        assert len(report["answers"][label]) == 3
+
+
+@pytest.mark.parametrize("prediction,record,correct", [
+    ("B", {"choices": ["cat", "dog"], "answer": "dog"}, True),
+    ("(A) cat", {"choices": ["cat", "dog"], "answer": "dog"}, False),
+    ("It is a dog.", {"choices": ["cat", "dog"], "answer": "B"}, True),
+    ("a big RED ball", {"answer": "red ball"}, True),
+    ("blue", {"answer": "red"}, False),
+])
+def test_answer_scoring(prediction, record, correct):
+    assert evaluate.is_correct(prediction, record) is correct
+
+
+@pytest.mark.parametrize("family,view", [("llava", "crop"), ("qwen2_vl", "resize")])
+def test_overlay_darkens_pruned_tokens(family, view):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    with vtr.patch(model, "uniform", ratio=0.75) as handle, torch.no_grad():
+        model(**inputs)
+    picture = Image.new("RGB", (64, 64), (255, 255, 255))
+    image = overlay.overlay(picture, handle.last, view=view, cell=4)
+    frames, rows, cols = handle.last.layout.rows[0].spans[0].grid
+    assert image.size == (cols * 4, rows * 4)
+    pixels = torch.tensor(list(image.getdata())).view(rows, 4, cols, 4, 3)
+    dark = (pixels[:, 1:3, :, 1:3].float().mean((1, 3, 4)) < 128).sum()
+    assert int(dark) == handle.last.n_visual[0] - handle.last.n_kept[0]
+
+
+@pytest.fixture
+def stub_lmms_eval(monkeypatch, tmp_path):
+    """A stand-in for lmms-eval's package layout: the registry's ModelManifest and a stock ``llava_hf`` wrapper
+    that loads a checkpoint and answers requests with generate (the real one does the same with more options)."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class ModelManifest:
+        model_id: str
+        simple_class_path: str | None = None
+        chat_class_path: str | None = None
+        aliases: tuple = ()
+
+    class LlavaHf:
+        def __init__(self, pretrained, device="cpu", batch_size=1, **kwargs):
+            assert kwargs == {}, f"Unexpected kwargs: {kwargs}"
+            from vtr.bench.models import load
+            self._model, self.processor = load(pretrained, device=device)
+
+        @property
+        def model(self):
+            return self._model
+
+        def generate_until(self, requests):
+            answers = []
+            for question, image in requests:
+                answers.append(evaluate.answer(self.model, self.processor, {"image": image, "question": question},
+                                               max_new_tokens=2))
+            return answers
+
+        def loglikelihood(self, requests):
+            return []
+
+    modules = {"lmms_eval": types.ModuleType("lmms_eval"), "lmms_eval.models": types.ModuleType("lmms_eval.models"),
+               "lmms_eval.models.registry_v2": types.ModuleType("lmms_eval.models.registry_v2"),
+               "lmms_eval.models.simple": types.ModuleType("lmms_eval.models.simple"),
+               "lmms_eval.models.simple.llava_hf": types.ModuleType("lmms_eval.models.simple.llava_hf")}
+    modules["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
+    modules["lmms_eval.models.simple.llava_hf"].LlavaHf = LlavaHf
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.delitem(sys.modules, "vtr.integrations.lmms_eval", raising=False)
+
+
+def test_lmms_eval_wrapper_against_a_stub(stub_lmms_eval, saved_llava, tmp_path):
+    from vtr.integrations import lmms_eval_manifest
+    manifests = {m.model_id: m for m in lmms_eval_manifest.manifests()}
+    assert manifests["vtr_llava_hf"].simple_class_path == "vtr.integrations.lmms_eval.VtrLlavaHf"
+    assert "vtr_llava_onevision" in manifests["vtr_llava_hf"].aliases
+    from vtr.integrations.lmms_eval import VtrLlavaHf
+    log = tmp_path / "vtr.jsonl"
+    wrapper = VtrLlavaHf(pretrained=saved_llava, vtr_method="fastv", vtr_ratio="0.75", vtr_layer="1",
+                         vtr_log=str(log))
+    assert wrapper.vtr_handle.method.layer == 1 and wrapper.vtr_handle.method.ratio == 0.75
+    image = tmp_path / "a.png"
+    tm.random_image(64, 64).save(image)
+    answers = wrapper.generate_until([("what is in this image ?", str(image))] * 2)
+    assert len(answers) == 2
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(entries) == 2 and all(e["n_visual"] == 64 and e["n_kept"] == 16 and e["prefill_s"] > 0
+                                     for e in entries)
+    wrapper.vtr_handle.remove()
+
+
+def test_lmms_eval_registry_finds_the_plugin():
+    registry = pytest.importorskip("lmms_eval.models.registry_v2")
+    reg = registry.ModelRegistryV2()
+    reg.load_entrypoint_manifests()
+    assert reg.resolve("vtr_qwen2_5_vl").class_path == "vtr.integrations.lmms_eval.VtrQwen2_5_VL"

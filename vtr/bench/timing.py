@@ -1,0 +1,117 @@
+"""Timers that synchronise the device, per-stage timing hooks, peak-memory probes and a FLOPs estimate."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+class Clock:
+    """Device-aware interval timer: CUDA events on GPU (read after one synchronisation), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        return end - start
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+class StageTimer:
+    """Marks the start and end of the vision encoder and of the language model in every forward."""
+
+    def __init__(self, model, clock: Clock):
+        self.clock = clock
+        self.marks: dict[str, list] = {}
+        base = model.model
+        vision = getattr(base, "vision_tower", None) or getattr(base, "visual", None)
+        self.handles = []
+        for name, module in (("vision", vision), ("llm", base.language_model)):
+            if module is None:
+                continue
+            self.handles.append(module.register_forward_pre_hook(self._start(name)))
+            self.handles.append(module.register_forward_hook(self._end(name)))
+
+    def _start(self, name):
+        def hook(module, args):
+            self.marks.setdefault(name, []).append([self.clock.mark(), None])
+        return hook
+
+    def _end(self, name):
+        def hook(module, args, output):
+            self.marks[name][-1][1] = self.clock.mark()
+        return hook
+
+    def reset(self):
+        self.marks = {}
+
+    def seconds(self, name: str) -> float:
+        """Total time of the named stage since the last reset (0 if it did not run)."""
+        return sum(self.clock.seconds(s, e) for s, e in self.marks.get(name, []) if e is not None)
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class PeakMemory:
+    """Peak device memory of a block above its starting point, from the CUDA allocator's statistics. On CPU it is
+    None: the process's resident size does not shrink when tensors are freed, so it cannot attribute a peak to one
+    run (the KV-cache size is still reported exactly)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak = None
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def kv_cache_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def llm_prefill_flops(text_config, layer_lengths: list[int], batch: int) -> float:
+    """Matmul FLOPs of one prefill through the decoder: per layer ``n`` tokens cost the q/k/v/o projections and
+    the (SwiGLU) MLP, ``2 * n * params``, plus causal attention ``2 * 2 * n(n+1)/2 * H * d``; the LM head runs on
+    the last token only. ``layer_lengths``: sequence length entering each layer (padding included)."""
+    d = text_config.hidden_size
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or d // heads
+    kv = getattr(text_config, "num_key_value_heads", heads)
+    per_token = 2 * d * (2 * heads * head_dim + 2 * kv * head_dim) + 2 * 3 * d * text_config.intermediate_size
+    total = sum(n * per_token + 2 * n * (n + 1) * heads * head_dim for n in layer_lengths)
+    return float(batch * (total + 2 * d * text_config.vocab_size))

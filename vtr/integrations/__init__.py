@@ -1,0 +1,1 @@
+"""Integrations with evaluation and serving frameworks (imported only when those frameworks load them)."""
