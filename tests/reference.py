@@ -10,6 +10,8 @@ surgery (masks, positions, cache), the selection tests check the choice.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 from transformers import DynamicCache
 
@@ -26,7 +28,8 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False) -> dict:
     def hook(module, args, kwargs):
         if not seen:
             seen.update(embeds=kwargs["inputs_embeds"].detach().clone(), mask=kwargs.get("attention_mask"),
-                        positions=kwargs.get("position_ids"))
+                        positions=kwargs.get("position_ids"), visual_pos_masks=kwargs.get("visual_pos_masks"),
+                        deepstack=kwargs.get("deepstack_visual_embeds"))
 
     handle = lm_of(model).register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -86,17 +89,39 @@ def _next_positions(positions: torch.Tensor) -> torch.Tensor:
     return positions[..., -1:] + 1
 
 
+def kept_deepstack(lm_inputs: dict, index: torch.Tensor) -> dict:
+    """Qwen3-VL's DeepStack inputs cut to the kept tokens: the visual mask gathered, the feature rows of the kept
+    visual tokens (features are stored in (row, position) order of the full mask)."""
+    masks = lm_inputs.get("visual_pos_masks")
+    if masks is None:
+        return {}
+    rank = (masks.flatten().long().cumsum(0) - 1).view_as(masks)
+    kept = gather_seq(masks, index, False)
+    rows = gather_seq(rank, index, 0)[kept]
+    return {"visual_pos_masks": kept, "deepstack_visual_embeds": [e[rows] for e in lm_inputs["deepstack"]]}
+
+
 def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, steps: int, tokens=None):
     """Unpatched model on the kept tokens, decoded greedily (or fed ``tokens`` [B, steps], teacher forcing).
-    Returns (prefill logits [B, L', V], step logits [B, steps, V])."""
+    Returns (prefill logits [B, L', V], step logits [B, steps, V]). With DeepStack (Qwen3-VL) the language model
+    is called directly, since the top-level model only makes DeepStack features from pixels."""
     embeds = gather_seq(lm_inputs["embeds"], index, 0.0)
     mask = gather_seq(lm_inputs["mask"], index, 0)
     positions = pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy)
     cache = DynamicCache(config=lm_of(model).config)
+    deepstack = kept_deepstack(lm_inputs, index)
     step_logits = []
+
+    def forward(inputs_embeds, first=False, **kwargs):
+        if not deepstack:
+            return model(inputs_embeds=inputs_embeds, **kwargs)
+        extra = deepstack if first else {}
+        hidden = lm_of(model)(inputs_embeds=inputs_embeds, **kwargs, **extra).last_hidden_state
+        return types.SimpleNamespace(logits=model.lm_head(hidden))
+
     with torch.no_grad():
-        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True)
+        out = forward(inputs_embeds=embeds, first=True, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True)
         prefill = out.logits
         logits = out.logits[:, -1]
         for t in range(steps):
@@ -105,8 +130,8 @@ def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, 
             embeds = model.get_input_embeddings()(token)[:, None]
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             positions = _next_positions(positions)
-            out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True)
+            out = forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True)
             logits = out.logits[:, -1]
     return prefill, (torch.stack(step_logits, 1) if step_logits else None)
 
@@ -119,6 +144,9 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
     kept_mask = gather_seq(full_mask, index, False)
     kept_pos = _rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy))
     cache = DynamicCache(config=lm.config)
+    full_stack = {"visual_pos_masks": lm_inputs.get("visual_pos_masks"),
+                  "deepstack_visual_embeds": lm_inputs.get("deepstack")}
+    kept_stack = kept_deepstack(lm_inputs, index)
 
     def run(hidden, full_keys, kept_keys, q_len):
         for i, block in enumerate(lm.layers):
@@ -130,6 +158,10 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
             hidden = block(hidden, attention_mask=additive_mask(keys, q, hidden.dtype),
                            position_embeddings=(cos, sin), position_ids=None, past_key_values=cache,
                            use_cache=True)
+            stack = full_stack if i < layer else kept_stack
+            if q_len > 1 and stack.get("deepstack_visual_embeds") and i < len(stack["deepstack_visual_embeds"]):
+                hidden = hidden.clone()
+                hidden[stack["visual_pos_masks"]] += stack["deepstack_visual_embeds"][i]
         return model.lm_head(lm.norm(hidden))
 
     step_logits = []

@@ -1,9 +1,9 @@
 """Invariant 2: a pruned run equals the unpatched model fed the kept tokens with the prescribed positions.
 
 One matrix: every registered method x every tiny model x {eager, sdpa} x {batch 1, batch 2 left padded with
-different prompt lengths (and, for Qwen, different visual token counts), batch 2 with two images in one row, batch 2
-with a text-only row} x {forward, generate}. LLaVA also runs
-each method under its non-default position policy. Logits are compared on the real (non-padding) slots; generated
+different prompt lengths (and, except for LLaVA-1.5, different visual token counts), batch 2 with two images in one
+row, batch 2 with a text-only row; and for the video models batch 1 and 2 videos} x {forward, generate}. The 1-D
+RoPE LLaVA models also run each method under its non-default position policy. Logits are compared on the real (non-padding) slots; generated
 tokens must be equal.
 """
 import pytest
@@ -19,13 +19,19 @@ RATIO = 0.75
 TOL = 1e-5
 
 
+INPUTS = {"image": ((1, "single"), (2, "single"), (2, "multi"), (2, "mixed")), "video": ((1, "video"), (2, "video"))}
+
+
 def cases():
-    for method, cls in sorted(REGISTRY.items()):
+    for method in sorted(REGISTRY):
         for family in tm.FAMILIES:
-            policies = [None, "other"] if family == "llava" else [None]
+            policies = [None, "other"] if family in ("llava", "llava_next") else [None]
+            inputs = [("image", x) for x in INPUTS["image"]]
+            if family in tm.VIDEO_FAMILIES:
+                inputs += [("video", x) for x in INPUTS["video"]]
             for policy in policies:
                 for attn in ("eager", "sdpa"):
-                    for batch, variant in ((1, "single"), (2, "single"), (2, "multi"), (2, "mixed")):
+                    for kind, (batch, variant) in inputs:
                         for mode in ("forward", "generate"):
                             yield pytest.param(method, family, policy, attn, batch, variant, mode,
                                                id=f"{method}-{family}-{policy or 'default'}-{attn}-b{batch}-"
@@ -42,7 +48,10 @@ def _policy(method: str, family: str, policy):
 @pytest.mark.parametrize("method,family,policy,attn,batch,variant,mode", list(cases()))
 def test_pruned_equals_reference(method, family, policy, attn, batch, variant, mode):
     model, proc = tm.build(family, attn=attn)
-    inputs = tm.image_inputs(family, proc, batch, variant)
+    if variant == "video":
+        inputs = tm.video_inputs(family, proc, batch)
+    else:
+        inputs = tm.image_inputs(family, proc, batch, variant)
     options = {"positions": _policy(method, family, policy)} if policy else {}
     with vtr.patch(model, method, ratio=RATIO, **options) as handle:
         with torch.no_grad():
@@ -68,3 +77,27 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
         steps = torch.stack(out.logits, 1)
         assert (steps - ref_steps).abs().max() <= TOL
         assert torch.equal(out.sequences[:, -STEPS:], ref_steps.argmax(-1))
+
+
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi"), (2, "video")])
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_qwen3_deepstack_on_pruned_layers(method, batch, variant, mode):
+    """Pruning before layer 1 leaves DeepStack's addition after layer 1 to run on the pruned sequence."""
+    model, proc = tm.build("qwen3_vl")
+    inputs = tm.video_inputs("qwen3_vl", proc, batch) if variant == "video" else tm.image_inputs(
+        "qwen3_vl", proc, batch, variant)
+    with vtr.patch(model, method, ratio=RATIO, layer=1) as handle:
+        with torch.no_grad():
+            if mode == "forward":
+                logits = model(**inputs).logits
+            else:
+                out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True)
+        record = handle.last
+    lm_inputs = R.capture_lm_inputs(model, inputs, generate=(mode == "generate"))
+    ref_prefill, ref_steps = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
+    if mode == "forward":
+        assert ((logits - ref_prefill).abs() * (record.index >= 0)[..., None]).max() <= TOL
+    else:
+        assert (torch.stack(out.logits, 1) - ref_steps).abs().max() <= TOL

@@ -5,6 +5,8 @@ the real image processors of each family, and `from_config` models with 4 decode
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import transformers as T
@@ -16,7 +18,9 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>", "<|imag
 WORDS = ("a the cat dog what is in this image video describe picture user assistant system you are helpful "
          "USER ASSISTANT : ? . , red green blue big small left right frame").split()
 VOCAB_SIZE = 128
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def make_tokenizer(family: str) -> T.PreTrainedTokenizerFast:
@@ -81,14 +85,42 @@ def _qwen_image_processor():
                                    max_pixels=64 ** 2)
 
 
+def has_video_processors() -> bool:
+    """transformers' video processors need torchvision (not importable next to the CPU build of torch 2.13)."""
+    try:
+        T.Qwen2VLVideoProcessor()
+        return True
+    except ImportError:
+        return False
+
+
+def _video_processor(family):
+    if not has_video_processors():
+        return None
+    if family == "llava_onevision":
+        return T.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
+    if family == "qwen3_vl":  # its size budget counts frames x height x width
+        return T.Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                       size={"shortest_edge": 16 ** 2, "longest_edge": 16 * 64 ** 2})
+    return T.Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 ** 2,
+                                   max_pixels=64 ** 2)
+
+
+def _processor(cls, video_processor, **kwargs):
+    if video_processor is None:
+        return without_video_processor(cls, video_processor=None, **kwargs)
+    return cls(video_processor=video_processor, **kwargs)
+
+
 def build(family: str, attn: str = "sdpa", layers: int = 4, seed: int = 0):
     """Returns (model, processor) for one of FAMILIES."""
     tok = make_tokenizer(family)
+    ids = tok.convert_tokens_to_ids
+    clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, patch_size=8, projection_dim=32)
     if family == "llava":
-        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, image_size=64, patch_size=8, projection_dim=32)
-        cfg = T.LlavaConfig(vision_config=vision, text_config=_text_config(tok, "llama", layers),
-                            image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        cfg = T.LlavaConfig(vision_config=dict(clip, image_size=64), text_config=_text_config(tok, "llama", layers),
+                            image_token_index=ids("<image>"), vision_feature_layer=-2,
                             vision_feature_select_strategy="default", image_seq_length=64,
                             projector_hidden_act="gelu")
         model_cls = T.LlavaForConditionalGeneration
@@ -96,20 +128,54 @@ def build(family: str, attn: str = "sdpa", layers: int = 4, seed: int = 0):
                                                                      crop_size={"height": 64, "width": 64}),
                                 tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                                 num_additional_image_tokens=1)
+    elif family == "llava_next":
+        cfg = T.LlavaNextConfig(vision_config=dict(clip, image_size=32), text_config=_text_config(tok, "llama", layers),
+                                image_token_index=ids("<image>"), vision_feature_layer=-2,
+                                vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS,
+                                image_seq_length=16)
+        model_cls = T.LlavaNextForConditionalGeneration
+        image_processor = T.LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                    image_grid_pinpoints=PINPOINTS)
+        proc = T.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                                    vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    elif family == "llava_onevision":
+        siglip = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, image_size=32, patch_size=8)
+        cfg = T.LlavaOnevisionConfig(vision_config=siglip, text_config=_text_config(tok, "qwen2", layers),
+                                     image_token_index=ids("<image>"), video_token_index=ids("<video>"),
+                                     vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                     image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_9")
+        model_cls = T.LlavaOnevisionForConditionalGeneration
+        image_processor = T.LlavaOnevisionImageProcessor(size={"height": 32, "width": 32},
+                                                         image_grid_pinpoints=PINPOINTS)
+        proc = _processor(T.LlavaOnevisionProcessor, _video_processor(family), image_processor=image_processor,
+                          tokenizer=tok, num_image_tokens=16, vision_feature_select_strategy="full",
+                          vision_aspect_ratio="anyres_max_9")
     elif family == "qwen2_vl":
         vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
         cfg = T.Qwen2VLConfig(text_config=_qwen_text(tok, layers), vision_config=vision, **_qwen_ids(tok))
         model_cls = T.Qwen2VLForConditionalGeneration
-        proc = without_video_processor(T.Qwen2VLProcessor, image_processor=_qwen_image_processor(), tokenizer=tok,
-                                       video_processor=None)
+        proc = _processor(T.Qwen2VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),
+                          tokenizer=tok)
     elif family == "qwen2_5_vl":
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
         cfg = T.Qwen2_5_VLConfig(text_config=_qwen_text(tok, layers), vision_config=vision, **_qwen_ids(tok))
         model_cls = T.Qwen2_5_VLForConditionalGeneration
-        proc = without_video_processor(T.Qwen2_5_VLProcessor, image_processor=_qwen_image_processor(),
-                                       tokenizer=tok, video_processor=None)
+        proc = _processor(T.Qwen2_5_VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),
+                          tokenizer=tok)
+    elif family == "qwen3_vl":
+        text = _text_config(tok, None, layers)
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                  "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1])
+        cfg = T.Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids(tok))
+        model_cls = T.Qwen3VLForConditionalGeneration
+        proc = _processor(T.Qwen3VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),
+                          tokenizer=tok)
     else:
         raise ValueError(f"unknown tiny family {family!r}")
     torch.manual_seed(seed)
@@ -118,10 +184,13 @@ def build(family: str, attn: str = "sdpa", layers: int = 4, seed: int = 0):
     return model, proc
 
 
-def _prompt(family: str, n_images: int, long: bool) -> str:
-    vis = "<image>" if family == "llava" else "<|vision_start|><|image_pad|><|vision_end|>"
+def _prompt(family: str, n_images: int, long: bool, video: bool = False) -> str:
+    if family.startswith("llava"):
+        vis = "<video>" if video else "<image>"
+    else:
+        vis = f"<|vision_start|>{'<|video_pad|>' if video else '<|image_pad|>'}<|vision_end|>"
     images = " ".join([vis] * n_images)
-    if family == "llava":
+    if family in ("llava", "llava_next"):
         prefix = "system you are helpful . USER :" if long else "USER :"
         question = "what is in this big red image ?" if long else "what is in this image ?"
         return f"{prefix} {images} {question} ASSISTANT :".replace("  ", " ")
@@ -135,13 +204,85 @@ IMAGE_SIZES = [(64, 64), (48, 80), (64, 48)]
 
 
 def image_inputs(family: str, proc, batch: int = 1, variant: str = "single"):
-    """A batch of prompts with images, left padded. Rows differ in prompt length and, for Qwen, in image size and
-    hence visual token count. ``multi``: row 0 holds two images, row 1 one; ``mixed``: row 1 has no image."""
+    """A batch of prompts with images, left padded. Rows differ in prompt length and, except for LLaVA-1.5, in
+    image size and hence visual token count. ``multi``: row 0 holds two images, row 1 one; ``mixed``: row 1 has
+    no image."""
     images_per_row = {"single": [1] * batch, "multi": [2, 1], "mixed": [1, 0]}[variant]
     texts = [_prompt(family, n, long=bool(b % 2)) for b, n in enumerate(images_per_row)]
     n_images = sum(images_per_row)
     images = [random_image(*IMAGE_SIZES[i % 3], seed=i) for i in range(n_images)]
     return proc(text=texts, images=images, return_tensors="pt", padding=True)
+
+
+def random_video(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, size=(frames, height, width, 3), dtype=np.uint8)
+
+
+def video_inputs(family: str, proc, batch: int = 1):
+    """Prompts with one video each (rows differ in prompt length; Qwen rows also in frame count). Uses the real
+    video processor when torchvision is available, else builds the same tensors by hand."""
+    frames = [4, 2] if family.startswith("qwen") else [4, 4]
+    videos = [random_video(frames[b], 32 if family == "llava_onevision" else 64,
+                           32 if family == "llava_onevision" else 48, seed=b) for b in range(batch)]
+    texts = [_prompt(family, 1, long=bool(b % 2), video=True) for b in range(batch)]
+    if proc.video_processor is not None:
+        return proc(text=texts, videos=videos, return_tensors="pt", padding=True, do_sample_frames=False)
+    if family == "llava_onevision":
+        return _onevision_video_by_hand(proc, texts, videos)
+    return _qwen_video_by_hand(family, proc, texts, videos)
+
+
+def _onevision_video_by_hand(proc, texts, videos):
+    """What LlavaOnevisionVideoProcessor outputs: frames normalised with the CLIP mean/std, and
+    ``frames * ceil(side / 2) ** 2 + 1`` placeholder tokens per video."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
+    pixels = torch.stack([torch.tensor(((v / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
+                          for v in videos])
+    pooled = math.ceil(math.isqrt(proc.num_image_tokens) / 2)
+    texts = [t.replace("<video>", "<video>" * (len(v) * pooled * pooled + 1)) for t, v in zip(texts, videos)]
+    enc = proc.tokenizer(texts, return_tensors="pt", padding=True)
+    enc["pixel_values_videos"] = pixels
+    return enc
+
+
+def _qwen_video_by_hand(family, proc, texts, videos):
+    """What the Qwen video processors output for frames that need no resizing: each pair of frames patchified
+    like one image (temporal patch 2), ``video_grid_thw``, and ``mm_token_type_ids`` (2 = video)."""
+    ip = proc.image_processor
+    patches, grids = [], []
+    for video in videos:
+        pairs = [_frames_to_patches(ip, video[i:i + ip.temporal_patch_size])
+                 for i in range(0, len(video), ip.temporal_patch_size)]
+        patches += [p for p, _ in pairs]
+        grids.append([len(pairs), pairs[0][1][0], pairs[0][1][1]])
+    vis = "<|vision_start|><|video_pad|><|vision_end|>"
+    for b, (t, h, w) in enumerate(grids):
+        per_slice = h * w // ip.merge_size ** 2
+        if family == "qwen3_vl":  # one <|vision_start|> ... <|vision_end|> run per temporal slice
+            body = "".join(f"<|vision_start|>{'<|video_pad|>' * per_slice}<|vision_end|>" for _ in range(t))
+        else:
+            body = f"<|vision_start|>{'<|video_pad|>' * (t * per_slice)}<|vision_end|>"
+        texts[b] = texts[b].replace(vis, body)
+    enc = proc.tokenizer(texts, return_tensors="pt", padding=True)
+    enc["pixel_values_videos"] = torch.cat(patches)
+    enc["video_grid_thw"] = torch.tensor(grids)
+    mm = torch.zeros_like(enc["input_ids"])
+    mm[enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
+    enc["mm_token_type_ids"] = mm
+    return enc
+
+
+def _frames_to_patches(ip, frames):
+    tps, p, m = ip.temporal_patch_size, ip.patch_size, ip.merge_size
+    x = torch.tensor(frames, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0
+    mean, std = torch.tensor(ip.image_mean).view(1, 3, 1, 1), torch.tensor(ip.image_std).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    _, c, height, width = x.shape
+    gh, gw = height // p, width // p
+    x = x.view(1, tps, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gh * gw, c * tps * p * p), (gh, gw)
 
 
 def text_inputs(proc, batch: int = 1):

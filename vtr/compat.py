@@ -156,3 +156,31 @@ def skip_weight_init():
     """Context manager: build a model without initialising its weights (they are filled right after)."""
     from transformers.initialization import no_init_weights
     return no_init_weights()
+
+
+def image_newline(model) -> torch.Tensor:
+    """LLaVA-NeXT / OneVision's learned newline embedding ``[D]``, appended verbatim after grid rows."""
+    return model.model.image_newline
+
+
+def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
+    """(tiles high, tiles wide, unpadded grid height, unpadded grid width) of an anyres image of ``image_size``
+    (height, width) pixels, as LLaVA-NeXT's own helpers compute them."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    tiles_h, tiles_w = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints,
+                                                   config.vision_config.image_size)
+    unpadded = unpad_image(torch.zeros(1, tiles_h * side, tiles_w * side), torch.tensor(image_size))
+    return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
+
+
+def wrap_deepstack(lm: torch.nn.Module, wrapper) -> None:
+    """Route Qwen3-VL's DeepStack additions (after the first decoder layers, at the visual positions of the full
+    sequence) through ``wrapper(original, hidden_states, visual_pos_masks, visual_embeds)``: there is no public
+    hook between decoder layers, so this shadows the bound method on the instance; ``unwrap_deepstack`` undoes it."""
+    original = lm._deepstack_process
+    lm._deepstack_process = lambda h, masks, embeds: wrapper(original, h, masks, embeds)
+
+
+def unwrap_deepstack(lm: torch.nn.Module) -> None:
+    if "_deepstack_process" in vars(lm):
+        del lm._deepstack_process

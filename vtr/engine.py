@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import compat, kernels
-from .layout import TokenLayout, VisualSpan
+from .layout import TokenLayout
 from .methods.base import Method, Stage, StageSpec
 from .patches import Family
 from .report import PrefillRecord, StageRecord
+from .selection import SelectionContext
 
 
 @dataclass
@@ -89,7 +90,9 @@ class ForwardState:
 
     depth: int = 0
     prefill: bool = False
+    inputs: dict | None = None  # the base model's inputs of a prefill with visual inputs
     layout: TokenLayout | None = None
+    current: SeqLayout | None = None  # the layer-stage layout of the decoder layer running now
     request: RequestState | None = None
     cache: object = None
     labels: torch.Tensor | None = None
@@ -97,94 +100,6 @@ class ForwardState:
     decode_tail: torch.Tensor | None = None
     captures: dict = field(default_factory=dict)  # layer -> (attention module, normed hidden, cos, sin)
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
-
-
-@dataclass
-class SpanCandidates:
-    """The tokens of one image that are still in the sequence when a stage selects.
-
-    slots: ``[c]`` positions in the current sequence; ids: ``[c]`` their indices within the image."""
-
-    span: VisualSpan
-    slots: torch.Tensor
-    ids: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-
-class SelectionContext:
-    """What a method may read when it selects at one stage. Signals are computed lazily, once per stage, and only
-    for the rows of the attention a method needs (never the full attention matrix)."""
-
-    def __init__(self, engine: "Engine", fwd: ForwardState, prev: SeqLayout, hidden: torch.Tensor, spec: StageSpec):
-        self.engine, self.fwd, self.prev, self.hidden, self.spec = engine, fwd, prev, hidden, spec
-        self.layout: TokenLayout = fwd.layout
-        self.valid: torch.Tensor = prev.mask2d  # [B, L] real tokens of the current sequence
-        self._memo = {}
-        # original prompt position -> current slot, per row
-        B, L0 = prev.index.shape[0], engine_prompt_length(fwd)
-        inverse = torch.full((B, L0), -1, dtype=torch.long, device=prev.index.device)
-        rows, slots = (prev.index >= 0).nonzero(as_tuple=True)
-        inverse[rows, prev.index[rows, slots]] = slots
-        self._inverse = inverse
-
-    def candidates(self, row: int, span: VisualSpan) -> SpanCandidates:
-        slots = self._inverse[row, span.positions.to(self._inverse.device)]
-        alive = slots >= 0
-        return SpanCandidates(span=span, slots=slots[alive], ids=alive.nonzero().flatten())
-
-    def text_slots(self, row: int) -> torch.Tensor:
-        """Slots of the row's real non-visual tokens, ascending."""
-        visual = torch.zeros_like(self.valid[row])
-        for span in self.layout.rows[row].spans:
-            cand = self.candidates(row, span)
-            visual[cand.slots] = True
-        return (self.valid[row] & ~visual).nonzero().flatten()
-
-    def unpadded_positions(self, row: int, slots: torch.Tensor) -> torch.Tensor:
-        """Index of each slot in the row's sequence without padding (what batch-1 official code sees)."""
-        return (self.valid[row].long().cumsum(0) - 1)[slots]
-
-    # ------------------------------------------------------------------------------------- layer-stage signals
-    def _attention_inputs(self):
-        capture = self.fwd.captures.get(self.spec.layer - 1)
-        if capture is None:
-            raise RuntimeError(f"{self.engine.method.name}: no attention inputs captured at layer "
-                               f"{self.spec.layer - 1}; the method must declare needs={{'attention_inputs'}}")
-        return capture
-
-    def last_token_attention(self) -> torch.Tensor:
-        """``[B, L]``: softmax attention of each row's last token over all tokens at layer K-1, mean over heads."""
-        if "last_attention" not in self._memo:
-            attn, h, cos, sin = self._attention_inputs()
-            B = h.shape[0]
-            cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
-            q = compat.project_queries(attn, h[:, -1:], cos[:, -1:], sin[:, -1:])
-            scores = kernels.attention_scores(q, self.keys(), self.valid, compat.attention_scaling(attn), "mean")
-            self._memo["last_attention"] = scores[:, 0]
-        return self._memo["last_attention"]
-
-    def keys(self) -> torch.Tensor:
-        """``[B, H_kv, L, d]``: post-RoPE keys of layer K-1 (before grouped-query repetition): read from the KV
-        cache when layer K-1 just filled it, else recomputed from its inputs."""
-        if "keys" not in self._memo:
-            keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
-            if keys is None:
-                attn, h, cos, sin = self._attention_inputs()
-                keys = compat.project_keys(attn, h, cos, sin)
-            self._memo["keys"] = keys
-        return self._memo["keys"]
-
-    def normed_hidden(self) -> torch.Tensor:
-        """``[B, L, D]``: the stage's hidden states through the language model's final norm."""
-        if "normed" not in self._memo:
-            self._memo["normed"] = compat.final_norm(self.engine.lm)(self.hidden)
-        return self._memo["normed"]
-
-
-def engine_prompt_length(fwd: ForwardState) -> int:
-    return fwd.request.prompt_length
 
 
 class Engine:
@@ -219,6 +134,8 @@ class Engine:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
+            if self.family.deepstack and layer_stages:
+                compat.wrap_deepstack(self.lm, self._deepstack)
         except Exception:
             self.detach()
             raise
@@ -227,6 +144,7 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        compat.unwrap_deepstack(self.lm)
 
     # ------------------------------------------------------------------------------------ forward context
     def _state(self) -> ForwardState | None:
@@ -308,7 +226,7 @@ class Engine:
             mask = kwargs.get("attention_mask")
             if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
                 raise ValueError("vtr needs a 2-D attention mask (or none); got a custom 4-D mask or mask mapping")
-            fwd.layout = self.family.layout(self.model, kwargs)
+            fwd.inputs = dict(kwargs, input_ids=ids)
             return None
         # Decoding, or a continuation of an existing cache.
         if visual:
@@ -346,7 +264,7 @@ class Engine:
         fwd = self._state()
         if fwd is None:
             return None
-        if fwd.prefill and fwd.layout is not None and fwd.request is None:
+        if fwd.prefill and fwd.inputs is not None and fwd.request is None:
             return args, self._lm_prefill(fwd, kwargs)
         if not fwd.prefill and fwd.request is not None:
             return args, self._lm_decode(fwd, kwargs)
@@ -368,6 +286,7 @@ class Engine:
             positions = torch.arange(L, device=device).expand(B, L)
         elif positions.shape[-2] != B:
             positions = positions.expand(*positions.shape[:-2], B, L)
+        fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
         arange = torch.arange(L, device=device).expand(B, L)
         base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,
                          shift=torch.zeros(B, dtype=torch.long, device=device))
@@ -385,6 +304,10 @@ class Engine:
                 kwargs["inputs_embeds"] = kernels.gather_rows(hidden, select)
                 kwargs["attention_mask"] = layout.mask2d.to(mask_in.dtype if mask_in is not None else torch.long)
                 kwargs["position_ids"] = layout.positions
+                if kwargs.get("visual_pos_masks") is not None:
+                    masks, embeds = deepstack_inputs(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"],
+                                                     select)
+                    kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"] = masks, embeds
         return kwargs
 
     def _lm_decode(self, fwd: ForwardState, kwargs) -> dict:
@@ -438,6 +361,7 @@ class Engine:
                 if pruned is not None:
                     hidden = kernels.gather_rows(hidden, pruned[1])
             active = request.active(i)
+            fwd.current = active
             if active is None:
                 return None
             kwargs = dict(kwargs)
@@ -496,18 +420,21 @@ class Engine:
         for b, row in enumerate(fwd.layout.rows):
             ids, alive = [], 0
             for span in row.spans:
-                cand = ctx.candidates(b, span)
-                alive += len(cand)
-                budget = self.method.budget(len(cand))
-                if budget >= len(cand):
-                    chosen = torch.arange(len(cand), device=cand.slots.device)
-                else:
-                    chosen = self._checked(self.method.select(ctx, b, cand, budget), len(cand))
-                    dropped = torch.ones(len(cand), dtype=torch.bool, device=cand.slots.device)
-                    dropped[chosen] = False
-                    keep[b, cand.slots[dropped]] = False
-                    dropped_any = dropped_any or bool(dropped.any())
-                ids.append(span.offset + cand.ids[chosen].cpu())
+                present = ctx.present(b, span)
+                alive += len(present)
+                eligible = ctx.eligible(present)
+                ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
+                for group in ctx.groups(present.subset(eligible)):
+                    budget = self.method.budget(len(group))
+                    if budget >= len(group):
+                        chosen = torch.arange(len(group), device=group.slots.device)
+                    else:
+                        chosen = self._checked(self.method.select(ctx, b, group, budget), len(group))
+                        dropped = torch.ones(len(group), dtype=torch.bool, device=group.slots.device)
+                        dropped[chosen] = False
+                        keep[b, group.slots[dropped]] = False
+                        dropped_any = dropped_any or bool(dropped.any())
+                    ids.append(span.offset + group.ids[chosen].cpu())
             kept_ids.append(torch.cat(ids).sort().values if ids else torch.zeros(0, dtype=torch.long))
             n_alive.append(alive)
         record = fwd.request.record
@@ -538,11 +465,30 @@ class Engine:
         finally:
             record.selection_seconds += _clock(hidden) - start
 
+    def _deepstack(self, original, hidden, masks, embeds):
+        """Qwen3-VL adds visual features after its first decoder layers; on a pruned layer the mask and features
+        are cut down to the kept visual tokens."""
+        fwd = self._state()
+        active = fwd.current if fwd is not None else None
+        if masks is None or active is None or masks.shape[1] == hidden.shape[1]:
+            return original(hidden, masks, embeds)
+        masks, (embeds,) = deepstack_inputs(masks, [embeds], active.local)
+        return original(hidden, masks, embeds)
+
     def _checked(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
         chosen = torch.as_tensor(chosen).flatten().long()
         if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= n or len(chosen.unique()) != len(chosen)):
             raise RuntimeError(f"{self.method.name} selected invalid token indices {chosen.tolist()} (of {n})")
         return chosen
+
+
+def deepstack_inputs(masks: torch.Tensor, embeds: list, select: torch.Tensor):
+    """Cut DeepStack inputs to a pruned sequence. masks: ``[B, L]`` visual positions; embeds: per layer
+    ``[n_visual, D]`` features in (row, position) order; select: ``[B, L']`` slots kept (-1 for padding)."""
+    rank = masks.flatten().long().cumsum(0).view_as(masks) - 1
+    kept = kernels.gather_rows(masks.unsqueeze(-1), select, False).squeeze(-1)
+    rows = kernels.gather_rows(rank.unsqueeze(-1), select, 0).squeeze(-1)[kept]
+    return kept, [e[rows.to(e.device)] for e in embeds]
 
 
 def shift_positions(positions: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -14,28 +14,37 @@ class VisualSpan:
     """One image or video of one batch row.
 
     positions: ``[n]`` sequence positions of its tokens in the (padded) row, ascending.
-    grid: ``(frames, rows, cols)`` of language-model tokens, raster order (frame, then row, then column).
-    frame, row, col: ``[n]`` grid coordinates of each token; newline: ``[n]`` bool, True for row-end newline tokens
-    (which have no column of their own: their ``col`` equals ``cols``).
+    grid: ``(frames, rows, cols)`` when the tokens form one raster-ordered grid (frame, then row, then column);
+    None for composite layouts (LLaVA-NeXT base image + high-resolution grid, trailing newline tokens).
+    frame, row, col: ``[n]`` coordinates of each token (frame: video frame or temporal slice; for anyres images 0 is
+    the base image and 1 the high-resolution grid). newline: ``[n]`` True for newline tokens (their ``col`` is the
+    row length). crop: ``[n]`` anyres crop of each token (0 the base image, 1... the tiles, row-major), -1 where
+    unknown. rope_position: ``[n]`` or ``[3, n]`` the RoPE position the model gave each token (1-D or M-RoPE).
     offset: index of the span's first token in the row's visual numbering (all spans of the row, in order).
     """
 
     kind: str
     index: int
     positions: torch.Tensor
-    grid: tuple[int, int, int]
-    offset: int
+    grid: tuple[int, int, int] | None
+    offset: int = 0
     frame: torch.Tensor = field(repr=False, default=None)
     row: torch.Tensor = field(repr=False, default=None)
     col: torch.Tensor = field(repr=False, default=None)
     newline: torch.Tensor = field(repr=False, default=None)
+    crop: torch.Tensor = field(repr=False, default=None)
+    rope_position: torch.Tensor | None = field(repr=False, default=None)
 
     def __post_init__(self):
+        n, device = len(self.positions), self.positions.device
         if self.frame is None:
-            self.frame, self.row, self.col = raster_coordinates(self.grid, self.positions.device)
-            self.newline = torch.zeros(len(self.positions), dtype=torch.bool, device=self.positions.device)
-        if len(self.frame) != len(self.positions):
-            raise ValueError(f"{self.kind} {self.index}: grid {self.grid} does not cover {len(self.positions)} tokens")
+            if self.grid is None or self.grid[0] * self.grid[1] * self.grid[2] != n:
+                raise ValueError(f"{self.kind} {self.index}: grid {self.grid} does not cover {n} tokens")
+            self.frame, self.row, self.col = raster_coordinates(self.grid, device)
+        if self.newline is None:
+            self.newline = torch.zeros(n, dtype=torch.bool, device=device)
+        if self.crop is None:
+            self.crop = torch.full((n,), -1 if self.grid is None else 0, dtype=torch.long, device=device)
 
     @property
     def n(self) -> int:
@@ -85,15 +94,6 @@ def raster_coordinates(grid: tuple[int, int, int], device=None):
     t, h, w = grid
     idx = torch.arange(t * h * w, device=device)
     return idx // (h * w), (idx // w) % h, idx % w
-
-
-def runs(mask: torch.Tensor) -> list[tuple[int, int]]:
-    """Maximal runs of True in a 1-D bool tensor, as (start, end) with end exclusive."""
-    if not bool(mask.any()):
-        return []
-    padded = torch.cat([mask.new_zeros(1), mask, mask.new_zeros(1)]).to(torch.int8)
-    edges = torch.diff(padded).nonzero().flatten().tolist()
-    return list(zip(edges[0::2], edges[1::2]))
 
 
 def split_positions(positions: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..engine import SelectionContext, SpanCandidates
+    from ..selection import SelectionContext, SpanCandidates
 
 
 class Stage(str, Enum):
@@ -44,6 +44,9 @@ class Method:
     ``None`` takes the method's default, which is what its official code does: ``default_positions`` on models with
     1-D RoPE, ``original`` on M-RoPE models (Qwen-VL), where kept visual tokens keep their 3-D grid positions.
 
+    scope: ``"image"`` (one budget per image or video over all its tokens) or ``"crop"`` (one budget per anyres
+    tile of LLaVA-NeXT images, plus one for the base image).
+
     Subclasses set the class attributes, add their options as fields, and implement ``select``.
     """
 
@@ -53,10 +56,13 @@ class Method:
     default_positions: ClassVar[str] = "compact"
     # Signals the engine must capture: "attention_inputs" = inputs of layer K-1's self-attention.
     needs: ClassVar[frozenset] = frozenset()
+    # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
+    newline_candidates: ClassVar[bool] = False
 
     ratio: float | None = None
     keep: int | None = None
     positions: str | None = None
+    scope: str = "image"
 
     def __post_init__(self):
         if (self.ratio is None) == (self.keep is None):
@@ -70,6 +76,8 @@ class Method:
                              f"got {self.keep!r}")
         if self.positions is not None and self.positions not in POSITION_POLICIES:
             raise ValueError(f"{self.name}: positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
+        if self.scope not in ("image", "crop"):
+            raise ValueError(f"{self.name}: scope must be 'image' or 'crop', got {self.scope!r}")
 
     # ----------------------------------------------------------------------------------------------- contract
     def stages(self) -> list[StageSpec]:
@@ -86,7 +94,8 @@ class Method:
         return min(n, round(n * (1 - self.ratio)))
 
     def select(self, ctx: SelectionContext, row: int, span: SpanCandidates, budget: int) -> torch.Tensor:
-        """Indices (into ``span.slots``) of the tokens to keep, any order. Called once per image of each row."""
+        """Indices (into ``span.slots``) of the ``budget`` tokens to keep, any order. Called once per image of each
+        row (per tile under ``scope="crop"``), with ``budget < len(span)``."""
         raise NotImplementedError
 
     def for_model(self, mrope: bool) -> "Method":

@@ -26,11 +26,14 @@ class DivPrune(Method):
         relies on self-distance 0); the first pick excludes the diagonal instead of taking the column's
         second-smallest value (identical unless distances underflow);
       * batched: each row and each image selects on its own (official: batch 1, one image).
+    LLaVA-NeXT / OneVision: newline tokens are candidates, as in the official code (it prunes the whole image
+    feature sequence, newlines included).
     """
 
     name: ClassVar[str] = "divprune"
     summary: ClassVar[str] = "greedy max-min diversity of projected visual tokens, before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    newline_candidates: ClassVar[bool] = True  # official LLaVA-NeXT code prunes the whole feature span
 
     def budget(self, n):
         if self.ratio is not None and self.ratio > 0:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from .base import Family
 from .llava import LlavaFamily
-from .qwen2_vl import QwenVLFamily
+from .llava_next import LlavaNextFamily, LlavaOnevisionFamily
+from .qwen2_vl import Qwen3VLFamily, QwenVLFamily
 
-FAMILIES: tuple[Family, ...] = (LlavaFamily(), QwenVLFamily())
+FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
+                                Qwen3VLFamily())
 
 
 def supported_model_classes() -> list[str]:

@@ -12,6 +12,7 @@ class Family:
     name: str = ""
     model_classes: tuple[str, ...] = ()
     mrope: bool = False  # positions are 3-D (temporal, height, width) rows
+    deepstack: bool = False  # visual features are also added after the first decoder layers (Qwen3-VL)
 
     def has_visual_inputs(self, kwargs: dict) -> bool:
         mm = kwargs.get("mm_encoder_outputs") or {}
@@ -23,8 +24,12 @@ class Family:
         return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
                 if i is not None]
 
-    def layout(self, model, kwargs: dict) -> TokenLayout:
-        """Token layout of a prefill, from ``input_ids`` [B, L] and the visual inputs in ``kwargs``."""
+    def layout(self, model, inputs: dict, embeds: torch.Tensor, positions: torch.Tensor) -> TokenLayout:
+        """Token layout of a prefill.
+
+        inputs: the keyword arguments of the base model's forward (``input_ids`` [B, L], pixel values, grids...);
+        embeds: ``[B, L, D]`` the language model's input embeddings (visual features merged in);
+        positions: ``[B, L]`` or ``[R, B, L]`` the positions the language model uses."""
         raise NotImplementedError
 
     def decode_positions(self, model, batch: int, q_len: int, past: int, kwargs: dict, device) -> torch.Tensor | None:
@@ -33,24 +38,51 @@ class Family:
         return (past + torch.arange(q_len, device=device)).expand(batch, q_len)
 
 
-def spans_for_kind(ids_row: torch.Tensor, token_id: int, kind: str, sizes: list[int], grids: list[tuple],
-                   first_index: int = 0) -> list[VisualSpan]:
+def encoded(kind: str, inputs: dict):
+    """Features generate() encoded before the prefill (it then drops the pixel inputs), or None."""
+    return (inputs.get("mm_encoder_outputs") or {}).get(kind)
+
+
+def has_kind(kind: str, inputs: dict) -> bool:
+    key = "pixel_values" if kind == "image" else "pixel_values_videos"
+    return inputs.get(key) is not None or encoded(kind, inputs) is not None
+
+
+def spans_for_kind(ids_row: torch.Tensor, token_id: int, kind: str, sizes: list[int], grids: list) -> list[VisualSpan]:
     """Cut the row's tokens equal to ``token_id`` into consecutive spans of ``sizes`` tokens."""
     positions = (ids_row == token_id).nonzero().flatten()
     chunks = split_positions(positions, sizes)
-    return [VisualSpan(kind=kind, index=first_index + i, positions=p, grid=g, offset=0)
-            for i, (p, g) in enumerate(zip(chunks, grids))]
+    return [VisualSpan(kind=kind, index=i, positions=p, grid=g) for i, (p, g) in enumerate(zip(chunks, grids))]
 
 
-def finish_rows(rows_spans: list[list[VisualSpan]], length: int) -> TokenLayout:
-    """Order each row's spans by position, number them and set their offsets in the row's visual numbering."""
+def assign_rows(counts: list[int], sizes: list[int], kind: str) -> list[tuple[int, int]]:
+    """Visual inputs fill the placeholders in (row, position) order: the [start, stop) inputs of each row."""
+    if sum(sizes) != sum(counts):
+        raise count_mismatch(kind, sum(sizes), sum(counts))
+    ranges, start = [], 0
+    for count in counts:
+        stop, total = start, 0
+        while total < count:
+            total += sizes[stop]
+            stop += 1
+        if total != count:
+            raise count_mismatch(kind, total, count)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def finish_rows(rows_spans: list[list[VisualSpan]], length: int, positions: torch.Tensor) -> TokenLayout:
+    """Order each row's spans by position, number them, set their offsets in the row's visual numbering and their
+    RoPE positions."""
     rows = []
-    for spans in rows_spans:
+    for b, spans in enumerate(rows_spans):
         spans = sorted(spans, key=lambda s: int(s.positions[0]))
         offset = 0
         for i, span in enumerate(spans):
             span.index, span.offset = i, offset
             offset += span.n
+            span.rope_position = positions[..., b, span.positions.to(positions.device)]
         rows.append(RowLayout(spans=spans, length=length))
     return TokenLayout(rows=rows)
 

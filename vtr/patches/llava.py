@@ -15,24 +15,24 @@ class LlavaFamily(Family):
         n = (vision.image_size // vision.patch_size) ** 2
         return n + (1 if config.vision_feature_select_strategy == "full" else 0)
 
-    def layout(self, model, kwargs):
-        ids = kwargs["input_ids"]
+    def layout(self, model, inputs, embeds, positions):
+        ids = inputs["input_ids"]
         config = model.config
         per_image = self.tokens_per_image(config)
         side = math.isqrt(per_image)
         grid = (1, side, side) if side * side == per_image else (1, 1, per_image)
         counts = (ids == config.image_token_id).sum(1).tolist()
-        n_images = _count_images(kwargs)
+        n_images = _count_images(inputs)
         if sum(counts) != n_images * per_image or any(c % per_image for c in counts):
             raise count_mismatch("image", n_images * per_image, sum(counts))
         rows = []
         for b, count in enumerate(counts):
             k = count // per_image
             rows.append(spans_for_kind(ids[b], config.image_token_id, "image", [per_image] * k, [grid] * k))
-        return finish_rows(rows, ids.shape[1])
+        return finish_rows(rows, ids.shape[1], positions)
 
 
-def _count_images(kwargs) -> int:
-    if kwargs.get("pixel_values") is not None:
-        return kwargs["pixel_values"].shape[0]
-    return len((kwargs.get("mm_encoder_outputs") or {})["image"].pooler_output)
+def _count_images(inputs) -> int:
+    if inputs.get("pixel_values") is not None:
+        return inputs["pixel_values"].shape[0]
+    return len((inputs.get("mm_encoder_outputs") or {})["image"].pooler_output)

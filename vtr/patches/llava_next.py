@@ -1,0 +1,146 @@
+"""LLaVA-NeXT and LLaVA-OneVision: anyres images (a base image grid, then the high-resolution tiles stitched into
+one unpadded grid with a newline token after every row), and OneVision videos (frames of pooled tokens with one
+newline after the last frame). 1-D RoPE.
+
+The grid of each image is read from the merged embeddings: newline tokens are the model's ``image_newline``
+vector itself. That works in ``generate`` too, which pre-encodes the images and drops ``image_sizes``; the tile
+(crop) of each token needs ``image_sizes`` and is left unknown (-1) without it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import compat
+from ..layout import VisualSpan, split_positions
+from .base import Family, assign_rows, count_mismatch, encoded, finish_rows, has_kind
+
+
+class LlavaNextFamily(Family):
+    name = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def layout(self, model, inputs, embeds, positions):
+        ids = inputs["input_ids"]
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        newline = compat.image_newline(model).to(embeds.device, embeds.dtype)
+        image_sizes = inputs.get("image_sizes")
+        rows, image_index = [], 0
+        for b in range(ids.shape[0]):
+            spans = []
+            positions_b = (ids[b] == config.image_token_id).nonzero().flatten()
+            if len(positions_b) and has_kind("image", inputs):
+                is_newline = (embeds[b, positions_b.to(embeds.device)] == newline).all(-1).cpu()
+                for start, stop, width, height in parse_anyres(is_newline.tolist(), side * side):
+                    size = image_sizes[image_index].tolist() if image_sizes is not None else None
+                    spans.append(anyres_span(config, positions_b[start:stop], side, width, height, size))
+                    image_index += 1
+            rows.append(spans + self._videos(model, inputs, ids, b))
+        return finish_rows(rows, ids.shape[1], positions)
+
+    def _videos(self, model, inputs, ids, row) -> list[VisualSpan]:
+        return []
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    name = "llava_onevision"
+    model_classes = ("LlavaOnevisionForConditionalGeneration",)
+
+    def _videos(self, model, inputs, ids, row):
+        """Each video: frames of ``pooled x pooled`` tokens (raster order), then one newline token."""
+        config = model.config
+        if not has_kind("video", inputs):
+            return []
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        pooled = math.ceil(side / 2)
+        features = encoded("video", inputs)
+        if features is not None:
+            sizes = [int(f.shape[0]) for f in features.pooler_output]
+        else:
+            pixel = inputs["pixel_values_videos"]
+            sizes = [pixel.shape[1] * pooled * pooled + 1] * pixel.shape[0]
+        counts = (ids == config.video_token_id).sum(1).tolist()
+        start, stop = assign_rows(counts, sizes, "video")[row]
+        spans = []
+        chunks = split_positions((ids[row] == config.video_token_id).nonzero().flatten(), sizes[start:stop])
+        for size, positions in zip(sizes[start:stop], chunks):
+            frames = (size - 1) // (pooled * pooled)
+            if frames * pooled * pooled + 1 != size:
+                raise count_mismatch("video", frames * pooled * pooled + 1, size)
+            frame, r, c = (torch.arange(size - 1) // (pooled * pooled), (torch.arange(size - 1) // pooled) % pooled,
+                           torch.arange(size - 1) % pooled)
+            spans.append(VisualSpan(kind="video", index=0, positions=positions, grid=None,
+                                    frame=torch.cat([frame, frame.new_tensor([frames - 1])]),
+                                    row=torch.cat([r, r.new_tensor([pooled - 1])]),
+                                    col=torch.cat([c, c.new_tensor([pooled])]),
+                                    newline=torch.arange(size) == size - 1,
+                                    crop=torch.zeros(size, dtype=torch.long)))
+        return spans
+
+
+def parse_anyres(is_newline: list[bool], base: int) -> list[tuple[int, int, int, int]]:
+    """Split a row's run of image tokens into images. Each image is ``base`` tokens of the base grid, then either
+    one newline (no tiles) or rows of ``width`` tokens each ended by a newline. Returns (start, stop, width,
+    height) per image, ``width = height = 0`` for an image without tiles."""
+    newlines = [i for i, flag in enumerate(is_newline) if flag]
+    images, i, n = [], 0, len(is_newline)
+
+    def next_newline(at):
+        return next((j for j in newlines if j >= at), None)
+
+    while i < n:
+        start = i
+        i += base
+        j = next_newline(i)
+        if i > n or j is None:
+            raise ValueError("vtr: cannot read the anyres layout of an image (newline tokens not found)")
+        if j == i:  # base grid + one newline
+            images.append((start, j + 1, 0, 0))
+            i = j + 1
+            continue
+        width, height = j - i, 0
+        while (j := next_newline(i)) is not None and j - i == width:
+            height += 1
+            i = j + 1
+        images.append((start, i, width, height))
+    return images
+
+
+def anyres_span(config, positions, side: int, width: int, height: int, image_size) -> VisualSpan:
+    """Coordinates of one anyres image: frame 0 is the ``side x side`` base grid, frame 1 the ``height x width``
+    high-resolution grid whose rows each end with a newline token (column ``width``)."""
+    base = torch.arange(side * side)
+    frame = [torch.zeros(side * side, dtype=torch.long)]
+    row, col, newline = [base // side], [base % side], [torch.zeros(side * side, dtype=torch.bool)]
+    crop = [torch.zeros(side * side, dtype=torch.long)]
+    if height == 0:  # base grid + one newline
+        frame.append(torch.zeros(1, dtype=torch.long))
+        row.append(torch.tensor([side - 1]))
+        col.append(torch.tensor([side]))
+        newline.append(torch.ones(1, dtype=torch.bool))
+        crop.append(torch.zeros(1, dtype=torch.long))
+    else:
+        grid = torch.arange(height * (width + 1))
+        r, c = grid // (width + 1), grid % (width + 1)
+        frame.append(torch.ones_like(grid))
+        row.append(r)
+        col.append(c)
+        newline.append(c == width)
+        crop.append(_tiles(config, image_size, side, height, width, r, c.clamp(max=width - 1)))
+    return VisualSpan(kind="image", index=0, positions=positions, grid=None, frame=torch.cat(frame),
+                      row=torch.cat(row), col=torch.cat(col), newline=torch.cat(newline), crop=torch.cat(crop))
+
+
+def _tiles(config, image_size, side, height, width, r, c) -> torch.Tensor:
+    """Tile index (1 + row-major) of each high-resolution token, or -1 without ``image_sizes`` or when the grid
+    was resized after unpadding (OneVision's anyres_max)."""
+    unknown = torch.full_like(r, -1)
+    if image_size is None:
+        return unknown
+    tiles_h, tiles_w, unpadded_h, unpadded_w = compat.anyres_geometry(config, image_size, side)
+    if (unpadded_h, unpadded_w) != (height, width):
+        return unknown
+    top, left = (tiles_h * side - height) // 2, (tiles_w * side - width) // 2
+    return 1 + ((r + top) // side) * tiles_w + (c + left) // side

@@ -1,0 +1,120 @@
+"""What a method sees when it selects: the candidate tokens of each image and lazily computed signals."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import compat, kernels
+from .layout import TokenLayout, VisualSpan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import Engine, ForwardState, SeqLayout
+    from .methods.base import StageSpec
+
+
+@dataclass
+class SpanCandidates:
+    """Tokens of one image (or one tile of it, under ``scope="crop"``) that a method chooses from.
+
+    slots: ``[c]`` positions in the current sequence; ids: ``[c]`` their indices within ``span``."""
+
+    span: VisualSpan
+    slots: torch.Tensor
+    ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def subset(self, mask: torch.Tensor) -> "SpanCandidates":
+        return SpanCandidates(self.span, self.slots[mask], self.ids[mask])
+
+
+class SelectionContext:
+    """One stage's view of the batch. Signals are computed once per stage, and only for the query rows a method
+    needs (never the full attention matrix)."""
+
+    def __init__(self, engine: "Engine", fwd: "ForwardState", prev: "SeqLayout", hidden: torch.Tensor,
+                 spec: "StageSpec"):
+        self.engine, self.fwd, self.prev, self.hidden, self.spec = engine, fwd, prev, hidden, spec
+        self.layout: TokenLayout = fwd.layout
+        self.valid: torch.Tensor = prev.mask2d  # [B, L] real tokens of the current sequence
+        self._memo = {}
+        # original prompt position -> current slot, per row
+        B, L0 = prev.index.shape[0], fwd.request.prompt_length
+        inverse = torch.full((B, L0), -1, dtype=torch.long, device=prev.index.device)
+        rows, slots = (prev.index >= 0).nonzero(as_tuple=True)
+        inverse[rows, prev.index[rows, slots]] = slots
+        self._inverse = inverse
+
+    # ------------------------------------------------------------------------------------------- candidates
+    def present(self, row: int, span: VisualSpan) -> SpanCandidates:
+        """Every token of ``span`` still in the sequence."""
+        slots = self._inverse[row, span.positions.to(self._inverse.device)]
+        alive = slots >= 0
+        return SpanCandidates(span, slots[alive], alive.nonzero().flatten())
+
+    def eligible(self, tokens: SpanCandidates) -> torch.Tensor:
+        """Which present tokens the method may drop: newline tokens only if its official code counts them."""
+        if self.engine.method.newline_candidates:
+            return torch.ones(len(tokens), dtype=torch.bool)
+        return ~tokens.span.newline[tokens.ids.to(tokens.span.newline.device)].cpu()
+
+    def groups(self, candidates: SpanCandidates) -> list[SpanCandidates]:
+        """Budget groups: the whole image (``scope="image"``) or each anyres tile (``scope="crop"``)."""
+        if self.engine.method.scope == "image" or not len(candidates):
+            return [candidates]
+        crop = candidates.span.crop[candidates.ids.to(candidates.span.crop.device)].cpu()
+        if bool((crop < 0).any()):
+            raise ValueError("vtr: scope='crop' needs the anyres tile of every token, known for LLaVA-NeXT when the "
+                             "forward call carries image_sizes (generate() pre-encodes images and drops them); "
+                             "use scope='image' or call the model's forward")
+        return [candidates.subset(crop == c) for c in crop.unique().tolist()]
+
+    def text_slots(self, row: int) -> torch.Tensor:
+        """Slots of the row's real non-visual tokens, ascending."""
+        visual = torch.zeros_like(self.valid[row])
+        for span in self.layout.rows[row].spans:
+            visual[self.present(row, span).slots] = True
+        return (self.valid[row] & ~visual).nonzero().flatten()
+
+    def unpadded_positions(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """Index of each slot in the row's sequence without padding (what batch-1 official code sees)."""
+        return (self.valid[row].long().cumsum(0) - 1)[slots]
+
+    # ------------------------------------------------------------------------------------- layer-stage signals
+    def _attention_inputs(self):
+        capture = self.fwd.captures.get(self.spec.layer - 1)
+        if capture is None:
+            raise RuntimeError(f"{self.engine.method.name}: no attention inputs captured at layer "
+                               f"{self.spec.layer - 1}; the method must declare needs={{'attention_inputs'}}")
+        return capture
+
+    def last_token_attention(self) -> torch.Tensor:
+        """``[B, L]``: softmax attention of each row's last token over all tokens at layer K-1, mean over heads."""
+        if "last_attention" not in self._memo:
+            attn, h, cos, sin = self._attention_inputs()
+            B = h.shape[0]
+            cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
+            q = compat.project_queries(attn, h[:, -1:], cos[:, -1:], sin[:, -1:])
+            scores = kernels.attention_scores(q, self.keys(), self.valid, compat.attention_scaling(attn), "mean")
+            self._memo["last_attention"] = scores[:, 0]
+        return self._memo["last_attention"]
+
+    def keys(self) -> torch.Tensor:
+        """``[B, H_kv, L, d]``: post-RoPE keys of layer K-1 (before grouped-query repetition): read from the KV
+        cache when layer K-1 just filled it, else recomputed from its inputs."""
+        if "keys" not in self._memo:
+            keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
+            if keys is None:
+                attn, h, cos, sin = self._attention_inputs()
+                keys = compat.project_keys(attn, h, cos, sin)
+            self._memo["keys"] = keys
+        return self._memo["keys"]
+
+    def normed_hidden(self) -> torch.Tensor:
+        """``[B, L, D]``: the stage's hidden states through the language model's final norm."""
+        if "normed" not in self._memo:
+            self._memo["normed"] = compat.final_norm(self.engine.lm)(self.hidden)
+        return self._memo["normed"]
