@@ -13,7 +13,7 @@ setup(
     extras_require={
         # The CPU build of torch on the development machines; put it in the same install command as the rest.
         "cpu": ["torch==2.13.0"],
-        "test": ["pytest>=8", "pillow", "av"],
+        "test": ["pytest>=8", "pillow", "av", "matplotlib", "tqdm"],
         "triton": ["triton>=3.6"],
         "video": ["torchvision", "av"],
         "flash": ["flash-attn>=2.6"],

@@ -1,12 +1,15 @@
 import os
 import sys
 
-# Triton reads TRITON_INTERPRET when kernels are decorated, so it must be set before anything imports them.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton reads TRITON_INTERPRET when kernels are decorated, so it must be set before anything imports them. On a
+# machine without a GPU the kernel tests run in the interpreter; on one with a GPU they compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -35,7 +35,8 @@ def cases():
                         for mode in ("forward", "generate"):
                             yield pytest.param(method, family, policy, attn, batch, variant, mode,
                                                id=f"{method}-{family}-{policy or 'default'}-{attn}-b{batch}-"
-                                                  f"{variant}-{mode}")
+                                                  f"{variant}-{mode}",
+                                               marks=[pytest.mark.video] if kind == "video" else [])
 
 
 def _policy(method: str, family: str, policy):
@@ -80,7 +81,7 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
 
 
 @pytest.mark.parametrize("mode", ["forward", "generate"])
-@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi"), (2, "video")])
+@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi"), pytest.param(2, "video", marks=pytest.mark.video)])
 @pytest.mark.parametrize("method", ["fastv", "dart"])
 def test_qwen3_deepstack_on_pruned_layers(method, batch, variant, mode):
     """Pruning before layer 1 leaves DeepStack's addition after layer 1 to run on the pruned sequence."""

@@ -70,6 +70,7 @@ def test_crop_scope_budgets_each_tile():
     assert torch.isin(span.newline.nonzero().flatten(), kept).all()  # newlines are not candidates
 
 
+@pytest.mark.video
 def test_onevision_video_frames_then_one_newline():
     model, proc = tm.build("llava_onevision")
     span = layout_of(model, tm.video_inputs("llava_onevision", proc, 1)).rows[0].spans[0]
@@ -77,6 +78,7 @@ def test_onevision_video_frames_then_one_newline():
     assert coords(span) == [(f, r, c, False) for f in range(4) for r in range(2) for c in range(2)] + [(3, 1, 2, True)]
 
 
+@pytest.mark.video
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_qwen_video_grid_and_mrope_positions(family):
     """4 frames of 64x48 pixels: 2 temporal slices of 16x12 patches, merged 2x2 into 8x6 tokens."""
@@ -90,7 +92,6 @@ def test_qwen_video_grid_and_mrope_positions(family):
     for frame in range(2):  # Qwen3-VL numbers each temporal slice from its own start (timestamps in between)
         f = span.frame == frame
         assert torch.equal(h[f] - h[f].min(), span.row[f]) and torch.equal(w[f] - w[f].min(), span.col[f])
-    assert len(t.unique()) == 2
     assert layout_of(model, inputs, generate=True).rows[0].spans[0].grid == (2, 8, 6)  # from positions alone
 
 

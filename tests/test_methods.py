@@ -38,18 +38,20 @@ def test_fastv_is_topk_of_eager_last_token_attention(family, batch):
     for b, row in enumerate(record.layout.rows):
         expected = []
         for span in row.spans:
-            k = round(span.n * 0.25)
-            top = torch.topk(attention[b, span.positions], k).indices
-            expected.append(span.offset + top)
+            candidates = (~span.newline).nonzero().flatten()  # newline tokens are always kept
+            k = round(len(candidates) * 0.25)
+            top = candidates[torch.topk(attention[b, span.positions[candidates]], k).indices]
+            expected += [span.offset + top, span.offset + span.newline.nonzero().flatten()]
         assert torch.equal(record.kept[b], torch.cat(expected).sort().values)
 
 
-def dart_official(keys, normed, text_positions, start, n, ratio, pivots=4):
-    """Batch-1 transcription of DART's get_retained_image_token (keys: [H, L, d] post-RoPE, normed: [L, D])."""
+def dart_official(keys, normed, text_positions, image, ratio, pivots=4):
+    """Batch-1 transcription of DART's get_retained_image_token (keys: [H, L, d] post-RoPE, normed: [L, D],
+    image: the sequence indices of the image's candidate tokens). Returns the kept sequence indices."""
     flat = keys.permute(1, 0, 2).reshape(keys.shape[1], -1)
-    image = list(range(start, start + n))
-    piv_i = (torch.topk(flat[image].abs().sum(-1), pivots).indices + start).tolist()
-    txt = [p for p in text_positions if p >= start + n]
+    n = len(image)
+    piv_i = [image[i] for i in torch.topk(flat[image].abs().sum(-1), pivots).indices.tolist()]
+    txt = [p for p in text_positions if p > image[-1]]
     piv_t = [txt[i] for i in torch.topk(flat[txt].abs().sum(-1), min(pivots, len(txt))).indices.tolist()]
     retained = set(piv_i + piv_t)
     pool = set(image) - set(piv_i)
@@ -61,7 +63,7 @@ def dart_official(keys, normed, text_positions, start, n, ratio, pivots=4):
         retained |= set(pick)
         pool -= set(pick)
     retained -= set(piv_t)
-    return sorted(p - start for p in retained)
+    return sorted(retained)
 
 
 @pytest.mark.parametrize("family", tm.FAMILIES)
@@ -70,9 +72,14 @@ def test_dart_matches_official_selection(family, batch):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, batch)
     record = patched_forward(model, inputs, "dart", ratio=0.75)
-    out, cache = unpatched_signals(model, inputs)
+    seen = {}
+    hook = R.lm_of(model).layers[2].register_forward_pre_hook(lambda m, a: seen.setdefault("h", a[0]))
+    try:
+        _, cache = unpatched_signals(model, inputs)
+    finally:
+        hook.remove()
     keys = cache.layers[1].keys  # layer K-1 = 1, post-RoPE
-    normed = R.lm_of(model).norm(out.hidden_states[2])  # input of layer K = 2
+    normed = R.lm_of(model).norm(seen["h"])  # the input of layer K = 2 (after Qwen3-VL's DeepStack additions)
     real = inputs["attention_mask"].bool()
     visual = record.layout.visual_mask()
     for b, row in enumerate(record.layout.rows):
@@ -81,8 +88,10 @@ def test_dart_matches_official_selection(family, batch):
         local = {int(s): i for i, s in enumerate(slots)}
         text = [local[int(s)] for s in (real[b] & ~visual[b]).nonzero().flatten()]
         span = row.spans[0]
-        expected = dart_official(keys[b][:, slots], normed[b][slots], text, local[int(span.positions[0])], span.n,
-                                 0.75)
+        image = [local[int(p)] for p in span.positions[~span.newline]]  # newline tokens are always kept
+        kept = dart_official(keys[b][:, slots], normed[b][slots], text, image, 0.75)
+        position_of = {local[int(p)]: i for i, p in enumerate(span.positions)}
+        expected = sorted([position_of[p] for p in kept] + span.newline.nonzero().flatten().tolist())
         assert record.kept[b].tolist() == expected
 
 

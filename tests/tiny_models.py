@@ -219,13 +219,15 @@ def random_video(frames: int, height: int, width: int, seed: int = 0) -> np.ndar
     return rng.integers(0, 255, size=(frames, height, width, 3), dtype=np.uint8)
 
 
-def video_inputs(family: str, proc, batch: int = 1):
-    """Prompts with one video each (rows differ in prompt length; Qwen rows also in frame count). Uses the real
-    video processor when torchvision is available, else builds the same tensors by hand."""
-    frames = [4, 2] if family.startswith("qwen") else [4, 4]
-    videos = [random_video(frames[b], 32 if family == "llava_onevision" else 64,
-                           32 if family == "llava_onevision" else 48, seed=b) for b in range(batch)]
-    texts = [_prompt(family, 1, long=bool(b % 2), video=True) for b in range(batch)]
+def video_inputs(family: str, proc, batch: int = 1, videos: list | None = None):
+    """Prompts with one video each (rows differ in prompt length; Qwen rows also in frame count); ``videos``:
+    ``[T, H, W, 3]`` uint8 frame arrays to use instead of random ones. Uses the real video processor when
+    torchvision is available, else builds the same tensors by hand."""
+    if videos is None:
+        frames = [4, 2] if family.startswith("qwen") else [4, 4]
+        videos = [random_video(frames[b], 32 if family == "llava_onevision" else 64,
+                               32 if family == "llava_onevision" else 48, seed=b) for b in range(batch)]
+    texts = [_prompt(family, 1, long=bool(b % 2), video=True) for b in range(len(videos))]
     if proc.video_processor is not None:
         return proc(text=texts, videos=videos, return_tensors="pt", padding=True, do_sample_frames=False)
     if family == "llava_onevision":
@@ -238,6 +240,8 @@ def _onevision_video_by_hand(proc, texts, videos):
     ``frames * ceil(side / 2) ** 2 + 1`` placeholder tokens per video."""
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
+    videos = [v if v.shape[1:3] == (32, 32) else
+              np.stack([np.asarray(Image.fromarray(f).resize((32, 32), Image.BICUBIC)) for f in v]) for v in videos]
     pixels = torch.stack([torch.tensor(((v / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
                           for v in videos])
     pooled = math.ceil(math.isqrt(proc.num_image_tokens) / 2)

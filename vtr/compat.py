@@ -173,6 +173,12 @@ def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
     return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
 
 
+def anyres_patch_count(config, image_size) -> int:
+    """Vision-encoder inputs (base image + tiles) LLaVA-NeXT / OneVision make of an image of ``image_size``."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    return int(image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size))
+
+
 def wrap_deepstack(lm: torch.nn.Module, wrapper) -> None:
     """Route Qwen3-VL's DeepStack additions (after the first decoder layers, at the visual positions of the full
     sequence) through ``wrapper(original, hidden_states, visual_pos_masks, visual_embeds)``: there is no public

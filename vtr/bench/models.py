@@ -111,7 +111,22 @@ def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size:
         ids = torch.cat([words(before), image, words(after)], 1)
         size = image_size or vision.image_size
         inputs = {"input_ids": ids, "pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
-    elif kind in ("qwen2_vl", "qwen2_5_vl"):
+    elif kind in ("llava_next", "llava_onevision"):
+        # One anyres image of image_size x image_size pixels (default: two tiles a side); the placeholder count
+        # is whatever the model's own feature packing yields for it.
+        vision = config.vision_config
+        size = image_size or 2 * vision.image_size
+        tiles = compat.anyres_patch_count(config, (size, size))
+        pixels = torch.randn(batch, tiles, 3, vision.image_size, vision.image_size, generator=generator)
+        sizes = torch.tensor([[size, size]] * batch)
+        dtype = next(model.parameters()).dtype
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=pixels[:1].to(model.device, dtype),
+                                                      image_sizes=sizes[:1], return_dict=True).pooler_output
+        image = torch.full((batch, len(features[0])), config.image_token_id)
+        ids = torch.cat([words(before), image, words(after)], 1)
+        inputs = {"input_ids": ids, "pixel_values": pixels, "image_sizes": sizes}
+    elif kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
         side = (image_size or 672) // unit * unit

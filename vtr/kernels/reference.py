@@ -100,13 +100,15 @@ def pivot_least_similar(x: torch.Tensor, pivots: torch.Tensor, pool: torch.Tenso
     x: ``[M, D]`` features; pivots: ``[P]`` row indices (iteration order); pool: ``[C]`` candidate row indices.
     Ties go to the earlier pool entry. Returns the picked row indices in pick order (at most ``P * per_pivot``)."""
     unit = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-8)
+    # One matrix product for all pivots (the fused kernel uses the same one, so both see the same floats).
+    sims = unit[pivots] @ unit[pool].T  # [P, C]
     alive = torch.ones(len(pool), dtype=torch.bool, device=x.device)
     picked = []
-    for p in pivots.tolist():
+    for i in range(len(pivots)):
         n = min(per_pivot, int(alive.sum()))
         if n <= 0:
             break
-        sim = (unit[pool] @ unit[p]).masked_fill(~alive, float("inf"))
+        sim = sims[i].masked_fill(~alive, float("inf"))
         # Ascending stable sort: least similar first, earlier pool entry first among equals.
         take = torch.sort(sim, stable=True).indices[:n]
         alive[take] = False

@@ -360,9 +360,8 @@ def pivot_least_similar(x: torch.Tensor, pivots: torch.Tensor, pool: torch.Tenso
 
     Why: all pivot-to-pool similarities come from one matmul (cuBLAS) instead of one mat-vec, sort and host sync
     per pivot; the inherently sequential greedy part runs in ONE Triton program (repeated argmin over the alive
-    pool, which equals the first entries of the reference's stable ascending sort).
-    Note: the reference computes each pivot's similarities with a mat-vec; the matmul rounds differently in the
-    last bit, so two pool entries whose similarities differ by ~1e-7 could be ordered differently."""
+    pool, which equals the first entries of the reference's stable ascending sort). The reference takes its
+    similarities from the same matmul, so both order near-ties identically."""
     P, C = len(pivots), len(pool)
     total = min(P * max(int(per_pivot), 0), C)
     if total == 0:

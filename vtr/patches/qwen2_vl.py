@@ -60,19 +60,18 @@ class Qwen3VLFamily(QwenVLFamily):
 
 
 def _grid_from_positions(span: VisualSpan, positions: torch.Tensor, row: int) -> VisualSpan:
-    """Recover a span's (t, h, w) grid from its M-RoPE (temporal, height, width) positions. Frames are the
-    span's contiguous runs of tokens (Qwen3-VL writes each temporal slice in its own run) or, in one run, its
-    distinct temporal positions."""
+    """Recover a span's (t, h, w) grid from its M-RoPE (height, width) positions; Qwen3-VL writes each temporal
+    slice in its own run of tokens, numbered from its own start."""
     if positions.dim() != 3:
         return span
-    t_pos, h_pos, w_pos = positions[-3:, row, span.positions.to(positions.device)]
+    _, h_pos, w_pos = positions[-3:, row, span.positions.to(positions.device)]
     breaks = (torch.diff(span.positions) > 1).nonzero().flatten()
     if len(breaks):  # one run per temporal slice, each numbered from its own start
-        frames, first = len(breaks) + 1, int(breaks[0]) + 1
+        first = int(breaks[0]) + 1
         h_pos, w_pos = h_pos[:first], w_pos[:first]
-    else:
-        frames = len(t_pos.unique())
-    grid = (frames, int(h_pos.max() - h_pos.min()) + 1, int(w_pos.max() - w_pos.min()) + 1)
+    # Temporal positions can repeat (Qwen2.5-VL scales them by seconds), so frames come from the spatial extent.
+    height, width = int(h_pos.max() - h_pos.min()) + 1, int(w_pos.max() - w_pos.min()) + 1
+    grid = (span.n // (height * width), height, width)
     if grid[0] * grid[1] * grid[2] != span.n:
         return span
     return VisualSpan(kind=span.kind, index=span.index, positions=span.positions, grid=grid)
