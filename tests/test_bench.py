@@ -24,7 +24,7 @@ def tiny_config_file(tmp_path, family):
 @pytest.mark.parametrize("family,extra", [("llava", []), ("qwen2_vl", ["--image-size", "32"])])
 def test_speed_harness_end_to_end(tmp_path, family, extra):
     config = tiny_config_file(tmp_path, family)
-    result = speed.main(["--model", config, "--methods", "dart,divprune", "--ratios", "0.5,0.75", "--repeats", "1",
+    result = speed.run(["--model", config, "--methods", "dart,divprune", "--ratios", "0.5,0.75", "--repeats", "1",
                          "--warmup", "0", "--decode-tokens", "2", "--batch", "2", "--out", str(tmp_path),
                          "--tag", "run", "--quiet", *extra])
     saved = json.loads((tmp_path / "run.json").read_text())

@@ -158,3 +158,28 @@ def test_interleaved_requests_keep_their_own_state(method):
                          attention_mask=mask)
         assert torch.allclose(step.logits[:, -1], alone[:, 1], atol=1e-6)
         assert out_b.logits.shape[0] == 2
+
+
+@pytest.mark.parametrize("method", ["divprune", "dart"])
+def test_generate_without_cache_reprunes_every_step(method):
+    """use_cache=False: every step is a fresh prefill of the growing sequence, pruned again; for a selection that
+    does not depend on the newest token (DivPrune) the tokens equal the cached run's."""
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 2)
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        cached = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        assert handle.last.n_kept == [16, 16] if method == "divprune" else [20, 20]
+    if method == "divprune":
+        assert torch.equal(cached, uncached)
+    assert uncached.shape == cached.shape
+
+
+def test_hidden_states_and_attentions_follow_the_pruned_sequence():
+    model, proc = tm.build("llava", attn="eager")
+    inputs = tm.image_inputs("llava", proc, 1)
+    with vtr.patch(model, "fastv", ratio=0.75) as handle, torch.no_grad():
+        out = model(**inputs, output_hidden_states=True, output_attentions=True)
+    full, pruned = inputs["input_ids"].shape[1], handle.last.index.shape[1]
+    assert [h.shape[1] for h in out.hidden_states] == [full, full, full, pruned, pruned]
+    assert [a.shape[-1] for a in out.attentions] == [full, full, pruned, pruned]

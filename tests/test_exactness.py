@@ -46,14 +46,14 @@ def _policy(method: str, family: str, policy):
     return "compact" if default == "original" else "original"
 
 
-@pytest.mark.parametrize("method,family,policy,attn,batch,variant,mode", list(cases()))
-def test_pruned_equals_reference(method, family, policy, attn, batch, variant, mode):
-    model, proc = tm.build(family, attn=attn)
+def inputs_for(family, proc, batch, variant):
     if variant == "video":
-        inputs = tm.video_inputs(family, proc, batch)
-    else:
-        inputs = tm.image_inputs(family, proc, batch, variant)
-    options = {"positions": _policy(method, family, policy)} if policy else {}
+        return tm.video_inputs(family, proc, batch)
+    return tm.image_inputs(family, proc, batch, variant)
+
+
+def check_against_reference(model, inputs, method, mode, **options):
+    """Run ``method`` patched (a forward, or greedy generate) and compare with the reference on the kept tokens."""
     with vtr.patch(model, method, ratio=RATIO, **options) as handle:
         with torch.no_grad():
             if mode == "forward":
@@ -62,22 +62,24 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
                 out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
                                      output_logits=True)
         record = handle.last
+    assert record.index is not None and record.n_kept != record.n_visual, "nothing was pruned"
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=(mode == "generate"))
-    index = record.index
-    assert index is not None, "nothing was pruned"
-    assert record.n_kept != record.n_visual
-    ref_prefill, ref_steps = R.reference_for(model, handle.method, lm_inputs, index, STEPS)
+    ref_prefill, ref_steps = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
     if mode == "forward":
-        real = (index >= 0)[..., None]
         assert logits.shape == ref_prefill.shape
-        assert ((logits - ref_prefill).abs() * real).max() <= TOL
-        # and pruning changed the output
-        unpatched = model(**inputs).logits
-        assert not torch.allclose(unpatched[:, -1], logits[:, -1])
+        assert ((logits - ref_prefill).abs() * (record.index >= 0)[..., None]).max() <= TOL
+        with torch.no_grad():  # and pruning changed the output
+            assert not torch.allclose(model(**inputs).logits[:, -1], logits[:, -1])
     else:
-        steps = torch.stack(out.logits, 1)
-        assert (steps - ref_steps).abs().max() <= TOL
+        assert (torch.stack(out.logits, 1) - ref_steps).abs().max() <= TOL
         assert torch.equal(out.sequences[:, -STEPS:], ref_steps.argmax(-1))
+
+
+@pytest.mark.parametrize("method,family,policy,attn,batch,variant,mode", list(cases()))
+def test_pruned_equals_reference(method, family, policy, attn, batch, variant, mode):
+    model, proc = tm.build(family, attn=attn)
+    options = {"positions": _policy(method, family, policy)} if policy else {}
+    check_against_reference(model, inputs_for(family, proc, batch, variant), method, mode, **options)
 
 
 @pytest.mark.parametrize("mode", ["forward", "generate"])
@@ -86,19 +88,4 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
 def test_qwen3_deepstack_on_pruned_layers(method, batch, variant, mode):
     """Pruning before layer 1 leaves DeepStack's addition after layer 1 to run on the pruned sequence."""
     model, proc = tm.build("qwen3_vl")
-    inputs = tm.video_inputs("qwen3_vl", proc, batch) if variant == "video" else tm.image_inputs(
-        "qwen3_vl", proc, batch, variant)
-    with vtr.patch(model, method, ratio=RATIO, layer=1) as handle:
-        with torch.no_grad():
-            if mode == "forward":
-                logits = model(**inputs).logits
-            else:
-                out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
-                                     output_logits=True)
-        record = handle.last
-    lm_inputs = R.capture_lm_inputs(model, inputs, generate=(mode == "generate"))
-    ref_prefill, ref_steps = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
-    if mode == "forward":
-        assert ((logits - ref_prefill).abs() * (record.index >= 0)[..., None]).max() <= TOL
-    else:
-        assert (torch.stack(out.logits, 1) - ref_steps).abs().max() <= TOL
+    check_against_reference(model, inputs_for("qwen3_vl", proc, batch, variant), method, mode, layer=1)

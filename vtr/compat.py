@@ -119,27 +119,25 @@ def _rotate(attn: torch.nn.Module):
     return module.apply_rotary_pos_emb
 
 
+def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    B, L, _ = hidden.shape
+    x = getattr(attn, proj)(hidden).view(B, L, -1, attn.head_dim)
+    if hasattr(attn, norm):  # Qwen3: per-head RMSNorm before RoPE
+        x = getattr(attn, norm)(x)
+    x = x.transpose(1, 2)
+    x, _ = _rotate(attn)(x, x, cos, sin)
+    return x
+
+
 def project_keys(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Post-RoPE keys as the attention module computes them. hidden: ``[B, L, D]`` (after the input layernorm);
     cos/sin: ``[B|1, L, d]``. Returns ``[B, H_kv, L, d]``."""
-    B, L, _ = hidden.shape
-    k = attn.k_proj(hidden).view(B, L, -1, attn.head_dim)
-    if hasattr(attn, "k_norm"):
-        k = attn.k_norm(k)
-    k = k.transpose(1, 2)
-    _, k = _rotate(attn)(k, k, cos, sin)
-    return k
+    return _project(attn, "k_proj", "k_norm", hidden, cos, sin)
 
 
 def project_queries(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Post-RoPE queries for the rows in ``hidden`` (``[B, R, D]``, cos/sin ``[B|1, R, d]``). Returns ``[B, H, R, d]``."""
-    B, R, _ = hidden.shape
-    q = attn.q_proj(hidden).view(B, R, -1, attn.head_dim)
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q)
-    q = q.transpose(1, 2)
-    q, _ = _rotate(attn)(q, q, cos, sin)
-    return q
+    return _project(attn, "q_proj", "q_norm", hidden, cos, sin)
 
 
 def attention_scaling(attn: torch.nn.Module) -> float:

@@ -68,34 +68,30 @@ class Runner:
         self.clock = Clock(model.device)
         self.timer = StageTimer(model, self.clock)
         self.n_layers = len(model.model.language_model.layers)
-        self.lm_inputs = self._capture_lm_inputs()
+        self.lm_inputs: dict | None = None  # what the language model receives in the dense prefill
         self.kept_index: dict[str, torch.Tensor] = {}
 
-    def _capture_lm_inputs(self) -> dict:
-        seen = {}
-
-        def hook(module, args, kwargs):
-            seen.update(embeds=kwargs["inputs_embeds"], mask=kwargs.get("attention_mask"),
-                        positions=kwargs.get("position_ids"))
-
-        handle = self.model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with torch.no_grad():
-                self.model(**self.inputs, use_cache=False, logits_to_keep=1)
-        finally:
-            handle.remove()
-        return seen
+    def _capture_lm_inputs(self, module, args, kwargs):
+        if self.lm_inputs is None:
+            self.lm_inputs = {"embeds": kwargs["inputs_embeds"], "mask": kwargs.get("attention_mask"),
+                              "positions": kwargs.get("position_ids")}
 
     def run(self, config: Config) -> Sample:
         if config.kind == "ideal":
             return self._ideal(config)
         handle = vtr.patch(self.model, config.method, **config.budget, **config.options) if config.method else None
+        capture = None
+        if handle is None and self.lm_inputs is None:
+            capture = self.model.model.language_model.register_forward_pre_hook(self._capture_lm_inputs,
+                                                                                with_kwargs=True)
         try:
             sample = self._prefill_and_decode(self.inputs, handle)
             if handle is not None:
                 self.kept_index[config.label] = handle.last.index
             return sample
         finally:
+            if capture is not None:
+                capture.remove()
             if handle is not None:
                 handle.remove()
 
@@ -210,7 +206,8 @@ def _options_for(method: str, options: dict) -> dict:
 
 def run_grid(model, inputs: dict, grid: list[Config], repeats: int, warmup: int, decode_tokens: int,
              progress: bool = True) -> list[dict]:
-    """Interleaved measurement: every repeat runs every configuration once, in grid order."""
+    """Interleaved measurement: every repeat runs every configuration once, in grid order (dense first: its
+    prefill also records the language model's inputs that the ideal runs are cut from)."""
     runner = Runner(model, inputs, decode_tokens)
     samples: dict[str, list[Sample]] = {c.label: [] for c in grid}
     bar = _progress((warmup + repeats) * len(grid), progress)
@@ -372,7 +369,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (synthetic inputs)")
     p.add_argument("--image", default=None, help="an image file to use with a real checkpoint's processor")
     p.add_argument("--question", default="Describe the image in detail.")
-    p.add_argument("--decode-tokens", type=int, default=4)
+    p.add_argument("--decode-tokens", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 2 on CPU, 10 on GPU)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="auto")
@@ -389,12 +386,19 @@ def parse_args(argv=None):
 DEFAULT_CPU_SHAPE = {"layers": 3, "vision_layers": 2}
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> None:
+    """The ``vtr-bench`` command."""
+    run(argv)
+
+
+def run(argv=None) -> dict:
+    """Parse the command line, measure, print the table, write the JSON and PNG; returns the result."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = models.resolve_device(args.device)
     shipped = args.model in models.SHIPPED or args.model.endswith(".json")
+    args.random_init = args.random_init or shipped
     if shipped and device.type == "cpu" and args.layers is None and args.vision_layers is None:
         # The built-in default: 7B widths at a depth a 2-core CPU measures in about a minute.
         args.layers, args.vision_layers = DEFAULT_CPU_SHAPE["layers"], DEFAULT_CPU_SHAPE["vision_layers"]

@@ -22,10 +22,8 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, fill: float = 0) -> torch.
 
     x: ``[B|1, L, *]``; index: ``[B, L']``. Returns ``[B, L', *]``."""
     B, width = index.shape
-    if x.shape[0] != B:
-        x = x.expand(B, *x.shape[1:])
-    safe = index.clamp(min=0)
-    out = x.gather(1, safe.view(B, width, *([1] * (x.dim() - 2))).expand(B, width, *x.shape[2:]))
+    rows = torch.arange(B, device=index.device)[:, None] if x.shape[0] == B else torch.zeros_like(index[:, :1])
+    out = x[rows, index.clamp(min=0)]  # row gather (advanced indexing), no expanded index tensor
     pad = (index < 0).view(B, width, *([1] * (x.dim() - 2)))
     return out.masked_fill(pad, fill) if bool(pad.any()) else out
 
