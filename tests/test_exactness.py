@@ -3,8 +3,8 @@
 One matrix: every registered method x every tiny model x {eager, sdpa} x {batch 1, batch 2 left padded with
 different prompt lengths (and, except for LLaVA-1.5, different visual token counts), batch 2 with two images in one
 row, batch 2 with a text-only row; and for the video models batch 1 and 2 videos} x {forward, generate}. The 1-D
-RoPE LLaVA models also run each method under its non-default position policy. Logits are compared on the real (non-padding) slots; generated
-tokens must be equal.
+RoPE LLaVA models also run each method under its non-default position policy. Logits are compared on the real
+(non-padding) slots; generated tokens must be equal.
 """
 import pytest
 import torch
@@ -83,7 +83,8 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
 
 
 @pytest.mark.parametrize("mode", ["forward", "generate"])
-@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi"), pytest.param(2, "video", marks=pytest.mark.video)])
+@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi"),
+                                           pytest.param(2, "video", marks=pytest.mark.video)])
 @pytest.mark.parametrize("method", ["fastv", "dart"])
 def test_qwen3_deepstack_on_pruned_layers(method, batch, variant, mode):
     """Pruning before layer 1 leaves DeepStack's addition after layer 1 to run on the pruned sequence."""

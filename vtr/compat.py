@@ -136,7 +136,8 @@ def project_keys(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor,
 
 
 def project_queries(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Post-RoPE queries for the rows in ``hidden`` (``[B, R, D]``, cos/sin ``[B|1, R, d]``). Returns ``[B, H, R, d]``."""
+    """Post-RoPE queries for the rows in ``hidden`` (``[B, R, D]``, cos/sin ``[B|1, R, d]``).
+    Returns ``[B, H, R, d]``."""
     return _project(attn, "q_proj", "q_norm", hidden, cos, sin)
 
 

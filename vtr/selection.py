@@ -68,8 +68,8 @@ class SelectionContext:
         crop = candidates.span.crop[candidates.ids.to(candidates.span.crop.device)].cpu()
         if bool((crop < 0).any()):
             raise ValueError("vtr: scope='crop' needs the anyres tile of every token, known for LLaVA-NeXT when the "
-                             "call carries image_sizes (generate() in transformers 5.23 pre-encodes images and drops them); "
-                             "use scope='image' or call the model's forward")
+                             "call carries image_sizes (generate() in transformers 5.23 pre-encodes images and drops "
+                             "them); use scope='image' or call the model's forward")
         return [candidates.subset(crop == c) for c in crop.unique().tolist()]
 
     def text_slots(self, row: int) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """The registered pruning methods. Adding one: a file here with a registered ``Method`` dataclass, one import line
 below, and its row in the README table; the test matrix picks it up from the registry."""
-from . import dart, divprune, fastv, random, uniform  # noqa: F401  (registration side effects)
 from .base import Method, Stage, StageSpec
 from .dart import DART
 from .divprune import DivPrune

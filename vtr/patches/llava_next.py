@@ -3,8 +3,8 @@ one unpadded grid with a newline token after every row), and OneVision videos (f
 newline after the last frame). 1-D RoPE.
 
 The grid of each image is read from the merged embeddings: newline tokens are the model's ``image_newline``
-vector itself. That works in ``generate`` too, which (transformers 5.23) pre-encodes the images and drops ``image_sizes``; the tile
-(crop) of each token needs ``image_sizes`` and is left unknown (-1) without it.
+vector itself. That works in ``generate`` too, which (transformers 5.23) pre-encodes the images and drops
+``image_sizes``; the tile (crop) of each token needs ``image_sizes`` and is left unknown (-1) without it.
 """
 from __future__ import annotations
 
