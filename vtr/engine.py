@@ -158,14 +158,12 @@ class Engine:
         fwd.depth += 1
         return fwd
 
-    def _exit(self) -> ForwardState | None:
+    def _exit(self) -> None:
         fwd = self._state()
-        if fwd is None:
-            return None
-        fwd.depth -= 1
-        if fwd.depth <= 0:
-            self._local.state = None
-        return fwd
+        if fwd is not None:
+            fwd.depth -= 1
+            if fwd.depth <= 0:
+                self._local.state = None
 
     def _outer_pre(self, module, args, kwargs):
         fwd = self._enter()

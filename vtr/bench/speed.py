@@ -161,13 +161,12 @@ class Runner:
     def _ideal(self, config: Config) -> Sample:
         """The unpatched language model fed the kept tokens of ``config``'s method (its vision time is the dense
         model's, added by the caller)."""
-        index = self.kept_index[config.label.replace(" ideal", "")]
-        if index is None:
+        index = self.kept_index[Config("method", config.method, config.budget, config.options).label]
+        if index is None:  # the method kept everything
             index = torch.arange(self.lm_inputs["embeds"].shape[1], device=self.model.device)[None]
         embeds, mask, positions = _kept_inputs(self.lm_inputs, index)
         inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        sample = self._prefill_and_decode(inputs, None, [embeds.shape[1]] * self.n_layers)
-        return sample
+        return self._prefill_and_decode(inputs, None, [embeds.shape[1]] * self.n_layers)
 
     def close(self):
         self.timer.remove()
@@ -420,7 +419,7 @@ def run(argv=None) -> dict:
         inputs = models.synthetic_inputs(model, args.batch, args.prompt_tokens, args.image_size)
     grid = build_grid(methods, budgets, options)
     rows = run_grid(model, inputs, grid, repeats, args.warmup, args.decode_tokens, progress=not args.quiet)
-    settings = {k: v for k, v in vars(args).items()}
+    settings = dict(vars(args))
     settings.update(repeats=repeats, device=str(device), dtype=str(next(model.parameters()).dtype),
                     prompt_length=int(inputs.get("input_ids", inputs.get("inputs_embeds")).shape[1]),
                     load_seconds=round(load_s, 2))
