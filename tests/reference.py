@@ -85,8 +85,17 @@ def additive_mask(key_valid: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
 
 
-def _next_positions(positions: torch.Tensor) -> torch.Tensor:
-    return positions[..., -1:] + 1
+def next_positions(lm_inputs: dict, index: torch.Tensor, policy: str) -> torch.Tensor:
+    """Position of the first token after the prompt: after the unpruned prompt (its largest real position + 1, as
+    transformers numbers decoding from the full mask or Qwen's rope_deltas), minus the removed tokens under
+    ``compact``. Returns ``[B, 1]`` or ``[3, B, 1]`` (M-RoPE: the same value on every row)."""
+    positions, mask = _rope_rows(lm_inputs["positions"]), lm_inputs["mask"].bool()
+    rows = positions if positions.dim() == 3 else positions[None]
+    top = rows.masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1  # [B]
+    if policy == "compact":
+        top = top - (mask.sum(1) - (index >= 0).sum(1))
+    top = top[:, None]
+    return top.expand(positions.shape[0], -1, -1) if positions.dim() == 3 else top
 
 
 def kept_deepstack(lm_inputs: dict, index: torch.Tensor) -> dict:
@@ -101,16 +110,17 @@ def kept_deepstack(lm_inputs: dict, index: torch.Tensor) -> dict:
     return {"visual_pos_masks": kept, "deepstack_visual_embeds": [e[rows] for e in lm_inputs["deepstack"]]}
 
 
-def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, steps: int, tokens=None):
-    """Unpatched model on the kept tokens, decoded greedily (or fed ``tokens`` [B, steps], teacher forcing).
-    Returns (prefill logits [B, L', V], step logits [B, steps, V]). With DeepStack (Qwen3-VL) the language model
-    is called directly, since the top-level model only makes DeepStack features from pixels."""
+def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, steps: int, tokens=None,
+                      then=None):
+    """Unpatched model on the kept tokens, decoded greedily (or fed ``tokens`` [B, steps], teacher forcing), then
+    fed ``then`` [B, q] (a later turn's text) in one call. Returns (prefill logits [B, L', V], step logits
+    [B, steps, V] or None, ``then`` logits [B, q, V] or None). With DeepStack (Qwen3-VL) the language model is
+    called directly, since the top-level model only makes DeepStack features from pixels."""
     embeds = gather_seq(lm_inputs["embeds"], index, 0.0)
     mask = gather_seq(lm_inputs["mask"], index, 0)
     positions = pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy)
     cache = DynamicCache(config=lm_of(model).config)
     deepstack = kept_deepstack(lm_inputs, index)
-    step_logits = []
 
     def forward(inputs_embeds, first=False, **kwargs):
         if not deepstack:
@@ -123,21 +133,35 @@ def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, 
         out = forward(inputs_embeds=embeds, first=True, attention_mask=mask, position_ids=positions,
                       past_key_values=cache, use_cache=True)
         prefill = out.logits
-        logits = out.logits[:, -1]
-        for t in range(steps):
-            step_logits.append(logits)
-            token = logits.argmax(-1) if tokens is None else tokens[:, t]
-            embeds = model.get_input_embeddings()(token)[:, None]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            positions = _next_positions(positions)
-            out = forward(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True)
-            logits = out.logits[:, -1]
-    return prefill, (torch.stack(step_logits, 1) if step_logits else None)
+        start = next_positions(lm_inputs, index, policy)
+
+        def feed(chunk, offset):
+            nonlocal mask
+            q = chunk.shape[1]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], q)], 1)
+            pos = start + offset + torch.arange(q)
+            return forward(inputs_embeds=model.get_input_embeddings()(chunk), attention_mask=mask,
+                           position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+        step_logits, chunk_logits = _drive(prefill[:, -1], steps, tokens, then, feed)
+    return prefill, step_logits, chunk_logits
 
 
-def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, policy: str, steps: int, tokens=None):
-    """Decoder loop over the unpatched layers, pruned before ``layer``. Same returns as ``pre_llm_reference``."""
+def _drive(logits, steps, tokens, then, feed):
+    """Greedy (or teacher-forced) steps, then one chunk of ``then`` tokens, through ``feed(tokens, offset)``."""
+    step_logits = []
+    for t in range(steps):
+        step_logits.append(logits)
+        token = logits.argmax(-1) if tokens is None else tokens[:, t]
+        logits = feed(token[:, None], t)[:, -1]
+    chunk = feed(then, steps) if then is not None else None
+    return (torch.stack(step_logits, 1) if step_logits else None), chunk
+
+
+def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, policy: str, steps: int, tokens=None,
+                    then=None):
+    """Decoder loop over the unpatched layers, pruned before ``layer``: layers < ``layer`` hold the full prompt.
+    Same arguments and returns as ``pre_llm_reference``."""
     lm = lm_of(model)
     full_mask = lm_inputs["mask"].bool()
     full_pos = _rope_rows(lm_inputs["positions"])
@@ -148,35 +172,38 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
                   "deepstack_visual_embeds": lm_inputs.get("deepstack")}
     kept_stack = kept_deepstack(lm_inputs, index)
 
-    def run(hidden, full_keys, kept_keys, q_len):
+    def run(hidden, full_keys, kept_keys, full_q_pos, kept_q_pos, prefill):
         for i, block in enumerate(lm.layers):
-            if i == layer and q_len > 1:
+            if i == layer and prefill:
                 hidden = gather_seq(hidden, index, 0.0)
-            keys, pos = (full_keys, full_pos) if i < layer else (kept_keys, kept_pos)
+            keys, pos = (full_keys, full_q_pos) if i < layer else (kept_keys, kept_q_pos)
             q = hidden.shape[1]
             cos, sin = lm.rotary_emb(hidden, pos)
             hidden = block(hidden, attention_mask=additive_mask(keys, q, hidden.dtype),
                            position_embeddings=(cos, sin), position_ids=None, past_key_values=cache,
                            use_cache=True)
             stack = full_stack if i < layer else kept_stack
-            if q_len > 1 and stack.get("deepstack_visual_embeds") and i < len(stack["deepstack_visual_embeds"]):
+            if prefill and stack.get("deepstack_visual_embeds") and i < len(stack["deepstack_visual_embeds"]):
                 hidden = hidden.clone()
                 hidden[stack["visual_pos_masks"]] += stack["deepstack_visual_embeds"][i]
         return model.lm_head(lm.norm(hidden))
 
-    step_logits = []
     with torch.no_grad():
-        prefill = run(lm_inputs["embeds"], full_mask, kept_mask, full_mask.shape[1])
-        logits = prefill[:, -1]
-        for t in range(steps):
-            step_logits.append(logits)
-            token = logits.argmax(-1) if tokens is None else tokens[:, t]
-            hidden = model.get_input_embeddings()(token)[:, None]
-            ones = full_mask.new_ones(full_mask.shape[0], 1)
+        prefill = run(lm_inputs["embeds"], full_mask, kept_mask, full_pos, kept_pos, True)
+        full_start = next_positions(lm_inputs, index, "original")
+        kept_start = next_positions(lm_inputs, index, policy)
+
+        def feed(chunk, offset):
+            nonlocal full_mask, kept_mask
+            q = chunk.shape[1]
+            ones = full_mask.new_ones(full_mask.shape[0], q)
             full_mask, kept_mask = torch.cat([full_mask, ones], 1), torch.cat([kept_mask, ones], 1)
-            full_pos, kept_pos = _next_positions(full_pos), _next_positions(kept_pos)
-            logits = run(hidden, full_mask, kept_mask, 1)[:, -1]
-    return prefill, (torch.stack(step_logits, 1) if step_logits else None)
+            step = offset + torch.arange(q)
+            return run(model.get_input_embeddings()(chunk), full_mask, kept_mask, full_start + step,
+                       kept_start + step, False)
+
+        step_logits, chunk_logits = _drive(prefill[:, -1], steps, tokens, then, feed)
+    return prefill, step_logits, chunk_logits
 
 
 def _rope_rows(positions: torch.Tensor) -> torch.Tensor:
@@ -184,9 +211,9 @@ def _rope_rows(positions: torch.Tensor) -> torch.Tensor:
     return positions[1:] if positions.dim() == 3 and positions.shape[0] == 4 else positions
 
 
-def reference_for(model, method, lm_inputs, index, steps, tokens=None):
-    """The reference matching a patched method's (single) stage."""
+def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None):
+    """The reference matching a patched method's (single) stage: (prefill, step, ``then`` logits)."""
     spec = method.stages()[0]
     if spec.stage.value == "pre_llm":
-        return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens)
-    return layer_reference(model, lm_inputs, index, spec.layer, method.positions, steps, tokens)
+        return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
+    return layer_reference(model, lm_inputs, index, spec.layer, method.positions, steps, tokens, then)

@@ -42,7 +42,7 @@ def test_manual_forward_loop(method, family, batch):
         got = manual_loop(model, inputs, STEPS, with_mask=batch > 1)
         record = handle.last
     lm_inputs = R.capture_lm_inputs(model, inputs)
-    _, expected = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
+    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
     assert (got - expected).abs().max() <= 1e-5
 
 
@@ -57,7 +57,7 @@ def test_sampling_matches_the_reference(method):
         record = handle.last
     tokens = out.sequences[:, -STEPS:]
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
-    _, expected = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, tokens=tokens)
+    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, tokens=tokens)
     assert (torch.stack(out.logits, 1) - expected).abs().max() <= 1e-5
 
 
@@ -107,7 +107,7 @@ def test_loss_over_text_tokens(method, family):
             loss = model(**inputs, labels=labels).loss
         index = handle.last.index
     lm_inputs = R.capture_lm_inputs(model, inputs)
-    ref_logits, _ = R.reference_for(model, handle.method, lm_inputs, index, 0)
+    ref_logits, _, _ = R.reference_for(model, handle.method, lm_inputs, index, 0)
     kept_labels = R.gather_seq(labels, index, -100)
     expected = model.loss_function(logits=ref_logits, labels=kept_labels, vocab_size=ref_logits.shape[-1])
     assert torch.allclose(loss, expected, atol=1e-6)

@@ -64,7 +64,7 @@ def check_against_reference(model, inputs, method, mode, **options):
         record = handle.last
     assert record.index is not None and record.n_kept != record.n_visual, "nothing was pruned"
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=(mode == "generate"))
-    ref_prefill, ref_steps = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
+    ref_prefill, ref_steps, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
     if mode == "forward":
         assert logits.shape == ref_prefill.shape
         assert ((logits - ref_prefill).abs() * (record.index >= 0)[..., None]).max() <= TOL

@@ -1,5 +1,7 @@
 """Each method selects what its paper's official code selects, checked against plain transcriptions of the
 research specification (shared/research/methods_image.md) run on signals read from the unpatched model."""
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,11 +20,16 @@ def patched_forward(model, inputs, method, **options):
     return handle.last
 
 
-def unpatched_signals(model, inputs):
+def unpatched_signals(model, inputs, own_positions=False):
+    """One unpatched forward with its cache. ``own_positions``: number each row from its first real token, as the
+    row alone (and official batch-1 code) would; Qwen-VL models do that themselves from the mask."""
     cache = DynamicCache(config=R.lm_of(model).config)
+    extra = {}
+    if own_positions and not hasattr(model.model, "rope_deltas"):
+        extra["position_ids"] = (inputs["attention_mask"].long().cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         out = model(**inputs, past_key_values=cache, use_cache=True, output_hidden_states=True,
-                    output_attentions=True)
+                    output_attentions=True, **extra)
     return out, cache
 
 
@@ -75,7 +82,7 @@ def test_dart_matches_official_selection(family, batch):
     seen = {}
     hook = R.lm_of(model).layers[2].register_forward_pre_hook(lambda m, a: seen.setdefault("h", a[0]))
     try:
-        _, cache = unpatched_signals(model, inputs)
+        _, cache = unpatched_signals(model, inputs, own_positions=True)
     finally:
         hook.remove()
     keys = cache.layers[1].keys  # layer K-1 = 1, post-RoPE
@@ -105,23 +112,17 @@ def test_pivot_order_changes_the_selection():
     assert sorted(vtr.kernels.pivot_least_similar(x, torch.tensor([1, 0]), pool, 1).tolist()) == [2, 3]
 
 
-def test_dart_iterates_pivots_in_python_set_order(monkeypatch):
-    assert list({40, 45, 600, 612, 39, 700, 702, 601}) == [612, 39, 40, 45, 600, 601, 700, 702]  # spec's example
-    seen = []
-    original = vtr.kernels.pivot_least_similar
-
-    def spy(x, pivots, pool, per_pivot):
-        seen.append(pivots.clone())
-        return original(x, pivots, pool, per_pivot)
-
-    monkeypatch.setattr(dart_module.kernels, "pivot_least_similar", spy)
-    model, proc = tm.build("llava")
-    inputs = tm.image_inputs("llava", proc, 2)
-    patched_forward(model, inputs, "dart", ratio=0.75)
-    for b, pivots in enumerate(seen):
-        unpadded = (inputs["attention_mask"][b].cumsum(0) - 1)[pivots].tolist()
-        assert unpadded == list(set(unpadded))
-        assert len(pivots) == 8
+def test_cpython_set_order_matches_the_interpreter():
+    """DART iterates its pivots in CPython set order; vtr computes that order without a set (compiled code does
+    not iterate sets that way). Collisions, duplicates and table growth included."""
+    assert dart_module.cpython_set_order([40, 45, 600, 612, 39, 700, 702, 601]) == [612, 39, 40, 45, 600, 601, 700,
+                                                                                    702]  # the spec's example
+    rng = random.Random(0)
+    for _ in range(3000):
+        values = [rng.randint(0, rng.choice([16, 100, 5000, 10 ** 6])) for _ in range(rng.randint(0, 40))]
+        assert dart_module.cpython_set_order(values) == list(set(values))
+    with pytest.raises(ValueError, match="non-negative"):
+        dart_module.cpython_set_order([3, -1])
 
 
 def divprune_official(features, k):

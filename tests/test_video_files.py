@@ -41,5 +41,5 @@ def test_video_file(tmp_path, family, method):
     assert record.layout.rows[0].spans[0].kind == "video"
     assert 0 < record.n_kept[0] < record.n_visual[0]
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
-    _, expected = R.reference_for(model, handle.method, lm_inputs, record.index, 4)
+    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, 4)
     assert (torch.stack(out.logits, 1) - expected).abs().max() <= 1e-5

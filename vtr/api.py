@@ -36,9 +36,15 @@ class Handle:
         return _PATCHED.get(self.model) is self
 
     def remove(self) -> None:
+        """Unpatch the model. Requests in flight in other threads finish as they started (this call waits for
+        them); requests starting meanwhile run unpatched. Raises ``RuntimeError`` when called from inside a
+        ``generate`` the patch is pruning (a streamer callback): remove it after ``generate`` returns."""
+        with _PATCH_LOCK:
+            if _PATCHED.get(self.model) is not self:
+                return
+        self._engine.close()
         with _PATCH_LOCK:
             if _PATCHED.get(self.model) is self:
-                self._engine.detach()
                 del _PATCHED[self.model]
 
     def __enter__(self) -> "Handle":

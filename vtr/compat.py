@@ -9,10 +9,10 @@ Supported range: transformers 5.17 to 5.23 (tested at both ends). What is relied
   M-RoPE sections already merged), ``position_ids`` and ``past_key_values``;
 * ``masking_utils.create_causal_mask(..., layer_idx=)`` builds the mask of one cache layer for the configured
   attention backend, and ``DynamicCache`` layers may hold different lengths;
-* Qwen-VL keeps ``rope_deltas`` on the base model for decoding without explicit positions.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 
@@ -178,14 +178,15 @@ def anyres_patch_count(config, image_size) -> int:
     return int(image_size_to_num_patches(image_size, config.image_grid_pinpoints, config.vision_config.image_size))
 
 
-def wrap_deepstack(lm: torch.nn.Module, wrapper) -> None:
-    """Route Qwen3-VL's DeepStack additions (after the first decoder layers, at the visual positions of the full
-    sequence) through ``wrapper(original, hidden_states, visual_pos_masks, visual_embeds)``: there is no public
-    hook between decoder layers, so this shadows the bound method on the instance; ``unwrap_deepstack`` undoes it."""
-    original = lm._deepstack_process
-    lm._deepstack_process = lambda h, masks, embeds: wrapper(original, h, masks, embeds)
+def shadow_method(obj, name: str, wrapper) -> None:
+    """Route ``obj.name(...)`` through ``wrapper(original, ...)`` by shadowing the bound method on the instance.
+
+    Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
+    (``language_model._deepstack_process``) and ``generate`` (a request in flight, with a ``finally`` that also runs on
+    ``KeyboardInterrupt``). ``unshadow_method`` removes the instance attribute, restoring the class's method."""
+    setattr(obj, name, functools.partial(wrapper, getattr(obj, name)))
 
 
-def unwrap_deepstack(lm: torch.nn.Module) -> None:
-    if "_deepstack_process" in vars(lm):
-        del lm._deepstack_process
+def unshadow_method(obj, name: str) -> None:
+    if name in vars(obj):
+        delattr(obj, name)

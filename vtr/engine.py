@@ -19,6 +19,8 @@ by the request's cache object and per-forward state is thread-local, so concurre
 """
 from __future__ import annotations
 
+import collections
+import functools
 import threading
 import time
 import weakref
@@ -67,6 +69,21 @@ class RequestState:
     layouts: list[SeqLayout] = field(default_factory=list)  # one per stage that removed tokens, in order
     record: PrefillRecord | None = None
 
+    def continuation_positions(self, q_len: int, logical_past: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Original positions of ``q_len`` new tokens after ``logical_past`` tokens of the unpruned sequence: each
+        row continues after its prompt's largest position, counting the real tokens after the prompt (from the
+        2-D mask of the whole sequence when given). ``[B, q]``, or ``[3, B, q]`` on M-RoPE models."""
+        positions, valid = self.base.positions, self.base.mask2d
+        rope = positions[-3:] if positions.dim() == 3 else positions[None]
+        start = rope.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # [B]
+        if mask is not None:
+            offsets = (mask[:, self.prompt_length:].long().cumsum(1) - 1)[:, -q_len:].clamp(min=0)
+        else:
+            offsets = (logical_past - self.prompt_length + torch.arange(q_len, device=start.device)).expand(
+                len(start), q_len)
+        new = start[:, None] + offsets.to(start.device)
+        return new.expand(3, -1, -1) if positions.dim() == 3 else new
+
     @property
     def lm_input_length(self) -> int:
         first = self.layouts[0] if self.layouts else None
@@ -89,6 +106,7 @@ class ForwardState:
     """One forward call (a prefill or a decoding step) in one thread."""
 
     depth: int = 0
+    base_running: bool = False  # the base model's forward of this call has started
     prefill: bool = False
     inputs: dict | None = None  # the base model's inputs of a prefill with visual inputs
     layout: TokenLayout | None = None
@@ -112,7 +130,10 @@ class Engine:
         self.last: PrefillRecord | None = None
         self._requests: "weakref.WeakKeyDictionary[object, RequestState]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._idle = threading.Condition(self._lock)  # notified whenever a request in flight ends
+        self._states: dict[int, ForwardState] = {}  # thread id -> the forward call running in that thread
+        self._generating: collections.Counter = collections.Counter()  # thread id -> nested generate calls
+        self._closing = False
         self._handles = []
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -135,7 +156,8 @@ class Engine:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
             if self.family.deepstack and layer_stages:
-                compat.wrap_deepstack(self.lm, self._deepstack)
+                compat.shadow_method(self.lm, "_deepstack_process", self._deepstack)
+            compat.shadow_method(self.model, "generate", self._generate)
         except Exception:
             self.detach()
             raise
@@ -144,30 +166,94 @@ class Engine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        compat.unwrap_deepstack(self.lm)
+        compat.unshadow_method(self.lm, "_deepstack_process")
+        compat.unshadow_method(self.model, "generate")
+
+    def close(self) -> None:
+        """Detach once the requests in flight in other threads have finished; requests that start meanwhile run
+        unpatched. Raises if called from inside a ``generate`` this engine is pruning (a streamer callback), where
+        waiting would never end and detaching would corrupt the rest of that request."""
+        me = threading.get_ident()
+        with self._idle:
+            if self._generating[me]:
+                raise RuntimeError("vtr: cannot remove the patch from inside a generate() call it is pruning (for "
+                                   "example from a streamer callback): the rest of that request needs the patch; "
+                                   "remove it after generate() returns")
+            self._states.pop(me, None)  # this thread is not inside a forward: its own state is stale
+            self._closing = True
+            self._idle.wait_for(lambda: not self._states and not +self._generating)
+            self.detach()
+
+    def __reduce_ex__(self, protocol):
+        # Hooks and shadowed methods of a patched model point here; copying them would share one engine (and its
+        # per-request state) between two models.
+        raise TypeError("vtr: a patched model cannot be copied or pickled (copy.deepcopy, pickle, torch.save); "
+                        "call handle.remove() (or vtr.unpatch(model)) first, then patch the copy. "
+                        "model.save_pretrained() works on a patched model and saves the unchanged weights.")
+
+    def _generate(self, original, *args, **kwargs):
+        """``model.generate`` while patched: marks the request in flight (so ``remove()`` waits for it), clears this
+        thread's forward state however generate exits (Ctrl-C included), and refuses right-padded image batches."""
+        me = threading.get_ident()
+        if self._closing and not self._generating[me]:
+            return original(*args, **kwargs)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and self.family.has_visual_inputs(kwargs) \
+                and bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+            raise ValueError("vtr: generate() got a right-padded batch (a padding slot after a real token). A "
+                             "decoder-only model generates after the last slot, which is padding for the shorter "
+                             "rows (transformers warns and answers them wrongly); pad on the left "
+                             "(processor.tokenizer.padding_side = 'left'). A plain forward accepts right padding.")
+        with self._idle:
+            self._generating[me] += 1
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with self._idle:
+                self._generating[me] -= 1
+                if not self._generating[me]:
+                    del self._generating[me]
+                    self._states.pop(me, None)  # a forward interrupted by a BaseException never ran its exit
+                self._idle.notify_all()
 
     # ------------------------------------------------------------------------------------ forward context
     def _state(self) -> ForwardState | None:
-        return getattr(self._local, "state", None)
+        return self._states.get(threading.get_ident())
 
-    def _enter(self) -> ForwardState:
-        fwd = self._state()
+    def _enter(self, base: bool) -> ForwardState | None:
+        """Start (or join) this thread's forward call. A state left by a call whose exit never ran (torch skips
+        always-call hooks on ``KeyboardInterrupt``) is recognised and replaced: the top-level forward never nests in
+        itself, nor does the base model's. Returns None while closing for calls that started after ``remove()``."""
+        me = threading.get_ident()
+        fwd = self._states.get(me)
+        if fwd is not None and (not base or fwd.base_running):
+            fwd = None  # stale
         if fwd is None:
+            if self._closing and not self._generating[me]:
+                with self._idle:
+                    self._states.pop(me, None)
+                    self._idle.notify_all()
+                return None
             fwd = ForwardState()
-            self._local.state = fwd
+            with self._idle:
+                self._states[me] = fwd
         fwd.depth += 1
+        fwd.base_running = fwd.base_running or base
         return fwd
 
     def _exit(self) -> None:
-        fwd = self._state()
+        me = threading.get_ident()
+        fwd = self._states.get(me)
         if fwd is not None:
             fwd.depth -= 1
             if fwd.depth <= 0:
-                self._local.state = None
+                with self._idle:
+                    self._states.pop(me, None)
+                    self._idle.notify_all()
 
     def _outer_pre(self, module, args, kwargs):
-        fwd = self._enter()
-        if fwd.depth == 1 and kwargs.get("labels") is not None and self.family.has_visual_inputs(kwargs):
+        fwd = self._enter(base=False)
+        if fwd is not None and kwargs.get("labels") is not None and self.family.has_visual_inputs(kwargs):
             # The loss must be taken over the pruned sequence: it is computed after the forward (see _outer_post).
             kwargs = dict(kwargs)
             fwd.labels = kwargs.pop("labels")
@@ -176,8 +262,10 @@ class Engine:
 
     def _outer_post(self, module, args, kwargs, output):
         fwd = self._state()
+        if fwd is None:
+            return output
         try:
-            if fwd is not None and fwd.depth == 1 and fwd.labels is not None and output is not None:
+            if fwd.depth == 1 and fwd.labels is not None and output is not None:
                 labels = fwd.labels
                 if fwd.request is not None and fwd.request.layouts:
                     labels = kernels.gather_rows(labels.unsqueeze(-1), fwd.request.final().index, -100).squeeze(-1)
@@ -192,64 +280,104 @@ class Engine:
         return output
 
     def _base_pre(self, module, args, kwargs):
-        fwd = self._enter()
+        fwd = self._enter(base=True)
+        if fwd is None:
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         cache = kwargs.get("past_key_values")
-        q_len = (ids if ids is not None else embeds).shape[1]
         past = compat.cache_length(cache)
         visual = self.family.has_visual_inputs(kwargs)
-        with self._lock:
-            request = self._requests.get(cache) if cache is not None else None
         if past == 0:
-            fwd.prefill = True
-            if cache is not None:
-                with self._lock:
-                    self._requests.pop(cache, None)
-            if not visual:
-                placeholders = self.family.placeholder_ids(self.model.config)
-                if ids is not None and bool(torch.isin(ids, torch.tensor(placeholders, device=ids.device)).any()):
-                    raise ValueError("vtr: the prompt holds visual placeholder tokens but no visual inputs reached "
-                                     "the model (chunked prefill, or pixel_values not passed); vtr needs every "
-                                     "visual token of a prompt in one prefill")
-                batch = (ids if ids is not None else embeds).shape[0]
-                with self._lock:
-                    self.last = PrefillRecord(n_visual=[0] * batch)
-                return None
-            if ids is None:
-                raise ValueError("vtr needs input_ids to find the visual tokens; this call passed inputs_embeds")
-            if cache is not None and not compat.is_dynamic_cache(cache):
-                raise ValueError(f"vtr supports DynamicCache only, got {type(cache).__name__} (e.g. "
-                                 "cache_implementation='static' is not supported)")
-            mask = kwargs.get("attention_mask")
-            if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-                raise ValueError("vtr needs a 2-D attention mask (or none); got a custom 4-D mask or mask mapping")
-            fwd.inputs = dict(kwargs, input_ids=ids)
-            return None
-        # Decoding, or a continuation of an existing cache.
-        if visual:
-            raise ValueError("vtr cannot add visual inputs to a non-empty cache (multi-turn with new images, "
-                             "chunked prefill); start a new cache for each prompt with images")
+            return self._prefill_inputs(fwd, ids, embeds, cache, visual, kwargs)
+        with self._lock:
+            request = self._requests.get(cache)
         if request is None:
+            if visual:
+                raise ValueError("vtr cannot add visual inputs to a non-empty cache (chunked prefill, or a later "
+                                 "turn with new images): vtr prunes a request's visual tokens once, in its first "
+                                 "prefill, and needs them all there; start a new cache with the whole prompt")
             return None  # a cache vtr did not prune: pass through
-        if q_len > 1:
-            raise ValueError(f"vtr cannot continue a pruned KV cache with {q_len} new tokens at once (chunked "
-                             "prefill, multi-turn continuation or assisted decoding); decode one token per step")
-        fwd.request, fwd.cache = request, cache
-        if self.specs[0].stage is Stage.PRE_LLM and kwargs.get("position_ids") is None:
-            # The model would number new tokens from the (pruned) cache length; give it the logical one.
-            logical_past = request.prompt_length + past - request.lm_input_length
+        return self._continuation_inputs(fwd, request, cache, ids, embeds, visual, args, kwargs)
+
+    def _prefill_inputs(self, fwd: ForwardState, ids, embeds, cache, visual: bool, kwargs):
+        fwd.prefill = True
+        if cache is not None:
+            with self._lock:
+                self._requests.pop(cache, None)
+        if not visual:
+            if ids is not None and self._holds_placeholders(ids):
+                raise ValueError("vtr: the prompt holds visual placeholder tokens but no visual inputs reached "
+                                 "the model (chunked prefill, or pixel_values not passed); vtr needs every "
+                                 "visual token of a prompt in one prefill")
             batch = (ids if ids is not None else embeds).shape[0]
-            positions = self.family.decode_positions(self.model, batch, q_len, logical_past, kwargs,
-                                                     (ids if ids is not None else embeds).device)
-            if positions is not None:
-                kwargs = dict(kwargs, position_ids=positions)
-                return args, kwargs
+            with self._lock:
+                self.last = PrefillRecord(n_visual=[0] * batch)
+            return None
+        if ids is None:
+            raise ValueError("vtr needs input_ids to find the visual tokens; this call passed inputs_embeds")
+        if cache is not None and not compat.is_dynamic_cache(cache):
+            raise ValueError(f"vtr supports DynamicCache only, got {type(cache).__name__} (e.g. "
+                             "cache_implementation='static' is not supported)")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            raise ValueError("vtr needs a 2-D attention mask (or none); got a custom 4-D mask or mask mapping")
+        fwd.inputs = dict(kwargs, input_ids=ids)
         return None
+
+    def _continuation_inputs(self, fwd: ForwardState, request: RequestState, cache, ids, embeds, visual: bool, args,
+                             kwargs):
+        """New tokens on a cache vtr pruned: decoding steps, a later turn's text, text prefilled in chunks."""
+        past = compat.cache_length(cache)
+        logical_past = request.prompt_length + past - request.lm_input_length  # what the unpruned cache would hold
+        tokens = ids if ids is not None else embeds
+        q_len = tokens.shape[1]
+        mask = kwargs.get("attention_mask")
+        kwargs = dict(kwargs)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] != logical_past + q_len:
+            new = mask.shape[1] - logical_past
+            # generate() slices a reused cache's inputs by its layer-0 length, which pre-LLM pruning shortened: the
+            # first tokens it passes are then already in the cache.
+            if past < logical_past and q_len == mask.shape[1] - past and 0 < new < q_len:
+                for key, dim in (("input_ids", -1), ("inputs_embeds", 1), ("position_ids", -1),
+                                 ("mm_token_type_ids", -1), ("token_type_ids", -1)):
+                    value = kwargs.get(key)
+                    if isinstance(value, torch.Tensor) and value.shape[dim] == q_len:
+                        kwargs[key] = value.narrow(dim, q_len - new, new)
+                if args:
+                    args = (args[0].narrow(-1, q_len - new, new),) + tuple(args[1:])
+                ids = args[0] if args else kwargs.get("input_ids")
+                tokens, q_len = (ids if ids is not None else kwargs["inputs_embeds"]), new
+            elif not visual:
+                raise ValueError(f"vtr: the attention mask covers {mask.shape[1]} tokens, but the pruned cache "
+                                 f"stands for {logical_past} earlier tokens and this call adds {q_len}; pass the "
+                                 "mask of the whole unpruned sequence (earlier turns included)")
+        if visual:
+            if ids is not None and not self._holds_placeholders(ids):
+                raise ValueError("vtr: this call re-sends visual inputs that are already in the KV cache (the new "
+                                 "tokens hold no image or video placeholders); when continuing a cache, pass only "
+                                 "the new text: drop pixel_values / pixel_values_videos from the inputs")
+            raise ValueError("vtr cannot add new images or videos to a pruned KV cache (a later turn with new "
+                             "visual inputs, chunked prefill, or the same prompt sent again): vtr prunes a "
+                             "request's visual tokens once, in its first prefill, and needs them all there; start a "
+                             "new cache with the whole conversation")
+        fwd.request, fwd.cache = request, cache
+        if self.specs[0].stage is Stage.PRE_LLM and request.layouts:
+            # transformers numbers new tokens from the layer-0 cache length (or, in generate, from positions it
+            # derived with it), which pre-LLM pruning shortened: number them from the unpruned sequence.
+            mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            kwargs["position_ids"] = request.continuation_positions(q_len, logical_past, mask2d)
+        return args, kwargs
+
+    def _holds_placeholders(self, ids: torch.Tensor) -> bool:
+        placeholders = torch.tensor(self.family.placeholder_ids(self.model.config), device=ids.device)
+        return bool(torch.isin(ids, placeholders).any())
 
     def _base_post(self, module, args, kwargs, output):
         fwd = self._state()
-        if fwd is not None and output is not None and fwd.request is not None and fwd.prefill:
+        if fwd is None:
+            return None
+        if output is not None and fwd.request is not None and fwd.prefill:
             record = fwd.request.record
             record.index = fwd.request.final().index if fwd.request.layouts else None
             with self._lock:
@@ -423,11 +551,11 @@ class Engine:
                 eligible = ctx.eligible(present)
                 ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
                 for group in ctx.groups(present.subset(eligible)):
-                    budget = self.method.budget(len(group))
+                    budget = self._checked_budget(self.method.budget_for(ctx, b, group), len(group))
                     if budget >= len(group):
                         chosen = torch.arange(len(group), device=group.slots.device)
                     else:
-                        chosen = self._checked(self.method.select(ctx, b, group, budget), len(group))
+                        chosen = self._checked(self.method.select(ctx, b, group, budget), budget, len(group))
                         dropped = torch.ones(len(group), dtype=torch.bool, device=group.slots.device)
                         dropped[chosen] = False
                         keep[b, group.slots[dropped]] = False
@@ -473,10 +601,25 @@ class Engine:
         masks, (embeds,) = deepstack_inputs(masks, [embeds], active.local)
         return original(hidden, masks, embeds)
 
-    def _checked(self, chosen: torch.Tensor, n: int) -> torch.Tensor:
-        chosen = torch.as_tensor(chosen).flatten().long()
-        if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= n or len(chosen.unique()) != len(chosen)):
-            raise RuntimeError(f"{self.method.name} selected invalid token indices {chosen.tolist()} (of {n})")
+    def _checked_budget(self, budget, n: int) -> int:
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget:
+            raise RuntimeError(f"{self.method.name}: budget_for() must return a non-negative int, got {budget!r}")
+        return budget
+
+    def _checked(self, chosen, budget: int, n: int) -> torch.Tensor:
+        """A method's selection must be ``budget`` distinct integer indices in ``[0, n)``."""
+        name = self.method.name
+        if not isinstance(chosen, torch.Tensor) or chosen.dtype.is_floating_point or chosen.dtype.is_complex \
+                or chosen.dtype == torch.bool:
+            kind = chosen.dtype if isinstance(chosen, torch.Tensor) else type(chosen).__name__
+            raise RuntimeError(f"{name}: select() must return an integer tensor of token indices, got {kind}")
+        chosen = chosen.flatten().long()
+        if len(chosen) != budget:
+            raise RuntimeError(f"{name}: select() returned {len(chosen)} indices for a budget of {budget} (of {n} "
+                               "tokens); the keep count must follow the method's budget_for()")
+        if int(chosen.min()) < 0 or int(chosen.max()) >= n or len(chosen.unique()) != len(chosen):
+            raise RuntimeError(f"{name} selected invalid token indices {chosen.tolist()} (of {n}): each must be "
+                               "distinct and in [0, n)")
         return chosen
 
 

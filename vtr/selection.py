@@ -91,27 +91,64 @@ class SelectionContext:
                                f"{self.spec.layer - 1}; the method must declare needs={{'attention_inputs'}}")
         return capture
 
+    def last_slots(self) -> torch.Tensor:
+        """``[B]``: slot of each row's last real token (the prompt's last token, whichever side the padding is)."""
+        L = self.valid.shape[1]
+        return L - 1 - self.valid.flip(1).long().argmax(1)
+
     def last_token_attention(self) -> torch.Tensor:
-        """``[B, L]``: softmax attention of each row's last token over all tokens at layer K-1, mean over heads."""
+        """``[B, L]``: softmax attention of each row's last real token over all tokens at layer K-1, mean over
+        heads (in ``score_dtype``; fp32 softmax as eager attention does)."""
         if "last_attention" not in self._memo:
-            attn, h, cos, sin = self._attention_inputs()
-            B = h.shape[0]
-            cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
-            q = compat.project_queries(attn, h[:, -1:], cos[:, -1:], sin[:, -1:])
-            scores = kernels.attention_scores(q, self.keys(), self.valid, compat.attention_scaling(attn), "mean")
+            attn, h, _, _ = self._attention_inputs()
+            cos, sin = self._rotary()
+            rows, last = torch.arange(h.shape[0], device=h.device), self.last_slots().to(h.device)
+            q = compat.project_queries(attn, h[rows, last][:, None], cos[rows, last][:, None],
+                                       sin[rows, last][:, None])
+            scores = kernels.attention_scores(q, self.keys(), self.valid, compat.attention_scaling(attn), "mean",
+                                              dtype=self.score_dtype)
             self._memo["last_attention"] = scores[:, 0]
         return self._memo["last_attention"]
 
     def keys(self) -> torch.Tensor:
-        """``[B, H_kv, L, d]``: post-RoPE keys of layer K-1 (before grouped-query repetition): read from the KV
-        cache when layer K-1 just filled it, else recomputed from its inputs."""
+        """``[B, H_kv, L, d]``: post-RoPE keys of layer K-1 (before grouped-query repetition), rotated at each
+        row's own positions, i.e. as the row alone would have them: read from the KV cache when layer K-1 just
+        filled it with those positions, else recomputed from its inputs. (A plain forward over a left-padded batch
+        numbers a row from its first padding slot; attention does not care, the L1 norm of a key does.)"""
         if "keys" not in self._memo:
-            keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
+            keys = None
+            if not bool(self.position_offsets().any()):
+                keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
             if keys is None:
-                attn, h, cos, sin = self._attention_inputs()
-                keys = compat.project_keys(attn, h, cos, sin)
+                attn, h, _, _ = self._attention_inputs()
+                keys = compat.project_keys(attn, h, *self._rotary())
             self._memo["keys"] = keys
         return self._memo["keys"]
+
+    def _rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) ``[B, L, d]`` of layer K-1 at each row's own positions."""
+        if "rotary" not in self._memo:
+            _, h, cos, sin = self._attention_inputs()
+            offset = self.position_offsets()
+            if bool(offset.any()):
+                positions = self.prev.positions
+                own = (positions[-3:] if positions.dim() == 3 else positions) - offset.view(-1, 1)
+                cos, sin = compat.rotary_embeddings(self.engine.lm, h, own)
+            B = h.shape[0]
+            self._memo["rotary"] = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
+        return self._memo["rotary"]
+
+    def position_offsets(self) -> torch.Tensor:
+        """``[B]``: how far each row's positions are from the ones the row alone gets (its first real token at 0)."""
+        positions = self.prev.positions
+        rows = positions[-3:] if positions.dim() == 3 else positions[None]
+        first = self.valid.long().argmax(1).to(positions.device)
+        return rows[0, torch.arange(len(first), device=positions.device), first]
+
+    @property
+    def score_dtype(self) -> torch.dtype:
+        """dtype scores are computed in: fp32, or the model's own with the method's ``score_dtype="model"``."""
+        return self.hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
 
     def normed_hidden(self) -> torch.Tensor:
         """``[B, L, D]``: the stage's hidden states through the language model's final norm."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import reference
 
 __all__ = ["attention_scores", "compaction_index", "gather_positions", "gather_rows", "greedy_maxmin",
@@ -34,7 +36,9 @@ def _dispatch(name):
 
     def run(*args, **kwargs):
         first = next(a for a in args if hasattr(a, "is_cuda"))
-        if backend(first) == "triton":
+        # The fused kernels compute in fp32; scores in another dtype (score_dtype="model") take the reference.
+        if kwargs.get("dtype", torch.float32) == torch.float32 and backend(first) == "triton":
+            kwargs.pop("dtype", None)
             from . import triton_ops
             fused = getattr(triton_ops, name, None)
             if fused is not None:

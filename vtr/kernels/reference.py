@@ -36,22 +36,25 @@ def gather_positions(positions: torch.Tensor, index: torch.Tensor, fill: int = 1
 
 
 def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, scale: float,
-                     reduce: str = "mean", q_positions: torch.Tensor | None = None) -> torch.Tensor:
+                     reduce: str = "mean", q_positions: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Softmax attention of a few query rows over all keys, reduced over heads.
 
     q: ``[B, H, R, d]``; k: ``[B, H_kv, L, d]`` (grouped-query: head ``h`` reads kv head ``h // (H / H_kv)``);
     key_mask: ``[B, L]`` bool (False keys get no weight); q_positions: ``[B, R]`` slot of each query, for a causal
-    row (keys after it get no weight), or None when every query sees every key. Softmax is taken in fp32 over the
-    full row. Returns ``[B, R, L]`` (mean, sum or max over heads)."""
+    row (keys after it get no weight), or None when every query sees every key. ``dtype``: the dtype of the logits
+    and of the returned scores; the softmax itself is taken in fp32 over the full row (as transformers' eager
+    attention does, which casts the probabilities back to the model dtype). Returns ``[B, R, L]`` (mean, sum or max
+    over heads)."""
     H, H_kv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(H // H_kv, dim=1)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, R, L]
+    logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # [B, H, R, L]
     allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).expand(q.shape[0], -1, -1)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, :]
     if q_positions is not None:
         allowed = allowed & (torch.arange(k.shape[2], device=q.device) <= q_positions[..., None])
-    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+    probs = logits.masked_fill(~allowed[:, None], float("-inf")).softmax(-1, dtype=torch.float32).to(dtype)
     if reduce == "mean":
         return probs.mean(1)
     if reduce == "sum":
@@ -61,23 +64,23 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     raise ValueError(f"unknown head reduction {reduce!r}")
 
 
-def cosine_distance(x: torch.Tensor) -> torch.Tensor:
-    """``1 - cos(x_i, x_j)`` for ``x: [N, D]``, computed in fp32. Returns ``[N, N]``."""
-    unit = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-8)
+def cosine_distance(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``1 - cos(x_i, x_j)`` for ``x: [N, D]``, computed in ``dtype``. Returns ``[N, N]``."""
+    unit = torch.nn.functional.normalize(x.to(dtype), dim=-1, eps=1e-8)
     return 1 - unit @ unit.T
 
 
-def greedy_maxmin(x: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_maxmin(x: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Greedy max-min diversity selection (DivPrune) over the rows of ``x: [N, D]``.
 
     The first pick is the row farthest from its nearest other row; each next pick is the row whose distance to the
-    picked set (its nearest picked row) is largest. Distance is cosine distance; ties go to the lowest index.
-    Returns ``[k]`` long: the picks in selection order."""
+    picked set (its nearest picked row) is largest. Distance is cosine distance in ``dtype``; ties go to the
+    lowest index. Returns ``[k]`` long: the picks in selection order."""
     n = x.shape[0]
     k = min(k, n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    dist = cosine_distance(x)
+    dist = cosine_distance(x, dtype)
     nearest_other = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("inf")).amin(0)
     first = int(torch.argmax(nearest_other)) if n > 1 else 0
     picks = [first]
@@ -91,13 +94,15 @@ def greedy_maxmin(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(picks, dtype=torch.long, device=x.device)
 
 
-def pivot_least_similar(x: torch.Tensor, pivots: torch.Tensor, pool: torch.Tensor, per_pivot: int) -> torch.Tensor:
+def pivot_least_similar(x: torch.Tensor, pivots: torch.Tensor, pool: torch.Tensor, per_pivot: int,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """DART duplication selection: for each pivot in the given order, take the ``per_pivot`` pool rows least
     cosine-similar to it; picked rows leave the pool, so later pivots cannot take them again.
 
     x: ``[M, D]`` features; pivots: ``[P]`` row indices (iteration order); pool: ``[C]`` candidate row indices.
-    Ties go to the earlier pool entry. Returns the picked row indices in pick order (at most ``P * per_pivot``)."""
-    unit = torch.nn.functional.normalize(x.float(), dim=-1, eps=1e-8)
+    Ties go to the earlier pool entry; similarities in ``dtype``. Returns the picked row indices in pick order (at
+    most ``P * per_pivot``)."""
+    unit = torch.nn.functional.normalize(x.to(dtype), dim=-1, eps=1e-8)
     # One matrix product for all pivots (the fused kernel uses the same one, so both see the same floats).
     sims = unit[pivots] @ unit[pool].T  # [P, C]
     alive = torch.ones(len(pool), dtype=torch.bool, device=x.device)

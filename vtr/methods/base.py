@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
@@ -31,6 +32,7 @@ class StageSpec:
 
 
 POSITION_POLICIES = ("original", "compact")
+SCORE_DTYPES = ("float32", "model")
 
 
 @dataclass
@@ -47,7 +49,15 @@ class Method:
     scope: ``"image"`` (one budget per image or video over all its tokens) or ``"crop"`` (one budget per anyres
     tile of LLaVA-NeXT images, plus one for the base image).
 
-    Subclasses set the class attributes, add their options as fields, and implement ``select``.
+    score_dtype: ``"float32"`` (default: scores, norms and similarities in fp32 whatever the model dtype) or
+    ``"model"`` (in the model's dtype, as the official code computes them, so a paper's bf16 run can be reproduced
+    token for token: in bf16 many scores tie and fp32 breaks those ties differently).
+
+    Keep count: at least one token per image (per tile under ``scope="crop"``) whatever the ratio, unless the
+    method's own rule says otherwise; each method's docstring gives its rule.
+
+    Subclasses set the class attributes, add their options as fields (annotated ``int``, ``float``, ``bool`` or
+    ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers), and implement ``select``.
     """
 
     name: ClassVar[str] = ""
@@ -63,8 +73,12 @@ class Method:
     keep: int | None = None
     positions: str | None = None
     scope: str = "image"
+    score_dtype: str = "float32"
 
     def __post_init__(self):
+        for name in ("ratio", "keep"):
+            if isinstance(getattr(self, name), bool):
+                raise ValueError(f"{self.name}: {name} must be a number, got {getattr(self, name)!r}")
         if (self.ratio is None) == (self.keep is None):
             raise ValueError(f"{self.name}: give exactly one of ratio= (fraction of visual tokens removed) and "
                              f"keep= (visual tokens kept per image), got ratio={self.ratio!r}, keep={self.keep!r}")
@@ -78,6 +92,26 @@ class Method:
             raise ValueError(f"{self.name}: positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
         if self.scope not in ("image", "crop"):
             raise ValueError(f"{self.name}: scope must be 'image' or 'crop', got {self.scope!r}")
+        if self.score_dtype not in SCORE_DTYPES:
+            raise ValueError(f"{self.name}: score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        """Type and range of the method's own options (the fields a subclass adds), checked at construction."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name in {g.name for g in dataclasses.fields(Method)}:
+                continue
+            value, kind = getattr(self, f.name), hints.get(f.name)
+            ok = {int: isinstance(value, int) and not isinstance(value, bool),
+                  float: isinstance(value, (int, float)) and not isinstance(value, bool),
+                  bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
+            if not ok:
+                raise ValueError(f"{self.name}: {f.name} must be of type {kind.__name__}, got {value!r}")
+            low, high = f.metadata.get("min"), f.metadata.get("max")
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+                raise ValueError(f"{self.name}: {f.name} must be in {bounds}, got {value!r}")
 
     # ----------------------------------------------------------------------------------------------- contract
     def stages(self) -> list[StageSpec]:
@@ -86,16 +120,22 @@ class Method:
 
     def budget(self, n: int) -> int:
         """How many of an image's ``n`` visual tokens this method keeps (the default rule: ``keep`` capped at
-        ``n``, or ``round(n * (1 - ratio))``)."""
+        ``n``, or ``round(n * (1 - ratio))``, and at least 1)."""
         if self.ratio == 0:
             return n
         if self.keep is not None:
             return min(self.keep, n)
-        return min(n, round(n * (1 - self.ratio)))
+        return min(n, max(1, round(n * (1 - self.ratio))))
+
+    def budget_for(self, ctx: SelectionContext, row: int, group: SpanCandidates) -> int:
+        """The exact number of ``group``'s tokens ``select`` keeps in this row. Defaults to ``budget(len(group))``;
+        a method whose count depends on more than the image (DART: the text after it) overrides this."""
+        return self.budget(len(group))
 
     def select(self, ctx: SelectionContext, row: int, span: SpanCandidates, budget: int) -> torch.Tensor:
-        """Indices (into ``span.slots``) of the ``budget`` tokens to keep, any order. Called once per image of each
-        row (per tile under ``scope="crop"``), with ``budget < len(span)``."""
+        """Indices (into ``span.slots``) of exactly ``budget`` distinct tokens to keep, any order, as an integer
+        tensor. Called once per image of each row (per tile under ``scope="crop"``), with
+        ``0 < budget < len(span)``; the engine rejects anything else, naming the method."""
         raise NotImplementedError
 
     def for_model(self, mrope: bool) -> "Method":

@@ -17,11 +17,12 @@ class DivPrune(Method):
     input): the first token is the one farthest from its nearest other token, then repeatedly the token farthest
     from the kept set. Before the language model. Official code: ``vbdi/divprune``, ``llava_arch.py: DivPrune``.
 
-    Keep count per image: ``int(round((1 - ratio) * n))`` (official ``SUBSET_RATIO`` is the keep ratio), or
-    ``min(keep, n)``. Positions: ``compact`` (official LLaVA code passes no position ids).
+    Keep count per image: ``int(round((1 - ratio) * n))`` (official ``SUBSET_RATIO`` is the keep ratio), at least 1
+    (the official loop always keeps its first pick), or ``min(keep, n)``. Positions: ``compact`` (official LLaVA code passes no position ids).
 
     Deliberate differences from the official code:
-      * distances are computed in fp32 whatever the model dtype (official: model dtype);
+      * distances are computed in fp32 whatever the model dtype (official: model dtype; ``score_dtype="model"``
+        reproduces that);
       * a kept token is never picked again, even if fp error makes its self-distance slightly positive (official:
         relies on self-distance 0); the first pick excludes the diagonal instead of taking the column's
         second-smallest value (identical unless distances underflow);
@@ -37,8 +38,8 @@ class DivPrune(Method):
 
     def budget(self, n):
         if self.ratio is not None and self.ratio > 0:
-            return min(n, int(round((1 - self.ratio) * n)))
+            return min(n, max(1, int(round((1 - self.ratio) * n))))
         return super().budget(n)
 
     def select(self, ctx, row, span, budget):
-        return kernels.greedy_maxmin(ctx.hidden[row, span.slots], budget)
+        return kernels.greedy_maxmin(ctx.hidden[row, span.slots], budget, dtype=ctx.score_dtype)

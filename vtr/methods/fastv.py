@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -21,7 +21,8 @@ class FastV(Method):
     ``LlamaModel.fastv_forward``.
 
     Keep count per image: ``round(n * (1 - ratio))`` (HF variant's ``fastv_r`` is the drop ratio), or
-    ``min(keep, n)``. Positions: ``original`` (official), decoding continues after the unpruned length; layers < K
+    ``min(keep, n)``, and at least 1 (official: ``topk`` with ``k = 0`` keeps no image token, a case its
+    576-token images never reach). Positions: ``original`` (official), decoding continues after the unpruned length; layers < K
     keep their full KV cache.
 
     Deliberate differences from the official code:
@@ -29,7 +30,8 @@ class FastV(Method):
         decides for the whole batch, padding ignored);
       * several images in a prompt: top-k is taken per image (official: one image);
       * the score is computed in fp32 from recomputed q/k rather than read from eager attention probabilities
-        (equal up to fp rounding).
+        (equal up to fp rounding; ``score_dtype="model"`` computes it in the model dtype as eager attention does);
+      * right-padded rows (plain forward) are scored by their own last real token.
     """
 
     name: ClassVar[str] = "fastv"
@@ -37,7 +39,7 @@ class FastV(Method):
     stage: ClassVar[Stage] = Stage.LAYER
     default_positions: ClassVar[str] = "original"
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
-    layer: int = 2
+    layer: int = 2  # range checked at patch time, against the model's depth
 
     def select(self, ctx, row, span, budget):
         scores = ctx.last_token_attention()[row, span.slots]

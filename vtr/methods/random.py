@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -14,7 +14,7 @@ from .registry import register
 class Random(Method):
     """Random baseline: keep a seeded random subset of each image's visual tokens, before the language model.
 
-    Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``. The subset depends only on ``seed`` and
+    Keep count per image: ``round(n * (1 - ratio))`` (at least 1) or ``min(keep, n)``. The subset depends only on ``seed`` and
     the image's token count (not on its batch row), so results are reproducible across batchings.
     Positions: ``compact`` by default, like the pre-LLM LLaVA methods.
     """
@@ -22,7 +22,7 @@ class Random(Method):
     name: ClassVar[str] = "random"
     summary: ClassVar[str] = "seeded random subset of each image's tokens (baseline), before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
-    seed: int = 0
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
 
     def select(self, ctx, row, span, budget):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + len(span))

@@ -32,11 +32,6 @@ class Family:
         positions: ``[B, L]`` or ``[R, B, L]`` the positions the language model uses."""
         raise NotImplementedError
 
-    def decode_positions(self, model, batch: int, q_len: int, past: int, kwargs: dict, device) -> torch.Tensor | None:
-        """The positions the unpatched model derives for ``q_len`` new tokens after ``past`` cached ones when the
-        caller passes none, or ``None`` where the model derives them without the cache length."""
-        return (past + torch.arange(q_len, device=device)).expand(batch, q_len)
-
 
 def encoded(kind: str, inputs: dict):
     """Features generate() encoded before the prefill (it then drops the pixel inputs), or None."""

@@ -43,15 +43,6 @@ class QwenVLFamily(Family):
             return [t * h * w for t, h, w in grids], grids
         return [len(f) for f in encoded(kind, inputs).pooler_output], None
 
-    def decode_positions(self, model, batch, q_len, past, kwargs, device):
-        if kwargs.get("attention_mask") is not None:
-            return None  # the model numbers new tokens from the attention mask, not from the cache length
-        positions = (past + torch.arange(q_len, device=device)).view(1, 1, -1).expand(3, batch, -1)
-        deltas = model.model.rope_deltas
-        if deltas is not None:
-            positions = positions + deltas.repeat_interleave(batch // deltas.shape[0], dim=0).to(device)
-        return positions
-
 
 class Qwen3VLFamily(QwenVLFamily):
     name = "qwen3_vl"
