@@ -86,16 +86,17 @@ def additive_mask(key_valid: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
 
 
 def next_positions(lm_inputs: dict, index: torch.Tensor, policy: str) -> torch.Tensor:
-    """Position of the first token after the prompt: after the unpruned prompt (its largest real position + 1, as
-    transformers numbers decoding from the full mask or Qwen's rope_deltas), minus the removed tokens under
-    ``compact``. Returns ``[B, 1]`` or ``[3, B, 1]`` (M-RoPE: the same value on every row)."""
+    """Position of the first token after the prompt: the unpruned prompt's last real token + 1 (per M-RoPE axis,
+    as generate() steps positions), minus the removed tokens under ``compact``. Returns ``[B, 1]`` or
+    ``[3, B, 1]``."""
     positions, mask = _rope_rows(lm_inputs["positions"]), lm_inputs["mask"].bool()
     rows = positions if positions.dim() == 3 else positions[None]
-    top = rows.masked_fill(~mask[None], -1).amax(dim=(0, 2)) + 1  # [B]
+    last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+    top = rows[:, torch.arange(len(last)), last] + 1  # [R, B]
     if policy == "compact":
         top = top - (mask.sum(1) - (index >= 0).sum(1))
-    top = top[:, None]
-    return top.expand(positions.shape[0], -1, -1) if positions.dim() == 3 else top
+    top = top[..., None]
+    return top if positions.dim() == 3 else top[0]
 
 
 def kept_deepstack(lm_inputs: dict, index: torch.Tensor) -> dict:

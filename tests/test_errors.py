@@ -76,10 +76,10 @@ def test_method_instance_and_options_conflict(llava):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_chunked_prefill_raises(family):
+def test_chunked_prefill_splitting_an_image_raises(family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 1)
-    with vtr.patch(model, "dart", ratio=0.5):
+    with vtr.patch(model, "divprune", ratio=0.5):
         with pytest.raises(ValueError, match="chunked prefill"):
             model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=16)
 

@@ -203,15 +203,20 @@ VARIANTS = ("single", "multi", "mixed")
 IMAGE_SIZES = [(64, 64), (48, 80), (64, 48)]
 
 
-def image_inputs(family: str, proc, batch: int = 1, variant: str = "single"):
-    """A batch of prompts with images, left padded. Rows differ in prompt length and, except for LLaVA-1.5, in
-    image size and hence visual token count. ``multi``: row 0 holds two images, row 1 one; ``mixed``: row 1 has
-    no image."""
+def image_inputs(family: str, proc, batch: int = 1, variant: str = "single", padding_side: str = "left",
+                 rows: list[int] | None = None):
+    """A batch of prompts with images, padded on ``padding_side``. Rows differ in prompt length and, except for
+    LLaVA-1.5, in image size and hence visual token count. ``multi``: row 0 holds two images, row 1 one;
+    ``mixed``: row 1 has no image. ``rows``: only these rows of the batch (``rows=[1]``: row 1 as a prompt alone)."""
     images_per_row = {"single": [1] * batch, "multi": [2, 1], "mixed": [1, 0]}[variant]
     texts = [_prompt(family, n, long=bool(b % 2)) for b, n in enumerate(images_per_row)]
-    n_images = sum(images_per_row)
-    images = [random_image(*IMAGE_SIZES[i % 3], seed=i) for i in range(n_images)]
-    return proc(text=texts, images=images, return_tensors="pt", padding=True)
+    first = [sum(images_per_row[:b]) for b in range(len(images_per_row))]
+    row_images = [[random_image(*IMAGE_SIZES[i % 3], seed=i) for i in range(f, f + n)]
+                  for f, n in zip(first, images_per_row)]
+    rows = range(len(texts)) if rows is None else rows
+    images = [image for b in rows for image in row_images[b]]
+    return proc(text=[texts[b] for b in rows], images=images or None, return_tensors="pt", padding=True,
+                padding_side=padding_side)
 
 
 def random_video(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:

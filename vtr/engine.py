@@ -71,18 +71,19 @@ class RequestState:
 
     def continuation_positions(self, q_len: int, logical_past: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Original positions of ``q_len`` new tokens after ``logical_past`` tokens of the unpruned sequence: each
-        row continues after its prompt's largest position, counting the real tokens after the prompt (from the
-        2-D mask of the whole sequence when given). ``[B, q]``, or ``[3, B, q]`` on M-RoPE models."""
+        row continues from its prompt's last real token (+1 per M-RoPE axis, as generate() steps positions),
+        counting the real tokens after the prompt (from the 2-D mask of the whole sequence when given). ``[B, q]``,
+        or ``[3, B, q]`` on M-RoPE models."""
         positions, valid = self.base.positions, self.base.mask2d
         rope = positions[-3:] if positions.dim() == 3 else positions[None]
-        start = rope.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # [B]
+        last = valid.shape[1] - 1 - valid.flip(1).long().argmax(1)
+        start = rope[:, torch.arange(len(last), device=rope.device), last.to(rope.device)] + 1  # [R, B]
         if mask is not None:
             offsets = (mask[:, self.prompt_length:].long().cumsum(1) - 1)[:, -q_len:].clamp(min=0)
         else:
-            offsets = (logical_past - self.prompt_length + torch.arange(q_len, device=start.device)).expand(
-                len(start), q_len)
-        new = start[:, None] + offsets.to(start.device)
-        return new.expand(3, -1, -1) if positions.dim() == 3 else new
+            offsets = (logical_past - self.prompt_length + torch.arange(q_len)).expand(start.shape[1], q_len)
+        new = start[..., None] + offsets.to(start.device)
+        return new if positions.dim() == 3 else new[0]
 
     @property
     def lm_input_length(self) -> int:
@@ -133,6 +134,7 @@ class Engine:
         self._idle = threading.Condition(self._lock)  # notified whenever a request in flight ends
         self._states: dict[int, ForwardState] = {}  # thread id -> the forward call running in that thread
         self._generating: collections.Counter = collections.Counter()  # thread id -> nested generate calls
+        self._resumed: dict[int, tuple] = {}  # thread id -> (cache, input length) of a generate resuming a cache
         self._closing = False
         self._handles = []
 
@@ -204,8 +206,18 @@ class Engine:
                              "decoder-only model generates after the last slot, which is padding for the shorter "
                              "rows (transformers warns and answers them wrongly); pad on the left "
                              "(processor.tokenizer.padding_side = 'left'). A plain forward accepts right padding.")
+        config = kwargs.get("generation_config") or self.model.generation_config
+        if self.method.needs_whole_prompt and self.family.has_visual_inputs(kwargs) and \
+                (kwargs.get("prefill_chunk_size") or getattr(config, "prefill_chunk_size", None)):
+            raise ValueError(f"vtr: {self.method.name} selects visual tokens with the prompt's text (its last "
+                             "token, the text after the image), which the first prefill chunk does not hold; "
+                             "generate without prefill_chunk_size")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
         with self._idle:
             self._generating[me] += 1
+            if isinstance(ids, torch.Tensor) and cache is not None:
+                self._resumed[me] = (cache, ids.shape[-1])
         try:
             return original(*args, **kwargs)
         finally:
@@ -214,6 +226,7 @@ class Engine:
                 if not self._generating[me]:
                     del self._generating[me]
                     self._states.pop(me, None)  # a forward interrupted by a BaseException never ran its exit
+                    self._resumed.pop(me, None)
                 self._idle.notify_all()
 
     # ------------------------------------------------------------------------------------ forward context
@@ -288,6 +301,7 @@ class Engine:
         cache = kwargs.get("past_key_values")
         past = compat.cache_length(cache)
         visual = self.family.has_visual_inputs(kwargs)
+        resumed = self._resumed.pop(threading.get_ident(), None)  # only a generate's first forward may use it
         if past == 0:
             return self._prefill_inputs(fwd, ids, embeds, cache, visual, kwargs)
         with self._lock:
@@ -298,7 +312,8 @@ class Engine:
                                  "turn with new images): vtr prunes a request's visual tokens once, in its first "
                                  "prefill, and needs them all there; start a new cache with the whole prompt")
             return None  # a cache vtr did not prune: pass through
-        return self._continuation_inputs(fwd, request, cache, ids, embeds, visual, args, kwargs)
+        total = resumed[1] if resumed is not None and resumed[0] is cache else None
+        return self._continuation_inputs(fwd, request, cache, ids, embeds, visual, args, kwargs, total)
 
     def _prefill_inputs(self, fwd: ForwardState, ids, embeds, cache, visual: bool, kwargs):
         fwd.prefill = True
@@ -326,32 +341,36 @@ class Engine:
         return None
 
     def _continuation_inputs(self, fwd: ForwardState, request: RequestState, cache, ids, embeds, visual: bool, args,
-                             kwargs):
-        """New tokens on a cache vtr pruned: decoding steps, a later turn's text, text prefilled in chunks."""
+                             kwargs, total: int | None):
+        """New tokens on a cache vtr pruned: decoding steps, a later turn's text, text prefilled in chunks.
+        ``total``: the length of the input_ids a ``generate`` call resuming this cache was given."""
         past = compat.cache_length(cache)
         logical_past = request.prompt_length + past - request.lm_input_length  # what the unpruned cache would hold
         tokens = ids if ids is not None else embeds
         q_len = tokens.shape[1]
-        mask = kwargs.get("attention_mask")
         kwargs = dict(kwargs)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] != logical_past + q_len:
-            new = mask.shape[1] - logical_past
-            # generate() slices a reused cache's inputs by its layer-0 length, which pre-LLM pruning shortened: the
-            # first tokens it passes are then already in the cache.
-            if past < logical_past and q_len == mask.shape[1] - past and 0 < new < q_len:
-                for key, dim in (("input_ids", -1), ("inputs_embeds", 1), ("position_ids", -1),
-                                 ("mm_token_type_ids", -1), ("token_type_ids", -1)):
-                    value = kwargs.get(key)
-                    if isinstance(value, torch.Tensor) and value.shape[dim] == q_len:
-                        kwargs[key] = value.narrow(dim, q_len - new, new)
-                if args:
-                    args = (args[0].narrow(-1, q_len - new, new),) + tuple(args[1:])
-                ids = args[0] if args else kwargs.get("input_ids")
-                tokens, q_len = (ids if ids is not None else kwargs["inputs_embeds"]), new
-            elif not visual:
-                raise ValueError(f"vtr: the attention mask covers {mask.shape[1]} tokens, but the pruned cache "
-                                 f"stands for {logical_past} earlier tokens and this call adds {q_len}; pass the "
-                                 "mask of the whole unpruned sequence (earlier turns included)")
+        if total is not None and past < logical_past and q_len == total - past:
+            # generate() passes the tokens its input_ids hold beyond the cache's layer-0 length, which pre-LLM
+            # pruning shortened: the first of them are already in the cache.
+            new = total - logical_past
+            if new <= 0:
+                raise ValueError(f"vtr: generate() was given {total} input_ids on a cache that already holds "
+                                 f"{logical_past} tokens of them: nothing new to process")
+            for key, dim in (("input_ids", -1), ("inputs_embeds", 1), ("position_ids", -1),
+                             ("mm_token_type_ids", -1), ("token_type_ids", -1)):
+                value = kwargs.get(key)
+                if isinstance(value, torch.Tensor) and value.shape[dim] == q_len:
+                    kwargs[key] = value.narrow(dim, q_len - new, new)
+            if args:
+                args = (args[0].narrow(-1, q_len - new, new),) + tuple(args[1:])
+            ids = args[0] if args else kwargs.get("input_ids")
+            tokens, q_len = (ids if ids is not None else kwargs["inputs_embeds"]), new
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] != logical_past + q_len \
+                and not visual:
+            raise ValueError(f"vtr: the attention mask covers {mask.shape[1]} tokens, but the pruned cache stands "
+                             f"for {logical_past} earlier tokens and this call adds {q_len}; pass the mask of the "
+                             "whole unpruned sequence (earlier turns included)")
         if visual:
             if ids is not None and not self._holds_placeholders(ids):
                 raise ValueError("vtr: this call re-sends visual inputs that are already in the KV cache (the new "

@@ -68,6 +68,9 @@ class Method:
     needs: ClassVar[frozenset] = frozenset()
     # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
     newline_candidates: ClassVar[bool] = False
+    # Whether the selection reads the prompt's text (its last token, the text after an image): then the whole
+    # prompt must reach the model in one prefill, and generate(prefill_chunk_size=...) is refused.
+    needs_whole_prompt: ClassVar[bool] = False
 
     ratio: float | None = None
     keep: int | None = None

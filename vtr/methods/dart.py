@@ -53,6 +53,7 @@ class DART(Method):
     stage: ClassVar[Stage] = Stage.LAYER
     default_positions: ClassVar[str] = "original"
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
+    needs_whole_prompt: ClassVar[bool] = True
     layer: int = 2  # range checked at patch time, against the model's depth
     pivot_image_tokens: int = field(default=4, metadata={"min": 1})
     pivot_text_tokens: int = field(default=4, metadata={"min": 0})

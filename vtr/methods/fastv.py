@@ -39,6 +39,7 @@ class FastV(Method):
     stage: ClassVar[Stage] = Stage.LAYER
     default_positions: ClassVar[str] = "original"
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
+    needs_whole_prompt: ClassVar[bool] = True
     layer: int = 2  # range checked at patch time, against the model's depth
 
     def select(self, ctx, row, span, budget):

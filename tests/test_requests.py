@@ -1,0 +1,263 @@
+"""Every row is its own request: a row's selection and outputs do not depend on its padding or its batch
+companions; tiny images keep at least one token; a pruned cache can be continued with text (later turns, chunked
+text); half-precision scores can follow the model dtype; a prompt may end with image tokens."""
+import pytest
+import torch
+
+import reference as R
+import tiny_models as tm
+import vtr
+from test_exactness import check_against_reference
+from vtr.methods import REGISTRY
+
+METHODS = sorted(REGISTRY)
+STEPS = 4
+TOL = 1e-5
+
+
+def run(model, inputs, mode):
+    """(kept per row, per-row outputs): a forward's logits on the real slots of each row, or generate's new tokens
+    and step logits."""
+    handle = vtr.handle_of(model)
+    with torch.no_grad():
+        if mode == "forward":
+            logits = model(**inputs).logits
+            real = handle.last.index >= 0 if handle.last.index is not None else inputs["attention_mask"].bool()
+            outputs = [logits[b][real[b]] for b in range(len(logits))]
+        else:
+            out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+            steps = torch.stack(out.logits, 1)
+            outputs = [(out.sequences[b, -STEPS:], steps[b]) for b in range(len(steps))]
+    return handle.last.kept, outputs
+
+
+def assert_close(a, b):
+    if isinstance(a, tuple):
+        assert torch.equal(a[0], b[0])
+        a, b = a[1], b[1]
+    assert a.shape == b.shape and (a - b).abs().max() <= TOL
+
+
+def batch_cases():
+    for method in METHODS:
+        for family in tm.FAMILIES:
+            for mode in ("forward", "generate"):
+                for attn in ("eager", "sdpa"):
+                    for side in ("left", "right"):
+                        yield pytest.param(method, family, mode, attn, side, "single",
+                                           id=f"{method}-{family}-{mode}-{attn}-{side}")
+                yield pytest.param(method, family, mode, "sdpa", "left", "mixed",
+                                   id=f"{method}-{family}-{mode}-sdpa-left-textonly-companion")
+
+
+@pytest.mark.parametrize("method,family,mode,attn,side,variant", list(batch_cases()))
+def test_row_equals_the_prompt_alone(method, family, mode, attn, side, variant):
+    """Same kept tokens and same outputs as the row's prompt run alone, whatever the padding side (plain forward)
+    and the other rows. generate() refuses a right-padded image batch before anything runs."""
+    model, proc = tm.build(family, attn=attn)
+    batch = tm.image_inputs(family, proc, 2, variant, padding_side=side)
+    assert bool((batch["attention_mask"] == 0).any())  # some row is padded
+    with vtr.patch(model, method, ratio=0.75) as handle:
+        if mode == "generate" and side == "right":
+            with pytest.raises(ValueError, match="right-padded batch"):
+                model.generate(**batch, max_new_tokens=2)
+            assert handle.last is None  # refused before anything ran
+            return
+        kept, outputs = run(model, batch, mode)
+        for b in range(2):
+            kept_alone, outputs_alone = run(model, tm.image_inputs(family, proc, 2, variant, rows=[b]), mode)
+            assert torch.equal(kept[b], kept_alone[0])
+            assert_close(outputs[b], outputs_alone[0])
+
+
+def smallest_inputs(family, proc):
+    """The smallest image each tiny model accepts: Qwen-VL's 16x16 minimum (4 tokens); the LLaVA processors
+    resize, so their token counts stay at the fixed grid (LLaVA-1.5) or the smallest anyres layout."""
+    image = tm.random_image(8, 8, seed=3)
+    return proc(text=[tm._prompt(family, 1, long=False)], images=[image], return_tensors="pt")
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.99}, {"keep": 1}])
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_smallest_images_keep_at_least_one_token(method, family, budget):
+    model, proc = tm.build(family)
+    inputs = smallest_inputs(family, proc)
+    with vtr.patch(model, method, **budget) as handle:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    record = handle.last
+    (span,) = record.layout.rows[0].spans
+    if family.startswith("qwen"):
+        assert span.n == 4
+    candidates = span.n if REGISTRY[method].newline_candidates else int((~span.newline).sum())
+    expected = 4 if method == "dart" else 1  # DART always keeps its image pivots
+    kept_candidates = record.n_kept[0] - (span.n - candidates)
+    assert kept_candidates == min(expected, candidates) >= 1
+
+
+def test_dart_counts_the_text_it_really_has():
+    """Fewer text tokens after the image than pivot_text_tokens: the official code raises (topk beyond the text);
+    vtr uses every text token as a pivot, and the reported count is what is kept."""
+    model, proc = tm.build("llava")
+    prompt = "USER : what is this ? <image> ok"  # one text token after the image
+    inputs = proc(text=[prompt], images=[tm.random_image(64, 64)], return_tensors="pt")
+    with vtr.patch(model, "dart", ratio=0.5) as handle, torch.no_grad():
+        model(**inputs)
+    per_pivot = int(64 * 0.5 / 8)
+    assert handle.last.n_kept == [4 + (4 + 1) * per_pivot]
+
+
+# ---------------------------------------------------------------------------------------------- continuations
+def follow_up(proc, batch):
+    return proc.tokenizer(["what is red ?", "is it a big dog ?"][:batch], return_tensors="pt", padding=True,
+                          padding_side="left")["input_ids"]
+
+
+def continuation_cases():
+    for method in METHODS:
+        for family in ("llava", "llava_next", "qwen2_vl", "qwen3_vl"):
+            policies = [None, "other"] if family == "llava" else [None]
+            for policy in policies:
+                for attn in ("eager", "sdpa"):
+                    yield pytest.param(method, family, policy, attn,
+                                       id=f"{method}-{family}-{policy or 'default'}-{attn}")
+
+
+@pytest.mark.parametrize("method,family,policy,attn", list(continuation_cases()))
+def test_text_continuation_of_a_pruned_cache(method, family, policy, attn):
+    """A later turn on a pruned cache: the prompt, two decoding steps, then several new tokens in one call. Logits
+    equal the unpatched model fed the kept prompt, the steps and the new tokens at the policy's positions (layers
+    < K holding the full prompt for layer-stage methods). Qwen rows are run one at a time and without a mask:
+    transformers 5.23 itself fails Qwen steps given a mask and no positions."""
+    batch = 1 if family.startswith("qwen") else 2
+    model, proc = tm.build(family, attn=attn)
+    inputs = tm.image_inputs(family, proc, batch)
+    options = {}
+    if policy:
+        options["positions"] = "compact" if REGISTRY[method].default_positions == "original" else "original"
+    then = follow_up(proc, batch)
+    with vtr.patch(model, method, ratio=0.75, **options) as handle, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask = inputs["attention_mask"] if batch > 1 else None
+        cache, tokens, steps = out.past_key_values, [], []
+        logits = out.logits[:, -1]
+        for chunk in [None, None, then]:  # two greedy steps, then the follow-up
+            chunk = logits.argmax(-1, keepdim=True) if chunk is None else chunk
+            if chunk is not then:
+                tokens.append(chunk)
+            extra = {}
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(batch, chunk.shape[1])], 1)
+                extra["attention_mask"] = mask
+            out = model(input_ids=chunk, past_key_values=cache, **extra)
+            steps.append(out.logits)
+            logits = out.logits[:, -1]
+        record = handle.last
+    lm_inputs = R.capture_lm_inputs(model, inputs)
+    _, ref_steps, ref_then = R.reference_for(model, handle.method, lm_inputs, record.index, 2,
+                                             tokens=torch.cat(tokens, 1), then=then)
+    assert (steps[0][:, -1] - ref_steps[:, 1]).abs().max() <= TOL  # the reference keeps logits before each step
+    assert (steps[2] - ref_then).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method", METHODS)
+def test_second_turn_with_generate(method, family):
+    """transformers' multi-turn pattern: generate again on the first turn's cache with the whole conversation's
+    input_ids (and no pixel values). generate() slices the inputs by the cache's layer-0 length, which pre-LLM
+    pruning shortened; vtr passes on only the new tokens. The second turn equals the reference."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    with vtr.patch(model, method, ratio=0.75) as handle, torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+        record = handle.last
+        then = follow_up(proc, 1)
+        conversation = torch.cat([first.sequences, then], 1)
+        second = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
+        if "mm_token_type_ids" in second:
+            second["mm_token_type_ids"] = torch.cat(
+                [second["mm_token_type_ids"], torch.zeros_like(conversation[:, inputs["input_ids"].shape[1]:])], 1)
+        out = model.generate(input_ids=conversation, attention_mask=torch.ones_like(conversation),
+                             past_key_values=first.past_key_values, max_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, **second)
+        assert handle.last is record  # no new prefill: the turn continued the pruned cache
+    generated = first.sequences[:, inputs["input_ids"].shape[1]:]
+    lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
+    # The cache holds the prompt and the first two generated tokens; the third is fed with the follow-up.
+    _, _, ref_then = R.reference_for(model, handle.method, lm_inputs, record.index, 2, tokens=generated[:, :2],
+                                     then=torch.cat([generated[:, 2:], then], 1))
+    assert (out.logits[0] - ref_then[:, -1]).abs().max() <= TOL
+
+
+def test_resending_the_images_on_a_reused_cache_names_the_problem():
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    with vtr.patch(model, "divprune", ratio=0.75), torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        conversation = torch.cat([first.sequences, follow_up(proc, 1)], 1)
+        with pytest.raises(ValueError, match="re-sends visual inputs that are already in the KV cache.*drop "
+                                             "pixel_values"):
+            model.generate(input_ids=conversation, attention_mask=torch.ones_like(conversation),
+                           pixel_values=inputs["pixel_values"], past_key_values=first.past_key_values,
+                           max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_text_prefilled_in_chunks_after_the_image(method):
+    """generate(prefill_chunk_size=...) with the whole image in the first chunk: later chunks are text
+    continuations of the pruned cache; the output equals the unchunked run. Methods that select with the
+    prompt's text (FastV, DART) refuse: the first chunk does not hold it."""
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    image_end = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero().max()) + 1
+    with vtr.patch(model, method, ratio=0.75), torch.no_grad():
+        if REGISTRY[method].needs_whole_prompt:
+            with pytest.raises(ValueError, match="generate without prefill_chunk_size"):
+                model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=image_end + 2)
+            return
+        whole = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True)
+        chunked = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True, prefill_chunk_size=image_end + 2)
+    assert torch.equal(whole.sequences, chunked.sequences)
+    assert (torch.stack(whole.logits) - torch.stack(chunked.logits)).abs().max() <= TOL
+
+
+# ------------------------------------------------------------------------------------------ prompt endings
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method", METHODS)
+def test_prompt_ending_with_image_tokens(method, family, mode):
+    """The prompt's last token may be pruned (the official code does the same); decoding still continues after
+    the unpruned length."""
+    model, proc = tm.build(family)
+    vis = "<image>" if family == "llava" else "<|vision_start|><|image_pad|>"
+    prompt = f"{'USER :' if family == 'llava' else '<|im_start|> user'} what is this ? {vis}"
+    inputs = proc(text=[prompt], images=[tm.random_image(64, 64)], return_tensors="pt")
+    assert inputs["input_ids"][0, -1] == model.config.image_token_id
+    check_against_reference(model, inputs, method, mode)
+
+
+# ------------------------------------------------------------------------------------------ half precision
+def test_fastv_scores_in_the_model_dtype_like_eager_attention():
+    """score_dtype="model" on a bf16 model: FastV keeps the top-k of eager attention probabilities as the official
+    code reads them (bf16, mean over heads in bf16)."""
+    model, proc = tm.build("llava", attn="eager")
+    model = model.to(torch.bfloat16)
+    inputs = tm.image_inputs("llava", proc, 1)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with vtr.patch(model, "fastv", ratio=0.75, score_dtype="model") as handle, torch.no_grad():
+        model(**inputs)
+    with torch.no_grad():
+        attention = model(**inputs, output_attentions=True).attentions[1]  # layer K-1
+    scores = attention.mean(1)[0, -1]  # bf16, as the official code
+    span = handle.last.layout.rows[0].spans[0]
+    official = torch.topk(scores[span.positions], 16).indices.sort().values
+    assert handle.last.kept[0].tolist() == official.tolist()
+
+
+def test_score_dtype_is_validated():
+    with pytest.raises(ValueError, match=r"score_dtype must be one of \('float32', 'model'\)"):
+        vtr.FastV(ratio=0.5, score_dtype="bf16")
