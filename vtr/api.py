@@ -72,10 +72,16 @@ def patch(model: torch.nn.Module, method: str | Method = "dart", *, ratio: float
 
     Every check runs before anything is attached; a failed call leaves the model untouched.
     """
+    if isinstance(method, type) and issubclass(method, Method):
+        raise TypeError(f"vtr.patch: got the class {method.__name__}: configure an instance, e.g. "
+                        f"vtr.{method.__name__}(ratio=0.5), or pass the name {method.name!r}")
     if isinstance(method, Method):
         if ratio is not None or keep is not None or options:
             raise ValueError("pass ratio/keep/options either to the Method instance or to patch(), not both")
         instance = method
+    elif not isinstance(method, str):
+        raise TypeError(f"vtr.patch: method must be a registered name ({', '.join(sorted(REGISTRY))}) or a "
+                        f"configured Method instance, got {method!r}")
     else:
         cls = lookup(method)
         names = {f.name for f in dataclasses.fields(cls)}

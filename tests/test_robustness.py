@@ -1,0 +1,255 @@
+"""Robust under interruption, compilation and misuse: Ctrl-C inside a patched forward, torch.compile, removing the
+patch while a request is in flight, generate without a cache, a method's broken selection, bad options, copies
+and saving."""
+import copy
+import io
+import logging
+import pickle
+import threading
+
+import pytest
+import torch
+import transformers
+
+import tiny_models as tm
+import vtr
+from test_invariants import hook_count
+from vtr.methods import REGISTRY
+
+METHODS = sorted(REGISTRY)
+FAMILIES = ("llava", "qwen2_vl")
+
+
+def greedy(model, inputs, steps=4):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, do_sample=False)
+
+
+def interrupt_at(model, layer: int):
+    def hook(module, args, kwargs):
+        raise KeyboardInterrupt
+    return model.model.language_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("call", ["generate", "forward"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_interrupt_leaves_the_patch_working(method, family, call):
+    """A KeyboardInterrupt (torch skips always-call hooks for it) inside a prefill, in generate or in a plain
+    forward: the next requests are pruned exactly as before, and removal still restores the model."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    greedy(model, inputs, 1)  # transformers installs its lazy hooks first
+    hooks = hook_count(model)
+    with vtr.patch(model, method, ratio=0.5) as handle:
+        before = greedy(model, inputs)
+        with torch.no_grad():
+            forward_before = model(**inputs).logits
+        kept = handle.last.kept
+        remove = interrupt_at(model, 3)
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2) if call == "generate" else model(**inputs)
+        remove.remove()
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, forward_before)
+        assert all(torch.equal(a, b) for a, b in zip(handle.last.kept, kept))
+        assert torch.equal(greedy(model, inputs), before)
+    assert hook_count(model) == hooks and "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_compiled_model_prunes_like_eager(method, family, backend):
+    """torch.compile traces the hooks: same kept tokens and same logits as eager (DART's pivot order is computed
+    without iterating a set, which compiled code iterates in insertion order)."""
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    torch._dynamo.reset()
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    with vtr.patch(model, method, ratio=0.5) as handle, torch.no_grad():
+        eager = model(**inputs).logits
+        kept = handle.last.kept
+        compiled = torch.compile(model, backend=backend)(**inputs).logits
+        assert all(torch.equal(a, b) for a, b in zip(handle.last.kept, kept))
+    assert (compiled - eager).abs().max() <= 1e-5
+
+
+class RemoveOnSecondToken(transformers.generation.BaseStreamer):
+    def __init__(self, handle):
+        self.handle, self.seen, self.error = handle, 0, None
+
+    def put(self, value):
+        self.seen += 1
+        if self.seen == 3:  # the prompt, then the first generated token, then this one
+            try:
+                self.handle.remove()
+            except RuntimeError as e:
+                self.error = e
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removal_from_a_streamer_callback_is_refused_and_the_request_finishes(family):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    handle = vtr.patch(model, "fastv", ratio=0.75)
+    expected = greedy(model, inputs, 5)
+    streamer = RemoveOnSecondToken(handle)
+    with torch.no_grad():
+        got = model.generate(**inputs, max_new_tokens=5, do_sample=False, streamer=streamer)
+    assert isinstance(streamer.error, RuntimeError) and "streamer callback" in str(streamer.error)
+    assert torch.equal(got, expected) and handle.active
+    handle.remove()
+    assert not handle.active
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removal_from_another_thread_waits_for_the_request(family):
+    """remove() called while another thread's generate is running returns only after it, which finishes pruned."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    greedy(model, inputs, 1)
+    hooks = hook_count(model)
+    unpatched = greedy(model, inputs, 6)
+    handle = vtr.patch(model, "dart", ratio=0.75)
+    expected = greedy(model, inputs, 6)
+    started, release = threading.Event(), threading.Event()
+    result = {}
+
+    def slow_step(module, args, kwargs):
+        started.set()
+        release.wait(10)
+
+    slow = model.model.language_model.layers[0].register_forward_pre_hook(slow_step, with_kwargs=True)
+
+    def work():
+        result["tokens"] = greedy(model, inputs, 6)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    assert started.wait(10)
+    remover = threading.Thread(target=handle.remove)
+    remover.start()
+    remover.join(0.5)
+    assert remover.is_alive()  # waiting for the request in flight
+    slow.remove()
+    release.set()
+    worker.join(20)
+    remover.join(20)
+    assert not remover.is_alive() and torch.equal(result["tokens"], expected)
+    assert hook_count(model) == hooks and not handle.active
+    assert torch.equal(greedy(model, inputs, 6), unpatched)
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+def test_generate_without_cache_reselects_at_every_step(method):
+    """Documented behaviour of use_cache=False (FastV's official no-cache mode): every step is a fresh prefill of
+    the growing sequence and selects again, scored by its own last token."""
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 2)
+    with vtr.patch(model, method, ratio=0.75) as handle, torch.no_grad():
+        uncached = model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False)
+        last = handle.last
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        kept_per_step = []
+        for _ in range(3):  # the same, by hand: a patched full forward per step
+            logits = model(**dict(inputs, input_ids=ids, attention_mask=mask), use_cache=False).logits[:, -1]
+            kept_per_step.append(handle.last.kept)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
+    assert torch.equal(uncached, ids)
+    assert all(torch.equal(a, b) for a, b in zip(last.kept, kept_per_step[-1]))
+    assert last.index.shape[1] < ids.shape[1] - 1  # the last step's prefill was pruned too
+
+
+# --------------------------------------------------------------------------------------------- contracts
+class Broken(vtr.Method):
+    name = "broken"
+    kind = "size"
+
+    def select(self, ctx, row, span, budget):
+        return {"size": torch.arange(budget + 1), "empty": torch.zeros(0, dtype=torch.long),
+                "float": torch.arange(budget).float(), "bool": torch.ones(budget, dtype=torch.bool),
+                "list": list(range(budget)), "duplicate": torch.zeros(budget, dtype=torch.long),
+                "range": torch.arange(len(span) - budget + 1, len(span) + 1)}[self.kind]
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("size", r"broken: select\(\) returned 17 indices for a budget of 16"),
+    ("empty", r"broken: select\(\) returned 0 indices for a budget of 16"),
+    ("float", r"broken: select\(\) must return an integer tensor of token indices, got torch.float32"),
+    ("bool", r"broken: select\(\) must return an integer tensor of token indices, got torch.bool"),
+    ("list", r"broken: select\(\) must return an integer tensor of token indices, got list"),
+    ("duplicate", r"broken selected invalid token indices"),
+    ("range", r"broken selected invalid token indices"),
+])
+def test_the_engine_rejects_a_broken_selection(kind, match):
+    model, proc = tm.build("llava")
+    method = type("Broken", (Broken,), {"kind": kind})(ratio=0.75)
+    with vtr.patch(model, method), torch.no_grad():
+        with pytest.raises(RuntimeError, match=match):
+            model(**tm.image_inputs("llava", proc, 1))
+
+
+@pytest.mark.parametrize("method,options,match", [
+    ("dart", dict(ratio=True), r"dart: ratio must be a number, got True"),
+    ("dart", dict(ratio=False), r"dart: ratio must be a number, got False"),
+    ("fastv", dict(keep=True), r"fastv: keep must be a number, got True"),
+    ("fastv", dict(keep=2.5), r"fastv: keep must be an integer >= 1"),
+    ("fastv", dict(ratio=0.5, layer="2"), r"fastv: layer must be of type int, got '2'"),
+    ("fastv", dict(ratio=0.5, layer=2.0), r"fastv: layer must be of type int, got 2.0"),
+    ("dart", dict(ratio=0.5, layer=True), r"dart: layer must be of type int, got True"),
+    ("dart", dict(ratio=0.5, pivot_image_tokens=0), r"dart: pivot_image_tokens must be in \[1, inf\], got 0"),
+    ("dart", dict(ratio=0.5, pivot_text_tokens=-1), r"dart: pivot_text_tokens must be in \[0, inf\], got -1"),
+    ("random", dict(ratio=0.5, seed=-3), r"random: seed must be in \[0, 4294967295\], got -3"),
+    ("random", dict(ratio=0.5, seed=1.5), r"random: seed must be of type int, got 1.5"),
+    ("random", dict(ratio=0.5, seed="7"), r"random: seed must be of type int, got '7'"),
+    ("divprune", dict(ratio="0.5"), r"divprune: ratio must be in \[0, 1\)"),
+])
+def test_options_are_validated_when_patching(method, options, match):
+    model, _ = tm.build("llava")
+    with pytest.raises(ValueError, match=match):
+        vtr.patch(model, method, **options)
+    assert hook_count(model) == 0 and vtr.handle_of(model) is None
+
+
+@pytest.mark.parametrize("method,match", [
+    (None, r"method must be a registered name .* or a configured Method instance, got None"),
+    (vtr.DART, r"got the class DART: configure an instance, e.g. vtr.DART\(ratio=0.5\), or pass the name 'dart'"),
+    (3, r"method must be a registered name .* got 3"),
+])
+def test_method_must_be_a_name_or_an_instance(method, match):
+    model, _ = tm.build("llava")
+    with pytest.raises(TypeError, match=match):
+        vtr.patch(model, method, ratio=0.5)
+    assert hook_count(model) == 0
+
+
+# ------------------------------------------------------------------------------------------------- copies
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_copying_a_patched_model_says_to_unpatch_first(family, how):
+    model, _ = tm.build(family)
+    copy_it = {"deepcopy": copy.deepcopy, "pickle": pickle.dumps, "torch.save": lambda m: torch.save(m, io.BytesIO())}
+    with vtr.patch(model, "dart", ratio=0.5):
+        with pytest.raises(TypeError, match=r"a patched model cannot be copied or pickled.*handle.remove\(\)"):
+            copy_it[how](model)
+    clone = copy.deepcopy(model)  # unpatched: copies as usual
+    assert vtr.handle_of(clone) is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_saves_the_unchanged_model(family, tmp_path):
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    with vtr.patch(model, "divprune", ratio=0.75):
+        model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert vtr.handle_of(loaded) is None and hook_count(loaded) == 0
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
