@@ -63,14 +63,23 @@ def patch(model: torch.nn.Module, method: str | Method = "dart", *, ratio: float
     """Patch ``model`` so that every prefill with visual inputs drops visual tokens with ``method``.
 
     Args:
-        model: a supported Hugging Face VLM (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``,
-            ``Qwen2_5_VLForConditionalGeneration``).
+        model: a supported Hugging Face VLM: ``LlavaForConditionalGeneration`` (LLaVA-1.5),
+            ``LlavaNextForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration``,
+            ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration`` (``vtr.patches.supported_model_classes()``).
         method: a registered name (``vtr.methods()``) or a configured ``Method`` instance.
         ratio: fraction of each image's visual tokens removed, in [0, 1). ``ratio=0`` is the identity.
         keep: visual tokens kept per image (>= 1). Give exactly one of ``ratio`` and ``keep``.
         **options: the method's own options with the official defaults (e.g. ``layer=2``, ``positions="compact"``).
 
     Every check runs before anything is attached; a failed call leaves the model untouched.
+
+    Raises:
+        TypeError: ``method`` is neither a registered name nor a ``Method`` instance, an unknown option, an
+            unsupported model class.
+        ValueError: a bad budget or option value (named in the message), an unsupported attention backend or
+            layer type, ``positions="compact"`` on an M-RoPE model.
+        RuntimeError: the model is already patched.
     """
     if isinstance(method, type) and issubclass(method, Method):
         raise TypeError(f"vtr.patch: got the class {method.__name__}: configure an instance, e.g. "
