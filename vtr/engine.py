@@ -11,16 +11,18 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
 * ``layer`` stage at layer K: a pre-hook on layer K gathers the hidden states; every layer >= K gets the pruned
   sequence's mask (rebuilt by transformers' own mask function for that cache layer), rotary embeddings and
   positions. Layers < K keep the full sequence and the full KV cache.
-* Decoding: the 2-D mask of the pruned layers is the pruned prompt mask followed by the new tokens' columns;
-  positions follow the method's policy (``original``: unchanged; ``compact``: minus the tokens removed).
+* Decoding and continuations (any number of new tokens on a pruned cache): the 2-D mask of the pruned layers is
+  the pruned prompt mask followed by the new tokens' columns; positions follow the method's policy (``original``:
+  the unpruned numbering; ``compact``: minus the tokens removed).
 
 Rows with different numbers of kept tokens are re-padded on the left with masked slots. Per-request state is keyed
-by the request's cache object and per-forward state is thread-local, so concurrent requests do not interfere.
+by the request's cache object and per-forward state by thread, so concurrent requests do not interfere.
+``model.generate`` is shadowed on the instance while patched, to know which requests are in flight (``remove()``
+waits for them) and to clean up after a ``KeyboardInterrupt``, which skips torch's always-call hooks.
 """
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 import time
 import weakref
@@ -346,8 +348,7 @@ class Engine:
         ``total``: the length of the input_ids a ``generate`` call resuming this cache was given."""
         past = compat.cache_length(cache)
         logical_past = request.prompt_length + past - request.lm_input_length  # what the unpruned cache would hold
-        tokens = ids if ids is not None else embeds
-        q_len = tokens.shape[1]
+        q_len = (ids if ids is not None else embeds).shape[1]
         kwargs = dict(kwargs)
         if total is not None and past < logical_past and q_len == total - past:
             # generate() passes the tokens its input_ids hold beyond the cache's layer-0 length, which pre-LLM
@@ -363,8 +364,7 @@ class Engine:
                     kwargs[key] = value.narrow(dim, q_len - new, new)
             if args:
                 args = (args[0].narrow(-1, q_len - new, new),) + tuple(args[1:])
-            ids = args[0] if args else kwargs.get("input_ids")
-            tokens, q_len = (ids if ids is not None else kwargs["inputs_embeds"]), new
+            ids, q_len = (args[0] if args else kwargs.get("input_ids")), new
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] != logical_past + q_len \
                 and not visual:
@@ -570,7 +570,7 @@ class Engine:
                 eligible = ctx.eligible(present)
                 ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
                 for group in ctx.groups(present.subset(eligible)):
-                    budget = self._checked_budget(self.method.budget_for(ctx, b, group), len(group))
+                    budget = self._checked_budget(self.method.budget_for(ctx, b, group))
                     if budget >= len(group):
                         chosen = torch.arange(len(group), device=group.slots.device)
                     else:
@@ -620,7 +620,7 @@ class Engine:
         masks, (embeds,) = deepstack_inputs(masks, [embeds], active.local)
         return original(hidden, masks, embeds)
 
-    def _checked_budget(self, budget, n: int) -> int:
+    def _checked_budget(self, budget) -> int:
         if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget:
             raise RuntimeError(f"{self.method.name}: budget_for() must return a non-negative int, got {budget!r}")
         return budget

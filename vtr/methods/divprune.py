@@ -18,7 +18,8 @@ class DivPrune(Method):
     from the kept set. Before the language model. Official code: ``vbdi/divprune``, ``llava_arch.py: DivPrune``.
 
     Keep count per image: ``int(round((1 - ratio) * n))`` (official ``SUBSET_RATIO`` is the keep ratio), at least 1
-    (the official loop always keeps its first pick), or ``min(keep, n)``. Positions: ``compact`` (official LLaVA code passes no position ids).
+    (the official loop always keeps its first pick), or ``min(keep, n)``. Positions: ``compact`` (official LLaVA
+    code passes no position ids).
 
     Deliberate differences from the official code:
       * distances are computed in fp32 whatever the model dtype (official: model dtype; ``score_dtype="model"``

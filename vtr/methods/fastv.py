@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -22,8 +22,8 @@ class FastV(Method):
 
     Keep count per image: ``round(n * (1 - ratio))`` (HF variant's ``fastv_r`` is the drop ratio), or
     ``min(keep, n)``, and at least 1 (official: ``topk`` with ``k = 0`` keeps no image token, a case its
-    576-token images never reach). Positions: ``original`` (official), decoding continues after the unpruned length; layers < K
-    keep their full KV cache.
+    576-token images never reach). Positions: ``original`` (official), decoding continues after the unpruned
+    length; layers < K keep their full KV cache.
 
     Deliberate differences from the official code:
       * batched: every row is scored by its own last token and masks its own padding (official: batch element 0

@@ -14,8 +14,8 @@ from .registry import register
 class Random(Method):
     """Random baseline: keep a seeded random subset of each image's visual tokens, before the language model.
 
-    Keep count per image: ``round(n * (1 - ratio))`` (at least 1) or ``min(keep, n)``. The subset depends only on ``seed`` and
-    the image's token count (not on its batch row), so results are reproducible across batchings.
+    Keep count per image: ``round(n * (1 - ratio))`` (at least 1) or ``min(keep, n)``. The subset depends only on
+    ``seed`` and the image's token count (not on its batch row), so results are reproducible across batchings.
     Positions: ``compact`` by default, like the pre-LLM LLaVA methods.
     """
 

@@ -19,7 +19,8 @@ class Uniform(Method):
     row and column (centred), i.e. ``s``-fold downsampling; otherwise it keeps ``keep`` tokens evenly spaced in
     raster order (index ``floor((i + 0.5) * n / keep)``), which is also the rule for composite layouts
     (LLaVA-NeXT base + high-resolution grid, OneVision videos). Reads only the token layout.
-    Keep count per image: ``round(n * (1 - ratio))`` (at least 1) or ``min(keep, n)``. Positions: ``compact`` by default.
+    Keep count per image: ``round(n * (1 - ratio))`` (at least 1) or ``min(keep, n)``. Positions: ``compact`` by
+    default.
     """
 
     name: ClassVar[str] = "uniform"
