@@ -1,9 +1,11 @@
 """python -m vtr.env: every part is reported with its version and whether it imports and works."""
+import importlib.util
 import json
 import subprocess
 import sys
 import types
 
+import pytest
 import torch
 import transformers
 
@@ -66,3 +68,15 @@ def test_flash_attention_is_not_usable_without_a_gpu():
     assert env.attention_backends(checks, cuda=False)["flash_attention_2"] == "no (needs a CUDA GPU)"
     checks["flash-attn"] = env.Check("flash-attn", "2.8", True, "")
     assert env.attention_backends(checks, cuda=True)["flash_attention_2"] == "usable"
+
+
+@pytest.mark.video
+def test_the_video_stack_checks_ok_where_it_is_installed(tmp_path):
+    """In the cpu-video install (CI's video step) torchvision's operators, PyAV and decord all work."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed (the cpu-video extra installs it)")
+    assert env.check_torchvision().ok is True
+    clip = str(tmp_path / "clip.mp4")
+    assert env.check_av(clip).ok is True
+    if importlib.util.find_spec("decord") is not None:
+        assert env.check_decord(clip).ok is True
