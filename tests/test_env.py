@@ -64,10 +64,13 @@ def test_missing_optional_parts_are_not_failures(monkeypatch):
 
 
 def test_flash_attention_is_not_usable_without_a_gpu():
-    checks = {"torch": env.Check("torch", "x", True, ""), "flash-attn": env.Check("flash-attn", "2.8", None, "")}
+    checks = {"torch": env.Check("torch", "x", True, ""), "transformers": env.Check("transformers", "5.23", True, ""),
+              "flash-attn": env.Check("flash-attn", "2.8", None, "")}
     assert env.attention_backends(checks, cuda=False)["flash_attention_2"] == "no (needs a CUDA GPU)"
     checks["flash-attn"] = env.Check("flash-attn", "2.8", True, "")
     assert env.attention_backends(checks, cuda=True)["flash_attention_2"] == "usable"
+    checks["transformers"] = env.Check("transformers", "5.23", False, "model classes fail to import: ...")
+    assert set(env.attention_backends(checks, cuda=False).values()) == {"no (transformers' model classes do not import)"}
 
 
 @pytest.mark.video

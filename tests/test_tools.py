@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vtr.bench import cli, evaluate, models, overlay, speed
 from vtr import env
+from vtr.bench import cli, evaluate, models, overlay, speed
 
 TOOLS = {"vtr.bench.speed": speed.build_parser, "vtr.bench.evaluate": evaluate.build_parser,
          "vtr.bench.overlay": overlay.build_parser, "vtr.env": env.build_parser}

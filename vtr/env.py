@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -98,7 +99,9 @@ def check_transformers() -> Check:
         transformers.LlavaForConditionalGeneration
         transformers.Qwen2VLForConditionalGeneration
     except Exception as error:  # noqa: BLE001
-        return Check("transformers", str(version), False, f"model classes fail to import: {_error(error)}")
+        hint = " (a torchvision that does not load beside this torch breaks them: see its line)" \
+            if importlib.util.find_spec("torchvision") else ""
+        return Check("transformers", str(version), False, f"model classes fail to import: {_error(error)}{hint}")
     range_note = "within vtr's tested range 5.17-5.23" if supported else "OUTSIDE vtr's tested range 5.17-5.23"
     return Check("transformers", str(version), supported, f"model classes import; {range_note}")
 
@@ -223,6 +226,8 @@ def attention_backends(checks: dict[str, Check], cuda: bool) -> dict[str, str]:
     usable = {"eager": "usable", "sdpa": "usable"}
     if not checks["torch"].ok:
         return {name: "no (torch does not work)" for name in ATTENTION_BACKENDS}
+    if checks["transformers"].ok is False and "model classes" in checks["transformers"].detail:
+        return {name: "no (transformers' model classes do not import)" for name in ATTENTION_BACKENDS}
     flash = checks["flash-attn"]
     if not cuda:
         usable["flash_attention_2"] = "no (needs a CUDA GPU)"
