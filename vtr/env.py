@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -55,8 +56,13 @@ def _import(name: str):
     return importlib.import_module(name)
 
 
-def _version(module) -> str:
-    return str(getattr(module, "__version__", "unknown version"))
+def _version(module, distribution: str | None = None) -> str:
+    if hasattr(module, "__version__"):
+        return str(module.__version__)
+    try:
+        return importlib.metadata.version(distribution or module.__name__)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown version"
 
 
 def _error(error: BaseException) -> str:
@@ -214,7 +220,7 @@ def check_decord(clip: str | None) -> Check:
 
 def check_optional(name: str, module: str) -> Check:
     try:
-        return Check(name, _version(_import(module)), True, "imports")
+        return Check(name, _version(_import(module), name), True, "imports")
     except ImportError:
         return Check(name, None, None, "not installed (optional)")
     except Exception as error:  # noqa: BLE001
