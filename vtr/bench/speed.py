@@ -133,8 +133,8 @@ def run(argv=None) -> dict:
     grid = build_grid(methods, budgets, options)
     length = int(inputs.get("input_ids", inputs.get("inputs_embeds")).shape[1])
     say(f"measuring {len(grid)} configurations (dense; {', '.join(methods)} and their ideals at "
-        f"{len(budgets)} budgets) on a {length}-token prompt, batch {args.batch}: {args.warmup} warm-up + "
-        f"{repeats} timed passes")
+        f"{_count(len(budgets), 'budget')}) on a {length}-token prompt, batch {args.batch}: "
+        f"{_count(args.warmup, 'warm-up pass')} + {_count(repeats, 'timed pass')}")
     rows = run_grid(model, inputs, grid, repeats, args.warmup, args.decode_tokens, progress=not args.quiet)
     settings = dict(vars(args))
     settings.update(repeats=repeats, device=str(device), dtype=str(next(model.parameters()).dtype),
@@ -242,6 +242,10 @@ def plot(rows: list[dict], path: Path, title: str | None = None) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else ("es" if noun.endswith("s") else "s"))
 
 
 def _parse_option(text: str):
