@@ -1,5 +1,8 @@
 from setuptools import find_packages, setup
 
+# decord publishes x86-64 wheels only (no source distribution).
+DECORD = "decord; platform_machine == 'x86_64' or platform_machine == 'AMD64'"
+
 setup(
     name="vtr",
     version="0.1.0",
@@ -9,16 +12,25 @@ setup(
     packages=find_packages(include=["vtr", "vtr.*"]),
     package_data={"vtr": ["bench/configs/*.json"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "transformers>=5.17,<5.24", "packaging"],
+    install_requires=["torch>=2.6", "transformers>=5.17,<5.24", "packaging", "pillow"],
+    # Extras that name a torch build pin the torch/torchvision pair that imports together; combining two of them
+    # fails at install time instead of leaving a torchvision that cannot load beside the installed torch.
     extras_require={
-        # The CPU build of torch on the development machines; put it in the same install command as the rest.
+        # The CPU build of torch 2.13.0. No torchvision on the package index loads beside it (0.28 is a CUDA build
+        # that fails with "operator torchvision::nms does not exist"), so it has no video processors.
         "cpu": ["torch==2.13.0"],
+        # torch 2.14.1 + torchvision 0.29.1 (CUDA builds; they run on the CPU): transformers' video processors,
+        # which real Qwen2/2.5/3-VL checkpoints' AutoProcessor needs, plus video decoding.
+        "cpu-video": ["torch==2.14.1", "torchvision==0.29.1", "av", DECORD],
         "test": ["pytest>=8", "pillow", "av", "matplotlib", "tqdm"],
         "triton": ["triton>=3.6"],
-        "video": ["torchvision", "av"],
+        # Video decoding only (PyAV, decord): leaves the installed torch alone and adds no torchvision.
+        "video": ["av", DECORD],
         "flash": ["flash-attn>=2.6"],
         "bench": ["matplotlib", "tqdm", "pillow"],
-        "eval": ["lmms-eval"],
+        # lmms-eval needs torchvision; >=0.29 refuses the CPU torch 2.13 (whose only torchvision does not load).
+        # Its Qwen/LLaVA wrappers import decord, and filelock 4 breaks its evaluator (no filelock._api).
+        "eval": ["lmms-eval>=0.7.3", "torchvision>=0.29", DECORD, "filelock<4"],
     },
     entry_points={
         "console_scripts": ["vtr-bench=vtr.bench.speed:main"],

@@ -6,11 +6,44 @@
     handle.last                                           # what the last prefill kept
     handle.remove()
 """
-from .api import Handle, handle_of, methods, patch, unpatch
-from .methods import DART, DivPrune, FastV, Method, Random, Stage, Uniform, register
-from .report import PrefillRecord, StageRecord
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = ["DART", "DivPrune", "FastV", "Handle", "Method", "PrefillRecord", "Random", "Stage", "StageRecord",
-           "Uniform", "handle_of", "methods", "patch", "register", "unpatch"]
+# The public names load on first use, so that `import vtr` (and every `--help` of its tools) does not import
+# torch and transformers, which take seconds.
+_SOURCES = {"Handle": "api", "handle_of": "api", "methods": "api", "patch": "api", "unpatch": "api",
+            "DART": "methods", "DivPrune": "methods", "FastV": "methods", "Method": "methods", "Random": "methods",
+            "Stage": "methods", "Uniform": "methods", "register": "methods",
+            "PrefillRecord": "report", "StageRecord": "report"}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name):
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'vtr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SOURCES))
+
+
+class _Package(types.ModuleType):
+    # `vtr.methods` names both the function and the subpackage. Importing the subpackage assigns it to the package
+    # attribute, which would shadow the function; a property on the module's class outranks that assignment.
+    @property
+    def methods(self):
+        return importlib.import_module(".api", __name__).methods
+
+    @methods.setter
+    def methods(self, value):
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

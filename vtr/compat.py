@@ -190,3 +190,13 @@ def shadow_method(obj, name: str, wrapper) -> None:
 def unshadow_method(obj, name: str) -> None:
     if name in vars(obj):
         delattr(obj, name)
+
+
+def processor_without_video(cls, **kwargs):
+    """A processor of class ``cls`` with no video processor. Without torchvision transformers cannot build one, and
+    its type check of ``video_processor=None`` fails, so a subclass leaves the attribute out of its list."""
+    sub = type(cls.__name__ + "NoVideo", (cls,),
+               {"get_attributes": classmethod(lambda c: [a for a in cls.get_attributes() if a != "video_processor"])})
+    proc = sub(video_processor=None, **kwargs)
+    proc.video_processor = None
+    return proc

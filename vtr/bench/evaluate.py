@@ -11,6 +11,11 @@ or option; without, when the normalised reference appears in the normalised pred
 of samples where the pruned answer equals the dense answer.
 
     python -m vtr.bench.evaluate --model llava-hf/llava-1.5-7b-hf --data set.jsonl --methods dart,fastv --ratios 0.778
+    python -m vtr.bench.evaluate --model tiny-qwen2_vl --data set.jsonl    # a tiny random model: tries the tool
+
+--model takes a checkpoint (hub id or directory: its weights and processor) or tiny-<family> (vtr.testing's tiny
+random model and its offline processor). Shipped configs and config.json files are refused: they have no
+processor. The model's memory is estimated before it is built; one that would not fit is refused with the number.
 """
 from __future__ import annotations
 
@@ -18,13 +23,10 @@ import argparse
 import json
 import re
 import string
+import sys
 from pathlib import Path
 
-import torch
-
-import vtr
-
-from .recorder import PrefillRecorder
+from . import cli
 
 LETTERS = string.ascii_uppercase
 
@@ -81,6 +83,7 @@ def read_video(path: str, frames: int = 8):
 
 
 def answer(model, processor, record: dict, max_new_tokens: int) -> str:
+    import torch
     inputs = processor(text=[prompt(processor, record)], return_tensors="pt", **visual_inputs(record))
     dtype = next(model.parameters()).dtype
     inputs = {k: (v.to(model.device, dtype) if v.is_floating_point() else v.to(model.device))
@@ -109,29 +112,39 @@ def is_correct(prediction: str, record: dict) -> bool:
 
 
 def evaluate(model, processor, records: list[dict], configs: list[tuple[str, dict, dict]],
-             max_new_tokens: int = 16) -> dict:
+             max_new_tokens: int = 16, progress: bool = False) -> dict:
     """Dense run first, then each (method, budget, options): accuracy, agreement with dense, mean kept tokens and
-    mean prefill time. Returns {"dense": {...}, "<method>[budget]": {...}, "answers": {...}}."""
+    mean prefill time. Returns {"results": {"dense": {...}, "<method>[budget]": {...}}, "answers": {...}}.
+    progress: a bar on stderr over every generated answer (needs tqdm)."""
+    import vtr
     results, answers = {}, {}
-    dense = _run(model, processor, records, max_new_tokens)
-    results["dense"] = _summary(dense, records, None)
-    answers["dense"] = dense["answers"]
-    for method, budget, options in configs:
-        label = f"{method}[{','.join(f'{k}={v}' for k, v in budget.items())}]"
-        with vtr.patch(model, method, **budget, **options):
-            run = _run(model, processor, records, max_new_tokens)
-        results[label] = _summary(run, records, dense["answers"])
-        answers[label] = run["answers"]
+    bar = cli.progress(len(records) * (1 + len(configs)), progress, "answering")
+    try:
+        dense = _run(model, processor, records, max_new_tokens, bar, "dense")
+        for method, budget, options in configs:
+            label = f"{method}[{','.join(f'{k}={v}' for k, v in budget.items())}]"
+            with vtr.patch(model, method, **budget, **options):
+                run = _run(model, processor, records, max_new_tokens, bar, label)
+            results[label] = _summary(run, records, dense["answers"])
+            answers[label] = run["answers"]
+    finally:
+        bar.close()
+    results = {"dense": _summary(dense, records, None), **results}
+    answers = {"dense": dense["answers"], **answers}
     return {"results": results, "answers": answers}
 
 
-def _run(model, processor, records, max_new_tokens) -> dict:
+def _run(model, processor, records, max_new_tokens, bar, label) -> dict:
+    from .recorder import PrefillRecorder
     answers, log = [], []
+    if hasattr(bar, "set_postfix_str"):
+        bar.set_postfix_str(label)
     with PrefillRecorder(model) as recorder:
         for record in records:
             before = len(recorder.entries)
             answers.append(answer(model, processor, record, max_new_tokens))
             log.append(recorder.entries[before])  # the sample's prefill
+            bar.update(1)
     return {"answers": answers, "log": log}
 
 
@@ -146,30 +159,57 @@ def _summary(run: dict, records: list[dict], dense_answers) -> dict:
     return summary
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vtr.bench.evaluate", description=__doc__,
+                                formatter_class=cli.HelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a hub id or checkpoint directory (its weights and processor), or tiny-<family> (a tiny "
+                        "random model, e.g. tiny-qwen2_vl); shipped configs are refused (no processor); required")
+    p.add_argument("--data", required=True, help="the JSONL file (format above); required")
+    p.add_argument("--methods", default="dart", help="comma-separated method names (default: dart)")
+    p.add_argument("--ratios", default="0.778",
+                   help="comma-separated fractions of visual tokens to remove (default: 0.778)")
+    p.add_argument("--keep", default="",
+                   help="comma-separated visual tokens to keep per image, instead of --ratios (default: unset)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer (default: 16)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16 or float16 (default: auto = bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, eager, flash_attention_2 (default: sdpa)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto = cuda if available)")
+    p.add_argument("--out", default=None, help="JSON file for the results and every answer (default: not written)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages or bar on stderr (default: show them)")
+    return p
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m vtr.bench.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="hub id or checkpoint directory")
-    p.add_argument("--data", required=True, help="JSONL file")
-    p.add_argument("--methods", default="dart")
-    p.add_argument("--ratios", default="0.778")
-    p.add_argument("--keep", default="")
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--attn", default="sdpa")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="JSON file for the results and answers")
-    args = p.parse_args(argv)
-    from .models import load
-    model, processor = load(args.model, dtype=args.dtype, attn=args.attn, device=args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.refuse_without_processor(parser, args.model)
+    say = (lambda *a: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    records = load_records(args.data)
     budgets = ([{"keep": int(k)} for k in args.keep.split(",") if k] or
                [{"ratio": float(r)} for r in args.ratios.split(",") if r])
-    configs = [(m, b, {}) for m in args.methods.split(",") if m for b in budgets]
-    report = evaluate(model, processor, load_records(args.data), configs, args.max_new_tokens)
+    methods = [m for m in args.methods.split(",") if m]
+    say("loading torch and transformers ...")
+    from ..methods import lookup
+    from . import models
+    try:
+        for method in methods:
+            lookup(method)
+        plan = models.plan(args.model, dtype=args.dtype, device=args.device)
+    except (ValueError, OSError, models.NotEnoughMemory) as error:
+        parser.error(str(error))
+    say(f"building {plan.describe()} ...")
+    model, processor = models.build(plan, args.attn)
+    configs = [(m, b, {}) for m in methods for b in budgets]
+    say(f"answering {len(records)} records, dense and {len(configs)} pruned configurations")
+    report = evaluate(model, processor, records, configs, args.max_new_tokens, progress=not args.quiet)
     for label, summary in report["results"].items():
         print(f"{label:<28} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in summary.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
     return report
 
 

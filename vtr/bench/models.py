@@ -1,23 +1,31 @@
-"""Loading models for benchmarks (a real checkpoint, or a shipped config with random weights) and building
-synthetic prompts that need no processor."""
+"""Loading models for benchmarks (a real checkpoint, a shipped config with random weights, or a tiny random model
+with its offline processor), estimating their memory before building them, and building synthetic prompts that
+need no processor."""
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 
 from .. import compat
+from .cli import CONFIG_DIR, SHIPPED, TINY_PREFIX, kind_of  # noqa: F401  (CONFIG_DIR, SHIPPED: public names)
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-SHIPPED = {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
+# Share of the weights' size added for activations, the KV cache and the loader's buffers in the memory estimate.
+WORKSPACE = 0.15
+
+
+class NotEnoughMemory(RuntimeError):
+    """The model would not fit in the device's available memory; raised before anything is built."""
 
 
 def load_config(name: str, layers: int | None = None, vision_layers: int | None = None):
     """Config of a shipped model name (``llava-1.5-7b``...), a config.json path, or a hub id / checkpoint dir;
-    optionally with fewer text and vision layers (same widths)."""
+    optionally with fewer text and vision layers (same widths). Vision-layer indexes past the kept depth (Qwen2.5-VL's
+    full-attention blocks, Qwen3-VL's DeepStack taps) are dropped."""
     if name in SHIPPED or name.endswith(".json"):
         data = json.loads(Path(SHIPPED.get(name, name)).read_text())
         data = {k: v for k, v in data.items() if not k.startswith("_")}
@@ -34,9 +42,16 @@ def load_config(name: str, layers: int | None = None, vision_layers: int | None 
         for key in ("num_hidden_layers", "depth"):
             if hasattr(vision, key):
                 setattr(vision, key, vision_layers)
-        if hasattr(vision, "fullatt_block_indexes"):
-            vision.fullatt_block_indexes = [i for i in vision.fullatt_block_indexes if i < vision_layers]
+        for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            if hasattr(vision, key):
+                setattr(vision, key, [i for i in getattr(vision, key) if i < vision_layers])
     return config
+
+
+def _depths(config) -> tuple[int, int | None]:
+    vision = getattr(config, "vision_config", None)
+    vision_depth = next((getattr(vision, k) for k in ("num_hidden_layers", "depth") if hasattr(vision, k)), None)
+    return config.get_text_config().num_hidden_layers, vision_depth
 
 
 def resolve_device(device: str) -> torch.device:
@@ -50,6 +65,120 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         # bf16 matmuls are ~6x slower than fp32 on CPUs without AVX-512-BF16/AMX
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+
+
+def weight_bytes(config, dtype: torch.dtype) -> tuple[int, int]:
+    """(parameters, bytes) of the model ``config`` describes, counted on the meta device (nothing allocated)."""
+    with compat.skip_weight_init(), torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(p.numel() for p in model.parameters()), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes the process can still allocate on ``device``: free GPU memory, or on the CPU the kernel's
+    MemAvailable capped by the cgroup's limit. None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+@dataclass
+class Plan:
+    """What ``build`` will make, known before anything is allocated."""
+
+    name: str
+    kind: str  # see cli.kind_of
+    random_weights: bool
+    config: object | None  # None for tiny models (vtr.testing builds their config)
+    dtype: torch.dtype
+    device: torch.device
+    layers: int | None = None
+    total_layers: int | None = None
+    vision_layers: int | None = None
+    total_vision_layers: int | None = None
+    parameters: int | None = None
+    bytes: int | None = None  # weights in `dtype`
+    needed: int | None = None  # weights plus WORKSPACE
+    available: int | None = None
+
+    def describe(self) -> str:
+        """One line, e.g. ``llava-1.5-7b: random weights, 3 of 32 decoder layers, 2 of 24 vision layers, 0.74 B
+        parameters in float32 on cpu (about 3.4 GB)``."""
+        parts = ["random weights" if self.random_weights else "weights from the checkpoint"]
+        if self.layers is not None:
+            parts.append(f"{self.layers} of {self.total_layers} decoder layers")
+        if self.vision_layers is not None:
+            parts.append(f"{self.vision_layers} of {self.total_vision_layers} vision layers")
+        where = f"{str(self.dtype).removeprefix('torch.')} on {self.device}"
+        if self.parameters is not None:
+            where = f"{self.parameters / 1e9:.2f} B parameters in {where} (about {self.needed / 1e9:.1f} GB)"
+        return f"{self.name}: {', '.join(parts)}, {where}"
+
+
+def plan(name: str, random_init: bool = False, layers: int | None = None, vision_layers: int | None = None,
+         dtype: str = "auto", device: str = "auto", check_memory: bool = True) -> Plan:
+    """Resolve what ``name`` means and estimate its memory. Raises ``NotEnoughMemory`` (with the estimate and what
+    is available) when the weights plus ``WORKSPACE`` exceed the device's available memory; ``ValueError`` for an
+    unknown tiny family, --layers/--vision-layers on a checkpoint with real weights or --vision-layers on a tiny
+    model; ``OSError`` when a checkpoint's config cannot be found or downloaded."""
+    device_ = resolve_device(device)
+    dtype_ = resolve_dtype(dtype, device_)
+    kind = kind_of(name)
+    if kind == "tiny":
+        from ..testing import FAMILIES
+        if name[len(TINY_PREFIX):] not in FAMILIES:
+            raise ValueError(f"unknown tiny model {name!r}; choose from {', '.join(TINY_PREFIX + f for f in FAMILIES)}")
+        if vision_layers is not None:
+            raise ValueError("tiny models have 2 vision layers; --vision-layers does not apply")
+        return Plan(name, kind, True, None, dtype_, device_, layers=layers or 4, total_layers=layers or 4)
+    random_weights = random_init or kind in ("shipped", "config")
+    if not random_weights and (layers is not None or vision_layers is not None):
+        raise ValueError("--layers/--vision-layers apply to random weights only (shipped configs, config.json "
+                         "files, or --random-init)")
+    total_layers, total_vision = _depths(load_config(name))
+    config = load_config(name, layers, vision_layers)
+    kept_layers, kept_vision = _depths(config)
+    parameters, size = weight_bytes(config, dtype_)
+    result = Plan(name, kind, random_weights, config, dtype_, device_, kept_layers, total_layers, kept_vision,
+                  total_vision, parameters, size, int(size * (1 + WORKSPACE)), available_memory(device_))
+    if check_memory and result.available is not None and result.needed > result.available:
+        raise NotEnoughMemory(
+            f"{name} with {kept_layers} of {total_layers} decoder layers in {str(dtype_).removeprefix('torch.')} "
+            f"needs about {result.needed / 1e9:.1f} GB ({parameters / 1e9:.2f} B parameters = "
+            f"{size / 1e9:.1f} GB of weights, plus {WORKSPACE:.0%} for activations), but only "
+            f"{result.available / 1e9:.1f} GB is available on {device_}. Nothing was built. Use fewer layers "
+            f"(--layers; random weights only), a smaller dtype (--dtype bfloat16), or a machine with more memory.")
+    return result
+
+
+def build(plan: Plan, attn: str = "sdpa"):
+    """Returns (model, processor or None) for a ``Plan``: random weights for shipped configs, config files and
+    --random-init; the checkpoint's weights and processor otherwise; a tiny model with its offline processor."""
+    if plan.kind == "tiny":
+        from ..testing import tiny_model
+        model, processor = tiny_model(plan.name[len(TINY_PREFIX):], attn=attn, layers=plan.layers)
+        return model.to(device=plan.device, dtype=plan.dtype), processor
+    if plan.random_weights:
+        return random_model(plan.config, plan.dtype, plan.device, attn), None
+    model = transformers.AutoModelForImageTextToText.from_pretrained(plan.name, dtype=plan.dtype,
+                                                                     attn_implementation=attn)
+    return model.to(plan.device).eval(), transformers.AutoProcessor.from_pretrained(plan.name)
 
 
 def random_model(config, dtype: torch.dtype, device: torch.device, attn: str, seed: int = 0):
@@ -75,17 +204,9 @@ def random_model(config, dtype: torch.dtype, device: torch.device, attn: str, se
 
 def load(name: str, random_init: bool = False, layers: int | None = None, vision_layers: int | None = None,
          dtype: str = "auto", attn: str = "sdpa", device: str = "auto"):
-    """Returns (model, processor or None). Shipped names and config paths always use random weights."""
-    device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
-    if random_init or name in SHIPPED or name.endswith(".json"):
-        config = load_config(name, layers, vision_layers)
-        return random_model(config, torch_dtype, device, attn), None
-    if layers is not None or vision_layers is not None:
-        raise ValueError("--layers/--vision-layers apply to --random-init models only")
-    model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype,
-                                                                     attn_implementation=attn).to(device).eval()
-    return model, transformers.AutoProcessor.from_pretrained(name)
+    """``build(plan(...))``: returns (model, processor or None). Shipped names and config paths always use random
+    weights and have no processor. Raises ``NotEnoughMemory`` before building a model that would not fit."""
+    return build(plan(name, random_init, layers, vision_layers, dtype, device), attn)
 
 
 def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size: int | None = None,

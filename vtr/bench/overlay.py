@@ -1,14 +1,24 @@
 """Kept-token overlay: the image (or each video frame) with the pruned patches darkened, from ``handle.last``.
 
     python -m vtr.bench.overlay --model Qwen/Qwen2-VL-7B-Instruct --image cat.jpg --method dart --ratio 0.889
+    python -m vtr.bench.overlay --model tiny-qwen2_vl --image cat.jpg    # a tiny random model: tries the tool
+
+--model takes a checkpoint (hub id or directory: its weights and processor) or tiny-<family> (vtr.testing's tiny
+random model and its offline processor). Shipped configs and config.json files are refused: they have no
+processor. The model's memory is estimated before it is built; one that would not fit is refused with the number.
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from ..report import PrefillRecord
+from . import cli
+
+if TYPE_CHECKING:
+    from ..report import PrefillRecord
 
 
 def overlay(image: Image.Image | list, record: PrefillRecord, row: int = 0, span: int = 0, view: str = "resize",
@@ -47,25 +57,48 @@ def overlay(image: Image.Image | list, record: PrefillRecord, row: int = 0, span
     return Image.alpha_composite(canvas.convert("RGBA"), shade).convert("RGB")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vtr.bench.overlay", description=__doc__,
+                                formatter_class=cli.HelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="a hub id or checkpoint directory (its weights and processor), or tiny-<family> (a tiny "
+                        "random model, e.g. tiny-qwen2_vl); shipped configs are refused (no processor); required")
+    p.add_argument("--image", required=True, help="the image file; required")
+    p.add_argument("--question", default="Describe the image.", help="the prompt's question (default: %(default)r)")
+    p.add_argument("--method", default="dart", help="a method name; vtr.methods() lists them (default: dart)")
+    p.add_argument("--ratio", type=float, default=0.889,
+                   help="fraction of the image's visual tokens to remove (default: 0.889)")
+    p.add_argument("--out", default="kept.png", help="the PNG to write (default: kept.png)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16 or float16 (default: auto = bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto = cuda if available)")
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vtr.bench.overlay", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", default="Describe the image.")
-    p.add_argument("--method", default="dart")
-    p.add_argument("--ratio", type=float, default=0.889)
-    p.add_argument("--out", default="kept.png")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.refuse_without_processor(parser, args.model)
+    print("loading torch and transformers ...", file=sys.stderr, flush=True)
     import torch
 
     import vtr
+
+    from ..methods import lookup
+    from . import models
     from .evaluate import prompt
-    from .models import load
-    model, processor = load(args.model, device=args.device)
+    try:
+        lookup(args.method)
+        plan = models.plan(args.model, dtype=args.dtype, device=args.device)
+    except (ValueError, OSError, models.NotEnoughMemory) as error:
+        parser.error(str(error))
+    print(f"building {plan.describe()} ...", file=sys.stderr, flush=True)
+    model, processor = models.build(plan)
     picture = Image.open(args.image).convert("RGB")
     inputs = processor(text=[prompt(processor, {"image": args.image, "question": args.question})],
                        images=[picture], return_tensors="pt").to(model.device)
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
     with vtr.patch(model, args.method, ratio=args.ratio) as handle, torch.no_grad():
         model(**inputs)
     view = "crop" if type(model).__name__ == "LlavaForConditionalGeneration" else "resize"

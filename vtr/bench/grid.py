@@ -1,0 +1,256 @@
+"""Measuring a grid of configurations on one model and one input batch: the dense model, each method at each
+budget, and each method's ideal (the unpatched language model fed only the kept tokens), interleaved."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import vtr
+
+from ..methods import lookup
+from . import cli
+from .timing import Clock, PeakMemory, StageTimer, kv_cache_bytes, llm_prefill_flops, median
+
+
+@dataclass
+class Config:
+    """One row of the grid: the dense model, a method at a budget, or that method's ideal."""
+
+    kind: str  # "dense" | "method" | "ideal"
+    method: str | None = None
+    budget: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        budget = ",".join(f"{k}={v}" for k, v in self.budget.items())
+        return f"{self.method}[{budget}]" + (" ideal" if self.kind == "ideal" else "")
+
+
+@dataclass
+class Sample:
+    ttft: float
+    vision: float
+    llm: float
+    selection: float
+    decode_step: float | None
+    peak_memory: int
+    kv_cache: int
+    layer_lengths: list[int]
+    batch: int
+    n_visual: list[int]
+    n_kept: list[int]
+    stages: list[dict]
+
+
+class Runner:
+    """Runs configurations on one model and one input batch."""
+
+    def __init__(self, model, inputs: dict, decode_tokens: int):
+        self.model, self.inputs, self.decode_tokens = model, inputs, decode_tokens
+        self.clock = Clock(model.device)
+        self.timer = StageTimer(model, self.clock)
+        self.n_layers = len(model.model.language_model.layers)
+        self.lm_inputs: dict | None = None  # what the language model receives in the dense prefill
+        self.kept_index: dict[str, torch.Tensor] = {}
+
+    def _capture_lm_inputs(self, module, args, kwargs):
+        if self.lm_inputs is None:
+            self.lm_inputs = {"embeds": kwargs["inputs_embeds"], "mask": kwargs.get("attention_mask"),
+                              "positions": kwargs.get("position_ids")}
+
+    def run(self, config: Config) -> Sample:
+        if config.kind == "ideal":
+            return self._ideal(config)
+        handle = vtr.patch(self.model, config.method, **config.budget, **config.options) if config.method else None
+        capture = None
+        if handle is None and self.lm_inputs is None:
+            capture = self.model.model.language_model.register_forward_pre_hook(self._capture_lm_inputs,
+                                                                                with_kwargs=True)
+        try:
+            sample = self._prefill_and_decode(self.inputs, handle)
+            if handle is not None:
+                self.kept_index[config.label] = handle.last.index
+            return sample
+        finally:
+            if capture is not None:
+                capture.remove()
+            if handle is not None:
+                handle.remove()
+
+    def _prefill_and_decode(self, inputs: dict, handle, ideal_layers: list[int] | None = None) -> Sample:
+        self.timer.reset()
+        self.clock.sync()
+        with torch.no_grad(), PeakMemory(self.model.device) as memory:
+            start = self.clock.mark()
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            end = self.clock.mark()
+        ttft = self.clock.seconds(start, end)
+        vision, llm = self.timer.seconds("vision"), self.timer.seconds("llm")
+        cache = out.past_key_values
+        kv = kv_cache_bytes(cache)
+        decode = self._decode(out, token, inputs)
+        record = handle.last if handle is not None else None
+        batch, length = next(v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds")).shape[:2]
+        if record is not None:
+            lengths = self._layer_lengths(length, record)
+            n_visual, n_kept = record.n_visual, record.n_kept
+            stages = [{"stage": s.stage, "layer": s.layer, "n_visual": s.n_visual, "n_kept": [len(k) for k in s.kept]}
+                      for s in record.stages]
+            selection = record.selection_seconds
+        else:
+            lengths = ideal_layers or [length] * self.n_layers
+            n_visual = n_kept = None
+            stages, selection = [], 0.0
+        return Sample(ttft=ttft, vision=vision, llm=llm, selection=selection, decode_step=decode,
+                      peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=n_visual,
+                      n_kept=n_kept,
+                      stages=stages)
+
+    def _decode(self, out, token, inputs) -> float | None:
+        """Median time of one greedy decoding step over the prefill's cache."""
+        if self.decode_tokens <= 0:
+            return None
+        cache = out.past_key_values
+        mask = inputs.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            mask = None  # unpadded batch: decode as generate does, without a mask
+        positions = inputs.get("position_ids")
+        steps = []
+        with torch.no_grad():
+            for _ in range(self.decode_tokens):
+                extra = {}
+                if mask is not None:
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+                    extra["attention_mask"] = mask
+                if positions is not None:
+                    positions = positions[..., -1:] + 1
+                    extra["position_ids"] = positions
+                start = self.clock.mark()
+                step = self.model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+                token = step.logits[:, -1].argmax(-1, keepdim=True)
+                end = self.clock.mark()
+                steps.append(self.clock.seconds(start, end))
+        return median(steps)
+
+    def _layer_lengths(self, length: int, record) -> list[int]:
+        """Sequence length (padding included) entering each decoder layer."""
+        lengths = [length] * self.n_layers
+        for stage in record.stages:
+            lengths[stage.layer:] = [stage.length] * (self.n_layers - stage.layer)
+        return lengths
+
+    def _ideal(self, config: Config) -> Sample:
+        """The unpatched language model fed the kept tokens of ``config``'s method (its vision time is the dense
+        model's, added by the caller)."""
+        index = self.kept_index[Config("method", config.method, config.budget, config.options).label]
+        if index is None:  # the method kept everything
+            index = torch.arange(self.lm_inputs["embeds"].shape[1], device=self.model.device)[None]
+        embeds, mask, positions = _kept_inputs(self.lm_inputs, index)
+        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+        return self._prefill_and_decode(inputs, None, [embeds.shape[1]] * self.n_layers)
+
+    def close(self):
+        self.timer.remove()
+
+
+def _kept_inputs(lm_inputs: dict, index: torch.Tensor):
+    from ..kernels import gather_positions, gather_rows
+    embeds = lm_inputs["embeds"]
+    B, L = embeds.shape[:2]
+    index = index.expand(B, -1)
+    mask = lm_inputs["mask"] if lm_inputs["mask"] is not None else torch.ones(B, L, dtype=torch.long,
+                                                                             device=embeds.device)
+    positions = lm_inputs["positions"]
+    if positions is None:
+        positions = torch.arange(L, device=embeds.device).expand(B, L)
+    kept_mask = gather_rows(mask.unsqueeze(-1), index, 0).squeeze(-1)
+    return gather_rows(embeds, index), kept_mask, gather_positions(positions, index)
+
+
+def build_grid(methods: list[str], budgets: list[dict], options: dict) -> list[Config]:
+    grid = [Config("dense")]
+    for method in methods:
+        accepted = _options_for(method, options)
+        for budget in budgets:
+            grid.append(Config("method", method, budget, accepted))
+            grid.append(Config("ideal", method, budget, accepted))
+    return grid
+
+
+def _options_for(method: str, options: dict) -> dict:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(lookup(method))}
+    return {k: v for k, v in options.items() if k in names}
+
+
+def run_grid(model, inputs: dict, grid: list[Config], repeats: int, warmup: int, decode_tokens: int,
+             progress: bool = True) -> list[dict]:
+    """Interleaved measurement: every repeat runs every configuration once, in grid order (dense first: its
+    prefill also records the language model's inputs that the ideal runs are cut from)."""
+    runner = Runner(model, inputs, decode_tokens)
+    samples: dict[str, list[Sample]] = {c.label: [] for c in grid}
+    bar = cli.progress((warmup + repeats) * len(grid), progress, "measuring")
+    try:
+        for rep in range(warmup + repeats):
+            for config in grid:
+                sample = runner.run(config)
+                if rep >= warmup:
+                    samples[config.label].append(sample)
+                bar.update(1)
+    finally:
+        bar.close()
+        runner.close()
+    return summarise(grid, samples, model)
+
+
+def summarise(grid: list[Config], samples: dict, model) -> list[dict]:
+    text = model.config.get_text_config()
+    rows = []
+    dense = _medians(samples["dense"], text)
+    for config in grid:
+        row = {"config": config.label, "kind": config.kind, "method": config.method, **config.budget,
+               "options": config.options, **_medians(samples[config.label], text)}
+        if config.kind == "ideal":
+            row["vision_s"] = dense["vision_s"]
+            row["ttft_s"] = row["ttft_s"] + dense["vision_s"]  # the LM-only prefill plus the dense vision time
+        rows.append(row)
+    by_label = {r["config"]: r for r in rows}
+    for row in rows:
+        row["ttft_speedup_vs_dense"] = _ratio(dense["ttft_s"], row["ttft_s"])
+        row["llm_speedup_vs_dense"] = _ratio(dense["llm_s"], row["llm_s"])
+        row["decode_speedup_vs_dense"] = _ratio(dense["decode_step_s"], row["decode_step_s"])
+        if row["kind"] == "method":
+            ideal = by_label[row["config"] + " ideal"]
+            row["ttft_vs_ideal"] = _ratio(ideal["ttft_s"], row["ttft_s"])  # 1.0 = as fast as the ideal
+    return rows
+
+
+def _medians(samples: list[Sample], text_config) -> dict:
+    first = samples[0]
+    batch = first.batch
+    return {
+        "ttft_s": median([s.ttft for s in samples]),
+        "vision_s": median([s.vision for s in samples]),
+        "llm_s": median([s.llm for s in samples]),
+        "selection_s": median([s.selection for s in samples]),
+        "decode_step_s": median([s.decode_step for s in samples]),
+        "decode_tokens_per_s": _ratio(batch, median([s.decode_step for s in samples])),
+        "peak_memory_bytes": median([s.peak_memory for s in samples]),
+        "kv_cache_bytes": first.kv_cache,
+        "llm_prefill_tflops": llm_prefill_flops(text_config, first.layer_lengths, batch) / 1e12,
+        "layer_lengths": first.layer_lengths,
+        "n_visual": first.n_visual,
+        "n_kept": first.n_kept,
+        "stages": first.stages,
+        "repeats": len(samples),
+    }
+
+
+def _ratio(a, b):
+    return None if a is None or not b else a / b
