@@ -70,7 +70,8 @@ def test_flash_attention_is_not_usable_without_a_gpu():
     checks["flash-attn"] = env.Check("flash-attn", "2.8", True, "")
     assert env.attention_backends(checks, cuda=True)["flash_attention_2"] == "usable"
     checks["transformers"] = env.Check("transformers", "5.23", False, "model classes fail to import: ...")
-    assert set(env.attention_backends(checks, cuda=False).values()) == {"no (transformers' model classes do not import)"}
+    backends = env.attention_backends(checks, cuda=False)
+    assert set(backends.values()) == {"no (transformers' model classes do not import)"}
 
 
 @pytest.mark.video
