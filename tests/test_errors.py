@@ -45,6 +45,17 @@ def test_unsupported_model_lists_supported_ones():
     assert hook_count(model) == 0
 
 
+@pytest.mark.parametrize("method,family", [
+    pytest.param(m, f, id=f"{m}-{f}") for m in sorted(vtr.methods()) for f in tm.FAMILIES if not tm.supports(m, f)])
+def test_methods_refuse_models_they_do_not_support(method, family):
+    """A method whose official code has no rule for a model (no [CLS] token in its vision tower, ...) is refused
+    at patch time, naming the model; nothing is attached."""
+    model, _ = tm.build(family)
+    with pytest.raises(ValueError, match=rf"{method} does not support {tm.MODEL_CLASSES[family]}: .+ Supported: "):
+        vtr.patch(model, method, ratio=0.5)
+    assert hook_count(model) == 0 and vtr.handle_of(model) is None
+
+
 def test_unsupported_attention_backend():
     model, _ = tm.build("llava", attn="flex_attention")
     with pytest.raises(ValueError, match=r"attn_implementation='flex_attention'; supported: eager, sdpa"):

@@ -205,3 +205,68 @@ def test_layer_signals_without_a_cache(method):
             without = handle.last.kept
     assert all(torch.equal(a, b) for a, b in zip(with_cache, without))
     assert torch.allclose(cached, uncached, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ vision-side methods
+def vision_tower_outputs(model, inputs):
+    """The unpatched vision tower run with eager attention probabilities on every crop the model encodes, as the
+    official LLaVA code runs it: (attentions, hidden_states) tuples over layers, each ``[n_crops, ...]``."""
+    pixels = inputs["pixel_values"]
+    if pixels.dim() == 5:  # LLaVA-NeXT: the real crops of each image, in order
+        counts = crops_per_image(model, inputs)
+        pixels = torch.cat([p[:n] for p, n in zip(pixels, counts)])
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+    return out.attentions, out.hidden_states
+
+
+def crops_per_image(model, inputs):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    return [image_size_to_num_patches(s, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+            for s in inputs["image_sizes"].tolist()]
+
+
+def token_sources(model, inputs):
+    """Per image, ``[n]`` (crop * 10_000 + patch index) of each language-model visual token (-1: newline),
+    derived by running transformers' own feature packing on labelled features."""
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    if inputs["pixel_values"].dim() == 4:  # LLaVA-1.5: one crop per image, [CLS] dropped
+        return [torch.arange(1, n + 1) + 10_000 * i for i in range(len(inputs["pixel_values"]))]
+    counts = crops_per_image(model, inputs)
+    labels = (torch.arange(sum(counts))[:, None] * 10_000 + torch.arange(1, n + 1)[None]).double()[..., None]
+    packed, lengths = model.model.pack_image_features(list(torch.split(labels, counts)), inputs["image_sizes"],
+                                                      "default", image_newline=torch.tensor([-1.0]).double())
+    return [p[:, 0].long() for p in packed]  # one [n, 1] tensor per image
+
+
+def span_scores(record, inputs, model, per_crop):
+    """Per row, per image span: (candidate token indices in the span, the value of ``per_crop[crop, patch]``)."""
+    sources = token_sources(model, inputs)
+    k, out = 0, []
+    for row in record.layout.rows:
+        spans = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            candidates = (src >= 0).nonzero().flatten()
+            spans.append((span, candidates, per_crop[src[candidates] // 10_000, src[candidates] % 10_000]))
+        out.append(spans)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi")])
+def test_fastervlm_keeps_the_top_cls_attention(family, batch, variant):
+    """Official: a = attentions[-2][:, :, 0, 1:] (eager CLIP probabilities of the feature layer) mean over heads;
+    top-T per image; newline tokens (LLaVA-NeXT) are always kept."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "fastervlm", ratio=0.75)
+    attentions, _ = vision_tower_outputs(model, inputs)
+    cls = attentions[-2][:, :, 0].mean(1)  # [n_crops, N], [CLS] included at index 0
+    for b, spans in enumerate(span_scores(record, inputs, model, cls)):
+        expected = []
+        for span, candidates, scores in spans:
+            top = candidates[torch.topk(scores, round(len(candidates) * 0.25)).indices]
+            expected += [span.offset + top, span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()

@@ -32,8 +32,7 @@ def interrupt_at(model, layer: int):
 
 
 @pytest.mark.parametrize("call", ["generate", "forward"])
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, FAMILIES))
 def test_interrupt_leaves_the_patch_working(method, family, call):
     """A KeyboardInterrupt (torch skips always-call hooks for it) inside a prefill, in generate or in a plain
     forward: the next requests are pruned exactly as before, and removal still restores the model."""
@@ -58,8 +57,7 @@ def test_interrupt_leaves_the_patch_working(method, family, call):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, FAMILIES))
 def test_compiled_model_prunes_like_eager(method, family, backend):
     """torch.compile traces the hooks: same kept tokens and same logits as eager (DART's pivot order is computed
     without iterating a set, which compiled code iterates in insertion order)."""

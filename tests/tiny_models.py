@@ -21,6 +21,28 @@ VOCAB_SIZE = 128
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+def supports(method: str, family: str) -> bool:
+    """Whether a registered method supports a tiny family's model class (vtr.patch refuses the others)."""
+    from vtr.methods import REGISTRY
+    return REGISTRY[method].model_classes is None or MODEL_CLASSES[family] in REGISTRY[method].model_classes
+
+
+def family_for(method: str, preferred: str) -> str:
+    """``preferred`` if the method supports it, else the first family it supports (for single-family tests)."""
+    return preferred if supports(method, preferred) else next(f for f in FAMILIES if supports(method, f))
+
+
+def method_family(methods, families) -> list:
+    """pytest params (method, family) of the supported pairs; unsupported pairs are tested to be refused instead
+    (test_errors.py)."""
+    import pytest
+    return [pytest.param(m, f, id=f"{m}-{f}") for m in methods for f in families if supports(m, f)]
 
 
 def make_tokenizer(family: str) -> T.PreTrainedTokenizerFast:

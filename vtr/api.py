@@ -131,6 +131,9 @@ def methods() -> dict[str, str]:
 
 
 def _validate(model: torch.nn.Module, method: Method, family) -> None:
+    if not any(method.supports(cls.__name__) for cls in type(model).__mro__):
+        raise ValueError(f"{method.name} does not support {type(model).__name__}: {method.unsupported_reason} "
+                         f"Supported: {', '.join(method.model_classes)}")
     backend = compat.attn_implementation(model)
     if backend not in compat.ATTENTION_BACKENDS:
         raise ValueError(f"{method.name} cannot run with attn_implementation={backend!r}; supported: "

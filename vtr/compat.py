@@ -13,6 +13,7 @@ Supported range: transformers 5.17 to 5.23 (tested at both ends). What is relied
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 
@@ -184,9 +185,94 @@ def shadow_method(obj, name: str, wrapper) -> None:
     Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
     (``language_model._deepstack_process``) and ``generate`` (a request in flight, with a ``finally`` that also runs on
     ``KeyboardInterrupt``). ``unshadow_method`` removes the instance attribute, restoring the class's method."""
-    setattr(obj, name, functools.partial(wrapper, getattr(obj, name)))
+    original = getattr(obj, name)
+    shadow = functools.partial(wrapper, original)
+    functools.update_wrapper(shadow, original)  # generate() reads get_image_features' signature to call it
+    setattr(obj, name, shadow)
 
 
 def unshadow_method(obj, name: str) -> None:
     if name in vars(obj):
         delattr(obj, name)
+
+
+# ---------------------------------------------------------------------------------------------- vision tower
+# LLaVA-family towers are CLIP / SigLIP ``*VisionModel``s: ``vision_tower[.vision_model].encoder.layers[i]`` with
+# ``self_attn`` (``q_proj``/``k_proj``/``num_heads``/``head_dim``/``scale``), whose output tuple starts with the
+# hidden states; ``get_image_features`` (on the base model) runs the tower, keyword ``image_sizes`` for anyres.
+IMAGE_FEATURES = "get_image_features"
+
+
+def vision_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The vision tower's encoder layers."""
+    tower = getattr(model.model, "vision_tower", None)
+    tower = getattr(tower, "vision_model", tower)  # older releases wrap the transformer once more
+    if tower is None or not hasattr(tower, "encoder"):
+        raise ValueError(f"vtr: {type(model).__name__} has no CLIP/SigLIP-style vision tower")
+    return tower.encoder.layers
+
+
+def vision_self_attention(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.self_attn
+
+
+def layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def vision_feature_layer(model: torch.nn.Module) -> int:
+    """0-based index of the vision layer whose output the projector reads (``vision_feature_layer=-2`` of a
+    24-layer CLIP is layer 22: ``hidden_states`` starts with the embeddings)."""
+    chosen = model.config.vision_feature_layer
+    if not isinstance(chosen, int):
+        raise ValueError(f"vtr: vision_feature_layer={chosen!r} (several layers concatenated) is not supported by "
+                         "methods that read vision-tower signals")
+    n = len(vision_layers(model))
+    index = chosen % (n + 1) - 1
+    if index < 0:
+        raise ValueError("vtr: vision_feature_layer selects the patch embeddings, which no vision layer produces")
+    return index
+
+
+def vision_feature_strategy(model: torch.nn.Module) -> str:
+    """``"default"`` (the [CLS] token is dropped before the projector) or ``"full"``."""
+    return model.config.vision_feature_select_strategy
+
+
+def call_argument(function, args: tuple, kwargs: dict, name: str):
+    """The value ``function(*args, **kwargs)`` receives for parameter ``name`` (None if not passed)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    return bound.arguments.get(name)
+
+
+def _vision_heads(attn: torch.nn.Module, proj: str, hidden: torch.Tensor) -> torch.Tensor:
+    """``[n, N, D]`` -> ``[n, H, N, d]`` projections of a CLIP/SigLIP attention module."""
+    n, N, _ = hidden.shape
+    return getattr(attn, proj)(hidden).view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: slice | torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Softmax attention probabilities of the query tokens ``rows`` over all tokens, per head: ``[n, H, r, N]``.
+
+    hidden: ``[n, N, D]`` the attention module's input (after the layer norm); no mask (every token of a CLIP or
+    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does."""
+    q = _vision_heads(attn, "q_proj", hidden[:, rows]).to(dtype)
+    k = _vision_heads(attn, "k_proj", hidden).to(dtype)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+    return logits.softmax(-1, dtype=torch.float32).to(dtype)
+
+
+def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``[n, N, d]``: the attention module's keys (with the projection bias), mean over heads."""
+    return _vision_heads(attn, "k_proj", hidden).mean(1)
+
+
+def project_visual(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The multimodal projector applied to vision features ``[..., D_v]`` -> ``[..., D]`` (per token)."""
+    return model.model.multi_modal_projector(features)

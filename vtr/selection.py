@@ -155,3 +155,83 @@ class SelectionContext:
         if "normed" not in self._memo:
             self._memo["normed"] = compat.final_norm(self.engine.lm)(self.hidden)
         return self._memo["normed"]
+
+    # ------------------------------------------------------------------------------------ vision-tower signals
+    # Read from the inputs and outputs of the vision layers a ``needs={"vision"}`` method names, captured while the
+    # images were encoded; only the attention rows a method asks for are computed (the tower keeps SDPA/FA2).
+    def _vision_layer(self, layer: int | None):
+        call = self.fwd.vision
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        if call is None or layer not in call.layers or call.layers[layer][2] is None:
+            raise RuntimeError(f"{self.engine.method.name}: no vision-tower signals of layer {layer} were captured "
+                               "for this prefill; the images must be encoded by the model itself in the same call "
+                               "(pass pixel_values to forward() or generate(), not precomputed features)")
+        return call.layers[layer]
+
+    def _vision_dtype(self, hidden: torch.Tensor) -> torch.dtype:
+        return hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
+
+    def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(crop, index)``, each ``[c]``: the vision-tower input (all images' crops in input order) and the token
+        index in its sequence ([CLS] included) that made each candidate. Images only; newline tokens have none."""
+        span = tokens.span
+        if span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {span.kind}")
+        key = ("sources", row, span.index)
+        if key not in self._memo:
+            first, size = self._image_crops()[row, span.index]
+            crop, index = self.engine.family.vision_patches(self.engine.model, span, size)
+            self._memo[key] = (crop + first).masked_fill(crop < 0, -1), index
+        crop, index = self._memo[key]
+        ids = tokens.ids.cpu()
+        crop, index = crop[ids], index[ids]
+        if bool((index < 0).any()):
+            raise RuntimeError(f"{self.engine.method.name}: newline tokens have no vision-tower patch")
+        return crop, index
+
+    def _image_crops(self) -> dict:
+        """(row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
+        if "crops" not in self._memo:
+            sizes = self.fwd.vision.image_sizes if self.fwd.vision is not None else None
+            crops, first, k = {}, 0, 0
+            for b, row in enumerate(self.layout.rows):
+                for span in row.spans:
+                    if span.kind == "image":
+                        size = sizes[k] if sizes is not None else None
+                        crops[b, span.index] = (first, size)
+                        first += self.engine.family.crops_per_image(self.engine.model, size)
+                        k += 1
+            self._memo["crops"] = crops
+        return self._memo["crops"]
+
+    def vision_cls_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the softmax attention the [CLS] query (token 0 of each crop) pays each candidate's patch at a
+        vision layer (default: the feature layer, CLIP's ``attentions[-2]`` on LLaVA), mean over heads."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("cls", layer)
+        if key not in self._memo:
+            probs = compat.vision_attention_rows(attn, hidden, slice(0, 1), self._vision_dtype(hidden))
+            self._memo[key] = probs.mean(1)[:, 0]  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_features(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, D_v]``: each candidate's hidden state at the output of a vision layer (default: the feature
+        layer, i.e. what the projector reads)."""
+        _, _, output = self._vision_layer(layer)
+        crop, index = self.vision_sources(row, tokens)
+        return output[crop.to(output.device), index.to(output.device)]
+
+    def vision_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("keys", layer)
+        if key not in self._memo:
+            self._memo[key] = compat.vision_head_mean_keys(attn, hidden)  # [n_crops, N, d]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
+        return compat.project_visual(self.engine.model, features).to(self.hidden.dtype)

@@ -1,12 +1,13 @@
 """The registered pruning methods. Adding one: a file here with a registered ``Method`` dataclass, one import line
 below, and its row in the README table; the test matrix picks it up from the registry."""
-from .base import Method, Stage, StageSpec
+from .base import Merge, Method, Stage, StageSpec
 from .dart import DART
 from .divprune import DivPrune
+from .fastervlm import FasterVLM
 from .fastv import FastV
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
 
-__all__ = ["DART", "DivPrune", "FastV", "Method", "REGISTRY", "Random", "Stage", "StageSpec", "Uniform", "lookup",
-           "register"]
+__all__ = ["DART", "DivPrune", "FastV", "FasterVLM", "Merge", "Method", "REGISTRY", "Random", "Stage", "StageSpec",
+           "Uniform", "lookup", "register"]
