@@ -270,3 +270,70 @@ def test_fastervlm_keeps_the_top_cls_attention(family, batch, variant):
             top = candidates[torch.topk(scores, round(len(candidates) * 0.25)).indices]
             expected += [span.offset + top, span.offset + span.newline.nonzero().flatten()]
         assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+
+
+def vision_layer_keys(model, hidden_states):
+    """Head-mean keys of the feature layer (-2), recomputed from its input: ``[n_crops, N, d]`` (what the official
+    patched CLIPAttention stores as ``metric``)."""
+    layer = model.model.vision_tower.encoder.layers[-2]
+    with torch.no_grad():
+        keys = layer.self_attn.k_proj(layer.layer_norm1(hidden_states[-3]))
+    n, N, _ = keys.shape
+    return keys.view(n, N, layer.self_attn.num_heads, -1).mean(2)
+
+
+def visionzip_official(cls, keys, hidden, budget):
+    """Transcription of VisionZip for one image's candidates (sequence order), without a [CLS] slot: top-D
+    dominant, strided targets over the rest, nearest target by normalised key, target + mean(members). Returns
+    (kept candidate indices, {target candidate index: merged hidden state})."""
+    contextual = budget * 5 // 32
+    dominant = torch.topk(cls, budget - contextual).indices.tolist()
+    rest = [i for i in range(len(cls)) if i not in dominant]
+    if contextual == 0:
+        return sorted(dominant), {}
+    step = max(1, len(rest) // contextual)
+    targets = list(range(0, len(rest), step))[:contextual]
+    unit = keys[rest] / keys[rest].norm(dim=-1, keepdim=True)
+    members = {t: [] for t in targets}
+    for o in range(len(rest)):
+        if o in targets:
+            continue
+        sims = [float(unit[o] @ unit[t]) for t in targets]
+        best = max(range(len(targets)), key=lambda j: (sims[j], -j))  # ties: the first target
+        members[targets[best]].append(rest[o])
+    merged = {rest[t]: hidden[rest[t]] + (hidden[m].mean(0) if m else 0) for t, m in members.items()}
+    return sorted(dominant + list(merged)), merged
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 20}), (2, "multi", {"ratio": 0.75})])
+def test_visionzip_matches_official_selection_and_merges(family, batch, variant, budget):
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "visionzip", **budget)
+    attentions, hidden_states = vision_tower_outputs(model, inputs)
+    cls = attentions[-2][:, :, 0].sum(1)  # official: summed over heads
+    keys, hidden = vision_layer_keys(model, hidden_states), hidden_states[-2]
+    sources = token_sources(model, inputs)
+    k, n_merged = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected, merged_rows = [], {}
+        got = {int(i): e for i, e in zip(record.merged[b].kept, record.merged[b].embeds)}
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept, merged = visionzip_official(cls[crop, patch], keys[crop, patch], hidden[crop, patch],
+                                              min(T, len(cand)))
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+            for c, h in merged.items():
+                merged_rows[span.offset + int(cand[c])] = model.model.multi_modal_projector(h)
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+        assert sorted(got) == sorted(merged_rows)
+        for i, embed in merged_rows.items():
+            assert torch.allclose(got[i], embed, atol=1e-5)
+        n_merged += len(got)
+    assert n_merged > 0
+

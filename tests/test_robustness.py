@@ -192,6 +192,40 @@ def test_the_engine_rejects_a_broken_selection(kind, match):
             model(**tm.image_inputs("llava", proc, 1))
 
 
+class BrokenMerge(vtr.Method):
+    name = "broken_merge"
+    kind = "outside"
+
+    def select(self, ctx, row, span, budget):
+        keep = torch.arange(budget)
+        embeds = torch.zeros(1, ctx.hidden.shape[-1])
+        slots = {"outside": torch.tensor([budget]), "shape": torch.tensor([0]), "sources": torch.tensor([0])}
+        if self.kind == "shape":
+            embeds = embeds[:, :3]
+        sources = [] if self.kind == "sources" else [torch.tensor([0, budget])]
+        return vtr.Merge(keep=keep, slots=slots.get(self.kind, torch.tensor([0])), embeds=embeds, sources=sources)
+
+
+class BrokenLayerMerge(BrokenMerge):
+    stage = vtr.Stage.LAYER
+    layer: int = 2
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("outside", r"broken_merge: merged slots \[16\] must be kept tokens"),
+    ("shape", r"broken_merge: a merge of 1 tokens needs \[1, 64\] embeddings and as many source lists, got \(1, 3\)"),
+    ("sources", r"broken_merge: a merge of 1 tokens needs .* and 0"),
+    ("layer", r"broken_merge: merged tokens are only supported before the language model"),
+])
+def test_the_engine_rejects_a_broken_merge(kind, match):
+    model, proc = tm.build("llava")
+    base = BrokenLayerMerge if kind == "layer" else BrokenMerge
+    method = type("Broken", (base,), {"kind": kind})(ratio=0.75)
+    with vtr.patch(model, method), torch.no_grad():
+        with pytest.raises(RuntimeError, match=match):
+            model(**tm.image_inputs("llava", proc, 1))
+
+
 @pytest.mark.parametrize("method,options,match", [
     ("dart", dict(ratio=True), r"dart: ratio must be a number, got True"),
     ("dart", dict(ratio=False), r"dart: ratio must be a number, got False"),

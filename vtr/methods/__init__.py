@@ -8,6 +8,7 @@ from .fastv import FastV
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
+from .visionzip import VisionZip
 
 __all__ = ["DART", "DivPrune", "FastV", "FasterVLM", "Merge", "Method", "REGISTRY", "Random", "Stage", "StageSpec",
-           "Uniform", "lookup", "register"]
+           "Uniform", "VisionZip", "lookup", "register"]
