@@ -337,3 +337,46 @@ def test_visionzip_matches_official_selection_and_merges(family, batch, variant,
         n_merged += len(got)
     assert n_merged > 0
 
+
+def vispruner_official(cls, features, budget, important_ratio):
+    """Loop transcription of VisPruner's encode_images for one image's candidates: important by [CLS] attention,
+    then rounds of A/B split of the residual order, dropping the most duplicated A tokens."""
+    order = sorted(range(len(cls)), key=lambda i: (-float(cls[i]), i))
+    n_important = int(budget * important_ratio)
+    important, residual, n_diverse = order[:n_important], order[n_important:], budget - n_important
+    unit = features / features.norm(dim=-1, keepdim=True)
+    while n_diverse > 0:
+        drop = min(8, len(residual) - n_diverse)
+        if drop <= 0:
+            break
+        a, b = residual[0::2], residual[1::2]
+        best = [max(float(unit[i] @ unit[j]) for j in b) for i in a]
+        ranked = sorted(range(len(a)), key=lambda i: (-best[i], i))
+        residual = [a[i] for i in ranked[drop:]] + b
+    return sorted(important + (residual if n_diverse > 0 else []))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant,budget,important", [(1, "single", {"keep": 40}, 0.5),
+                                                            (2, "multi", {"ratio": 0.75}, 0.5),
+                                                            (1, "single", {"keep": 21}, 0.75)])
+def test_vispruner_matches_official_selection(family, batch, variant, budget, important):
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "vispruner", important_ratio=important, **budget)
+    attentions, hidden_states = vision_tower_outputs(model, inputs)
+    cls, features = attentions[-2][:, :, 0].mean(1), hidden_states[-2]
+    sources = token_sources(model, inputs)
+    k = 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept = vispruner_official(cls[crop, patch], features[crop, patch], min(T, len(cand)), important)
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+

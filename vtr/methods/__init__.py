@@ -8,7 +8,8 @@ from .fastv import FastV
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
+from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 __all__ = ["DART", "DivPrune", "FastV", "FasterVLM", "Merge", "Method", "REGISTRY", "Random", "Stage", "StageSpec",
-           "Uniform", "VisionZip", "lookup", "register"]
+           "Uniform", "VisPruner", "VisionZip", "lookup", "register"]
