@@ -380,3 +380,57 @@ def test_vispruner_matches_official_selection(family, batch, variant, budget, im
             expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
         assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
 
+
+def hiprune_official(shallow, deep, crop, patch, budget, alpha, side):
+    """Transcription of HiPrune's encode_images for one image's candidates: anchors = top round(T * alpha / 5) of
+    the object layer's global attention, buffers = anchor patches -1, +1, -side, +side in the same crop (clamped,
+    no row-wrap check), registers = top of the feature layer's global attention among the rest."""
+    anchors = torch.topk(shallow, round(budget * alpha / 5)).indices.tolist()
+    where = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(crop, patch))}
+    group = set()
+    for a in anchors:
+        for offset in (0, -1, 1, -side, side):
+            i = where.get((int(crop[a]), min(max(int(patch[a]) + offset, 0), side * side - 1)))
+            if i is not None:
+                group.add(i)
+    assert len(group) < budget  # the official code's own precondition
+    rest = deep.clone()
+    rest[list(group)] -= 1  # official: attention <= 1, so these are never registers
+    registers = torch.topk(rest, budget - len(group)).indices.tolist()
+    return sorted(group | set(registers)), len(anchors)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("object_layer", [3, 9])
+@pytest.mark.parametrize("batch,variant,budget,alpha", [(1, "single", {"keep": 40}, 0.5),
+                                                        (2, "multi", {"ratio": 0.75}, 1.0)])
+def test_hiprune_matches_official_selection(family, object_layer, batch, variant, budget, alpha):
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "hiprune", object_layer=object_layer, alpha=alpha, **budget)
+    attentions, _ = vision_tower_outputs(model, inputs)
+    shallow = attentions[object_layer - 1].mean(1).mean(1)  # [n_crops, N]: received, [CLS] query included
+    deep = attentions[-2].mean(1).mean(1)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    sources = token_sources(model, inputs)
+    k, anchors = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept, n_anchors = hiprune_official(shallow[crop, patch], deep[crop, patch], crop, patch - 1,
+                                               min(T, len(cand)), alpha, side)
+            anchors += n_anchors
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+    assert anchors > 0
+
+
+def test_hiprune_refuses_an_object_layer_the_tower_lacks():
+    model, _ = tm.build("llava")
+    with pytest.raises(ValueError, match=r"hiprune: object_layer must be in \[1, 10\] for this 10-layer vision"):
+        vtr.patch(model, "hiprune", ratio=0.5, object_layer=11)

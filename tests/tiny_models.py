@@ -138,7 +138,8 @@ def build(family: str, attn: str = "sdpa", layers: int = 4, seed: int = 0):
     """Returns (model, processor) for one of FAMILIES."""
     tok = make_tokenizer(family)
     ids = tok.convert_tokens_to_ids
-    clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # 10 CLIP layers, so that HiPrune's default object layer (9) exists; the features come from layer 8 (-2)
+    clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=10,
                 num_attention_heads=4, patch_size=8, projection_dim=32)
     if family == "llava":
         cfg = T.LlavaConfig(vision_config=dict(clip, image_size=64), text_config=_text_config(tok, "llama", layers),

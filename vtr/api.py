@@ -138,6 +138,8 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
     if backend not in compat.ATTENTION_BACKENDS:
         raise ValueError(f"{method.name} cannot run with attn_implementation={backend!r}; supported: "
                          f"{', '.join(compat.ATTENTION_BACKENDS)}")
+    if "vision" in method.needs:  # the vision layers it reads must exist
+        method.vision_layers(len(compat.vision_layers(model)), compat.vision_feature_layer(model))
     lm = compat.text_model(model)
     types = set(compat.layer_types(lm))
     if types != {"full_attention"}:

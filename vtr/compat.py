@@ -234,6 +234,12 @@ def vision_feature_layer(model: torch.nn.Module) -> int:
     return index
 
 
+def vision_grid_side(model: torch.nn.Module) -> int:
+    """Patches per row of one square vision-tower input."""
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
 def vision_feature_strategy(model: torch.nn.Module) -> str:
     """``"default"`` (the [CLS] token is dropped before the projector) or ``"full"``."""
     return model.config.vision_feature_select_strategy

@@ -235,3 +235,20 @@ class SelectionContext:
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
         return compat.project_visual(self.engine.model, features).to(self.hidden.dtype)
+
+    def vision_received_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the mean softmax attention each candidate's patch receives at a vision layer, over every query
+        of its crop ([CLS] included) and every head ("global attention"). Computed crop by crop, so one crop's
+        ``[H, N, N]`` probabilities are held at a time."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("received", layer)
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            self._memo[key] = torch.stack([compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0]
+                                           .mean(0).mean(0) for h in hidden])  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_grid_side(self) -> int:
+        """Patches per row (and column) of a vision-tower input (24 for CLIP ViT-L/14 at 336 px)."""
+        return compat.vision_grid_side(self.engine.model)

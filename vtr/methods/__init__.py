@@ -5,11 +5,12 @@ from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .hiprune import HiPrune
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["DART", "DivPrune", "FastV", "FasterVLM", "Merge", "Method", "REGISTRY", "Random", "Stage", "StageSpec",
-           "Uniform", "VisPruner", "VisionZip", "lookup", "register"]
+__all__ = ["DART", "DivPrune", "FastV", "FasterVLM", "HiPrune", "Merge", "Method", "REGISTRY", "Random", "Stage",
+           "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup", "register"]
