@@ -434,3 +434,79 @@ def test_hiprune_refuses_an_object_layer_the_tower_lacks():
     model, _ = tm.build("llava")
     with pytest.raises(ValueError, match=r"hiprune: object_layer must be in \[1, 10\] for this 10-layer vision"):
         vtr.patch(model, "hiprune", ratio=0.5, object_layer=11)
+
+
+def dpp_official(kernel, k):
+    """Transcription of CDPruner's fast greedy MAP loop (cis / di2s), one item at a time."""
+    n = kernel.shape[0]
+    cis = torch.zeros(k, n, dtype=kernel.dtype)
+    di2s = torch.diagonal(kernel).clone()
+    picks = []
+    for i in range(k):
+        j = int(torch.argmax(di2s))
+        picks.append(j)
+        eis = (kernel[j] - sum((cis[t, j] * cis[t] for t in range(i)), torch.zeros(n))) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s -= eis ** 2
+        di2s[j] = -float("inf")
+    return sorted(picks)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 20}), (2, "multi", {"ratio": 0.75})])
+def test_cdpruner_matches_official_selection(family, batch, variant, budget):
+    """Official: F = projected features, S = cos(F); relevance = -mean cos(visual_projection(post_layernorm(
+    hidden[-2])), CLIP text embeds of the instruction in 77-token (here 6-token) segments), min-max normalised;
+    kernel diag(r) S diag(r); greedy DPP. The instruction is the text after the image, read back with the
+    language model's tokenizer."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", **budget)
+    clip, clip_tok = tm.tiny_clip("")
+    _, hidden_states = vision_tower_outputs(model, inputs)
+    embeds = R.capture_lm_inputs(model, inputs)["embeds"]
+    sources = token_sources(model, inputs)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    k = 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            after = [int(t) for i, t in enumerate(ids[b]) if i > int(span.positions.max()) and real[b, i]
+                     and int(t) != model.config.image_token_id]
+            text = proc.tokenizer.decode(after, skip_special_tokens=True).strip()
+            enc = clip_tok(text=text, return_tensors="pt")
+            length = clip.config.text_config.max_position_embeddings
+            pad = length * ((enc["input_ids"].shape[1] - 1) // length + 1) - enc["input_ids"].shape[1]
+            segments = {key: torch.cat([v, v.new_zeros(1, pad)], 1).reshape(-1, length) for key, v in enc.items()}
+            with torch.no_grad():
+                text_embeds = clip.get_text_features(**segments).pooler_output
+                image_embeds = clip.visual_projection(
+                    model.model.vision_tower.post_layernorm(hidden_states[-2][crop, patch]).float())
+            features = embeds[b, span.positions[cand]]
+            unit = features / features.norm(dim=-1, keepdim=True)
+            similarity = unit.float() @ unit.float().T
+            image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+            text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+            relevance = (-(image_embeds @ text_embeds.T)).mean(-1)
+            relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+            kernel = relevance[:, None] * similarity * relevance[None, :]
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept = dpp_official(kernel, min(T, len(cand)))
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+    assert len(segments["input_ids"]) > 1  # the instruction spans several text-tower segments
+
+
+def test_cdpruner_relevance_changes_the_selection():
+    """The instruction matters: another question after the same image selects other tokens."""
+    model, proc = tm.build("llava")
+    image = tm.random_image(64, 64)
+    kept = []
+    for question in ("what is in this image ?", "describe the big red dog on the left ."):
+        inputs = proc(text=[f"USER : <image> {question} ASSISTANT :"], images=[image], return_tensors="pt")
+        kept.append(patched_forward(model, inputs, "cdpruner", ratio=0.75).kept[0])
+    assert not torch.equal(kept[0], kept[1])

@@ -107,6 +107,26 @@ def _qwen_image_processor():
                                    max_pixels=64 ** 2)
 
 
+def tiny_clip(name: str):
+    """Stand-in for ``vtr.compat.load_clip`` (no downloads in the tests): a tiny random ``CLIPModel`` whose vision
+    width matches the tiny LLaVA towers (its ``visual_projection`` reads their features), with a text context of 6
+    tokens so that instructions are split into segments, and the word-level tokenizer."""
+    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    tok = make_tokenizer("llava")
+    config = T.CLIPConfig(text_config=dict(clip, vocab_size=VOCAB_SIZE, max_position_embeddings=6,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                           bos_token_id=tok.bos_token_id),
+                          vision_config=dict(clip, patch_size=8, image_size=32), projection_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return T.CLIPModel(config).eval(), tok
+
+
+def tokenizer_for(name: str):
+    """Stand-in for ``vtr.compat.load_tokenizer``: the tiny LLaVA models' tokenizer."""
+    return make_tokenizer("llava")
+
+
 def has_video_processors() -> bool:
     """transformers' video processors need torchvision (not importable next to the CPU build of torch 2.13)."""
     try:

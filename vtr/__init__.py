@@ -7,12 +7,12 @@
     handle.remove()
 """
 from .api import Handle, handle_of, methods, patch, unpatch
-from .methods import (DART, DivPrune, FastV, FasterVLM, HiPrune, Merge, Method, Random, Stage, Uniform, VisPruner,
-                      VisionZip, register)
+from .methods import (CDPruner, DART, DivPrune, FastV, FasterVLM, HiPrune, Merge, Method, Random, Stage, Uniform,
+                      VisPruner, VisionZip, register)
 from .report import MergedTokens, PrefillRecord, StageRecord
 
 __version__ = "0.1.0"
 
-__all__ = ["DART", "DivPrune", "FastV", "FasterVLM", "Handle", "HiPrune", "Merge", "MergedTokens", "Method",
+__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "Handle", "HiPrune", "Merge", "MergedTokens", "Method",
            "PrefillRecord", "Random", "Stage", "StageRecord", "Uniform", "VisPruner", "VisionZip", "handle_of",
            "methods", "patch", "register", "unpatch"]

@@ -282,3 +282,43 @@ def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.
 def project_visual(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The multimodal projector applied to vision features ``[..., D_v]`` -> ``[..., D]`` (per token)."""
     return model.model.multi_modal_projector(features)
+
+
+# ------------------------------------------------------------------------------------------- CLIP text side
+def load_clip(name: str):
+    """(``CLIPModel``, its tokenizer) from a checkpoint name or path: the text tower and the projections into
+    CLIP's joint image-text space."""
+    from transformers import AutoTokenizer, CLIPModel
+    return CLIPModel.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a checkpoint (the language model's, to read a prompt's text back from its ids)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(name)
+
+
+def checkpoint_name(model: torch.nn.Module) -> str:
+    """The name or path ``model`` was loaded from ('' for a model built from a config)."""
+    return getattr(model.config, "_name_or_path", "") or ""
+
+
+def clip_text_embeddings(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[M, C]`` projected text embeddings (the EOS-pooled output of the text tower through ``text_projection``)
+    of ``M`` token sequences of the text tower's context length."""
+    out = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_context_length(clip) -> int:
+    return clip.config.text_config.max_position_embeddings
+
+
+def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) -> torch.Tensor:
+    """``[n, C]``: vision-layer hidden states ``[n, D_v]`` through the tower's own post-layernorm and CLIP's
+    ``visual_projection`` (in fp32), i.e. into CLIP's joint image-text space."""
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    normed = tower.post_layernorm(features)
+    projection = clip.visual_projection
+    return projection(normed.float().to(projection.weight.dtype)).float()

@@ -141,6 +141,11 @@ class Engine:
         self.lm = compat.text_model(model)
         self.specs = method.stages()
         self.vision_feature_layer = compat.vision_feature_layer(model) if "vision" in method.needs else None
+        self.clip = self.clip_tokenizer = self.tokenizer = None
+        if "clip_text" in method.needs:  # loaded once, at patch time, so that a missing checkpoint fails there
+            self.clip, self.clip_tokenizer = compat.load_clip(method.clip)
+            self.clip = self.clip.to(next(model.parameters()).device)
+            self.tokenizer = compat.load_tokenizer(method.tokenizer or compat.checkpoint_name(model))
         self.last: PrefillRecord | None = None
         self._requests: "weakref.WeakKeyDictionary[object, RequestState]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()

@@ -252,3 +252,37 @@ class SelectionContext:
     def vision_grid_side(self) -> int:
         """Patches per row (and column) of a vision-tower input (24 for CLIP ViT-L/14 at 336 px)."""
         return compat.vision_grid_side(self.engine.model)
+
+    # ------------------------------------------------------------------------------------------ CLIP text side
+    def instruction_text(self, row: int, tokens: SpanCandidates) -> str:
+        """The row's text after the image, read back from the prompt's ids with the language model's tokenizer
+        (special tokens skipped): the instruction a text-conditioned method scores the image against."""
+        text = self.text_slots(row)
+        text = text[text > tokens.slots.max()]
+        ids = self.fwd.inputs["input_ids"][row, self.prev.index[row, text].to(self.fwd.inputs["input_ids"].device)]
+        return self.engine.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+
+    def instruction_embeddings(self, row: int, tokens: SpanCandidates) -> torch.Tensor | None:
+        """``[M, C]``: CLIP text embeddings of the instruction (``instruction_text``), split into segments of the
+        text tower's context length (the last one zero-padded, as CDPruner's official code does); None when the
+        image is followed by no text."""
+        key = ("instruction", row, tokens.span.index)
+        if key not in self._memo:
+            text = self.instruction_text(row, tokens)
+            embeds = None
+            if text:
+                clip, length = self.engine.clip, compat.clip_context_length(self.engine.clip)
+                enc = self.engine.clip_tokenizer(text=text, return_tensors="pt")
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                pad = -ids.shape[1] % length
+                ids = torch.cat([ids, ids.new_zeros(1, pad)], 1).view(-1, length)
+                mask = torch.cat([mask, mask.new_zeros(1, pad)], 1).view(-1, length)
+                device = next(clip.parameters()).device
+                embeds = compat.clip_text_embeddings(clip, ids.to(device), mask.to(device)).float()
+            self._memo[key] = embeds
+        return self._memo[key]
+
+    def clip_image_embeddings(self, row: int, tokens: SpanCandidates) -> torch.Tensor:
+        """``[c, C]``: each candidate's feature-layer hidden state in CLIP's joint image-text space (the tower's
+        post-layernorm, then CLIP's visual projection; fp32)."""
+        return compat.clip_image_embeddings(self.engine.model, self.engine.clip, self.vision_features(row, tokens))

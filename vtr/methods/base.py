@@ -84,7 +84,9 @@ class Method:
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "compact"
     # Signals the engine must capture: "attention_inputs" = inputs of layer K-1's self-attention; "vision" = the
-    # vision tower's layers named by ``vision_layers`` (their attention inputs and outputs, see SelectionContext).
+    # vision tower's layers named by ``vision_layers`` (their attention inputs and outputs, see SelectionContext);
+    # "clip_text" = a CLIP text tower and the language model's tokenizer, loaded at patch time from the method's
+    # ``clip`` and ``tokenizer`` options (see SelectionContext.instruction_embeddings).
     needs: ClassVar[frozenset] = frozenset()
     # Model classes the method supports (None: every model vtr supports). Others are refused at patch time with
     # ``unsupported_reason``. The test matrices read this to skip those combinations.
