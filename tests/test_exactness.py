@@ -29,7 +29,7 @@ def cases():
                 continue
             policies = [None, "other"] if family in ("llava", "llava_next") else [None]
             inputs = [("image", x) for x in INPUTS["image"]]
-            if family in tm.VIDEO_FAMILIES:
+            if family in tm.VIDEO_FAMILIES and "video" in REGISTRY[method].visual_kinds:
                 inputs += [("video", x) for x in INPUTS["video"]]
             for policy in policies:
                 for attn in ("eager", "sdpa"):

@@ -94,8 +94,7 @@ def test_text_tokens_are_never_dropped(method, family):
         assert kept_positions == text | set(kept_visual)
 
 
-@pytest.mark.parametrize("family", tm.FAMILIES)
-@pytest.mark.parametrize("method", ["divprune", "fastv"])
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_text_only_prompts_pass_through(method, family):
     model, proc = tm.build(family)
     inputs = tm.text_inputs(proc, 2)

@@ -381,16 +381,18 @@ def test_vispruner_matches_official_selection(family, batch, variant, budget, im
         assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
 
 
-def hiprune_official(shallow, deep, crop, patch, budget, alpha, side):
+def hiprune_official(shallow, deep, crop, patch, budget, alpha, side, cells=None):
     """Transcription of HiPrune's encode_images for one image's candidates: anchors = top round(T * alpha / 5) of
-    the object layer's global attention, buffers = anchor patches -1, +1, -side, +side in the same crop (clamped,
-    no row-wrap check), registers = top of the feature layer's global attention among the rest."""
+    the object layer's global attention, buffers = anchor patches -1, +1, -side, +side in the same crop (clamped
+    to ``cells``, side * side by default; no row-wrap check), registers = top of the feature layer's global
+    attention among the rest."""
+    cells = side * side if cells is None else cells
     anchors = torch.topk(shallow, round(budget * alpha / 5)).indices.tolist()
     where = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(crop, patch))}
     group = set()
     for a in anchors:
         for offset in (0, -1, 1, -side, side):
-            i = where.get((int(crop[a]), min(max(int(patch[a]) + offset, 0), side * side - 1)))
+            i = where.get((int(crop[a]), min(max(int(patch[a]) + offset, 0), cells - 1)))
             if i is not None:
                 group.add(i)
     assert len(group) < budget  # the official code's own precondition
@@ -510,3 +512,74 @@ def test_cdpruner_relevance_changes_the_selection():
         inputs = proc(text=[f"USER : <image> {question} ASSISTANT :"], images=[image], return_tensors="pt")
         kept.append(patched_forward(model, inputs, "cdpruner", ratio=0.75).kept[0])
     assert not torch.equal(kept[0], kept[1])
+
+
+def qwen_block_attention_inputs(model, inputs):
+    """Unpatched forward recording every Qwen2.5-VL vision block's attention input and call arguments."""
+    seen = {}
+
+    def hook(i):
+        def record(module, args, kwargs):
+            seen[i] = (module, kwargs.get("hidden_states", args[0] if args else None), kwargs)
+        return record
+
+    handles = [blk.attn.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, blk in enumerate(model.model.visual.blocks)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def qwen_hiprune_scores(model, capture, grid_thw):
+    """Transcription of HiPrune's Qwen2.5-VL vision forward for one block: eager attention weights with a
+    block-diagonal mask over cu_seqlens, mean over heads, sum over queries, mean over each merge unit's 4
+    patches, then [reverse_indices] back to merged-token order."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+    from transformers.vision_utils import get_vision_window_index
+    attn, hidden, kwargs = capture
+    S = hidden.shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = qwen.apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        mask = torch.full((1, S, S), torch.finfo(q.dtype).min)
+        bounds = kwargs["cu_seqlens"].tolist()
+        for i in range(1, len(bounds)):
+            mask[..., bounds[i - 1]:bounds[i], bounds[i - 1]:bounds[i]] = 0
+        weights = (torch.matmul(q, k.transpose(1, 2)) / attn.head_dim ** 0.5 + mask).softmax(-1, dtype=torch.float32)
+    weights = weights.mean(0).sum(0).view(S // 4, -1).mean(-1)
+    visual = model.model.visual
+    window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                              visual.patch_size)
+    return weights[torch.argsort(window_index)]
+
+
+@pytest.mark.parametrize("batch,variant,budget,alpha,object_layer", [(1, "single", {"keep": 40}, 0.5, 0),
+                                                                     (2, "multi", {"ratio": 0.75}, 1.0, 3)])
+def test_hiprune_qwen25_matches_official_selection(batch, variant, budget, alpha, object_layer):
+    """Qwen2.5-VL: one received-attention score per merged token (official: mean over heads, sum over the
+    queries of each block's segments, mean over the merge unit), anchors on the merged grid of width grid_w / 2,
+    registers from the last block; default object layer 16."""
+    model, proc = tm.build("qwen2_5_vl", attn="eager")
+    inputs = tm.image_inputs("qwen2_5_vl", proc, batch, variant)
+    record = patched_forward(model, inputs, "hiprune", object_layer=object_layer, alpha=alpha, **budget)
+    captures = qwen_block_attention_inputs(model, inputs)
+    shallow = qwen_hiprune_scores(model, captures[(object_layer or 16) - 1], inputs["image_grid_thw"])
+    deep = qwen_hiprune_scores(model, captures[len(captures) - 1], inputs["image_grid_thw"])
+    first, anchors = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            n, width = span.n, span.grid[2]
+            T = budget["keep"] if "keep" in budget else round(n * (1 - budget["ratio"]))
+            kept, n_anchors = hiprune_official(shallow[first:first + n], deep[first:first + n], torch.zeros(n),
+                                               torch.arange(n), min(T, n), alpha, width, cells=n)
+            anchors += n_anchors
+            expected.append(span.offset + torch.tensor(kept))
+            first += n
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+    assert anchors > 0

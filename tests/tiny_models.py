@@ -5,6 +5,7 @@ the real image processors of each family, and `from_config` models with 4 decode
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -107,10 +108,11 @@ def _qwen_image_processor():
                                    max_pixels=64 ** 2)
 
 
+@functools.lru_cache(maxsize=None)
 def tiny_clip(name: str):
     """Stand-in for ``vtr.compat.load_clip`` (no downloads in the tests): a tiny random ``CLIPModel`` whose vision
     width matches the tiny LLaVA towers (its ``visual_projection`` reads their features), with a text context of 6
-    tokens so that instructions are split into segments, and the word-level tokenizer."""
+    tokens so that instructions are split into segments, and the word-level tokenizer. Built once (read only)."""
     clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     tok = make_tokenizer("llava")
     config = T.CLIPConfig(text_config=dict(clip, vocab_size=VOCAB_SIZE, max_position_embeddings=6,
@@ -202,8 +204,9 @@ def build(family: str, attn: str = "sdpa", layers: int = 4, seed: int = 0):
         proc = _processor(T.Qwen2VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),
                           tokenizer=tok)
     elif family == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+        # 16 blocks, so that HiPrune's default object layer (16) exists; windows of 2x2 merged tokens
+        vision = dict(depth=16, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 15])
         cfg = T.Qwen2_5_VLConfig(text_config=_qwen_text(tok, layers), vision_config=vision, **_qwen_ids(tok))
         model_cls = T.Qwen2_5_VLForConditionalGeneration
         proc = _processor(T.Qwen2_5_VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),

@@ -78,7 +78,8 @@ def patch(model: torch.nn.Module, method: str | Method = "dart", *, ratio: float
         TypeError: ``method`` is neither a registered name nor a ``Method`` instance, an unknown option, an
             unsupported model class.
         ValueError: a bad budget or option value (named in the message), an unsupported attention backend or
-            layer type, ``positions="compact"`` on an M-RoPE model.
+            layer type, ``positions="compact"`` on an M-RoPE model, a method whose official code does not cover
+            the model (``Method.model_classes``; the message says why), a vision layer the tower lacks.
         RuntimeError: the model is already patched.
     """
     if isinstance(method, type) and issubclass(method, Method):

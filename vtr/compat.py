@@ -204,7 +204,10 @@ IMAGE_FEATURES = "get_image_features"
 
 
 def vision_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The vision tower's encoder layers."""
+    """The vision tower's encoder layers (Qwen-VL: its blocks)."""
+    visual = getattr(model.model, "visual", None)
+    if visual is not None:
+        return visual.blocks
     tower = getattr(model.model, "vision_tower", None)
     tower = getattr(tower, "vision_model", tower)  # older releases wrap the transformer once more
     if tower is None or not hasattr(tower, "encoder"):
@@ -213,7 +216,7 @@ def vision_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def vision_self_attention(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.self_attn
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attn
 
 
 def layer_output(output) -> torch.Tensor:
@@ -222,8 +225,9 @@ def layer_output(output) -> torch.Tensor:
 
 def vision_feature_layer(model: torch.nn.Module) -> int:
     """0-based index of the vision layer whose output the projector reads (``vision_feature_layer=-2`` of a
-    24-layer CLIP is layer 22: ``hidden_states`` starts with the embeddings)."""
-    chosen = model.config.vision_feature_layer
+    24-layer CLIP is layer 22: ``hidden_states`` starts with the embeddings). Qwen-VL's merger reads the last
+    block."""
+    chosen = getattr(model.config, "vision_feature_layer", -1)
     if not isinstance(chosen, int):
         raise ValueError(f"vtr: vision_feature_layer={chosen!r} (several layers concatenated) is not supported by "
                          "methods that read vision-tower signals")
@@ -322,3 +326,49 @@ def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) 
     normed = tower.post_layernorm(features)
     projection = clip.visual_projection
     return projection(normed.float().to(projection.weight.dtype)).float()
+
+
+# ------------------------------------------------------------------------------------ Qwen-VL vision transformer
+# ``model.model.visual.blocks[i].attn`` with ``qkv``/``num_heads``/``scaling``, called with ``cu_seqlens`` (packed
+# images or windows) and ``position_embeddings``; ``apply_rotary_pos_emb_vision`` in the attention's own file;
+# Qwen2.5-VL orders its merge units by window (``get_vision_window_index``).
+def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                            chunk: int = 1024) -> torch.Tensor:
+    """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed
+    over the queries of its attention segment (its image, or its window in window-attention blocks); queries are
+    taken ``chunk`` at a time, so at most ``[H, chunk, segment]`` probabilities are held.
+
+    hidden: ``[S, D]`` the block's attention input (after ``norm1``), in the tower's (window) order; extra: the
+    attention call's ``cu_seqlens`` and ``position_embeddings``."""
+    S = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = extra["position_embeddings"]
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [H, S, d]
+    bounds = extra["cu_seqlens"].tolist()
+    received = torch.zeros(S, dtype=torch.float32, device=hidden.device)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        keys = k[:, start:stop]
+        for first in range(start, stop, chunk):
+            logits = torch.matmul(q[:, first:min(first + chunk, stop)], keys.transpose(-1, -2)) * attn.scaling
+            probs = logits.softmax(-1, dtype=torch.float32).to(dtype)
+            received[start:stop] += probs.mean(0).sum(0).float()
+    return received
+
+
+def qwen_unit_order(model: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """``[U]``: for each merge unit in the vision tower's order, its index in the merged-token (raster) order of
+    all images of the call; the identity for towers without window attention (Qwen2-VL, Qwen3-VL)."""
+    visual = model.model.visual
+    units = int((grid_thw.prod(-1) // visual.spatial_merge_size ** 2).sum())
+    if not hasattr(visual, "window_size"):
+        return torch.arange(units)
+    if hasattr(visual, "get_window_index"):  # older releases
+        return visual.get_window_index(grid_thw)[0]
+    from transformers.vision_utils import get_vision_window_index
+    return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+
+
+def qwen_merge_unit(model: torch.nn.Module) -> int:
+    """Patches per merged token (4 for the 2x2 merger)."""
+    return model.model.visual.spatial_merge_size ** 2

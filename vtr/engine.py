@@ -106,11 +106,14 @@ class RequestState:
 
 @dataclass
 class VisionCall:
-    """One ``get_image_features`` call: its anyres image sizes and, per captured vision layer, (attention module,
-    attention input ``[n_crops, N, D_v]``, layer output ``[n_crops, N, D_v]``)."""
+    """One ``get_image_features`` call: its anyres image sizes (LLaVA-NeXT) or image grids (Qwen-VL) and, per
+    captured vision layer, [attention module, attention input, layer output] (``[n_crops, N, D_v]`` each; Qwen-VL:
+    ``[S, D_v]`` patches in the tower's order) and the attention call's other arguments (``extras``)."""
 
     image_sizes: list | None
+    grid_thw: torch.Tensor | None = None
     layers: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -525,7 +528,8 @@ class Engine:
 
     def _encode_images(self, original, *args, **kwargs):
         sizes = compat.call_argument(original, args, kwargs, "image_sizes")
-        call = VisionCall(image_sizes=sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)
+        call = VisionCall(image_sizes=sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes,
+                          grid_thw=compat.call_argument(original, args, kwargs, "image_grid_thw"))
         self._vision[threading.get_ident()] = call
         return original(*args, **kwargs)
 
@@ -534,6 +538,7 @@ class Engine:
             call = self._vision.get(threading.get_ident())
             if call is not None:
                 call.layers[i] = [module, kwargs.get("hidden_states", args[0] if args else None), None]
+                call.extras[i] = {k: v for k, v in kwargs.items() if k in ("cu_seqlens", "position_embeddings")}
         return hook
 
     def _vision_output(self, i: int):

@@ -237,9 +237,14 @@ class SelectionContext:
         return compat.project_visual(self.engine.model, features).to(self.hidden.dtype)
 
     def vision_received_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
-        """``[c]``: the mean softmax attention each candidate's patch receives at a vision layer, over every query
-        of its crop ([CLS] included) and every head ("global attention"). Computed crop by crop, so one crop's
-        ``[H, N, N]`` probabilities are held at a time."""
+        """``[c]``: the softmax attention each candidate's patch receives at a vision layer, mean over heads and
+        over every query of its crop ([CLS] included) ("global attention"), computed crop by crop so that one
+        crop's ``[H, N, N]`` probabilities are held at a time. Qwen-VL (no [CLS]; a merged token stands for a 2x2
+        merge unit): summed over the queries of each patch's attention segment (its image, or its window in
+        window-attention blocks), then averaged over the unit's patches, as HiPrune's Qwen2.5-VL code does."""
+        if self.engine.family.mrope:
+            units = self.vision_units(row, tokens)
+            return self._qwen_received(layer)[units]
         attn, hidden, _ = self._vision_layer(layer)
         key = ("received", layer)
         if key not in self._memo:
@@ -249,9 +254,50 @@ class SelectionContext:
         crop, index = self.vision_sources(row, tokens)
         return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
-    def vision_grid_side(self) -> int:
-        """Patches per row (and column) of a vision-tower input (24 for CLIP ViT-L/14 at 336 px)."""
-        return compat.vision_grid_side(self.engine.model)
+    def vision_grid(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Where each candidate lies on its grid: ``(grid, cell, width, cells)``: ``[c]`` the grid it belongs to (a
+        crop; the image on Qwen-VL), ``[c]`` its raster cell in that grid, the grid's width and its number of cells
+        (CLIP: the crop's patch grid, 24 x 24 at 336 px; Qwen-VL: the image's merged-token grid)."""
+        if self.engine.family.mrope:
+            grid = tokens.span.grid
+            if grid is None or grid[0] != 1:
+                raise ValueError(f"vtr: {self.engine.method.name} needs the merged-token grid of a single image")
+            ids = tokens.ids.cpu()
+            return torch.zeros_like(ids), ids, grid[2], tokens.span.n
+        crop, index = self.vision_sources(row, tokens)
+        side = compat.vision_grid_side(self.engine.model)
+        return crop, index - 1, side, side * side  # CLIP's [CLS] is token 0, patch p is token p + 1
+
+    def vision_units(self, row: int, tokens: SpanCandidates) -> torch.Tensor:
+        """Qwen-VL: ``[c]`` each candidate's merged token in the vision call's merged-token order (all images of
+        the call, in input order)."""
+        if tokens.span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {tokens.span.kind}")
+        if "units" not in self._memo:
+            first, units = 0, {}
+            for b, layout_row in enumerate(self.layout.rows):
+                for span in layout_row.spans:
+                    if span.kind == "image":
+                        units[b, span.index] = first
+                        first += span.n
+            self._memo["units"] = units
+        return self._memo["units"][row, tokens.span.index] + tokens.ids.cpu()
+
+    def _qwen_received(self, layer: int | None) -> torch.Tensor:
+        """``[U]`` received attention per merged token of the whole vision call (see vision_received_attention)."""
+        attn, hidden, _ = self._vision_layer(layer)
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        key = ("received", layer)
+        if key not in self._memo:
+            call = self.fwd.vision
+            patches = compat.qwen_received_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden))
+            per_unit = patches.view(-1, compat.qwen_merge_unit(self.engine.model)).mean(-1)
+            order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
+            received = torch.empty_like(per_unit)
+            received[order] = per_unit  # from the tower's (window) order to merged-token order
+            self._memo[key] = received.cpu()
+        return self._memo[key]
 
     # ------------------------------------------------------------------------------------------ CLIP text side
     def instruction_text(self, row: int, tokens: SpanCandidates) -> str:

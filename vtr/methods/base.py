@@ -75,6 +75,11 @@ class Method:
     Keep count: at least one token per image (per tile under ``scope="crop"``) whatever the ratio, unless the
     method's own rule says otherwise; each method's docstring gives its rule.
 
+    Vision-side methods declare ``needs={"vision"}`` and read the vision tower's signals from the selection
+    context; ``model_classes`` restricts a method to the models its official code defines it for (``vtr.patch``
+    refuses the others with ``unsupported_reason``) and ``visual_kinds`` to images. A merging method's ``select``
+    returns a ``Merge``.
+
     Subclasses set the class attributes, add their options as fields (annotated ``int``, ``float``, ``bool`` or
     ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers), and implement ``select``.
     """
@@ -92,6 +97,8 @@ class Method:
     # ``unsupported_reason``. The test matrices read this to skip those combinations.
     model_classes: ClassVar[tuple[str, ...] | None] = None
     unsupported_reason: ClassVar[str] = ""
+    # Which visual inputs the method prunes; a prompt with another kind raises (tests skip those combinations).
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image", "video")
     # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
     newline_candidates: ClassVar[bool] = False
     # Whether the selection reads the prompt's text (its last token, the text after an image): then the whole

@@ -47,6 +47,7 @@ class CDPruner(Method):
     name: ClassVar[str] = "cdpruner"
     summary: ClassVar[str] = "conditional DPP over projected tokens, relevance from CLIP text-image similarity"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision", "clip_text"})
     needs_whole_prompt: ClassVar[bool] = True
     model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS

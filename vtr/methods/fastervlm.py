@@ -43,6 +43,7 @@ class FasterVLM(Method):
     name: ClassVar[str] = "fastervlm"
     summary: ClassVar[str] = "top-k patches by the vision tower's [CLS] attention, before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
     model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS

@@ -46,6 +46,7 @@ class VisionZip(Method):
     name: ClassVar[str] = "visionzip"
     summary: ClassVar[str] = "dominant patches by [CLS] attention + contextual tokens merged by key similarity"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
     model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS

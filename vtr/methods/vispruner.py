@@ -39,6 +39,7 @@ class VisPruner(Method):
     name: ClassVar[str] = "vispruner"
     summary: ClassVar[str] = "important patches by [CLS] attention + diverse ones by iterative duplicate removal"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
     model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS
