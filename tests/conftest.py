@@ -17,3 +17,12 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _offline_text_towers(monkeypatch):
+    """Methods that load a CLIP text tower or a tokenizer at patch time (CDPruner) get tiny offline ones."""
+    import tiny_models as tm
+    from vtr import compat
+    monkeypatch.setattr(compat, "load_clip", tm.tiny_clip)
+    monkeypatch.setattr(compat, "load_tokenizer", tm.tokenizer_for)

@@ -212,8 +212,23 @@ def _rope_rows(positions: torch.Tensor) -> torch.Tensor:
     return positions[1:] if positions.dim() == 3 and positions.shape[0] == 4 else positions
 
 
-def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None):
-    """The reference matching a patched method's (single) stage: (prefill, step, ``then`` logits)."""
+def with_merges(lm_inputs: dict, record) -> dict:
+    """The language-model inputs with the embeddings a merging method gave its merged tokens (from the record of
+    the pruned run, ``handle.last.merged``): the reference then feeds the kept, merged tokens."""
+    merged = record.merged if record is not None else None
+    if not merged:
+        return lm_inputs
+    embeds = lm_inputs["embeds"].clone()
+    for b, (row, tokens) in enumerate(zip(record.layout.rows, merged)):
+        if len(tokens.kept):
+            embeds[b, row.visual_positions[tokens.kept]] = tokens.embeds.to(embeds.dtype)
+    return dict(lm_inputs, embeds=embeds)
+
+
+def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None, record=None):
+    """The reference matching a patched method's (single) stage: (prefill, step, ``then`` logits). ``record``:
+    the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
+    lm_inputs = with_merges(lm_inputs, record)
     spec = method.stages()[0]
     if spec.stage.value == "pre_llm":
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)

@@ -31,8 +31,9 @@ def manual_loop(model, inputs, steps, with_mask):
     return torch.stack(logits, 1)
 
 
-@pytest.mark.parametrize("family,batch", [("llava", 1), ("llava", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1)])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family,batch", [
+    pytest.param(m, f, b, id=f"{m}-{f}-{b}") for m in METHODS
+    for f, b in [("llava", 1), ("llava", 2), ("qwen2_vl", 1), ("qwen2_5_vl", 1)] if tm.supports(m, f)])
 def test_manual_forward_loop(method, family, batch):
     """Decode positions stay right without generate (Qwen: rope_deltas; pre-LLM pruning: the short layer-0 cache).
     Qwen is run without a mask: transformers 5.23 itself fails a Qwen decode step given a mask and no positions."""
@@ -42,7 +43,7 @@ def test_manual_forward_loop(method, family, batch):
         got = manual_loop(model, inputs, STEPS, with_mask=batch > 1)
         record = handle.last
     lm_inputs = R.capture_lm_inputs(model, inputs)
-    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS)
+    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, record=record)
     assert (got - expected).abs().max() <= 1e-5
 
 
@@ -57,7 +58,8 @@ def test_sampling_matches_the_reference(method):
         record = handle.last
     tokens = out.sequences[:, -STEPS:]
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
-    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, tokens=tokens)
+    _, expected, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, tokens=tokens,
+                                     record=record)
     assert (torch.stack(out.logits, 1) - expected).abs().max() <= 1e-5
 
 
@@ -91,8 +93,7 @@ def test_beam_search_batched_equals_row_by_row(method):
             assert torch.equal(row[0], batched[b])
 
 
-@pytest.mark.parametrize("family", tm.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_loss_over_text_tokens(method, family):
     """Labels are pruned with the sequence: the loss equals the reference logits' loss on the kept labels."""
     model, proc = tm.build(family)
@@ -107,7 +108,7 @@ def test_loss_over_text_tokens(method, family):
             loss = model(**inputs, labels=labels).loss
         index = handle.last.index
     lm_inputs = R.capture_lm_inputs(model, inputs)
-    ref_logits, _, _ = R.reference_for(model, handle.method, lm_inputs, index, 0)
+    ref_logits, _, _ = R.reference_for(model, handle.method, lm_inputs, index, 0, record=handle.last)
     kept_labels = R.gather_seq(labels, index, -100)
     expected = model.loss_function(logits=ref_logits, labels=kept_labels, vocab_size=ref_logits.shape[-1])
     assert torch.allclose(loss, expected, atol=1e-6)

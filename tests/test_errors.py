@@ -45,6 +45,27 @@ def test_unsupported_model_lists_supported_ones():
     assert hook_count(model) == 0
 
 
+@pytest.mark.parametrize("method,family", [
+    pytest.param(m, f, id=f"{m}-{f}") for m in sorted(vtr.methods()) for f in tm.FAMILIES if not tm.supports(m, f)])
+def test_methods_refuse_models_they_do_not_support(method, family):
+    """A method whose official code has no rule for a model (no [CLS] token in its vision tower, ...) is refused
+    at patch time, naming the model; nothing is attached."""
+    model, _ = tm.build(family)
+    with pytest.raises(ValueError, match=rf"{method} does not support {tm.MODEL_CLASSES[family]}: .+ Supported: "):
+        vtr.patch(model, method, ratio=0.5)
+    assert hook_count(model) == 0 and vtr.handle_of(model) is None
+
+
+@pytest.mark.video
+def test_image_only_methods_refuse_videos():
+    """HiPrune's Qwen2.5-VL rule is defined for images; a video in the prompt raises, naming the method."""
+    model, proc = tm.build("qwen2_5_vl")
+    with vtr.patch(model, "hiprune", ratio=0.5), torch.no_grad():
+        with pytest.raises(ValueError, match="hiprune prunes images with vision-tower signals; this prompt holds a "
+                                             "video"):
+            model(**tm.video_inputs("qwen2_5_vl", proc, 1))
+
+
 def test_unsupported_attention_backend():
     model, _ = tm.build("llava", attn="flex_attention")
     with pytest.raises(ValueError, match=r"attn_implementation='flex_attention'; supported: eager, sdpa"):

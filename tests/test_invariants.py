@@ -22,8 +22,7 @@ def run(model, inputs, steps=4):
     return logits, out.sequences, torch.stack(out.logits, 1)
 
 
-@pytest.mark.parametrize("family", tm.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_ratio_zero_is_identity(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2)
@@ -38,8 +37,9 @@ def test_ratio_zero_is_identity(method, family):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_everything_is_identity(method):
-    model, proc = tm.build("qwen2_vl")
-    inputs = tm.image_inputs("qwen2_vl", proc, 2)
+    family = tm.family_for(method, "qwen2_vl")
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
     expected = run(model, inputs)
     with vtr.patch(model, method, keep=10_000):
         got = run(model, inputs)
@@ -59,8 +59,7 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
     return round(n * (1 - ratio))
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, ["llava", "qwen2_vl"]))
 @pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.9}, {"ratio": 0.778}, {"keep": 1}, {"keep": 20}])
 def test_kept_counts_follow_the_rule(method, family, budget):
     model, proc = tm.build(family)
@@ -77,8 +76,7 @@ def test_kept_counts_follow_the_rule(method, family, budget):
             assert len(mine) == expected_kept(method, span.n, **budget)
 
 
-@pytest.mark.parametrize("family", tm.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_text_tokens_are_never_dropped(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2, "mixed")
@@ -96,8 +94,7 @@ def test_text_tokens_are_never_dropped(method, family):
         assert kept_positions == text | set(kept_visual)
 
 
-@pytest.mark.parametrize("family", tm.FAMILIES)
-@pytest.mark.parametrize("method", ["divprune", "fastv"])
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_text_only_prompts_pass_through(method, family):
     model, proc = tm.build(family)
     inputs = tm.text_inputs(proc, 2)

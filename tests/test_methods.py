@@ -205,3 +205,381 @@ def test_layer_signals_without_a_cache(method):
             without = handle.last.kept
     assert all(torch.equal(a, b) for a, b in zip(with_cache, without))
     assert torch.allclose(cached, uncached, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ vision-side methods
+def vision_tower_outputs(model, inputs):
+    """The unpatched vision tower run with eager attention probabilities on every crop the model encodes, as the
+    official LLaVA code runs it: (attentions, hidden_states) tuples over layers, each ``[n_crops, ...]``."""
+    pixels = inputs["pixel_values"]
+    if pixels.dim() == 5:  # LLaVA-NeXT: the real crops of each image, in order
+        counts = crops_per_image(model, inputs)
+        pixels = torch.cat([p[:n] for p, n in zip(pixels, counts)])
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
+    return out.attentions, out.hidden_states
+
+
+def crops_per_image(model, inputs):
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    return [image_size_to_num_patches(s, model.config.image_grid_pinpoints, model.config.vision_config.image_size)
+            for s in inputs["image_sizes"].tolist()]
+
+
+def token_sources(model, inputs):
+    """Per image, ``[n]`` (crop * 10_000 + patch index) of each language-model visual token (-1: newline),
+    derived by running transformers' own feature packing on labelled features."""
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    if inputs["pixel_values"].dim() == 4:  # LLaVA-1.5: one crop per image, [CLS] dropped
+        return [torch.arange(1, n + 1) + 10_000 * i for i in range(len(inputs["pixel_values"]))]
+    counts = crops_per_image(model, inputs)
+    labels = (torch.arange(sum(counts))[:, None] * 10_000 + torch.arange(1, n + 1)[None]).double()[..., None]
+    packed, lengths = model.model.pack_image_features(list(torch.split(labels, counts)), inputs["image_sizes"],
+                                                      "default", image_newline=torch.tensor([-1.0]).double())
+    return [p[:, 0].long() for p in packed]  # one [n, 1] tensor per image
+
+
+def span_scores(record, inputs, model, per_crop):
+    """Per row, per image span: (candidate token indices in the span, the value of ``per_crop[crop, patch]``)."""
+    sources = token_sources(model, inputs)
+    k, out = 0, []
+    for row in record.layout.rows:
+        spans = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            candidates = (src >= 0).nonzero().flatten()
+            spans.append((span, candidates, per_crop[src[candidates] // 10_000, src[candidates] % 10_000]))
+        out.append(spans)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "multi")])
+def test_fastervlm_keeps_the_top_cls_attention(family, batch, variant):
+    """Official: a = attentions[-2][:, :, 0, 1:] (eager CLIP probabilities of the feature layer) mean over heads;
+    top-T per image; newline tokens (LLaVA-NeXT) are always kept."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "fastervlm", ratio=0.75)
+    attentions, _ = vision_tower_outputs(model, inputs)
+    cls = attentions[-2][:, :, 0].mean(1)  # [n_crops, N], [CLS] included at index 0
+    for b, spans in enumerate(span_scores(record, inputs, model, cls)):
+        expected = []
+        for span, candidates, scores in spans:
+            top = candidates[torch.topk(scores, round(len(candidates) * 0.25)).indices]
+            expected += [span.offset + top, span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+
+
+def vision_layer_keys(model, hidden_states):
+    """Head-mean keys of the feature layer (-2), recomputed from its input: ``[n_crops, N, d]`` (what the official
+    patched CLIPAttention stores as ``metric``)."""
+    layer = model.model.vision_tower.encoder.layers[-2]
+    with torch.no_grad():
+        keys = layer.self_attn.k_proj(layer.layer_norm1(hidden_states[-3]))
+    n, N, _ = keys.shape
+    return keys.view(n, N, layer.self_attn.num_heads, -1).mean(2)
+
+
+def visionzip_official(cls, keys, hidden, budget):
+    """Transcription of VisionZip for one image's candidates (sequence order), without a [CLS] slot: top-D
+    dominant, strided targets over the rest, nearest target by normalised key, target + mean(members). Returns
+    (kept candidate indices, {target candidate index: merged hidden state})."""
+    contextual = budget * 5 // 32
+    dominant = torch.topk(cls, budget - contextual).indices.tolist()
+    rest = [i for i in range(len(cls)) if i not in dominant]
+    if contextual == 0:
+        return sorted(dominant), {}
+    step = max(1, len(rest) // contextual)
+    targets = list(range(0, len(rest), step))[:contextual]
+    unit = keys[rest] / keys[rest].norm(dim=-1, keepdim=True)
+    members = {t: [] for t in targets}
+    for o in range(len(rest)):
+        if o in targets:
+            continue
+        sims = [float(unit[o] @ unit[t]) for t in targets]
+        best = max(range(len(targets)), key=lambda j: (sims[j], -j))  # ties: the first target
+        members[targets[best]].append(rest[o])
+    merged = {rest[t]: hidden[rest[t]] + (hidden[m].mean(0) if m else 0) for t, m in members.items()}
+    return sorted(dominant + list(merged)), merged
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 20}), (2, "multi", {"ratio": 0.75})])
+def test_visionzip_matches_official_selection_and_merges(family, batch, variant, budget):
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "visionzip", **budget)
+    attentions, hidden_states = vision_tower_outputs(model, inputs)
+    cls = attentions[-2][:, :, 0].sum(1)  # official: summed over heads
+    keys, hidden = vision_layer_keys(model, hidden_states), hidden_states[-2]
+    sources = token_sources(model, inputs)
+    k, n_merged = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected, merged_rows = [], {}
+        got = {int(i): e for i, e in zip(record.merged[b].kept, record.merged[b].embeds)}
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept, merged = visionzip_official(cls[crop, patch], keys[crop, patch], hidden[crop, patch],
+                                              min(T, len(cand)))
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+            for c, h in merged.items():
+                merged_rows[span.offset + int(cand[c])] = model.model.multi_modal_projector(h)
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+        assert sorted(got) == sorted(merged_rows)
+        for i, embed in merged_rows.items():
+            assert torch.allclose(got[i], embed, atol=1e-5)
+        n_merged += len(got)
+    assert n_merged > 0
+
+
+def vispruner_official(cls, features, budget, important_ratio):
+    """Loop transcription of VisPruner's encode_images for one image's candidates: important by [CLS] attention,
+    then rounds of A/B split of the residual order, dropping the most duplicated A tokens."""
+    order = sorted(range(len(cls)), key=lambda i: (-float(cls[i]), i))
+    n_important = int(budget * important_ratio)
+    important, residual, n_diverse = order[:n_important], order[n_important:], budget - n_important
+    unit = features / features.norm(dim=-1, keepdim=True)
+    while n_diverse > 0:
+        drop = min(8, len(residual) - n_diverse)
+        if drop <= 0:
+            break
+        a, b = residual[0::2], residual[1::2]
+        best = [max(float(unit[i] @ unit[j]) for j in b) for i in a]
+        ranked = sorted(range(len(a)), key=lambda i: (-best[i], i))
+        residual = [a[i] for i in ranked[drop:]] + b
+    return sorted(important + (residual if n_diverse > 0 else []))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant,budget,important", [(1, "single", {"keep": 40}, 0.5),
+                                                            (2, "multi", {"ratio": 0.75}, 0.5),
+                                                            (1, "single", {"keep": 21}, 0.75)])
+def test_vispruner_matches_official_selection(family, batch, variant, budget, important):
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "vispruner", important_ratio=important, **budget)
+    attentions, hidden_states = vision_tower_outputs(model, inputs)
+    cls, features = attentions[-2][:, :, 0].mean(1), hidden_states[-2]
+    sources = token_sources(model, inputs)
+    k = 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept = vispruner_official(cls[crop, patch], features[crop, patch], min(T, len(cand)), important)
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+
+
+def hiprune_official(shallow, deep, crop, patch, budget, alpha, side, cells=None):
+    """Transcription of HiPrune's encode_images for one image's candidates: anchors = top round(T * alpha / 5) of
+    the object layer's global attention, buffers = anchor patches -1, +1, -side, +side in the same crop (clamped
+    to ``cells``, side * side by default; no row-wrap check), registers = top of the feature layer's global
+    attention among the rest."""
+    cells = side * side if cells is None else cells
+    anchors = torch.topk(shallow, round(budget * alpha / 5)).indices.tolist()
+    where = {(int(c), int(p)): i for i, (c, p) in enumerate(zip(crop, patch))}
+    group = set()
+    for a in anchors:
+        for offset in (0, -1, 1, -side, side):
+            i = where.get((int(crop[a]), min(max(int(patch[a]) + offset, 0), cells - 1)))
+            if i is not None:
+                group.add(i)
+    assert len(group) < budget  # the official code's own precondition
+    rest = deep.clone()
+    rest[list(group)] -= 1  # official: attention <= 1, so these are never registers
+    registers = torch.topk(rest, budget - len(group)).indices.tolist()
+    return sorted(group | set(registers)), len(anchors)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("object_layer", [3, 9])
+@pytest.mark.parametrize("batch,variant,budget,alpha", [(1, "single", {"keep": 40}, 0.5),
+                                                        (2, "multi", {"ratio": 0.75}, 1.0)])
+def test_hiprune_matches_official_selection(family, object_layer, batch, variant, budget, alpha):
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "hiprune", object_layer=object_layer, alpha=alpha, **budget)
+    attentions, _ = vision_tower_outputs(model, inputs)
+    shallow = attentions[object_layer - 1].mean(1).mean(1)  # [n_crops, N]: received, [CLS] query included
+    deep = attentions[-2].mean(1).mean(1)
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    sources = token_sources(model, inputs)
+    k, anchors = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept, n_anchors = hiprune_official(shallow[crop, patch], deep[crop, patch], crop, patch - 1,
+                                               min(T, len(cand)), alpha, side)
+            anchors += n_anchors
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+    assert anchors > 0
+
+
+def test_hiprune_refuses_an_object_layer_the_tower_lacks():
+    model, _ = tm.build("llava")
+    with pytest.raises(ValueError, match=r"hiprune: object_layer must be in \[1, 10\] for this 10-layer vision"):
+        vtr.patch(model, "hiprune", ratio=0.5, object_layer=11)
+
+
+def dpp_official(kernel, k):
+    """Transcription of CDPruner's fast greedy MAP loop (cis / di2s), one item at a time."""
+    n = kernel.shape[0]
+    cis = torch.zeros(k, n, dtype=kernel.dtype)
+    di2s = torch.diagonal(kernel).clone()
+    picks = []
+    for i in range(k):
+        j = int(torch.argmax(di2s))
+        picks.append(j)
+        eis = (kernel[j] - sum((cis[t, j] * cis[t] for t in range(i)), torch.zeros(n))) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s -= eis ** 2
+        di2s[j] = -float("inf")
+    return sorted(picks)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 20}), (2, "multi", {"ratio": 0.75})])
+def test_cdpruner_matches_official_selection(family, batch, variant, budget):
+    """Official: F = projected features, S = cos(F); relevance = -mean cos(visual_projection(post_layernorm(
+    hidden[-2])), CLIP text embeds of the instruction in 77-token (here 6-token) segments), min-max normalised;
+    kernel diag(r) S diag(r); greedy DPP. The instruction is the text after the image, read back with the
+    language model's tokenizer."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", **budget)
+    clip, clip_tok = tm.tiny_clip("")
+    _, hidden_states = vision_tower_outputs(model, inputs)
+    embeds = R.capture_lm_inputs(model, inputs)["embeds"]
+    sources = token_sources(model, inputs)
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    k = 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            src = sources[k]
+            k += 1
+            cand = (src >= 0).nonzero().flatten()
+            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+            after = [int(t) for i, t in enumerate(ids[b]) if i > int(span.positions.max()) and real[b, i]
+                     and int(t) != model.config.image_token_id]
+            text = proc.tokenizer.decode(after, skip_special_tokens=True).strip()
+            enc = clip_tok(text=text, return_tensors="pt")
+            length = clip.config.text_config.max_position_embeddings
+            pad = length * ((enc["input_ids"].shape[1] - 1) // length + 1) - enc["input_ids"].shape[1]
+            segments = {key: torch.cat([v, v.new_zeros(1, pad)], 1).reshape(-1, length) for key, v in enc.items()}
+            with torch.no_grad():
+                text_embeds = clip.get_text_features(**segments).pooler_output
+                image_embeds = clip.visual_projection(
+                    model.model.vision_tower.post_layernorm(hidden_states[-2][crop, patch]).float())
+            features = embeds[b, span.positions[cand]]
+            unit = features / features.norm(dim=-1, keepdim=True)
+            similarity = unit.float() @ unit.float().T
+            image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+            text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+            relevance = (-(image_embeds @ text_embeds.T)).mean(-1)
+            relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+            kernel = relevance[:, None] * similarity * relevance[None, :]
+            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
+            kept = dpp_official(kernel, min(T, len(cand)))
+            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+    assert len(segments["input_ids"]) > 1  # the instruction spans several text-tower segments
+
+
+def test_cdpruner_relevance_changes_the_selection():
+    """The instruction matters: another question after the same image selects other tokens."""
+    model, proc = tm.build("llava")
+    image = tm.random_image(64, 64)
+    kept = []
+    for question in ("what is in this image ?", "describe the big red dog on the left ."):
+        inputs = proc(text=[f"USER : <image> {question} ASSISTANT :"], images=[image], return_tensors="pt")
+        kept.append(patched_forward(model, inputs, "cdpruner", ratio=0.75).kept[0])
+    assert not torch.equal(kept[0], kept[1])
+
+
+def qwen_block_attention_inputs(model, inputs):
+    """Unpatched forward recording every Qwen2.5-VL vision block's attention input and call arguments."""
+    seen = {}
+
+    def hook(i):
+        def record(module, args, kwargs):
+            seen[i] = (module, kwargs.get("hidden_states", args[0] if args else None), kwargs)
+        return record
+
+    handles = [blk.attn.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, blk in enumerate(model.model.visual.blocks)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def qwen_hiprune_scores(model, capture, grid_thw):
+    """Transcription of HiPrune's Qwen2.5-VL vision forward for one block: eager attention weights with a
+    block-diagonal mask over cu_seqlens, mean over heads, sum over queries, mean over each merge unit's 4
+    patches, then [reverse_indices] back to merged-token order."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+    from transformers.vision_utils import get_vision_window_index
+    attn, hidden, kwargs = capture
+    S = hidden.shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = qwen.apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        mask = torch.full((1, S, S), torch.finfo(q.dtype).min)
+        bounds = kwargs["cu_seqlens"].tolist()
+        for i in range(1, len(bounds)):
+            mask[..., bounds[i - 1]:bounds[i], bounds[i - 1]:bounds[i]] = 0
+        weights = (torch.matmul(q, k.transpose(1, 2)) / attn.head_dim ** 0.5 + mask).softmax(-1, dtype=torch.float32)
+    weights = weights.mean(0).sum(0).view(S // 4, -1).mean(-1)
+    visual = model.model.visual
+    window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                              visual.patch_size)
+    return weights[torch.argsort(window_index)]
+
+
+@pytest.mark.parametrize("batch,variant,budget,alpha,object_layer", [(1, "single", {"keep": 40}, 0.5, 0),
+                                                                     (2, "multi", {"ratio": 0.75}, 1.0, 3)])
+def test_hiprune_qwen25_matches_official_selection(batch, variant, budget, alpha, object_layer):
+    """Qwen2.5-VL: one received-attention score per merged token (official: mean over heads, sum over the
+    queries of each block's segments, mean over the merge unit), anchors on the merged grid of width grid_w / 2,
+    registers from the last block; default object layer 16."""
+    model, proc = tm.build("qwen2_5_vl", attn="eager")
+    inputs = tm.image_inputs("qwen2_5_vl", proc, batch, variant)
+    record = patched_forward(model, inputs, "hiprune", object_layer=object_layer, alpha=alpha, **budget)
+    captures = qwen_block_attention_inputs(model, inputs)
+    shallow = qwen_hiprune_scores(model, captures[(object_layer or 16) - 1], inputs["image_grid_thw"])
+    deep = qwen_hiprune_scores(model, captures[len(captures) - 1], inputs["image_grid_thw"])
+    first, anchors = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected = []
+        for span in row.spans:
+            n, width = span.n, span.grid[2]
+            T = budget["keep"] if "keep" in budget else round(n * (1 - budget["ratio"]))
+            kept, n_anchors = hiprune_official(shallow[first:first + n], deep[first:first + n], torch.zeros(n),
+                                               torch.arange(n), min(T, n), alpha, width, cells=n)
+            anchors += n_anchors
+            expected.append(span.offset + torch.tensor(kept))
+            first += n
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+    assert anchors > 0

@@ -42,6 +42,8 @@ def assert_close(a, b):
 def batch_cases():
     for method in METHODS:
         for family in tm.FAMILIES:
+            if not tm.supports(method, family):
+                continue
             for mode in ("forward", "generate"):
                 for attn in ("eager", "sdpa"):
                     for side in ("left", "right"):
@@ -79,8 +81,7 @@ def smallest_inputs(family, proc):
 
 
 @pytest.mark.parametrize("budget", [{"ratio": 0.99}, {"keep": 1}])
-@pytest.mark.parametrize("family", tm.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_smallest_images_keep_at_least_one_token(method, family, budget):
     model, proc = tm.build(family)
     inputs = smallest_inputs(family, proc)
@@ -118,6 +119,8 @@ def follow_up(proc, batch):
 def continuation_cases():
     for method in METHODS:
         for family in ("llava", "llava_next", "qwen2_vl", "qwen3_vl"):
+            if not tm.supports(method, family):
+                continue
             policies = [None, "other"] if family == "llava" else [None]
             for policy in policies:
                 for attn in ("eager", "sdpa"):
@@ -156,14 +159,13 @@ def test_text_continuation_of_a_pruned_cache(method, family, policy, attn):
             logits = out.logits[:, -1]
         record = handle.last
     lm_inputs = R.capture_lm_inputs(model, inputs)
-    _, ref_steps, ref_then = R.reference_for(model, handle.method, lm_inputs, record.index, 2,
+    _, ref_steps, ref_then = R.reference_for(model, handle.method, lm_inputs, record.index, 2, record=record,
                                              tokens=torch.cat(tokens, 1), then=then)
     assert (steps[0][:, -1] - ref_steps[:, 1]).abs().max() <= TOL  # the reference keeps logits before each step
     assert (steps[2] - ref_then).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, ["llava", "qwen2_vl"]))
 def test_second_turn_with_generate(method, family):
     """transformers' multi-turn pattern: generate again on the first turn's cache with the whole conversation's
     input_ids (and no pixel values). generate() slices the inputs by the cache's layer-0 length, which pre-LLM
@@ -186,7 +188,8 @@ def test_second_turn_with_generate(method, family):
     generated = first.sequences[:, inputs["input_ids"].shape[1]:]
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
     # The cache holds the prompt and the first two generated tokens; the third is fed with the follow-up.
-    _, _, ref_then = R.reference_for(model, handle.method, lm_inputs, record.index, 2, tokens=generated[:, :2],
+    _, _, ref_then = R.reference_for(model, handle.method, lm_inputs, record.index, 2, record=record,
+                                     tokens=generated[:, :2],
                                      then=torch.cat([generated[:, 2:], then], 1))
     assert (out.logits[0] - ref_then[:, -1]).abs().max() <= TOL
 
@@ -231,8 +234,7 @@ def test_text_prefilled_in_chunks_after_the_image(method):
 
 # ------------------------------------------------------------------------------------------ prompt endings
 @pytest.mark.parametrize("mode", ["forward", "generate"])
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, ["llava", "qwen2_vl"]))
 def test_prompt_ending_with_image_tokens(method, family, mode):
     """The prompt's last token may be pruned (the official code does the same); decoding still continues after
     the unpruned length."""

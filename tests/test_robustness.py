@@ -32,8 +32,7 @@ def interrupt_at(model, layer: int):
 
 
 @pytest.mark.parametrize("call", ["generate", "forward"])
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, FAMILIES))
 def test_interrupt_leaves_the_patch_working(method, family, call):
     """A KeyboardInterrupt (torch skips always-call hooks for it) inside a prefill, in generate or in a plain
     forward: the next requests are pruned exactly as before, and removal still restores the model."""
@@ -58,8 +57,7 @@ def test_interrupt_leaves_the_patch_working(method, family, call):
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, FAMILIES))
 def test_compiled_model_prunes_like_eager(method, family, backend):
     """torch.compile traces the hooks: same kept tokens and same logits as eager (DART's pivot order is computed
     without iterating a set, which compiled code iterates in insertion order)."""
@@ -189,6 +187,40 @@ class Broken(vtr.Method):
 def test_the_engine_rejects_a_broken_selection(kind, match):
     model, proc = tm.build("llava")
     method = type("Broken", (Broken,), {"kind": kind})(ratio=0.75)
+    with vtr.patch(model, method), torch.no_grad():
+        with pytest.raises(RuntimeError, match=match):
+            model(**tm.image_inputs("llava", proc, 1))
+
+
+class BrokenMerge(vtr.Method):
+    name = "broken_merge"
+    kind = "outside"
+
+    def select(self, ctx, row, span, budget):
+        keep = torch.arange(budget)
+        embeds = torch.zeros(1, ctx.hidden.shape[-1])
+        slots = {"outside": torch.tensor([budget]), "shape": torch.tensor([0]), "sources": torch.tensor([0])}
+        if self.kind == "shape":
+            embeds = embeds[:, :3]
+        sources = [] if self.kind == "sources" else [torch.tensor([0, budget])]
+        return vtr.Merge(keep=keep, slots=slots.get(self.kind, torch.tensor([0])), embeds=embeds, sources=sources)
+
+
+class BrokenLayerMerge(BrokenMerge):
+    stage = vtr.Stage.LAYER
+    layer: int = 2
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("outside", r"broken_merge: merged slots \[16\] must be kept tokens"),
+    ("shape", r"broken_merge: a merge of 1 tokens needs \[1, 64\] embeddings and as many source lists, got \(1, 3\)"),
+    ("sources", r"broken_merge: a merge of 1 tokens needs .* and 0"),
+    ("layer", r"broken_merge: merged tokens are only supported before the language model"),
+])
+def test_the_engine_rejects_a_broken_merge(kind, match):
+    model, proc = tm.build("llava")
+    base = BrokenLayerMerge if kind == "layer" else BrokenMerge
+    method = type("Broken", (base,), {"kind": kind})(ratio=0.75)
     with vtr.patch(model, method), torch.no_grad():
         with pytest.raises(RuntimeError, match=match):
             model(**tm.image_inputs("llava", proc, 1))

@@ -6,14 +6,60 @@ batches the tests share.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
+import transformers as T
 from PIL import Image
 
-from vtr.testing import FAMILIES, VIDEO_FAMILIES, random_image  # noqa: F401
+from vtr.testing import FAMILIES, VIDEO_FAMILIES, VOCAB_SIZE, make_tokenizer, random_image  # noqa: F401
 from vtr.testing import tiny_model as build  # noqa: F401
+
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+
+
+def supports(method: str, family: str) -> bool:
+    """Whether a registered method supports a tiny family's model class (vtr.patch refuses the others)."""
+    from vtr.methods import REGISTRY
+    return REGISTRY[method].model_classes is None or MODEL_CLASSES[family] in REGISTRY[method].model_classes
+
+
+def family_for(method: str, preferred: str) -> str:
+    """``preferred`` if the method supports it, else the first family it supports (for single-family tests)."""
+    return preferred if supports(method, preferred) else next(f for f in FAMILIES if supports(method, f))
+
+
+def method_family(methods, families) -> list:
+    """pytest params (method, family) of the supported pairs; unsupported pairs are tested to be refused instead
+    (test_errors.py)."""
+    import pytest
+    return [pytest.param(m, f, id=f"{m}-{f}") for m in methods for f in families if supports(m, f)]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_clip(name: str):
+    """Stand-in for ``vtr.compat.load_clip`` (no downloads in the tests): a tiny random ``CLIPModel`` whose vision
+    width matches the tiny LLaVA towers (its ``visual_projection`` reads their features), with a text context of 6
+    tokens so that instructions are split into segments, and the word-level tokenizer. Built once (read only)."""
+    clip = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    tok = make_tokenizer("llava")
+    config = T.CLIPConfig(text_config=dict(clip, vocab_size=VOCAB_SIZE, max_position_embeddings=6,
+                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                           bos_token_id=tok.bos_token_id),
+                          vision_config=dict(clip, patch_size=8, image_size=32), projection_dim=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        return T.CLIPModel(config).eval(), tok
+
+
+def tokenizer_for(name: str):
+    """Stand-in for ``vtr.compat.load_tokenizer``: the tiny LLaVA models' tokenizer."""
+    return make_tokenizer("llava")
 
 
 def _prompt(family: str, n_images: int, long: bool, video: bool = False) -> str:

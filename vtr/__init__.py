@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 # The public names load on first use, so that `import vtr` (and every `--help` of its tools) does not import
 # torch and transformers, which take seconds.
 _SOURCES = {"Handle": "api", "handle_of": "api", "methods": "api", "patch": "api", "unpatch": "api",
-            "DART": "methods", "DivPrune": "methods", "FastV": "methods", "Method": "methods", "Random": "methods",
-            "Stage": "methods", "Uniform": "methods", "register": "methods",
-            "PrefillRecord": "report", "StageRecord": "report"}
+            "CDPruner": "methods", "DART": "methods", "DivPrune": "methods", "FastV": "methods",
+            "FasterVLM": "methods", "HiPrune": "methods", "Merge": "methods", "Method": "methods", "Random": "methods",
+            "Stage": "methods", "Uniform": "methods", "VisPruner": "methods", "VisionZip": "methods",
+            "register": "methods", "MergedTokens": "report", "PrefillRecord": "report", "StageRecord": "report"}
 
 __all__ = sorted(_SOURCES)
 

@@ -78,7 +78,8 @@ def patch(model: torch.nn.Module, method: str | Method = "dart", *, ratio: float
         TypeError: ``method`` is neither a registered name nor a ``Method`` instance, an unknown option, an
             unsupported model class.
         ValueError: a bad budget or option value (named in the message), an unsupported attention backend or
-            layer type, ``positions="compact"`` on an M-RoPE model.
+            layer type, ``positions="compact"`` on an M-RoPE model, a method whose official code does not cover
+            the model (``Method.model_classes``; the message says why), a vision layer the tower lacks.
         RuntimeError: the model is already patched.
     """
     if isinstance(method, type) and issubclass(method, Method):
@@ -131,10 +132,15 @@ def methods() -> dict[str, str]:
 
 
 def _validate(model: torch.nn.Module, method: Method, family) -> None:
+    if not any(method.supports(cls.__name__) for cls in type(model).__mro__):
+        raise ValueError(f"{method.name} does not support {type(model).__name__}: {method.unsupported_reason} "
+                         f"Supported: {', '.join(method.model_classes)}")
     backend = compat.attn_implementation(model)
     if backend not in compat.ATTENTION_BACKENDS:
         raise ValueError(f"{method.name} cannot run with attn_implementation={backend!r}; supported: "
                          f"{', '.join(compat.ATTENTION_BACKENDS)}")
+    if "vision" in method.needs:  # the vision layers it reads must exist
+        method.vision_layers(len(compat.vision_layers(model)), compat.vision_feature_layer(model))
     lm = compat.text_model(model)
     types = set(compat.layer_types(lm))
     if types != {"full_attention"}:

@@ -13,6 +13,7 @@ Supported range: transformers 5.17 to 5.23 (tested at both ends). What is relied
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 
@@ -184,7 +185,10 @@ def shadow_method(obj, name: str, wrapper) -> None:
     Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
     (``language_model._deepstack_process``) and ``generate`` (a request in flight, with a ``finally`` that also runs on
     ``KeyboardInterrupt``). ``unshadow_method`` removes the instance attribute, restoring the class's method."""
-    setattr(obj, name, functools.partial(wrapper, getattr(obj, name)))
+    original = getattr(obj, name)
+    shadow = functools.partial(wrapper, original)
+    functools.update_wrapper(shadow, original)  # generate() reads get_image_features' signature to call it
+    setattr(obj, name, shadow)
 
 
 def unshadow_method(obj, name: str) -> None:
@@ -200,3 +204,181 @@ def processor_without_video(cls, **kwargs):
     proc = sub(video_processor=None, **kwargs)
     proc.video_processor = None
     return proc
+
+
+# ---------------------------------------------------------------------------------------------- vision tower
+# LLaVA-family towers are CLIP / SigLIP ``*VisionModel``s: ``vision_tower[.vision_model].encoder.layers[i]`` with
+# ``self_attn`` (``q_proj``/``k_proj``/``num_heads``/``head_dim``/``scale``), whose output tuple starts with the
+# hidden states; ``get_image_features`` (on the base model) runs the tower, keyword ``image_sizes`` for anyres.
+IMAGE_FEATURES = "get_image_features"
+
+
+def vision_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The vision tower's encoder layers (Qwen-VL: its blocks)."""
+    visual = getattr(model.model, "visual", None)
+    if visual is not None:
+        return visual.blocks
+    tower = getattr(model.model, "vision_tower", None)
+    tower = getattr(tower, "vision_model", tower)  # older releases wrap the transformer once more
+    if tower is None or not hasattr(tower, "encoder"):
+        raise ValueError(f"vtr: {type(model).__name__} has no CLIP/SigLIP-style vision tower")
+    return tower.encoder.layers
+
+
+def vision_self_attention(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.self_attn if hasattr(layer, "self_attn") else layer.attn
+
+
+def layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def vision_feature_layer(model: torch.nn.Module) -> int:
+    """0-based index of the vision layer whose output the projector reads (``vision_feature_layer=-2`` of a
+    24-layer CLIP is layer 22: ``hidden_states`` starts with the embeddings). Qwen-VL's merger reads the last
+    block."""
+    chosen = getattr(model.config, "vision_feature_layer", -1)
+    if not isinstance(chosen, int):
+        raise ValueError(f"vtr: vision_feature_layer={chosen!r} (several layers concatenated) is not supported by "
+                         "methods that read vision-tower signals")
+    n = len(vision_layers(model))
+    index = chosen % (n + 1) - 1
+    if index < 0:
+        raise ValueError("vtr: vision_feature_layer selects the patch embeddings, which no vision layer produces")
+    return index
+
+
+def vision_grid_side(model: torch.nn.Module) -> int:
+    """Patches per row of one square vision-tower input."""
+    vision = model.config.vision_config
+    return vision.image_size // vision.patch_size
+
+
+def vision_feature_strategy(model: torch.nn.Module) -> str:
+    """``"default"`` (the [CLS] token is dropped before the projector) or ``"full"``."""
+    return model.config.vision_feature_select_strategy
+
+
+def call_argument(function, args: tuple, kwargs: dict, name: str):
+    """The value ``function(*args, **kwargs)`` receives for parameter ``name`` (None if not passed)."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        bound = inspect.signature(function).bind_partial(*args, **kwargs)
+    except TypeError:
+        return None
+    return bound.arguments.get(name)
+
+
+def _vision_heads(attn: torch.nn.Module, proj: str, hidden: torch.Tensor) -> torch.Tensor:
+    """``[n, N, D]`` -> ``[n, H, N, d]`` projections of a CLIP/SigLIP attention module."""
+    n, N, _ = hidden.shape
+    return getattr(attn, proj)(hidden).view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: slice | torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Softmax attention probabilities of the query tokens ``rows`` over all tokens, per head: ``[n, H, r, N]``.
+
+    hidden: ``[n, N, D]`` the attention module's input (after the layer norm); no mask (every token of a CLIP or
+    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does."""
+    q = _vision_heads(attn, "q_proj", hidden[:, rows]).to(dtype)
+    k = _vision_heads(attn, "k_proj", hidden).to(dtype)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+    return logits.softmax(-1, dtype=torch.float32).to(dtype)
+
+
+def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``[n, N, d]``: the attention module's keys (with the projection bias), mean over heads."""
+    return _vision_heads(attn, "k_proj", hidden).mean(1)
+
+
+def project_visual(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The multimodal projector applied to vision features ``[..., D_v]`` -> ``[..., D]`` (per token)."""
+    return model.model.multi_modal_projector(features)
+
+
+# ------------------------------------------------------------------------------------------- CLIP text side
+def load_clip(name: str):
+    """(``CLIPModel``, its tokenizer) from a checkpoint name or path: the text tower and the projections into
+    CLIP's joint image-text space."""
+    from transformers import AutoTokenizer, CLIPModel
+    return CLIPModel.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a checkpoint (the language model's, to read a prompt's text back from its ids)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(name)
+
+
+def checkpoint_name(model: torch.nn.Module) -> str:
+    """The name or path ``model`` was loaded from ('' for a model built from a config)."""
+    return getattr(model.config, "_name_or_path", "") or ""
+
+
+def clip_text_embeddings(clip, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[M, C]`` projected text embeddings (the EOS-pooled output of the text tower through ``text_projection``)
+    of ``M`` token sequences of the text tower's context length."""
+    out = clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_context_length(clip) -> int:
+    return clip.config.text_config.max_position_embeddings
+
+
+def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) -> torch.Tensor:
+    """``[n, C]``: vision-layer hidden states ``[n, D_v]`` through the tower's own post-layernorm and CLIP's
+    ``visual_projection`` (in fp32), i.e. into CLIP's joint image-text space."""
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)
+    normed = tower.post_layernorm(features)
+    projection = clip.visual_projection
+    return projection(normed.float().to(projection.weight.dtype)).float()
+
+
+# ------------------------------------------------------------------------------------ Qwen-VL vision transformer
+# ``model.model.visual.blocks[i].attn`` with ``qkv``/``num_heads``/``scaling``, called with ``cu_seqlens`` (packed
+# images or windows) and ``position_embeddings``; ``apply_rotary_pos_emb_vision`` in the attention's own file;
+# Qwen2.5-VL orders its merge units by window (``get_vision_window_index``).
+def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                            chunk: int = 1024) -> torch.Tensor:
+    """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed
+    over the queries of its attention segment (its image, or its window in window-attention blocks); queries are
+    taken ``chunk`` at a time, so at most ``[H, chunk, segment]`` probabilities are held.
+
+    hidden: ``[S, D]`` the block's attention input (after ``norm1``), in the tower's (window) order; extra: the
+    attention call's ``cu_seqlens`` and ``position_embeddings``."""
+    S = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = extra["position_embeddings"]
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [H, S, d]
+    bounds = extra["cu_seqlens"].tolist()
+    received = torch.zeros(S, dtype=torch.float32, device=hidden.device)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        keys = k[:, start:stop]
+        for first in range(start, stop, chunk):
+            logits = torch.matmul(q[:, first:min(first + chunk, stop)], keys.transpose(-1, -2)) * attn.scaling
+            probs = logits.softmax(-1, dtype=torch.float32).to(dtype)
+            received[start:stop] += probs.mean(0).sum(0).float()
+    return received
+
+
+def qwen_unit_order(model: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """``[U]``: for each merge unit in the vision tower's order, its index in the merged-token (raster) order of
+    all images of the call; the identity for towers without window attention (Qwen2-VL, Qwen3-VL)."""
+    visual = model.model.visual
+    units = int((grid_thw.prod(-1) // visual.spatial_merge_size ** 2).sum())
+    if not hasattr(visual, "window_size"):
+        return torch.arange(units)
+    if hasattr(visual, "get_window_index"):  # older releases
+        return visual.get_window_index(grid_thw)[0]
+    from transformers.vision_utils import get_vision_window_index
+    return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[0]
+
+
+def qwen_merge_unit(model: torch.nn.Module) -> int:
+    """Patches per merged token (4 for the 2x2 merger)."""
+    return model.model.visual.spatial_merge_size ** 2

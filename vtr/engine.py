@@ -32,9 +32,9 @@ import torch
 
 from . import compat, kernels
 from .layout import TokenLayout
-from .methods.base import Method, Stage, StageSpec
+from .methods.base import Merge, Method, Stage, StageSpec
 from .patches import Family
-from .report import PrefillRecord, StageRecord
+from .report import MergedTokens, PrefillRecord, StageRecord
 from .selection import SelectionContext
 
 
@@ -105,6 +105,18 @@ class RequestState:
 
 
 @dataclass
+class VisionCall:
+    """One ``get_image_features`` call: its anyres image sizes (LLaVA-NeXT) or image grids (Qwen-VL) and, per
+    captured vision layer, [attention module, attention input, layer output] (``[n_crops, N, D_v]`` each; Qwen-VL:
+    ``[S, D_v]`` patches in the tower's order) and the attention call's other arguments (``extras``)."""
+
+    image_sizes: list | None
+    grid_thw: torch.Tensor | None = None
+    layers: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
 class ForwardState:
     """One forward call (a prefill or a decoding step) in one thread."""
 
@@ -120,6 +132,7 @@ class ForwardState:
     loss_kwargs: dict = field(default_factory=dict)
     decode_tail: torch.Tensor | None = None
     captures: dict = field(default_factory=dict)  # layer -> (attention module, normed hidden, cos, sin)
+    vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
 
 
@@ -130,6 +143,12 @@ class Engine:
         self.model, self.method, self.family = model, method, family
         self.lm = compat.text_model(model)
         self.specs = method.stages()
+        self.vision_feature_layer = compat.vision_feature_layer(model) if "vision" in method.needs else None
+        self.clip = self.clip_tokenizer = self.tokenizer = None
+        if "clip_text" in method.needs:  # loaded once, at patch time, so that a missing checkpoint fails there
+            self.clip, self.clip_tokenizer = compat.load_clip(method.clip)
+            self.clip = self.clip.to(next(model.parameters()).device)
+            self.tokenizer = compat.load_tokenizer(method.tokenizer or compat.checkpoint_name(model))
         self.last: PrefillRecord | None = None
         self._requests: "weakref.WeakKeyDictionary[object, RequestState]" = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
@@ -137,6 +156,8 @@ class Engine:
         self._states: dict[int, ForwardState] = {}  # thread id -> the forward call running in that thread
         self._generating: collections.Counter = collections.Counter()  # thread id -> nested generate calls
         self._resumed: dict[int, tuple] = {}  # thread id -> (cache, input length) of a generate resuming a cache
+        # thread id -> the last image encoding's vision signals; generate() encodes images before its prefills
+        self._vision: dict[int, VisionCall] = {}
         self._closing = False
         self._handles = []
 
@@ -159,6 +180,8 @@ class Engine:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
+            if "vision" in self.method.needs:
+                self._attach_vision(reg)
             if self.family.deepstack and layer_stages:
                 compat.shadow_method(self.lm, "_deepstack_process", self._deepstack)
             compat.shadow_method(self.model, "generate", self._generate)
@@ -172,6 +195,8 @@ class Engine:
         self._handles.clear()
         compat.unshadow_method(self.lm, "_deepstack_process")
         compat.unshadow_method(self.model, "generate")
+        compat.unshadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES)
+        self._vision.clear()
 
     def close(self) -> None:
         """Detach once the requests in flight in other threads have finished; requests that start meanwhile run
@@ -229,6 +254,7 @@ class Engine:
                     del self._generating[me]
                     self._states.pop(me, None)  # a forward interrupted by a BaseException never ran its exit
                     self._resumed.pop(me, None)
+                    self._vision.pop(me, None)
                 self._idle.notify_all()
 
     # ------------------------------------------------------------------------------------ forward context
@@ -264,6 +290,8 @@ class Engine:
             if fwd.depth <= 0:
                 with self._idle:
                     self._states.pop(me, None)
+                    if not self._generating[me]:
+                        self._vision.pop(me, None)
                     self._idle.notify_all()
 
     def _outer_pre(self, module, args, kwargs):
@@ -432,6 +460,7 @@ class Engine:
         elif positions.shape[-2] != B:
             positions = positions.expand(*positions.shape[:-2], B, L)
         fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
+        fwd.vision = self._vision.get(threading.get_ident())
         arange = torch.arange(L, device=device).expand(B, L)
         base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,
                          shift=torch.zeros(B, dtype=torch.long, device=device))
@@ -445,7 +474,11 @@ class Engine:
         if spec.stage is Stage.PRE_LLM:
             pruned = self._prune(fwd, spec, base, hidden)
             if pruned is not None:
-                layout, select = pruned
+                layout, select, merged = pruned
+                if merged:  # merged tokens take their slot with their new embedding
+                    hidden = hidden.clone()
+                    for b, slots, embeds in merged:
+                        hidden[b, slots] = embeds.to(hidden.dtype)
                 kwargs["inputs_embeds"] = kernels.gather_rows(hidden, select)
                 kwargs["attention_mask"] = layout.mask2d.to(mask_in.dtype if mask_in is not None else torch.long)
                 kwargs["position_ids"] = layout.positions
@@ -480,6 +513,41 @@ class Engine:
             kwargs["position_ids"] = shift_positions(kwargs["position_ids"], first.shift)
         return kwargs
 
+    # --------------------------------------------------------------------------------------- vision tower
+    def _attach_vision(self, reg) -> None:
+        """Capture, for each vision layer the method reads, its attention input and its output, during the image
+        encoding (inside the forward, or before the prefill in generate). The tower keeps its own attention
+        backend; signals are recomputed from these inputs for the rows a method needs."""
+        layers = compat.vision_layers(self.model)
+        wanted = self.method.vision_layers(len(layers), compat.vision_feature_layer(self.model))
+        for i in wanted:
+            reg(compat.vision_self_attention(layers[i]).register_forward_pre_hook(self._vision_input(i),
+                                                                                   with_kwargs=True))
+            reg(layers[i].register_forward_hook(self._vision_output(i)))
+        compat.shadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES, self._encode_images)
+
+    def _encode_images(self, original, *args, **kwargs):
+        sizes = compat.call_argument(original, args, kwargs, "image_sizes")
+        call = VisionCall(image_sizes=sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes,
+                          grid_thw=compat.call_argument(original, args, kwargs, "image_grid_thw"))
+        self._vision[threading.get_ident()] = call
+        return original(*args, **kwargs)
+
+    def _vision_input(self, i: int):
+        def hook(module, args, kwargs):
+            call = self._vision.get(threading.get_ident())
+            if call is not None:
+                call.layers[i] = [module, kwargs.get("hidden_states", args[0] if args else None), None]
+                call.extras[i] = {k: v for k, v in kwargs.items() if k in ("cu_seqlens", "position_embeddings")}
+        return hook
+
+    def _vision_output(self, i: int):
+        def hook(module, args, output):
+            call = self._vision.get(threading.get_ident())
+            if call is not None and i in call.layers:
+                call.layers[i][2] = compat.layer_output(output)
+        return hook
+
     # ------------------------------------------------------------------------------------- decoder layers
     def _capture_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -503,7 +571,7 @@ class Engine:
             if fwd.prefill and i in stage_at:
                 prev = request.final()
                 pruned = self._prune(fwd, stage_at[i], prev, hidden)
-                if pruned is not None:
+                if pruned is not None:  # merging is refused at layer stages (see _checked)
                     hidden = kernels.gather_rows(hidden, pruned[1])
             active = request.active(i)
             fwd.current = active
@@ -556,14 +624,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- selection
     def _prune(self, fwd: ForwardState, spec: StageSpec, prev: SeqLayout, hidden: torch.Tensor):
-        """Select at one stage. Returns (new layout, [B, L'] slots of ``prev`` to gather), or None if the stage
-        removes nothing (then the model runs untouched, bit for bit)."""
+        """Select at one stage. Returns (new layout, [B, L'] slots of ``prev`` to gather, merged tokens as
+        ``(row, [m] slots of prev, [m, D] embeddings)``), or None if the stage removes nothing (then the model runs
+        untouched, bit for bit)."""
         start = _clock(hidden)
         ctx = SelectionContext(self, fwd, prev, hidden, spec)
         keep = prev.mask2d.clone()
-        kept_ids, n_alive, dropped_any = [], [], False
+        kept_ids, n_alive, dropped_any, merged, merged_record = [], [], False, [], []
         for b, row in enumerate(fwd.layout.rows):
-            ids, alive = [], 0
+            ids, alive, row_merges = [], 0, []
             for span in row.spans:
                 present = ctx.present(b, span)
                 alive += len(present)
@@ -574,7 +643,15 @@ class Engine:
                     if budget >= len(group):
                         chosen = torch.arange(len(group), device=group.slots.device)
                     else:
-                        chosen = self._checked(self.method.select(ctx, b, group, budget), budget, len(group))
+                        chosen = self.method.select(ctx, b, group, budget)
+                        if isinstance(chosen, Merge):
+                            merge = self._checked_merge(chosen, spec, budget, len(group))
+                            chosen = merge.keep
+                            merged.append((b, group.slots[merge.slots], merge.embeds))
+                            row_merges.append(MergedTokens(
+                                kept=span.offset + group.ids[merge.slots].cpu(), embeds=merge.embeds,
+                                sources=[span.offset + group.ids[s].cpu() for s in merge.sources]))
+                        chosen = self._checked(chosen, budget, len(group))
                         dropped = torch.ones(len(group), dtype=torch.bool, device=group.slots.device)
                         dropped[chosen] = False
                         keep[b, group.slots[dropped]] = False
@@ -582,9 +659,10 @@ class Engine:
                     ids.append(span.offset + group.ids[chosen].cpu())
             kept_ids.append(torch.cat(ids).sort().values if ids else torch.zeros(0, dtype=torch.long))
             n_alive.append(alive)
+            merged_record.append(MergedTokens.join(row_merges))
         record = fwd.request.record
         stage = StageRecord(stage=spec.stage.value, layer=spec.layer, n_visual=n_alive, kept=kept_ids,
-                            length=prev.length)
+                            length=prev.length, merged=merged_record if merged else None)
         record.stages.append(stage)
         try:
             if not dropped_any:
@@ -606,7 +684,7 @@ class Engine:
                 mask2d=kernels.gather_rows(prev.mask2d.unsqueeze(-1), select, False).squeeze(-1),
                 positions=positions, shift=prev.shift + removed.sum(1), layer=spec.layer, stage=spec.stage)
             fwd.request.layouts.append(layout)
-            return layout, select
+            return layout, select, merged
         finally:
             record.selection_seconds += _clock(hidden) - start
 
@@ -624,6 +702,22 @@ class Engine:
         if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget:
             raise RuntimeError(f"{self.method.name}: budget_for() must return a non-negative int, got {budget!r}")
         return budget
+
+    def _checked_merge(self, merge: Merge, spec: StageSpec, budget: int, n: int) -> Merge:
+        """A merge must replace distinct kept tokens with one embedding each, before the language model."""
+        name = self.method.name
+        if spec.stage is not Stage.PRE_LLM:
+            raise RuntimeError(f"{name}: merged tokens are only supported before the language model (pre_llm)")
+        keep = self._checked(merge.keep, budget, n)
+        slots = self._checked(merge.slots, len(merge.slots.flatten()), n) if merge.slots.numel() else \
+            merge.slots.flatten().long()
+        if not bool(torch.isin(slots, keep).all()):
+            raise RuntimeError(f"{name}: merged slots {slots.tolist()} must be kept tokens")
+        D = self.lm.config.hidden_size
+        if merge.embeds.shape != (len(slots), D) or len(merge.sources) != len(slots):
+            raise RuntimeError(f"{name}: a merge of {len(slots)} tokens needs [{len(slots)}, {D}] embeddings and as "
+                               f"many source lists, got {tuple(merge.embeds.shape)} and {len(merge.sources)}")
+        return Merge(keep=keep, slots=slots, embeds=merge.embeds, sources=merge.sources)
 
     def _checked(self, chosen, budget: int, n: int) -> torch.Tensor:
         """A method's selection must be ``budget`` distinct integer indices in ``[0, n)``."""

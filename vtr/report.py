@@ -9,6 +9,25 @@ from .layout import TokenLayout
 
 
 @dataclass
+class MergedTokens:
+    """Kept tokens of one row whose embeddings a merging method replaced.
+
+    kept: ``[m]`` their indices in the row's visual numbering. sources: ``m`` tensors: the visual indices merged
+    into each (itself included). embeds: ``[m, D]`` the embeddings the language model received for them."""
+
+    kept: torch.Tensor
+    sources: list = field(default_factory=list)
+    embeds: torch.Tensor | None = field(default=None, repr=False)
+
+    @staticmethod
+    def join(parts: list["MergedTokens"]) -> "MergedTokens":
+        if not parts:
+            return MergedTokens(kept=torch.zeros(0, dtype=torch.long))
+        return MergedTokens(kept=torch.cat([p.kept for p in parts]), sources=[s for p in parts for s in p.sources],
+                            embeds=torch.cat([p.embeds for p in parts]))
+
+
+@dataclass
 class StageRecord:
     """One pruning stage of one prefill.
 
@@ -16,6 +35,7 @@ class StageRecord:
     kept: per row, ascending indices (in the row's visual numbering: all images of the row, in order) of the visual
     tokens still present after the stage.
     length: sequence length (padding included) the following layers run on.
+    merged: per row, the kept tokens a merging method gave new embeddings (None when the method merged nothing).
     """
 
     stage: str
@@ -23,6 +43,7 @@ class StageRecord:
     n_visual: list[int]
     kept: list[torch.Tensor]
     length: int = 0
+    merged: list[MergedTokens] | None = None
 
 
 @dataclass
@@ -47,6 +68,13 @@ class PrefillRecord:
         if self.stages:
             return self.stages[-1].kept
         return [torch.arange(n) for n in self.n_visual]
+
+    @property
+    def merged(self) -> list[MergedTokens] | None:
+        """Per row, the kept visual tokens whose embeddings were replaced by merges (VisionZip's contextual
+        tokens), with the visual tokens merged into each; None when no stage merged."""
+        merged = [s.merged for s in self.stages if s.merged is not None]
+        return merged[-1] if merged else None
 
     @property
     def n_kept(self) -> list[int]:

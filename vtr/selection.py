@@ -155,3 +155,180 @@ class SelectionContext:
         if "normed" not in self._memo:
             self._memo["normed"] = compat.final_norm(self.engine.lm)(self.hidden)
         return self._memo["normed"]
+
+    # ------------------------------------------------------------------------------------ vision-tower signals
+    # Read from the inputs and outputs of the vision layers a ``needs={"vision"}`` method names, captured while the
+    # images were encoded; only the attention rows a method asks for are computed (the tower keeps SDPA/FA2).
+    def _vision_layer(self, layer: int | None):
+        call = self.fwd.vision
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        if call is None or layer not in call.layers or call.layers[layer][2] is None:
+            raise RuntimeError(f"{self.engine.method.name}: no vision-tower signals of layer {layer} were captured "
+                               "for this prefill; the images must be encoded by the model itself in the same call "
+                               "(pass pixel_values to forward() or generate(), not precomputed features)")
+        return call.layers[layer]
+
+    def _vision_dtype(self, hidden: torch.Tensor) -> torch.dtype:
+        return hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
+
+    def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(crop, index)``, each ``[c]``: the vision-tower input (all images' crops in input order) and the token
+        index in its sequence ([CLS] included) that made each candidate. Images only; newline tokens have none."""
+        span = tokens.span
+        if span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {span.kind}")
+        key = ("sources", row, span.index)
+        if key not in self._memo:
+            first, size = self._image_crops()[row, span.index]
+            crop, index = self.engine.family.vision_patches(self.engine.model, span, size)
+            self._memo[key] = (crop + first).masked_fill(crop < 0, -1), index
+        crop, index = self._memo[key]
+        ids = tokens.ids.cpu()
+        crop, index = crop[ids], index[ids]
+        if bool((index < 0).any()):
+            raise RuntimeError(f"{self.engine.method.name}: newline tokens have no vision-tower patch")
+        return crop, index
+
+    def _image_crops(self) -> dict:
+        """(row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
+        if "crops" not in self._memo:
+            sizes = self.fwd.vision.image_sizes if self.fwd.vision is not None else None
+            crops, first, k = {}, 0, 0
+            for b, row in enumerate(self.layout.rows):
+                for span in row.spans:
+                    if span.kind == "image":
+                        size = sizes[k] if sizes is not None else None
+                        crops[b, span.index] = (first, size)
+                        first += self.engine.family.crops_per_image(self.engine.model, size)
+                        k += 1
+            self._memo["crops"] = crops
+        return self._memo["crops"]
+
+    def vision_cls_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the softmax attention the [CLS] query (token 0 of each crop) pays each candidate's patch at a
+        vision layer (default: the feature layer, CLIP's ``attentions[-2]`` on LLaVA), mean over heads."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("cls", layer)
+        if key not in self._memo:
+            probs = compat.vision_attention_rows(attn, hidden, slice(0, 1), self._vision_dtype(hidden))
+            self._memo[key] = probs.mean(1)[:, 0]  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_features(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, D_v]``: each candidate's hidden state at the output of a vision layer (default: the feature
+        layer, i.e. what the projector reads)."""
+        _, _, output = self._vision_layer(layer)
+        crop, index = self.vision_sources(row, tokens)
+        return output[crop.to(output.device), index.to(output.device)]
+
+    def vision_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("keys", layer)
+        if key not in self._memo:
+            self._memo[key] = compat.vision_head_mean_keys(attn, hidden)  # [n_crops, N, d]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
+        return compat.project_visual(self.engine.model, features).to(self.hidden.dtype)
+
+    def vision_received_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the softmax attention each candidate's patch receives at a vision layer, mean over heads and
+        over every query of its crop ([CLS] included) ("global attention"), computed crop by crop so that one
+        crop's ``[H, N, N]`` probabilities are held at a time. Qwen-VL (no [CLS]; a merged token stands for a 2x2
+        merge unit): summed over the queries of each patch's attention segment (its image, or its window in
+        window-attention blocks), then averaged over the unit's patches, as HiPrune's Qwen2.5-VL code does."""
+        if self.engine.family.mrope:
+            units = self.vision_units(row, tokens)
+            return self._qwen_received(layer)[units]
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("received", layer)
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            self._memo[key] = torch.stack([compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0]
+                                           .mean(0).mean(0) for h in hidden])  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_grid(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Where each candidate lies on its grid: ``(grid, cell, width, cells)``: ``[c]`` the grid it belongs to (a
+        crop; the image on Qwen-VL), ``[c]`` its raster cell in that grid, the grid's width and its number of cells
+        (CLIP: the crop's patch grid, 24 x 24 at 336 px; Qwen-VL: the image's merged-token grid)."""
+        if self.engine.family.mrope:
+            grid = tokens.span.grid
+            if grid is None or grid[0] != 1:
+                raise ValueError(f"vtr: {self.engine.method.name} needs the merged-token grid of a single image")
+            ids = tokens.ids.cpu()
+            return torch.zeros_like(ids), ids, grid[2], tokens.span.n
+        crop, index = self.vision_sources(row, tokens)
+        side = compat.vision_grid_side(self.engine.model)
+        return crop, index - 1, side, side * side  # CLIP's [CLS] is token 0, patch p is token p + 1
+
+    def vision_units(self, row: int, tokens: SpanCandidates) -> torch.Tensor:
+        """Qwen-VL: ``[c]`` each candidate's merged token in the vision call's merged-token order (all images of
+        the call, in input order)."""
+        if tokens.span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {tokens.span.kind}")
+        if "units" not in self._memo:
+            first, units = 0, {}
+            for b, layout_row in enumerate(self.layout.rows):
+                for span in layout_row.spans:
+                    if span.kind == "image":
+                        units[b, span.index] = first
+                        first += span.n
+            self._memo["units"] = units
+        return self._memo["units"][row, tokens.span.index] + tokens.ids.cpu()
+
+    def _qwen_received(self, layer: int | None) -> torch.Tensor:
+        """``[U]`` received attention per merged token of the whole vision call (see vision_received_attention)."""
+        attn, hidden, _ = self._vision_layer(layer)
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        key = ("received", layer)
+        if key not in self._memo:
+            call = self.fwd.vision
+            patches = compat.qwen_received_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden))
+            per_unit = patches.view(-1, compat.qwen_merge_unit(self.engine.model)).mean(-1)
+            order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
+            received = torch.empty_like(per_unit)
+            received[order] = per_unit  # from the tower's (window) order to merged-token order
+            self._memo[key] = received.cpu()
+        return self._memo[key]
+
+    # ------------------------------------------------------------------------------------------ CLIP text side
+    def instruction_text(self, row: int, tokens: SpanCandidates) -> str:
+        """The row's text after the image, read back from the prompt's ids with the language model's tokenizer
+        (special tokens skipped): the instruction a text-conditioned method scores the image against."""
+        text = self.text_slots(row)
+        text = text[text > tokens.slots.max()]
+        ids = self.fwd.inputs["input_ids"][row, self.prev.index[row, text].to(self.fwd.inputs["input_ids"].device)]
+        return self.engine.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
+
+    def instruction_embeddings(self, row: int, tokens: SpanCandidates) -> torch.Tensor | None:
+        """``[M, C]``: CLIP text embeddings of the instruction (``instruction_text``), split into segments of the
+        text tower's context length (the last one zero-padded, as CDPruner's official code does); None when the
+        image is followed by no text."""
+        key = ("instruction", row, tokens.span.index)
+        if key not in self._memo:
+            text = self.instruction_text(row, tokens)
+            embeds = None
+            if text:
+                clip, length = self.engine.clip, compat.clip_context_length(self.engine.clip)
+                enc = self.engine.clip_tokenizer(text=text, return_tensors="pt")
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                pad = -ids.shape[1] % length
+                ids = torch.cat([ids, ids.new_zeros(1, pad)], 1).view(-1, length)
+                mask = torch.cat([mask, mask.new_zeros(1, pad)], 1).view(-1, length)
+                device = next(clip.parameters()).device
+                embeds = compat.clip_text_embeddings(clip, ids.to(device), mask.to(device)).float()
+            self._memo[key] = embeds
+        return self._memo[key]
+
+    def clip_image_embeddings(self, row: int, tokens: SpanCandidates) -> torch.Tensor:
+        """``[c, C]``: each candidate's feature-layer hidden state in CLIP's joint image-text space (the tower's
+        post-layernorm, then CLIP's visual projection; fp32)."""
+        return compat.clip_image_embeddings(self.engine.model, self.engine.clip, self.vision_features(row, tokens))

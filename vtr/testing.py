@@ -65,7 +65,8 @@ def tiny_model(family: str = "qwen2_vl", attn: str = "sdpa", layers: int = 4, se
         raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
     tok = make_tokenizer(family)
     ids = tok.convert_tokens_to_ids
-    clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    # 10 CLIP layers, so that HiPrune's default object layer (9) exists; the features come from layer 8 (-2)
+    clip = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=10,
                 num_attention_heads=4, patch_size=8, projection_dim=32)
     template = LLAVA_CHAT_TEMPLATE if family.startswith("llava") else QWEN_CHAT_TEMPLATE
     if family == "llava":
@@ -110,8 +111,9 @@ def tiny_model(family: str = "qwen2_vl", attn: str = "sdpa", layers: int = 4, se
         proc = _processor(T.Qwen2VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),
                           tokenizer=tok, chat_template=template)
     elif family == "qwen2_5_vl":
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+        # 16 blocks, so that HiPrune's default object layer (16) exists; windows of 2x2 merged tokens
+        vision = dict(depth=16, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1, 15])
         cfg = T.Qwen2_5_VLConfig(text_config=_qwen_text(tok, layers), vision_config=vision, **_qwen_ids(tok))
         model_cls = T.Qwen2_5_VLForConditionalGeneration
         proc = _processor(T.Qwen2_5_VLProcessor, _video_processor(family), image_processor=_qwen_image_processor(),

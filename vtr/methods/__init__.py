@@ -1,12 +1,17 @@
 """The registered pruning methods. Adding one: a file here with a registered ``Method`` dataclass, one import line
 below, and its row in the README table; the test matrix picks it up from the registry."""
-from .base import Method, Stage, StageSpec
+from .base import Merge, Method, Stage, StageSpec
+from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
+from .fastervlm import FasterVLM
 from .fastv import FastV
+from .hiprune import HiPrune
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
+from .vispruner import VisPruner
+from .visionzip import VisionZip
 
-__all__ = ["DART", "DivPrune", "FastV", "Method", "REGISTRY", "Random", "Stage", "StageSpec", "Uniform", "lookup",
-           "register"]
+__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "HiPrune", "Merge", "Method", "REGISTRY", "Random",
+           "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup", "register"]

@@ -31,6 +31,25 @@ class StageSpec:
     layer: int = 0  # first decoder layer that runs on the pruned sequence (0 for pre_llm)
 
 
+@dataclass
+class Merge:
+    """What a merging method's ``select`` returns: the tokens kept and new embeddings for some of them.
+
+    keep: ``[budget]`` distinct indices into the candidates, as a plain selection.
+    slots: ``[m]`` the kept tokens (a subset of ``keep``, indices into the candidates) whose language-model input
+    embedding is replaced; each such token stays in its own slot and takes that slot's position under the
+    method's position policy.
+    embeds: ``[m, D]`` their new embeddings (language-model input space, the model's dtype).
+    sources: ``m`` index tensors into the candidates: the tokens merged into each replaced token (itself
+    included); reported in ``handle.last.merged``.
+    """
+
+    keep: torch.Tensor
+    slots: torch.Tensor
+    embeds: torch.Tensor
+    sources: list
+
+
 POSITION_POLICIES = ("original", "compact")
 SCORE_DTYPES = ("float32", "model")
 
@@ -56,6 +75,11 @@ class Method:
     Keep count: at least one token per image (per tile under ``scope="crop"``) whatever the ratio, unless the
     method's own rule says otherwise; each method's docstring gives its rule.
 
+    Vision-side methods declare ``needs={"vision"}`` and read the vision tower's signals from the selection
+    context; ``model_classes`` restricts a method to the models its official code defines it for (``vtr.patch``
+    refuses the others with ``unsupported_reason``) and ``visual_kinds`` to images. A merging method's ``select``
+    returns a ``Merge``.
+
     Subclasses set the class attributes, add their options as fields (annotated ``int``, ``float``, ``bool`` or
     ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers), and implement ``select``.
     """
@@ -64,8 +88,17 @@ class Method:
     summary: ClassVar[str] = ""
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "compact"
-    # Signals the engine must capture: "attention_inputs" = inputs of layer K-1's self-attention.
+    # Signals the engine must capture: "attention_inputs" = inputs of layer K-1's self-attention; "vision" = the
+    # vision tower's layers named by ``vision_layers`` (their attention inputs and outputs, see SelectionContext);
+    # "clip_text" = a CLIP text tower and the language model's tokenizer, loaded at patch time from the method's
+    # ``clip`` and ``tokenizer`` options (see SelectionContext.instruction_embeddings).
     needs: ClassVar[frozenset] = frozenset()
+    # Model classes the method supports (None: every model vtr supports). Others are refused at patch time with
+    # ``unsupported_reason``. The test matrices read this to skip those combinations.
+    model_classes: ClassVar[tuple[str, ...] | None] = None
+    unsupported_reason: ClassVar[str] = ""
+    # Which visual inputs the method prunes; a prompt with another kind raises (tests skip those combinations).
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image", "video")
     # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
     newline_candidates: ClassVar[bool] = False
     # Whether the selection reads the prompt's text (its last token, the text after an image): then the whole
@@ -121,6 +154,15 @@ class Method:
         """Where this method prunes, in order. Single-stage methods have one entry."""
         return [StageSpec(self.stage, getattr(self, "layer", 0))]
 
+    def vision_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
+        """0-based vision-tower layers whose signals a ``needs={"vision"}`` method reads, given the tower's depth
+        and the layer the model takes its visual features from (``vision_feature_layer`` made non-negative: the
+        layer whose output the projector reads). Defaults to that feature layer."""
+        return (feature_layer,)
+
+    def supports(self, model_class: str) -> bool:
+        return self.model_classes is None or model_class in self.model_classes
+
     def budget(self, n: int) -> int:
         """How many of an image's ``n`` visual tokens this method keeps (the default rule: ``keep`` capped at
         ``n``, or ``round(n * (1 - ratio))``, and at least 1)."""
@@ -135,10 +177,13 @@ class Method:
         a method whose count depends on more than the image (DART: the text after it) overrides this."""
         return self.budget(len(group))
 
-    def select(self, ctx: SelectionContext, row: int, span: SpanCandidates, budget: int) -> torch.Tensor:
+    def select(self, ctx: SelectionContext, row: int, span: SpanCandidates, budget: int) -> torch.Tensor | Merge:
         """Indices (into ``span.slots``) of exactly ``budget`` distinct tokens to keep, any order, as an integer
         tensor. Called once per image of each row (per tile under ``scope="crop"``), with
-        ``0 < budget < len(span)``; the engine rejects anything else, naming the method."""
+        ``0 < budget < len(span)``; the engine rejects anything else, naming the method.
+
+        A merging method (``pre_llm`` stage only) returns a ``Merge`` instead: the kept indices plus new input
+        embeddings for some of the kept tokens."""
         raise NotImplementedError
 
     def for_model(self, mrope: bool) -> "Method":

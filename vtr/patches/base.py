@@ -32,6 +32,17 @@ class Family:
         positions: ``[B, L]`` or ``[R, B, L]`` the positions the language model uses."""
         raise NotImplementedError
 
+    def vision_patches(self, model, span: VisualSpan, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each token of an image ``span`` comes from in the vision tower: ``(crop, patch)``, each ``[n]``:
+        the image's tower input (0 for the only or base crop, anyres tiles after it) and the token index in that
+        input's sequence of the vision layers ([CLS] included); -1 for tokens no patch makes (newlines).
+        ``image_size``: the image's (height, width) as passed to ``get_image_features`` (anyres models)."""
+        raise ValueError(f"vtr: vision-tower signals are not available for {self.name} models")
+
+    def crops_per_image(self, model, image_size) -> int:
+        """How many vision-tower inputs (crops) an image makes."""
+        return 1
+
 
 def encoded(kind: str, inputs: dict):
     """Features generate() encoded before the prefill (it then drops the pixel inputs), or None."""

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from .. import compat
 from .base import Family, count_mismatch, finish_rows, spans_for_kind
 
 
@@ -30,6 +33,11 @@ class LlavaFamily(Family):
             k = count // per_image
             rows.append(spans_for_kind(ids[b], config.image_token_id, "image", [per_image] * k, [grid] * k))
         return finish_rows(rows, ids.shape[1], positions)
+
+    def vision_patches(self, model, span, image_size):
+        # "default" drops the [CLS] token (patch 0) before the projector; "full" keeps it as the first token.
+        first = 1 if compat.vision_feature_strategy(model) == "default" else 0
+        return torch.zeros(span.n, dtype=torch.long), torch.arange(span.n) + first
 
 
 def _count_images(inputs) -> int:

@@ -43,6 +43,33 @@ class LlavaNextFamily(Family):
     def _videos(self, model, inputs, ids, row) -> list[VisualSpan]:
         return []
 
+    def crops_per_image(self, model, image_size) -> int:
+        return compat.anyres_patch_count(model.config, image_size)
+
+    def vision_patches(self, model, span, image_size):
+        """Base-grid tokens come from crop 0; a high-resolution token at (row, col) of the unpadded grid from the
+        tile covering (row + top, col + left) of the padded grid (the tiles stitched row-major, as
+        ``pack_image_features`` does before unpadding)."""
+        config = model.config
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        first = 1 if compat.vision_feature_strategy(model) == "default" else 0
+        crop = torch.full((span.n,), -1, dtype=torch.long)
+        patch = torch.full((span.n,), -1, dtype=torch.long)
+        row, col, base = span.row.cpu(), span.col.cpu(), (span.frame == 0).cpu() & ~span.newline.cpu()
+        crop[base], patch[base] = 0, first + row[base] * side + col[base]
+        tiles = (span.frame == 1).cpu() & ~span.newline.cpu()
+        if bool(tiles.any()):
+            height, width = int(row[tiles].max()) + 1, int(col[tiles].max()) + 1
+            tiles_h, tiles_w, unpadded_h, unpadded_w = compat.anyres_geometry(config, image_size, side)
+            if (unpadded_h, unpadded_w) != (height, width):
+                raise ValueError(f"vtr: the {height}x{width} high-resolution grid of an image was resized after "
+                                 "unpadding (LLaVA-OneVision's anyres_max); its tokens have no single source patch")
+            r = row[tiles] + (tiles_h * side - height) // 2
+            c = col[tiles] + (tiles_w * side - width) // 2
+            crop[tiles] = 1 + (r // side) * tiles_w + c // side
+            patch[tiles] = first + (r % side) * side + c % side
+        return crop, patch
+
 
 class LlavaOnevisionFamily(LlavaNextFamily):
     name = "llava_onevision"

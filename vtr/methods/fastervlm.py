@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Method, Stage
+from .registry import register
+
+CLIP_MODELS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+NO_CLS = ("its score is the vision tower's [CLS] attention; the SigLIP tower of LLaVA-OneVision and the Qwen-VL "
+          "vision transformers have no [CLS] token, and the method documents no substitute for them.")
+
+
+@register
+@dataclass
+class FasterVLM(Method):
+    """FasterVLM (Zhang et al., arXiv 2412.01818): keep the patches the vision tower's [CLS] token attends to most.
+
+    Score: softmax attention of the [CLS] query over the patches at the vision layer LLaVA takes its features from
+    (``vision_feature_layer=-2``: CLIP layer 22 of 24), mean over heads; top-k per image; the kept tokens stay in
+    their original order. Before the language model. The [CLS] row is recomputed from that layer's captured input
+    (one query row; the tower keeps SDPA). Official code: ``Theia-4869/FasterVLM``,
+    ``clip_encoder.py: feature_select`` and ``llava_arch.py: encode_images``.
+
+    Keep count per image of ``n`` tokens: ``round(n * (1 - ratio))`` (the README's 144 / 58 / 29 of 576 for
+    75 / 90 / 95 %; the official ``visual_token_num`` is the count itself) or ``min(keep, n)``, at least 1.
+    Positions: ``compact`` (official: the kept features form a contiguous block).
+
+    Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP towers with [CLS]); other models are refused at patch time.
+
+    Deliberate differences from the official code:
+      * LLaVA-NeXT: vtr keeps transformers' ``spatial_unpad`` layout (unpadded high-resolution grid with newline
+        tokens, which are always kept); each token is scored by its own tile's [CLS] attention. The official code
+        forces the ``spatial`` layout (no unpadding, no newlines: 5 x 576 tokens) and keeps ``T`` per crop; here the
+        budget is per image (``scope="crop"`` gives one budget per tile, as the official code);
+      * scores in fp32 from recomputed q/k (official: eager attention probabilities in the model dtype;
+        ``score_dtype="model"`` computes the logits in the tower's dtype);
+      * the projector is not run on the dropped patches (official: projects all 576, then masks; same result).
+    """
+
+    name: ClassVar[str] = "fastervlm"
+    summary: ClassVar[str] = "top-k patches by the vision tower's [CLS] attention, before the LLM"
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
+    needs: ClassVar[frozenset] = frozenset({"vision"})
+    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
+    unsupported_reason: ClassVar[str] = NO_CLS
+
+    def select(self, ctx, row, span, budget):
+        return torch.topk(ctx.vision_cls_attention(row, span), budget).indices

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from .base import Merge, Method, Stage
+from .fastervlm import CLIP_MODELS, NO_CLS
+from .registry import register
+
+
+@register
+@dataclass
+class VisionZip(Method):
+    """VisionZip (Yang et al., CVPR'25): keep the dominant patches by [CLS] attention and merge the rest into a few
+    contextual tokens.
+
+    Per image of ``n`` candidate tokens and a budget of ``T``: ``C = T * 5 // 32`` contextual and ``D = T - C``
+    dominant tokens (the paper's 54+10, 108+20, 162+30 for 64 / 128 / 192). Dominant: the top ``D`` by the [CLS]
+    attention of the vision feature layer (CLIP layer 22, ``attentions[-2]``). Contextual: the remaining tokens in
+    order; every ``max(1, len // C)``-th of them (the first ``C``) is a target; every other remaining token joins
+    the target whose head-mean key (the feature layer's ``k_proj`` output averaged over heads, L2-normalised) is
+    most cosine-similar (ties to the first target); a contextual token is ``target + mean(members)`` (plus 0 when
+    it has none) on the feature layer's hidden states, then through the projector. Official code:
+    ``dvlab-research/VisionZip``, ``CLIPVisionTower_VisionZip.forward``, ``utils.py: CLIPAttention_forward``.
+
+    Keep count per image: ``T = round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (``keep=64`` gives the
+    official 54 + 10). Each contextual token takes its target's slot with the merged embedding
+    (``handle.last.merged`` lists the tokens merged into each). Positions: ``compact`` (official: a contiguous
+    block). Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP towers with [CLS]).
+
+    Deliberate differences from the official code:
+      * the [CLS] token: the official code always keeps it as one of the ``D`` dominant tokens and feeds it to the
+        language model; transformers' LLaVA (``vision_feature_select_strategy="default"``) has no slot for it, so
+        the ``D`` dominant tokens are all patches (with ``"full"``, the [CLS] token is a candidate and always kept);
+      * token order: each contextual token sits in its target's slot, among the dominant tokens (official: all
+        dominant tokens in order, then the ``C`` contextual tokens);
+      * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
+        (``scope="crop"``: per tile, as the official code, which compresses each crop and re-lays the sub-crops'
+        dominant tokens on the global grid), targets chosen over the image's tokens in sequence order;
+      * [CLS] attention mean over heads instead of the sum (the same order), fp32 scores, keys and merges (official:
+        model dtype; ``score_dtype="model"`` computes the scores in the tower's dtype).
+    """
+
+    name: ClassVar[str] = "visionzip"
+    summary: ClassVar[str] = "dominant patches by [CLS] attention + contextual tokens merged by key similarity"
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
+    needs: ClassVar[frozenset] = frozenset({"vision"})
+    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
+    unsupported_reason: ClassVar[str] = NO_CLS
+
+    @staticmethod
+    def split(budget: int) -> tuple[int, int]:
+        """(dominant, contextual) counts of a budget."""
+        contextual = budget * 5 // 32
+        return budget - contextual, contextual
+
+    def select(self, ctx, row, span, budget):
+        dominant, contextual = self.split(budget)
+        scores = ctx.vision_cls_attention(row, span)
+        _, index = ctx.vision_sources(row, span)
+        scores = scores.masked_fill((index == 0).to(scores.device), float("inf"))  # [CLS] ("full"): always kept
+        top = torch.topk(scores, dominant).indices
+        if contextual == 0:
+            return top
+        rest = torch.ones(len(span), dtype=torch.bool, device=top.device)
+        rest[top] = False
+        rest = rest.nonzero().flatten()  # remaining candidates, in sequence order
+        keys = torch.nn.functional.normalize(ctx.vision_keys(row, span)[rest].float(), dim=-1)
+        hidden = ctx.vision_features(row, span)[rest].float()
+        targets, members, assign = contextual_assignment(keys, contextual)
+        merged = merge_into_targets(hidden, targets, members, assign)
+        return Merge(keep=torch.cat([top, rest[targets]]), slots=rest[targets],
+                     embeds=ctx.project_visual(merged.to(ctx.vision_features(row, span).dtype)),
+                     sources=[torch.cat([rest[t:t + 1], rest[members[assign == j]]]) for j, t in
+                              enumerate(targets.tolist())])
+
+
+def contextual_assignment(keys: torch.Tensor, contextual: int):
+    """Uniformly strided targets and the nearest target of every other token.
+
+    keys: ``[R, d]`` L2-normalised keys of the remaining tokens. Returns (targets ``[C]``, members ``[R - C]``,
+    assign ``[R - C]``: index into targets of each member's most similar target, ties to the first)."""
+    R = keys.shape[0]
+    step = max(1, R // contextual)
+    targets = torch.arange(0, R, step, device=keys.device)[:contextual]
+    is_target = torch.zeros(R, dtype=torch.bool, device=keys.device)
+    is_target[targets] = True
+    members = (~is_target).nonzero().flatten()
+    assign = (keys[members] @ keys[targets].T).argmax(-1) if len(members) else members
+    return targets, members, assign
+
+
+def merge_into_targets(hidden: torch.Tensor, targets, members, assign) -> torch.Tensor:
+    """``[C, D]``: each target's hidden state plus the mean of its members' (nothing added without members)."""
+    sums = torch.zeros(len(targets), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    sums.index_add_(0, assign, hidden[members])
+    counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(hidden.dtype)
+    return hidden[targets] + sums / counts[:, None]
