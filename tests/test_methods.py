@@ -514,6 +514,72 @@ def test_cdpruner_relevance_changes_the_selection():
     assert not torch.equal(kept[0], kept[1])
 
 
+def cdpruner_embeddings_reference(model, inputs, record, budget, weight=1.0, split=0):
+    """CDPruner with the language model's embeddings as the instruction (OpenVINO GenAI's Qwen-VL variant): text =
+    mean input embedding of the prompt's tokens outside the visual spans and their delimiters; relevance =
+    cos(projected token, text), min-max normalised; kernel diag(q) S diag(q) with q = r (weight 1), 1 (weight 0)
+    or exp(a r); greedy DPP; with ``split``, two halves in token order selecting T // 2 and T - T // 2."""
+    embeds = R.capture_lm_inputs(model, inputs)["embeds"]
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    framing = {model.config.image_token_id, getattr(model.config, "vision_start_token_id", -1),
+               getattr(model.config, "vision_end_token_id", -1)}
+    kept = []
+    for b, row in enumerate(record.layout.rows):
+        visual = {int(p) for span in row.spans for p in span.positions}
+        text = [i for i in range(ids.shape[1]) if real[b, i] and i not in visual and int(ids[b, i]) not in framing]
+        text_embedding = embeds[b, text].float().mean(0)
+        expected = []
+        for span in row.spans:
+            cand = (~span.newline).nonzero().flatten()
+            features = embeds[b, span.positions[cand]].float()
+            T = budget["keep"] if "keep" in budget else max(1, round(len(cand) * (1 - budget["ratio"])))
+            T = min(T, len(cand))
+            parts = [(0, len(cand), T)]
+            if split and len(cand) > split:
+                half = len(cand) // 2
+                parts = [(0, half, T // 2), (half, len(cand), T - T // 2)]
+            picks = []
+            for start, stop, k in parts:
+                unit = features[start:stop] / features[start:stop].norm(dim=-1, keepdim=True)
+                relevance = unit @ (text_embedding / text_embedding.norm())
+                relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+                if weight in (0.0, 1.0):
+                    quality = relevance if weight == 1.0 else torch.ones_like(relevance)
+                else:
+                    quality = torch.exp(weight / (2 * (1 - weight)) * relevance)
+                kernel = quality[:, None] * (unit @ unit.T) * quality[None, :]
+                picks += [start + p for p in dpp_official(kernel, k)]
+            expected += [span.offset + cand[sorted(picks)], span.offset + span.newline.nonzero().flatten()]
+        kept.append(torch.cat(expected).sort().values.tolist())
+    return kept
+
+
+@pytest.mark.parametrize("family,options", [
+    ("qwen2_vl", {}), ("qwen2_5_vl", {}), ("qwen3_vl", {}), ("llava_onevision", {}),
+    ("llava", {"relevance": "embeddings"}),
+    ("qwen2_vl", {"relevance_weight": 0.5}), ("qwen2_vl", {"relevance_weight": 0.0}),
+    ("qwen2_vl", {"split_threshold": 20}), ("llava_onevision", {"split_threshold": 10, "relevance_weight": 0.8}),
+])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.75})])
+def test_cdpruner_with_language_model_embeddings_matches_openvino(family, options, batch, variant, budget):
+    """Models without a CLIP text tower: the relevance is the language model's own embedding of the instruction
+    (OpenVINO GenAI's CDPruner for Qwen-VL), with its relevance_weight and split options."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", **budget, **options)
+    weight = options.get("relevance_weight", 1.0)
+    expected = cdpruner_embeddings_reference(model, inputs, record, budget, weight, options.get("split_threshold", 0))
+    assert [k.tolist() for k in record.kept] == expected
+
+
+def test_cdpruner_clip_relevance_needs_a_clip_tower():
+    model, _ = tm.build("qwen2_vl")
+    with pytest.raises(ValueError, match=r"relevance='clip' needs a CLIP vision tower .* use relevance='embeddings'"):
+        vtr.patch(model, "cdpruner", ratio=0.5, relevance="clip")
+    with pytest.raises(ValueError, match=r"relevance must be 'auto', 'clip' or 'embeddings'"):
+        vtr.patch(model, "cdpruner", ratio=0.5, relevance="text")
+
+
 def qwen_block_attention_inputs(model, inputs):
     """Unpatched forward recording every Qwen2.5-VL vision block's attention input and call arguments."""
     seen = {}

@@ -308,6 +308,19 @@ class SelectionContext:
         ids = self.fwd.inputs["input_ids"][row, self.prev.index[row, text].to(self.fwd.inputs["input_ids"].device)]
         return self.engine.tokenizer.decode(ids.tolist(), skip_special_tokens=True).strip()
 
+    def prompt_text_embedding(self, row: int) -> torch.Tensor | None:
+        """``[D]``: mean of the language model's input embeddings over the row's text tokens (every real token
+        outside the visual spans, their delimiters excluded), as OpenVINO GenAI's CDPruner reads the instruction on
+        models without a CLIP text tower; None for a row without text. Pre-LLM stage only (reads the LM inputs)."""
+        key = ("prompt_text", row)
+        if key not in self._memo:
+            slots = self.text_slots(row)
+            ids = self.fwd.inputs["input_ids"][row, self.prev.index[row, slots].to(self.fwd.inputs["input_ids"].device)]
+            delimiters = torch.tensor(self.engine.family.delimiter_ids(self.engine.model.config), device=ids.device)
+            slots = slots[~torch.isin(ids, delimiters).to(slots.device)]
+            self._memo[key] = self.hidden[row, slots].float().mean(0) if len(slots) else None
+        return self._memo[key]
+
     def instruction_embeddings(self, row: int, tokens: SpanCandidates) -> torch.Tensor | None:
         """``[M, C]``: CLIP text embeddings of the instruction (``instruction_text``), split into segments of the
         text tower's context length (the last one zero-padded, as CDPruner's official code does); None when the

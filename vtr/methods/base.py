@@ -186,11 +186,13 @@ class Method:
         embeddings for some of the kept tokens."""
         raise NotImplementedError
 
-    def for_model(self, mrope: bool) -> "Method":
-        """This method with its position policy resolved for a model (M-RoPE models default to original)."""
+    def for_model(self, family) -> "Method":
+        """This method with its model-dependent defaults resolved for a model family (``vtr.patches.Family``: its
+        ``name`` and whether it uses M-RoPE); the position policy here (M-RoPE models default to original).
+        Raises ``ValueError`` for an option the model cannot honour."""
         if self.positions is not None:
             return self
-        return dataclasses.replace(self, positions="original" if mrope else self.default_positions)
+        return dataclasses.replace(self, positions="original" if family.mrope else self.default_positions)
 
     # ----------------------------------------------------------------------------------------------- helpers
     def options(self) -> dict:

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from .base import Method, Stage
-from .fastervlm import CLIP_MODELS
 from .registry import register
 
 
@@ -16,62 +16,129 @@ class CDPruner(Method):
     """CDPruner (Zhang et al., NeurIPS'25): keep the visual tokens a conditional DPP picks, trading relevance to the
     instruction against diversity.
 
-    Similarity: cosine similarity of the projected visual tokens (the language model's inputs), fp32. Relevance:
-    minus the mean cosine similarity between each patch in CLIP's joint space (the feature layer's hidden state
-    through the tower's post-layernorm and CLIP's ``visual_projection``) and the CLIP text embeddings of the
-    instruction (split into segments of the text tower's context length), min-max normalised over the image
-    (``(r - min + 1e-6) / (max - min)``; the minus sign is the authors' choice). Kernel ``diag(r) S diag(r)``;
-    greedy MAP inference of the DPP (Chen et al. 2018: ``T`` picks of the largest remaining marginal gain with
-    incremental Cholesky updates). Before the language model. Official code: ``Theia-4869/CDPruner``,
-    ``llava_arch.py: encode_images``, ``clip_encoder.py: load_text_tower, forward``.
+    Similarity: cosine similarity of the projected visual tokens (the language model's inputs), fp32. Kernel
+    ``diag(r) S diag(r)`` with ``r`` the min-max normalised relevance (``(r - min + 1e-6) / (max - min)``); greedy
+    MAP inference of the DPP (Chen et al. 2018: ``T`` picks of the largest remaining marginal gain with incremental
+    Cholesky updates). Before the language model. Official code: ``Theia-4869/CDPruner``, ``llava_arch.py:
+    encode_images``, ``clip_encoder.py: load_text_tower, forward``.
 
-    The instruction is the row's text after the image, read back from the prompt with the language model's
-    tokenizer (special tokens skipped). Options: ``clip``, the CLIP checkpoint whose text tower and visual
-    projection give the relevance (default: the tower LLaVA-1.5 / NeXT were trained with), and ``tokenizer``, the
-    language model's tokenizer (default: the checkpoint the model was loaded from); both loaded at patch time.
+    Relevance (``relevance``; ``"auto"`` picks ``"clip"`` on LLaVA-1.5 / NeXT and ``"embeddings"`` elsewhere):
+      * ``"clip"`` (official code, CLIP vision towers only): minus the mean cosine similarity between each patch in
+        CLIP's joint space (the feature layer's hidden state through the tower's post-layernorm and CLIP's
+        ``visual_projection``) and the CLIP text embeddings of the instruction (split into segments of the text
+        tower's context length); the minus sign is the authors' choice. The instruction is the row's text after
+        the image, read back with the language model's tokenizer. Options ``clip`` (the CLIP checkpoint; default:
+        the tower LLaVA-1.5 / NeXT were trained with) and ``tokenizer`` (default: the model's checkpoint), both
+        loaded at patch time.
+      * ``"embeddings"`` (the documented substitute on models without a CLIP text tower, LLaVA-OneVision and
+        Qwen2/2.5/3-VL, as OpenVINO GenAI ships CDPruner for Qwen-VL): the cosine similarity (no minus sign)
+        between each projected visual token and the mean of the language model's input embeddings over the row's
+        text tokens (the whole prompt outside the visual spans and their delimiters).
+
+    ``relevance_weight`` (OpenVINO GenAI's knob, in [0, 1]): 1 (default) is the paper's kernel above; 0 ignores
+    relevance (pure diversity); in between the kernel uses ``exp(a * r)`` with ``a = w / (2 (1 - w))``, the
+    quality weighting of the DPP literature, as OpenVINO GenAI's reference kernel does. ``split_threshold``
+    (OpenVINO GenAI's ``CDPRUNER_SPLIT_THRESHOLD``; 0 = off, the default and the paper's algorithm): an image with
+    more candidates splits them in token order into two halves, each with its own relevance normalisation, kernel
+    and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token counts (the DPP costs ``O(N T^2)``).
 
     Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (official:
-    ``visual_token_num``). Positions: ``compact``. Supported: LLaVA-1.5 and LLaVA-NeXT.
+    ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models, ``original`` on M-RoPE (as every pre-LLM
+    method). Images only (OpenVINO GenAI prunes no Qwen-VL videos either).
 
     Deliberate differences from the official code:
-      * the instruction: the official evaluation passes the benchmark question (answer-format suffix removed);
-        vtr reads the text after the image from the prompt, so chat-template words (``ASSISTANT:``) are included;
-        an image followed by no text gets uniform relevance (pure diversity), where the official code needs text;
+      * the instruction (``"clip"``): the official evaluation passes the benchmark question (answer-format suffix
+        removed); vtr reads the text after the image from the prompt, so chat-template words (``ASSISTANT:``) are
+        included; an image followed by no text gets uniform relevance (pure diversity), where the official code
+        needs text;
       * relevance is normalised per image (official: over all images of the batch at once, which would make a
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
       * features are normalised in fp32 (official: in the model dtype, then cast to fp32);
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
-        (``scope="crop"``: per tile, as the official per-crop budget).
+        (``scope="crop"``: per tile, as the official per-crop budget);
+      * against OpenVINO GenAI (``"embeddings"``): the paper's min-max formula (OpenVINO: ``(r - min) / (max - min +
+        1e-6)``); the exact keep count (OpenVINO rounds it up to an even number for its OpenCL kernel); the
+        ``exp`` kernel for ``0 < relevance_weight < 1`` (OpenVINO's CPU path; its compiled-graph path blends the
+        two kernels linearly instead); per image (OpenVINO: all images of a prompt at once).
     """
 
     name: ClassVar[str] = "cdpruner"
-    summary: ClassVar[str] = "conditional DPP over projected tokens, relevance from CLIP text-image similarity"
+    summary: ClassVar[str] = "conditional DPP over projected tokens, relevance to the instruction (CLIP or LM)"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
-    needs: ClassVar[frozenset] = frozenset({"vision", "clip_text"})
     needs_whole_prompt: ClassVar[bool] = True
-    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
-    unsupported_reason: ClassVar[str] = ("its relevance comes from the CLIP text tower matching the model's CLIP "
-                                         "vision tower; the official code covers LLaVA-1.5 / NeXT only.")
+    relevance: str = "auto"
+    relevance_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    split_threshold: int = field(default=0, metadata={"min": 0})
     clip: str = "openai/clip-vit-large-patch14-336"
     tokenizer: str = ""
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.relevance not in ("auto", "clip", "embeddings"):
+            raise ValueError(f"cdpruner: relevance must be 'auto', 'clip' or 'embeddings', got {self.relevance!r}")
+
+    @property
+    def needs(self) -> frozenset:
+        # The CLIP text tower (and the vision-tower signals it is matched with) only where relevance uses it.
+        return frozenset({"vision", "clip_text"}) if self.relevance == "clip" else frozenset()
+
+    def for_model(self, family):
+        method = super().for_model(family)
+        clip_tower = family.name in ("llava", "llava_next")
+        if method.relevance == "auto":
+            method = dataclasses.replace(method, relevance="clip" if clip_tower else "embeddings")
+        if method.relevance == "clip" and not clip_tower:
+            raise ValueError(f"cdpruner: relevance='clip' needs a CLIP vision tower (LLaVA-1.5 / NeXT), not the "
+                             f"{family.name} family's; use relevance='embeddings' (the language model's embeddings "
+                             "of the instruction)")
+        return method
+
     def select(self, ctx, row, span, budget):
         features = torch.nn.functional.normalize(ctx.hidden[row, span.slots].float(), dim=-1)
+        if self.relevance == "clip":
+            text = ctx.instruction_embeddings(row, span)
+            image = ctx.clip_image_embeddings(row, span) if text is not None else None
+            negate = True
+        else:
+            text = ctx.prompt_text_embedding(row)
+            text = text[None] if text is not None else None
+            image, negate = features, False
+        if self.split_threshold and len(span) > self.split_threshold:
+            half = len(span) // 2
+            first = self._select(features[:half], image[:half] if image is not None else None, text, negate,
+                                 budget // 2)
+            second = self._select(features[half:], image[half:] if image is not None else None, text, negate,
+                                  budget - budget // 2)
+            return torch.cat([first, second + half])
+        return self._select(features, image, text, negate, budget)
+
+    def _select(self, features, image, text, negate, budget):
         similarity = features @ features.T
-        text = ctx.instruction_embeddings(row, span)
-        relevance = torch.ones(len(span), device=similarity.device)
+        relevance = torch.ones(len(features), device=similarity.device)
         if text is not None:
-            image = torch.nn.functional.normalize(ctx.clip_image_embeddings(row, span), dim=-1)
-            relevance = instruction_relevance(image, torch.nn.functional.normalize(text, dim=-1))
-        kernel = relevance[:, None] * similarity * relevance[None, :]
-        return greedy_dpp(kernel.to(similarity.device), budget)
+            relevance = instruction_relevance(torch.nn.functional.normalize(image.float(), dim=-1),
+                                              torch.nn.functional.normalize(text.float(), dim=-1), negate)
+        return greedy_dpp(conditional_kernel(similarity, relevance, self.relevance_weight), budget)
 
 
-def instruction_relevance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``[c]``: minus the mean cosine similarity of each unit image embedding ``[c, C]`` to the unit text segment
-    embeddings ``[M, C]``, min-max normalised (all ones when constant)."""
-    relevance = -(image @ text.to(image.device).T).mean(-1)
+def conditional_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[N, N]`` DPP kernel from similarities ``[N, N]`` and relevance ``[N]`` in [0, 1]: ``diag(q) S diag(q)``
+    with ``q = r`` at ``weight`` 1, ``q = 1`` at 0, else ``q = exp(a * r)``, ``a = weight / (2 (1 - weight))``."""
+    if weight == 1:
+        quality = relevance
+    elif weight == 0:
+        quality = torch.ones_like(relevance)
+    else:
+        quality = torch.exp(weight / (2 * (1 - weight)) * relevance)
+    return quality[:, None] * similarity * quality[None, :]
+
+
+def instruction_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
+    """``[c]``: the mean cosine similarity of each unit image embedding ``[c, C]`` to the unit text embeddings
+    ``[M, C]`` (negated for CLIP features, the authors' choice), min-max normalised (all ones when constant)."""
+    relevance = (image @ text.to(image.device).T).mean(-1)
+    relevance = -relevance if negate else relevance
     spread = relevance.max() - relevance.min()
     if not bool(spread > 0):
         return torch.ones_like(relevance)

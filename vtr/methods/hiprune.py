@@ -63,10 +63,10 @@ class HiPrune(Method):
     object_layer: int = field(default=0, metadata={"min": 0})
     alpha: float = field(default=0.1, metadata={"min": 0})
 
-    def for_model(self, mrope):
-        method = super().for_model(mrope)
+    def for_model(self, family):
+        method = super().for_model(family)
         if method.object_layer == 0:  # the official defaults: CLIP-L layer 9, Qwen2.5-VL block 16
-            method = dataclasses.replace(method, object_layer=16 if mrope else 9)
+            method = dataclasses.replace(method, object_layer=16 if family.mrope else 9)
         return method
 
     def vision_layers(self, n_layers, feature_layer):

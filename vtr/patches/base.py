@@ -19,6 +19,11 @@ class Family:
         return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
             v is not None for v in mm.values())
 
+    def delimiter_ids(self, config) -> list[int]:
+        """Token ids that frame a visual span in the prompt (Qwen-VL's vision start / end), not text."""
+        ids = (getattr(config, "vision_start_token_id", None), getattr(config, "vision_end_token_id", None))
+        return [i for i in ids if i is not None]
+
     def placeholder_ids(self, config) -> list[int]:
         """Token ids that stand for visual features in the prompt."""
         return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
