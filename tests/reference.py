@@ -77,6 +77,25 @@ def pruned_positions(positions: torch.Tensor, mask: torch.Tensor, index: torch.T
     return kept - gather_seq(before, index, 0)
 
 
+def added_positions(lm_inputs: dict, index: torch.Tensor, added: list, mask: torch.Tensor, policy: str):
+    """Positions of a stage's slots when it holds added tokens: original (an added token takes its recorded
+    anchor's position) or compact (each row renumbered from its first real position, without gaps)."""
+    positions = lm_inputs["positions"]
+    anchors = index.clone()
+    for b in range(index.shape[0]):
+        ids = [j for j, p in enumerate(index[b].tolist()) if p < -1]
+        for j, token in zip(ids, added[b]):
+            anchors[b, j] = token.position
+    kept = gather_seq(positions, anchors, 1)
+    if policy == "original":
+        return kept
+    first = mask.long().argmax(1)
+    rows = kept if kept.dim() == 3 else kept[None]
+    start = rows[:, torch.arange(len(first)), first]
+    out = torch.where(mask, start[..., None] + mask.long().cumsum(1) - 1, 1)
+    return out if kept.dim() == 3 else out[0]
+
+
 def additive_mask(key_valid: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
     """``[B, 1, q, kv]`` float mask: query i (the last q of kv slots) sees valid keys up to itself."""
     B, kv = key_valid.shape
@@ -94,7 +113,7 @@ def next_positions(lm_inputs: dict, index: torch.Tensor, policy: str) -> torch.T
     last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
     top = rows[:, torch.arange(len(last)), last] + 1  # [R, B]
     if policy == "compact":
-        top = top - (mask.sum(1) - (index >= 0).sum(1))
+        top = top - (mask.sum(1) - (index != -1).sum(1))
     top = top[..., None]
     return top if positions.dim() == 3 else top[0]
 
@@ -163,45 +182,87 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
                     then=None):
     """Decoder loop over the unpatched layers, pruned before ``layer``: layers < ``layer`` hold the full prompt.
     Same arguments and returns as ``pre_llm_reference``."""
-    lm = lm_of(model)
-    full_mask = lm_inputs["mask"].bool()
-    full_pos = _rope_rows(lm_inputs["positions"])
-    kept_mask = gather_seq(full_mask, index, False)
-    kept_pos = _rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy))
-    cache = DynamicCache(config=lm.config)
-    full_stack = {"visual_pos_masks": lm_inputs.get("visual_pos_masks"),
-                  "deepstack_visual_embeds": lm_inputs.get("deepstack")}
-    kept_stack = kept_deepstack(lm_inputs, index)
+    return stages_reference(model, lm_inputs, [(layer, index)], policy, steps, tokens, then)
 
-    def run(hidden, full_keys, kept_keys, full_q_pos, kept_q_pos, prefill):
+
+def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: int, tokens=None, then=None):
+    """Decoder loop over the unpatched layers, pruned in stages: ``stages`` is ``[(layer, index[, added])]`` in
+    order, each ``index`` ``[B, L_s]`` the original prompt positions of the slots layers >= ``layer`` run on (-1
+    padding, -2 - a: added token a, whose state and anchor position come from ``added``, the stage record's).
+    Layers before the first stage hold the full prompt; each stage layer's KV cache holds its stage's tokens.
+    Same returns as ``pre_llm_reference``."""
+    lm = lm_of(model)
+    groups = [(0, None)] + list(stages)
+    masks, positions, starts, stacks = [], [], [], []
+    for group in groups:
+        index = group[1]
+        if index is None:
+            masks.append(lm_inputs["mask"].bool())
+            positions.append(_rope_rows(lm_inputs["positions"]))
+            stacks.append({"visual_pos_masks": lm_inputs.get("visual_pos_masks"),
+                           "deepstack_visual_embeds": lm_inputs.get("deepstack")})
+            starts.append(next_positions(lm_inputs, torch.zeros(0), "original"))
+        elif not bool((index < -1).any()):
+            masks.append(gather_seq(lm_inputs["mask"].bool(), index, False))
+            positions.append(_rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy)))
+            stacks.append(kept_deepstack(lm_inputs, index))
+            starts.append(next_positions(lm_inputs, index, policy))
+        else:  # with tokens a merging stage added (index -2 - a)
+            mask = gather_seq(lm_inputs["mask"].bool(), index, False) | (index < -1)
+            masks.append(mask)
+            positions.append(_rope_rows(added_positions(lm_inputs, index, group[2], mask, policy)))
+            stacks.append(kept_deepstack(lm_inputs, index))
+            starts.append(next_positions(lm_inputs, index, policy))
+    cache = DynamicCache(config=lm.config)
+
+    def group_of(i):
+        return max(g for g, group in enumerate(groups) if group[0] <= i)
+
+    def regather(hidden, prev_index, index, added):
+        """The slots of ``index`` taken from a sequence laid out as ``prev_index`` (original positions; added
+        tokens new at this stage take their recorded state)."""
+        out = torch.zeros(index.shape[0], index.shape[1], hidden.shape[-1], dtype=hidden.dtype)
+        for b in range(index.shape[0]):
+            where = {int(p): j for j, p in enumerate(prev_index[b].tolist()) if p != -1}
+            states = {}
+            if added is not None:
+                ids = [p for p in index[b].tolist() if p < -1]
+                states = {p: t.state for p, t in zip(ids, added[b])}
+            for j, p in enumerate(index[b].tolist()):
+                if p in where:
+                    out[b, j] = hidden[b, where[p]]
+                elif p < -1:
+                    out[b, j] = states[p].to(hidden.dtype)
+        return out
+
+    def run(hidden, q_pos, prefill):
         for i, block in enumerate(lm.layers):
-            if i == layer and prefill:
-                hidden = gather_seq(hidden, index, 0.0)
-            keys, pos = (full_keys, full_q_pos) if i < layer else (kept_keys, kept_q_pos)
+            g = group_of(i)
+            if prefill and g > 0 and groups[g][0] == i:
+                prev = groups[g - 1][1]
+                if prev is None:
+                    prev = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+                hidden = regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None)
             q = hidden.shape[1]
-            cos, sin = lm.rotary_emb(hidden, pos)
-            hidden = block(hidden, attention_mask=additive_mask(keys, q, hidden.dtype),
+            cos, sin = lm.rotary_emb(hidden, q_pos[g])
+            hidden = block(hidden, attention_mask=additive_mask(masks[g], q, hidden.dtype),
                            position_embeddings=(cos, sin), position_ids=None, past_key_values=cache,
                            use_cache=True)
-            stack = full_stack if i < layer else kept_stack
+            stack = stacks[g]
             if prefill and stack.get("deepstack_visual_embeds") and i < len(stack["deepstack_visual_embeds"]):
                 hidden = hidden.clone()
                 hidden[stack["visual_pos_masks"]] += stack["deepstack_visual_embeds"][i]
         return model.lm_head(lm.norm(hidden))
 
     with torch.no_grad():
-        prefill = run(lm_inputs["embeds"], full_mask, kept_mask, full_pos, kept_pos, True)
-        full_start = next_positions(lm_inputs, index, "original")
-        kept_start = next_positions(lm_inputs, index, policy)
+        prefill = run(lm_inputs["embeds"], positions, True)
 
         def feed(chunk, offset):
-            nonlocal full_mask, kept_mask
             q = chunk.shape[1]
-            ones = full_mask.new_ones(full_mask.shape[0], q)
-            full_mask, kept_mask = torch.cat([full_mask, ones], 1), torch.cat([kept_mask, ones], 1)
+            for g, mask in enumerate(masks):
+                masks[g] = torch.cat([mask, mask.new_ones(mask.shape[0], q)], 1)
             step = offset + torch.arange(q)
-            return run(model.get_input_embeddings()(chunk), full_mask, kept_mask, full_start + step,
-                       kept_start + step, False)
+            return run(model.get_input_embeddings()(chunk), [start + step for start in starts], False)
 
         step_logits, chunk_logits = _drive(prefill[:, -1], steps, tokens, then, feed)
     return prefill, step_logits, chunk_logits
@@ -229,7 +290,10 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     """The reference matching a patched method's (single) stage: (prefill, step, ``then`` logits). ``record``:
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
     lm_inputs = with_merges(lm_inputs, record)
-    spec = method.stages()[0]
-    if spec.stage.value == "pre_llm":
+    specs = method.stages()
+    if specs[0].stage.value == "pre_llm":
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
-    return layer_reference(model, lm_inputs, index, spec.layer, method.positions, steps, tokens, then)
+    if len(specs) > 1:
+        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
+                                method.positions, steps, tokens, then)
+    return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)

@@ -48,7 +48,10 @@ def test_keep_everything_is_identity(method):
 
 
 def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
-    """Each method's keep-count rule, written out independently of the implementation."""
+    """Each method's keep-count rule, written out independently of the implementation (multi-stage methods:
+    after their last stage)."""
+    if method == "pdrop":
+        return pdrop_counts(n, ratio, keep)[-1]
     if method == "dart":
         per_pivot = keep // 8 if keep is not None else int(n * (1 - ratio) / 8)
         return min(n, 4 + 8 * per_pivot)
@@ -59,7 +62,22 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
     return round(n * (1 - ratio))
 
 
-@pytest.mark.parametrize("method,family", tm.method_family(METHODS, ["llava", "qwen2_vl"]))
+def pdrop_counts(n: int, ratio=None, keep=None, n_layers: int = 4) -> list[int]:
+    """PyramidDrop on a 4-layer model: stages before layers 1, 2, 3 (8/16/24 or 2/8/16 of 32, scaled), each
+    keeping ``int(n * lam ** s)``, lam such that the layer average of ``lam ** s`` is the kept fraction."""
+    fraction = keep / n if keep is not None else 1 - ratio
+    if fraction >= 1:
+        return [n] * 3
+    low, high = 0.0, 1.0
+    for _ in range(100):
+        lam = (low + high) / 2
+        average = (1 + lam + lam ** 2 + lam ** 3) / 4
+        low, high = (lam, high) if average < fraction else (low, lam)
+    return [max(1, int(n * lam ** s + 1e-6)) for s in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("method,family", tm.method_family([m for m in METHODS if m != "sparsevlm"],
+                                                           ["llava", "qwen2_vl"]))
 @pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.9}, {"ratio": 0.778}, {"keep": 1}, {"keep": 20}])
 def test_kept_counts_follow_the_rule(method, family, budget):
     model, proc = tm.build(family)

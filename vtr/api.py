@@ -101,7 +101,7 @@ def patch(model: torch.nn.Module, method: str | Method = "dart", *, ratio: float
                             f"{', '.join(sorted(names - {'ratio', 'keep'}))}")
         instance = cls(ratio=ratio, keep=keep, **options)
     family = family_of(model)
-    instance = instance.for_model(family)
+    instance = instance.for_model(family).for_depth(len(compat.decoder_layers(compat.text_model(model))))
     _validate(model, instance, family)
     compat.check_transformers_version()
     with _PATCH_LOCK:

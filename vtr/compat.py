@@ -57,6 +57,11 @@ def self_attention(layer: torch.nn.Module) -> torch.nn.Module:
     return layer.self_attn
 
 
+def input_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a decoder layer applies to its input before self-attention."""
+    return layer.input_layernorm
+
+
 def final_norm(lm: torch.nn.Module) -> torch.nn.Module:
     return lm.norm
 

@@ -23,6 +23,7 @@ waits for them) and to clean up after a ``KeyboardInterrupt``, which skips torch
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 import weakref
@@ -34,7 +35,7 @@ from . import compat, kernels
 from .layout import TokenLayout
 from .methods.base import Merge, Method, Stage, StageSpec
 from .patches import Family
-from .report import MergedTokens, PrefillRecord, StageRecord
+from .report import AddedToken, MergedTokens, PrefillRecord, StageRecord
 from .selection import SelectionContext
 
 
@@ -42,7 +43,8 @@ from .selection import SelectionContext
 class SeqLayout:
     """A batch-rectangular sequence the decoder runs on, relative to the original prompt.
 
-    index: ``[B, L]`` original prompt position of each slot (-1: padding slot added by vtr).
+    index: ``[B, L]`` original prompt position of each slot (-1: padding slot added by vtr; ``prompt_length + a``:
+    the row's ``a``-th token added by a merging stage, see ``RequestState.added``).
     local: ``[B, L]`` slot in the language model's input sequence (-1: added padding).
     mask2d: ``[B, L]`` bool, True for real tokens.
     positions: ``[B, L]`` (or M-RoPE ``[R, B, L]``) positions of the slots.
@@ -70,6 +72,15 @@ class RequestState:
     base: SeqLayout
     layouts: list[SeqLayout] = field(default_factory=list)  # one per stage that removed tokens, in order
     record: PrefillRecord | None = None
+    added: list[list[AddedToken]] = field(default_factory=list)  # per row: tokens merging stages added, in order
+
+    def original_position(self, row: int, index: int) -> int:
+        """The prompt position a slot of index ``index`` stands for (an added token: its anchor's)."""
+        return index if index < self.prompt_length else self.added[row][index - self.prompt_length].position
+
+    def public_index(self, index: torch.Tensor) -> torch.Tensor:
+        """A layout's index as ``handle.last`` reports it: added token ``a`` of a row as ``-2 - a``."""
+        return torch.where(index >= self.prompt_length, self.prompt_length - 2 - index, index)
 
     def continuation_positions(self, q_len: int, logical_past: int, mask: torch.Tensor | None) -> torch.Tensor:
         """Original positions of ``q_len`` new tokens after ``logical_past`` tokens of the unpruned sequence: each
@@ -133,6 +144,7 @@ class ForwardState:
     decode_tail: torch.Tensor | None = None
     captures: dict = field(default_factory=dict)  # layer -> (attention module, normed hidden, cos, sin)
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
+    lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
 
 
@@ -311,7 +323,9 @@ class Engine:
             if fwd.depth == 1 and fwd.labels is not None and output is not None:
                 labels = fwd.labels
                 if fwd.request is not None and fwd.request.layouts:
-                    labels = kernels.gather_rows(labels.unsqueeze(-1), fwd.request.final().index, -100).squeeze(-1)
+                    index = fwd.request.final().index
+                    index = torch.where(index >= fwd.request.prompt_length, -1, index)  # added tokens: no label
+                    labels = kernels.gather_rows(labels.unsqueeze(-1), index, -100).squeeze(-1)
                 logits = output["logits"] if isinstance(output, dict) else output[0]
                 loss = compat.loss(self.model, logits, labels.to(logits.device), fwd.loss_kwargs)
                 if isinstance(output, dict):
@@ -426,7 +440,7 @@ class Engine:
             return None
         if output is not None and fwd.request is not None and fwd.prefill:
             record = fwd.request.record
-            record.index = fwd.request.final().index if fwd.request.layouts else None
+            record.index = fwd.request.public_index(fwd.request.final().index) if fwd.request.layouts else None
             with self._lock:
                 self.last = record
         self._exit()
@@ -460,12 +474,14 @@ class Engine:
         elif positions.shape[-2] != B:
             positions = positions.expand(*positions.shape[:-2], B, L)
         fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
+        fwd.lm_embeds = hidden
         fwd.vision = self._vision.get(threading.get_ident())
         arange = torch.arange(L, device=device).expand(B, L)
         base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,
                          shift=torch.zeros(B, dtype=torch.long, device=device))
-        request = RequestState(prompt_length=L, base=base,
-                               record=PrefillRecord(n_visual=fwd.layout.n_visual, layout=fwd.layout))
+        request = RequestState(prompt_length=L, base=base, added=[[] for _ in range(B)],
+                               record=PrefillRecord(n_visual=fwd.layout.n_visual, layout=fwd.layout,
+                                                    n_layers=len(compat.decoder_layers(self.lm))))
         fwd.request, fwd.cache = request, cache
         if cache is not None:
             with self._lock:
@@ -474,7 +490,7 @@ class Engine:
         if spec.stage is Stage.PRE_LLM:
             pruned = self._prune(fwd, spec, base, hidden)
             if pruned is not None:
-                layout, select, merged = pruned
+                layout, select, merged, _ = pruned
                 if merged:  # merged tokens take their slot with their new embedding
                     hidden = hidden.clone()
                     for b, slots, embeds in merged:
@@ -571,8 +587,9 @@ class Engine:
             if fwd.prefill and i in stage_at:
                 prev = request.final()
                 pruned = self._prune(fwd, stage_at[i], prev, hidden)
-                if pruned is not None:  # merging is refused at layer stages (see _checked)
-                    hidden = kernels.gather_rows(hidden, pruned[1])
+                if pruned is not None:
+                    _, select, _, added = pruned
+                    hidden = kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
             active = request.active(i)
             fwd.current = active
             if active is None:
@@ -624,13 +641,16 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- selection
     def _prune(self, fwd: ForwardState, spec: StageSpec, prev: SeqLayout, hidden: torch.Tensor):
-        """Select at one stage. Returns (new layout, [B, L'] slots of ``prev`` to gather, merged tokens as
-        ``(row, [m] slots of prev, [m, D] embeddings)``), or None if the stage removes nothing (then the model runs
-        untouched, bit for bit)."""
+        """Select at one stage. Returns (new layout, ``[B, L']`` slots to gather, merged tokens as ``(row, [m] slots
+        of prev, [m, D] embeddings)``, ``[B, A, D]`` states of added tokens or None), or None if the stage removes
+        nothing (then the model runs untouched, bit for bit). Gather slots ``>= prev.length`` are added tokens:
+        slot ``prev.length + j`` is the row's ``j``-th added state."""
         start = _clock(hidden)
         ctx = SelectionContext(self, fwd, prev, hidden, spec)
+        request = fwd.request
         keep = prev.mask2d.clone()
         kept_ids, n_alive, dropped_any, merged, merged_record = [], [], False, [], []
+        additions = [[] for _ in fwd.layout.rows]  # per row: (insert after this slot, AddedToken, anchor slot)
         for b, row in enumerate(fwd.layout.rows):
             ids, alive, row_merges = [], 0, []
             for span in row.spans:
@@ -647,46 +667,105 @@ class Engine:
                         if isinstance(chosen, Merge):
                             merge = self._checked_merge(chosen, spec, budget, len(group))
                             chosen = merge.keep
-                            merged.append((b, group.slots[merge.slots], merge.embeds))
-                            row_merges.append(MergedTokens(
-                                kept=span.offset + group.ids[merge.slots].cpu(), embeds=merge.embeds,
-                                sources=[span.offset + group.ids[s].cpu() for s in merge.sources]))
+                            if len(merge.slots):
+                                merged.append((b, group.slots[merge.slots], merge.embeds))
+                                row_merges.append(MergedTokens(
+                                    kept=span.offset + group.ids[merge.slots].cpu(), embeds=merge.embeds,
+                                    sources=[span.offset + group.ids[s].cpu() for s in merge.sources]))
+                            if merge.added is not None:
+                                after = int(group.slots[merge.keep].max())
+                                for state, sources, anchor in zip(merge.added, merge.added_sources,
+                                                                  merge.added_anchors.tolist()):
+                                    slot = int(group.slots[anchor])
+                                    token = AddedToken(span=span.offset, sources=ctx.visual_ids(b, group, sources),
+                                                       position=request.original_position(b, int(prev.index[b, slot])),
+                                                       layer=spec.layer, state=state)
+                                    additions[b].append((after, token, slot))
                         chosen = self._checked(chosen, budget, len(group))
                         dropped = torch.ones(len(group), dtype=torch.bool, device=group.slots.device)
                         dropped[chosen] = False
                         keep[b, group.slots[dropped]] = False
                         dropped_any = dropped_any or bool(dropped.any())
-                    ids.append(span.offset + group.ids[chosen].cpu())
+                    picked = group.ids[chosen].cpu()
+                    ids.append(span.offset + picked[picked < span.n])  # the image's own tokens, not added ones
             kept_ids.append(torch.cat(ids).sort().values if ids else torch.zeros(0, dtype=torch.long))
             n_alive.append(alive)
             merged_record.append(MergedTokens.join(row_merges))
-        record = fwd.request.record
+        record = request.record
         stage = StageRecord(stage=spec.stage.value, layer=spec.layer, n_visual=n_alive, kept=kept_ids,
                             length=prev.length, merged=merged_record if merged else None)
         record.stages.append(stage)
         try:
-            if not dropped_any:
+            if not dropped_any and not any(additions):
+                stage.index = request.public_index(prev.index)
+                stage.added = self._added_record(request, prev)
                 return None
-            select = kernels.compaction_index(keep)
-            stage.length = select.shape[1]
             removed = prev.mask2d & ~keep
-            positions = kernels.gather_positions(prev.positions, select)
-            if self.method.positions == "compact":
-                before = removed.long().cumsum(1) - removed.long()
-                positions = positions - kernels.gather_rows(before.unsqueeze(-1), select).squeeze(-1)
-            if spec.stage is Stage.PRE_LLM:  # the pruned sequence becomes the language model's input
-                local = torch.arange(select.shape[1], device=select.device).expand(select.shape[0], -1)
+            index, local, mask2d, positions, states = prev.index, prev.local, prev.mask2d, prev.positions, None
+            if any(additions):
+                select = insertion_index(keep, [[after for after, _, _ in adds] for adds in additions],
+                                         prev.length)
+                index, local, mask2d, positions, states = self._with_added(request, prev, additions, hidden)
             else:
-                local = kernels.gather_rows(prev.local.unsqueeze(-1), select, -1).squeeze(-1)
+                select = kernels.compaction_index(keep)
+            stage.length = select.shape[1]
+            new_mask = kernels.gather_rows(mask2d.unsqueeze(-1), select, False).squeeze(-1)
+            new_positions = kernels.gather_positions(positions, select)
+            if self.method.positions == "compact":
+                if any(additions):  # renumbered: each row from its first real position, without gaps
+                    first = new_positions[..., torch.arange(len(select)), new_mask.long().argmax(1)]
+                    new_positions = torch.where(new_mask, first[..., None] + new_mask.long().cumsum(1) - 1, 1)
+                else:
+                    before = removed.long().cumsum(1) - removed.long()
+                    new_positions = new_positions - kernels.gather_rows(before.unsqueeze(-1), select).squeeze(-1)
+            if spec.stage is Stage.PRE_LLM:  # the pruned sequence becomes the language model's input
+                new_local = torch.arange(select.shape[1], device=select.device).expand(select.shape[0], -1)
+            else:
+                new_local = kernels.gather_rows(local.unsqueeze(-1), select, -1).squeeze(-1)
+            added = torch.tensor([len(a) for a in additions], device=removed.device)
             layout = SeqLayout(
-                index=kernels.gather_rows(prev.index.unsqueeze(-1), select, -1).squeeze(-1),
-                local=local,
-                mask2d=kernels.gather_rows(prev.mask2d.unsqueeze(-1), select, False).squeeze(-1),
-                positions=positions, shift=prev.shift + removed.sum(1), layer=spec.layer, stage=spec.stage)
-            fwd.request.layouts.append(layout)
-            return layout, select, merged
+                index=kernels.gather_rows(index.unsqueeze(-1), select, -1).squeeze(-1),
+                local=new_local, mask2d=new_mask, positions=new_positions,
+                shift=prev.shift + removed.sum(1) - added, layer=spec.layer, stage=spec.stage)
+            request.layouts.append(layout)
+            stage.index = request.public_index(layout.index)
+            stage.added = self._added_record(request, layout)
+            return layout, select, merged, states
         finally:
             record.selection_seconds += _clock(hidden) - start
+
+    def _with_added(self, request: RequestState, prev: SeqLayout, additions: list, hidden: torch.Tensor):
+        """``prev``'s index, local slots, mask and positions extended by the rows' added tokens (column
+        ``prev.length + j``: the row's ``j``-th), and their states ``[B, A, D]``. Added tokens are registered with
+        the request: the ``a``-th of a row has index ``prompt_length + a``."""
+        B, A = len(additions), max(len(a) for a in additions)
+        device = prev.index.device
+        index = torch.full((B, A), -1, dtype=prev.index.dtype, device=device)
+        anchors = torch.zeros(B, A, dtype=torch.long, device=device)
+        valid = torch.zeros(B, A, dtype=torch.bool, device=device)
+        states = hidden.new_zeros(B, A, hidden.shape[-1])
+        for b, adds in enumerate(additions):
+            for j, (_, token, slot) in enumerate(adds):
+                index[b, j] = request.prompt_length + len(request.added[b])
+                request.added[b].append(token)
+                anchors[b, j], valid[b, j] = slot, True
+                states[b, j] = token.state.to(hidden.dtype)
+        local = torch.where(valid, kernels.gather_rows(prev.local.unsqueeze(-1), anchors).squeeze(-1), -1)
+        positions = kernels.gather_positions(prev.positions, anchors)
+        return (torch.cat([prev.index, index], 1), torch.cat([prev.local, local], 1),
+                torch.cat([prev.mask2d, valid], 1), torch.cat([prev.positions, positions], -1), states)
+
+    @staticmethod
+    def _added_record(request: RequestState, layout: SeqLayout) -> list | None:
+        """Per row, the added tokens present in ``layout``, in sequence order (None when the request has none)."""
+        if not any(request.added):
+            return None
+        rows = []
+        for b in range(layout.index.shape[0]):
+            index = layout.index[b]
+            numbers = (index[index >= request.prompt_length] - request.prompt_length).tolist()
+            rows.append([request.added[b][a] for a in numbers])
+        return rows
 
     def _deepstack(self, original, hidden, masks, embeds):
         """Qwen3-VL adds visual features after its first decoder layers; on a pruned layer the mask and features
@@ -695,7 +774,8 @@ class Engine:
         active = fwd.current if fwd is not None else None
         if masks is None or active is None or masks.shape[1] == hidden.shape[1]:
             return original(hidden, masks, embeds)
-        masks, (embeds,) = deepstack_inputs(masks, [embeds], active.local)
+        local = torch.where(active.index >= fwd.request.prompt_length, -1, active.local)  # added tokens: none
+        masks, (embeds,) = deepstack_inputs(masks, [embeds], local)
         return original(hidden, masks, embeds)
 
     def _checked_budget(self, budget) -> int:
@@ -704,11 +784,25 @@ class Engine:
         return budget
 
     def _checked_merge(self, merge: Merge, spec: StageSpec, budget: int, n: int) -> Merge:
-        """A merge must replace distinct kept tokens with one embedding each, before the language model."""
+        """A merge must replace distinct kept tokens with one embedding each (before the language model), or add
+        tokens with one state, source list and anchor each (inside it)."""
         name = self.method.name
-        if spec.stage is not Stage.PRE_LLM:
-            raise RuntimeError(f"{name}: merged tokens are only supported before the language model (pre_llm)")
+        if len(merge.slots) and spec.stage is not Stage.PRE_LLM:
+            raise RuntimeError(f"{name}: replaced embeddings are only supported before the language model (pre_llm)")
+        if merge.added is not None:
+            if spec.stage is not Stage.LAYER:
+                raise RuntimeError(f"{name}: added tokens are only supported inside the language model (layer "
+                                   "stages)")
+            D, a = self.lm.config.hidden_size, len(merge.added)
+            anchors = merge.added_anchors
+            if merge.added.shape != (a, D) or len(merge.added_sources) != a or anchors is None or \
+                    anchors.shape != (a,) or anchors.dtype.is_floating_point or \
+                    (a and (int(anchors.min()) < 0 or int(anchors.max()) >= n)):
+                raise RuntimeError(f"{name}: {a} added tokens need [{a}, {D}] states, {a} source lists and {a} "
+                                   f"anchor indices in [0, {n})")
         keep = self._checked(merge.keep, budget, n)
+        if not len(merge.slots):
+            return dataclasses.replace(merge, keep=keep)
         slots = self._checked(merge.slots, len(merge.slots.flatten()), n) if merge.slots.numel() else \
             merge.slots.flatten().long()
         if not bool(torch.isin(slots, keep).all()):
@@ -717,7 +811,7 @@ class Engine:
         if merge.embeds.shape != (len(slots), D) or len(merge.sources) != len(slots):
             raise RuntimeError(f"{name}: a merge of {len(slots)} tokens needs [{len(slots)}, {D}] embeddings and as "
                                f"many source lists, got {tuple(merge.embeds.shape)} and {len(merge.sources)}")
-        return Merge(keep=keep, slots=slots, embeds=merge.embeds, sources=merge.sources)
+        return dataclasses.replace(merge, keep=keep, slots=slots)
 
     def _checked(self, chosen, budget: int, n: int) -> torch.Tensor:
         """A method's selection must be ``budget`` distinct integer indices in ``[0, n)``."""
@@ -734,6 +828,22 @@ class Engine:
             raise RuntimeError(f"{name} selected invalid token indices {chosen.tolist()} (of {n}): each must be "
                                "distinct and in [0, n)")
         return chosen
+
+
+def insertion_index(keep: torch.Tensor, after: list, length: int) -> torch.Tensor:
+    """Like ``compaction_index``, with new tokens inserted: ``after[b]`` lists, for the row's added tokens in
+    order, the slot each follows (several after one slot keep their order). Added token ``j`` is slot
+    ``length + j``. Returns ``[B, L']`` left-padded with -1."""
+    rows = []
+    for b in range(keep.shape[0]):
+        kept = keep[b].nonzero().flatten()
+        n = len(after[b])
+        follows = torch.tensor(after[b], dtype=torch.float64, device=keep.device)
+        keys = torch.cat([kept.double(), follows + (torch.arange(n, device=keep.device) + 1) / (n + 2)])
+        entries = torch.cat([kept, length + torch.arange(n, device=keep.device)])
+        rows.append(entries[torch.argsort(keys, stable=True)])
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r.new_full((width - len(r),), -1), r]) for r in rows])
 
 
 def deepstack_inputs(masks: torch.Tensor, embeds: list, select: torch.Tensor):

@@ -28,6 +28,23 @@ class MergedTokens:
 
 
 @dataclass
+class AddedToken:
+    """A token a merging stage added inside the language model (SparseVLM's recycled cluster means).
+
+    span: the image or video of its row it belongs to, as the visual index of that span's first token.
+    sources: ``[m]`` the visual indices (the row's visual numbering) merged into it, expanded through earlier added
+    tokens. position: the
+    original prompt position whose RoPE position it takes under ``positions="original"`` (its anchor's). layer: the
+    stage layer it was added before. state: ``[D]`` the hidden state it entered that layer with."""
+
+    span: int
+    sources: torch.Tensor
+    position: int
+    layer: int
+    state: torch.Tensor = field(repr=False)
+
+
+@dataclass
 class StageRecord:
     """One pruning stage of one prefill.
 
@@ -35,7 +52,11 @@ class StageRecord:
     kept: per row, ascending indices (in the row's visual numbering: all images of the row, in order) of the visual
     tokens still present after the stage.
     length: sequence length (padding included) the following layers run on.
+    index: ``[B, length]`` the original prompt position of each slot the following layers run on (as
+    ``PrefillRecord.index``).
     merged: per row, the kept tokens a merging method gave new embeddings (None when the method merged nothing).
+    added: per row, the tokens merging stages inside the language model added (SparseVLM's recycled cluster
+    tokens) that are present after this stage, in sequence order; None when there are none.
     """
 
     stage: str
@@ -44,6 +65,14 @@ class StageRecord:
     kept: list[torch.Tensor]
     length: int = 0
     merged: list[MergedTokens] | None = None
+    added: list[list[AddedToken]] | None = None
+    index: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def n_present(self) -> list[int]:
+        """Per row, visual tokens the following layers run on: the kept ones plus tokens a merging stage added."""
+        added = self.added or [[] for _ in self.kept]
+        return [len(k) + len(a) for k, a in zip(self.kept, added)]
 
 
 @dataclass
@@ -54,7 +83,10 @@ class PrefillRecord:
     selection_seconds: wall time spent computing scores and choosing tokens (device synchronised).
     index: ``[B, L']`` the original prompt position of every slot of the pruned sequence the model ran on (-1 for
     padding slots vtr added), or None when nothing was pruned. Use it to map a plain forward's logits back.
+    Slots of tokens a merging stage added inside the language model hold ``-2 - a`` (``a``: the added token's
+    number in its row).
     layout: where the visual tokens were (see ``vtr.layout``).
+    n_layers: decoder layers of the model (for ``visual_per_layer`` and ``layer_average``).
     """
 
     n_visual: list[int]
@@ -62,6 +94,23 @@ class PrefillRecord:
     selection_seconds: float = 0.0
     index: torch.Tensor | None = None
     layout: TokenLayout | None = field(default=None, repr=False)
+    n_layers: int = 0
+
+    def visual_per_layer(self) -> list[list[int]]:
+        """Per row, the visual tokens entering each decoder layer (``n_layers`` counts; merged tokens included)."""
+        rows = []
+        for b, n in enumerate(self.n_visual):
+            counts = [n] * self.n_layers
+            for stage in self.stages:
+                counts[stage.layer:] = [stage.n_present[b]] * (self.n_layers - stage.layer)
+            rows.append(counts)
+        return rows
+
+    @property
+    def layer_average(self) -> list[float]:
+        """Per row, the visual token count averaged over the decoder layers: what papers quote as the budget of a
+        method that prunes inside the language model (SparseVLM's "192", PyramidDrop's 270 of 576)."""
+        return [sum(c) / len(c) if c else float(n) for c, n in zip(self.visual_per_layer(), self.n_visual)]
 
     @property
     def kept(self) -> list[torch.Tensor]:

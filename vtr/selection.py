@@ -41,30 +41,61 @@ class SelectionContext:
         self.layout: TokenLayout = fwd.layout
         self.valid: torch.Tensor = prev.mask2d  # [B, L] real tokens of the current sequence
         self._memo = {}
-        # original prompt position -> current slot, per row
         B, L0 = prev.index.shape[0], fwd.request.prompt_length
-        inverse = torch.full((B, L0), -1, dtype=torch.long, device=prev.index.device)
+        # original prompt position (or prompt_length + a for added token a) -> current slot, per row
+        width = L0 + max((len(a) for a in fwd.request.added), default=0)
+        inverse = torch.full((B, width), -1, dtype=torch.long, device=prev.index.device)
         rows, slots = (prev.index >= 0).nonzero(as_tuple=True)
         inverse[rows, prev.index[rows, slots]] = slots
         self._inverse = inverse
 
     # ------------------------------------------------------------------------------------------- candidates
     def present(self, row: int, span: VisualSpan) -> SpanCandidates:
-        """Every token of ``span`` still in the sequence."""
+        """Every token of ``span`` still in the sequence; then the tokens merging stages added to it (their ids
+        ``span.n + k`` for the span's ``k``-th added token)."""
         slots = self._inverse[row, span.positions.to(self._inverse.device)]
         alive = slots >= 0
-        return SpanCandidates(span, slots[alive], alive.nonzero().flatten())
+        ids = alive.nonzero().flatten()
+        added = self.added_numbers(row, span)
+        if added:
+            extra = self._inverse[row, self.fwd.request.prompt_length + torch.tensor(added)]
+            there = extra >= 0
+            slots = torch.cat([slots[alive], extra[there]])
+            ids = torch.cat([ids, span.n + there.nonzero().flatten().to(ids.device)])
+            return SpanCandidates(span, slots, ids)
+        return SpanCandidates(span, slots[alive], ids)
+
+    def added_numbers(self, row: int, span: VisualSpan) -> list[int]:
+        """The row's added-token numbers (see ``RequestState.added``) that belong to ``span``, in order."""
+        return [a for a, token in enumerate(self.fwd.request.added[row]) if token.span == span.offset]
+
+    def visual_ids(self, row: int, group: SpanCandidates, members: torch.Tensor) -> torch.Tensor:
+        """``members`` (indices into ``group``) as ascending indices in the row's visual numbering, an added token
+        replaced by the tokens merged into it."""
+        span, ids = group.span, group.ids[members].cpu()
+        added = self.added_numbers(row, span)
+        parts = [span.offset + ids[ids < span.n]]
+        parts += [self.fwd.request.added[row][added[int(i) - span.n]].sources for i in ids[ids >= span.n]]
+        return torch.cat(parts).unique()
 
     def eligible(self, tokens: SpanCandidates) -> torch.Tensor:
-        """Which present tokens the method may drop: newline tokens only if its official code counts them."""
+        """Which present tokens the method may drop: newline tokens only if its official code counts them; added
+        tokens always."""
         if self.engine.method.newline_candidates:
             return torch.ones(len(tokens), dtype=torch.bool)
-        return ~tokens.span.newline[tokens.ids.to(tokens.span.newline.device)].cpu()
+        ids = tokens.ids.cpu()
+        own = ids < tokens.span.n
+        eligible = torch.ones(len(ids), dtype=torch.bool)
+        eligible[own] = ~tokens.span.newline[ids[own].to(tokens.span.newline.device)].cpu()
+        return eligible
 
     def groups(self, candidates: SpanCandidates) -> list[SpanCandidates]:
         """Budget groups: the whole image (``scope="image"``) or each anyres tile (``scope="crop"``)."""
         if self.engine.method.scope == "image" or not len(candidates):
             return [candidates]
+        if bool((candidates.ids >= candidates.span.n).any()):
+            raise ValueError(f"vtr: {self.engine.method.name} adds tokens that belong to no anyres tile; use "
+                             "scope='image'")
         crop = candidates.span.crop[candidates.ids.to(candidates.span.crop.device)].cpu()
         if bool((crop < 0).any()):
             raise ValueError("vtr: scope='crop' needs the anyres tile of every token, known for LLaVA-NeXT when the "
@@ -79,12 +110,45 @@ class SelectionContext:
             visual[self.present(row, span).slots] = True
         return (self.valid[row] & ~visual).nonzero().flatten()
 
+    def slots_of(self, row: int, positions: torch.Tensor) -> torch.Tensor:
+        """Current slots of original prompt positions ``[n]`` (-1 where the token is gone)."""
+        return self._inverse[row, positions.to(self._inverse.device)]
+
+    def input_embeddings(self, row: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[n, D]``: the language model's input embeddings of the row's tokens at original prompt positions
+        ``[n]`` (what the model received before any stage pruned)."""
+        return self.fwd.lm_embeds[row, positions.to(self.fwd.lm_embeds.device)]
+
+    def prompt_text_after(self, row: int, span: VisualSpan) -> torch.Tensor:
+        """Original prompt positions ``[t]`` of the row's real non-visual tokens after ``span``, ascending."""
+        base = self.fwd.request.base
+        text = base.mask2d[row].clone()
+        for other in self.layout.rows[row].spans:
+            text[other.positions.to(text.device)] = False
+        text[: int(span.positions.max()) + 1] = False
+        return text.nonzero().flatten()
+
     def unpadded_positions(self, row: int, slots: torch.Tensor) -> torch.Tensor:
         """Index of each slot in the row's sequence without padding (what batch-1 official code sees)."""
         return (self.valid[row].long().cumsum(0) - 1)[slots]
 
     # ------------------------------------------------------------------------------------- layer-stage signals
+    @property
+    def _own_layer(self) -> bool:
+        """The method scores with the stage layer's own attention (its input norm and projections applied to the
+        stage's hidden states, PyramidDrop) rather than with layer K-1's (FastV, DART)."""
+        return "layer_inputs" in self.engine.method.needs
+
     def _attention_inputs(self):
+        if self._own_layer:
+            if "own" not in self._memo:
+                layer = compat.decoder_layers(self.engine.lm)[self.spec.layer]
+                h = compat.input_norm(layer)(self.hidden)
+                positions = self.prev.positions
+                cos, sin = compat.rotary_embeddings(self.engine.lm, h, positions[-3:] if positions.dim() == 3
+                                                    else positions)
+                self._memo["own"] = (compat.self_attention(layer), h, cos, sin)
+            return self._memo["own"]
         capture = self.fwd.captures.get(self.spec.layer - 1)
         if capture is None:
             raise RuntimeError(f"{self.engine.method.name}: no attention inputs captured at layer "
@@ -97,8 +161,9 @@ class SelectionContext:
         return L - 1 - self.valid.flip(1).long().argmax(1)
 
     def last_token_attention(self) -> torch.Tensor:
-        """``[B, L]``: softmax attention of each row's last real token over all tokens at layer K-1, mean over
-        heads (in ``score_dtype``; fp32 softmax as eager attention does)."""
+        """``[B, L]``: softmax attention of each row's last real token over all tokens at layer K-1 (at layer K for
+        a method that needs ``"layer_inputs"``), mean over heads (in ``score_dtype``; fp32 softmax as eager
+        attention does)."""
         if "last_attention" not in self._memo:
             attn, h, _, _ = self._attention_inputs()
             cos, sin = self._rotary()
@@ -110,6 +175,32 @@ class SelectionContext:
             self._memo["last_attention"] = scores[:, 0]
         return self._memo["last_attention"]
 
+    def attention_rows(self, row: int, queries: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        """``[q, L]``: softmax attention of the row's tokens at slots ``queries`` (``[q]``) over the current sequence
+        at the scoring layer, causal (a query sees the keys up to its own slot), mean over heads, in
+        ``score_dtype``; ``[H, q, L]`` per head with ``per_head``. Only these rows are computed, never the full
+        attention matrix."""
+        attn, h, _, _ = self._attention_inputs()
+        cos, sin = self._rotary()
+        slots = queries.to(h.device)
+        q = compat.project_queries(attn, h[row, slots][None], cos[row, slots][None], sin[row, slots][None])
+        score = kernels.reference.attention_scores if per_head else kernels.attention_scores
+        scores = score(q, self.keys()[row:row + 1], self.valid[row:row + 1], compat.attention_scaling(attn),
+                       "none" if per_head else "mean", q_positions=slots[None], dtype=self.score_dtype)
+        return scores[0]
+
+    def rotary_gravity(self, row: int, queries: torch.Tensor) -> torch.Tensor:
+        """``[q, L]``: the scaled attention logit an all-ones query at slots ``queries`` and an all-ones key at each
+        slot get from the rotary embedding alone, at the scoring layer's positions (SparseVLM+'s "attention
+        gravity": a function of the relative offset; it can be near 0 or negative for some offsets)."""
+        attn, _, _, _ = self._attention_inputs()
+        cos, sin = self._rotary()
+        cos, sin = cos[row].to(self.score_dtype), sin[row].to(self.score_dtype)
+        half = cos.shape[-1] // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(cos.shape[-1] - half)]).to(cos)  # rotate_half(ones)
+        rotated = cos + sign * sin  # RoPE applied to an all-ones vector at each slot: [L, d]
+        return rotated[queries.to(rotated.device)] @ rotated.T * compat.attention_scaling(attn)
+
     def keys(self) -> torch.Tensor:
         """``[B, H_kv, L, d]``: post-RoPE keys of layer K-1 (before grouped-query repetition), rotated at each
         row's own positions, i.e. as the row alone would have them: read from the KV cache when layer K-1 just
@@ -117,7 +208,7 @@ class SelectionContext:
         numbers a row from its first padding slot; attention does not care, the L1 norm of a key does.)"""
         if "keys" not in self._memo:
             keys = None
-            if not bool(self.position_offsets().any()):
+            if not self._own_layer and not bool(self.position_offsets().any()):
                 keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
             if keys is None:
                 attn, h, _, _ = self._attention_inputs()

@@ -45,7 +45,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     row (keys after it get no weight), or None when every query sees every key. ``dtype``: the dtype of the logits
     and of the returned scores; the softmax itself is taken in fp32 over the full row (as transformers' eager
     attention does, which casts the probabilities back to the model dtype). Returns ``[B, R, L]`` (mean, sum or max
-    over heads)."""
+    over heads) or, with ``reduce="none"``, ``[B, H, R, L]``."""
     H, H_kv = q.shape[1], k.shape[1]
     k = k.repeat_interleave(H // H_kv, dim=1)
     logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale  # [B, H, R, L]
@@ -61,6 +61,8 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
         return probs.sum(1)
     if reduce == "max":
         return probs.amax(1)
+    if reduce == "none":
+        return probs
     raise ValueError(f"unknown head reduction {reduce!r}")
 
 

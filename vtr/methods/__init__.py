@@ -7,11 +7,14 @@ from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .hiprune import HiPrune
+from .pdrop import PyramidDrop
+from .sparsevlm import SparseVLM
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "HiPrune", "Merge", "Method", "REGISTRY", "Random",
-           "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup", "register"]
+__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "HiPrune", "Merge", "Method", "PyramidDrop",
+           "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
+           "register"]

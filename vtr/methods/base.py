@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, ClassVar
 
@@ -33,21 +33,30 @@ class StageSpec:
 
 @dataclass
 class Merge:
-    """What a merging method's ``select`` returns: the tokens kept and new embeddings for some of them.
+    """What a merging method's ``select`` returns: the tokens kept and new states for some tokens.
 
     keep: ``[budget]`` distinct indices into the candidates, as a plain selection.
     slots: ``[m]`` the kept tokens (a subset of ``keep``, indices into the candidates) whose language-model input
-    embedding is replaced; each such token stays in its own slot and takes that slot's position under the
-    method's position policy.
+    embedding is replaced (``pre_llm`` stage); each such token stays in its own slot and takes that slot's position
+    under the method's position policy.
     embeds: ``[m, D]`` their new embeddings (language-model input space, the model's dtype).
     sources: ``m`` index tensors into the candidates: the tokens merged into each replaced token (itself
     included); reported in ``handle.last.merged``.
+    added: ``[a, D]`` new tokens (``layer`` stages: hidden states entering the stage layer, SparseVLM's recycled
+    cluster means), inserted after the group's last kept token in the given order. They are candidates of later
+    stages like the image's own tokens. Under ``positions="compact"`` they are numbered right after the kept tokens
+    (the sequence renumbered); under ``"original"`` each takes the position of its anchor.
+    added_sources: ``a`` index tensors into the candidates: the tokens merged into each added token.
+    added_anchors: ``[a]`` indices into the candidates: whose position each added token takes under ``"original"``.
     """
 
     keep: torch.Tensor
-    slots: torch.Tensor
-    embeds: torch.Tensor
-    sources: list
+    slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    embeds: torch.Tensor | None = None
+    sources: list = field(default_factory=list)
+    added: torch.Tensor | None = None
+    added_sources: list = field(default_factory=list)
+    added_anchors: torch.Tensor | None = None
 
 
 POSITION_POLICIES = ("original", "compact")
@@ -88,8 +97,10 @@ class Method:
     summary: ClassVar[str] = ""
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "compact"
-    # Signals the engine must capture: "attention_inputs" = inputs of layer K-1's self-attention; "vision" = the
-    # vision tower's layers named by ``vision_layers`` (their attention inputs and outputs, see SelectionContext);
+    # Signals the engine must capture: "attention_inputs" = inputs of layer K-1's self-attention; "layer_inputs" =
+    # scores come from the stage layer K's own input norm and projections applied to its input (no capture);
+    # "vision" = the vision tower's layers named by ``vision_layers`` (their attention inputs and outputs, see
+    # SelectionContext);
     # "clip_text" = a CLIP text tower and the language model's tokenizer, loaded at patch time from the method's
     # ``clip`` and ``tokenizer`` options (see SelectionContext.instruction_embeddings).
     needs: ClassVar[frozenset] = frozenset()
@@ -139,6 +150,9 @@ class Method:
             if f.name in {g.name for g in dataclasses.fields(Method)}:
                 continue
             value, kind = getattr(self, f.name), hints.get(f.name)
+            if value is None and f.default is None:  # an optional option left unset
+                continue
+            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             ok = {int: isinstance(value, int) and not isinstance(value, bool),
                   float: isinstance(value, (int, float)) and not isinstance(value, bool),
                   bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
@@ -194,6 +208,11 @@ class Method:
             return self
         return dataclasses.replace(self, positions="original" if family.mrope else self.default_positions)
 
+    def for_depth(self, n_layers: int) -> "Method":
+        """This method with its depth-dependent defaults resolved for a language model of ``n_layers`` decoder
+        layers (multi-stage methods: their layer lists). Raises ``ValueError`` for layers the model lacks."""
+        return self
+
     # ----------------------------------------------------------------------------------------------- helpers
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -202,3 +221,31 @@ class Method:
         """``with method(model) as handle:`` patches ``model`` for the block (kvpress style)."""
         from ..api import patch
         return patch(model, self)
+
+
+def layer_list(method: Method, text: str, n_layers: int, lowest: int = 1) -> tuple[int, ...]:
+    """Parse a multi-stage method's ``layers`` option ("8,16,24": strictly increasing decoder layers in
+    ``[lowest, n_layers - 1]``). Raises ``ValueError`` naming the method and the model's depth."""
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{method.name}: layers must be comma-separated integers, got {text!r}") from None
+    if any(b <= a for a, b in zip(layers, layers[1:])) or not layers or layers[0] < lowest \
+            or layers[-1] > n_layers - 1:
+        raise ValueError(f"{method.name}: layers must be strictly increasing and in [{lowest}, {n_layers - 1}] for "
+                         f"this {n_layers}-layer model, got {text!r}")
+    return layers
+
+
+def scale_layers(layers: tuple[int, ...], n_layers: int, depth: int = 32) -> tuple[int, ...]:
+    """A schedule written for a ``depth``-layer model at the same fractions of another depth, kept strictly
+    increasing and in ``[1, n_layers - 1]``. Raises ``ValueError`` when the model is too shallow."""
+    out = []
+    for k in layers:
+        k = max(1, k * n_layers // depth)
+        if out and k <= out[-1]:
+            k = out[-1] + 1
+        out.append(k)
+    if out[-1] > n_layers - 1:
+        raise ValueError(f"a {n_layers}-layer model is too shallow for {len(layers)} pruning stages")
+    return tuple(out)
