@@ -215,11 +215,46 @@ class BrokenLayerMerge(BrokenMerge):
     ("outside", r"broken_merge: merged slots \[16\] must be kept tokens"),
     ("shape", r"broken_merge: a merge of 1 tokens needs \[1, 64\] embeddings and as many source lists, got \(1, 3\)"),
     ("sources", r"broken_merge: a merge of 1 tokens needs .* and 0"),
-    ("layer", r"broken_merge: merged tokens are only supported before the language model"),
+    ("layer", r"broken_merge: replaced embeddings are only supported before the language model"),
 ])
 def test_the_engine_rejects_a_broken_merge(kind, match):
     model, proc = tm.build("llava")
     base = BrokenLayerMerge if kind == "layer" else BrokenMerge
+    method = type("Broken", (base,), {"kind": kind})(ratio=0.75)
+    with vtr.patch(model, method), torch.no_grad():
+        with pytest.raises(RuntimeError, match=match):
+            model(**tm.image_inputs("llava", proc, 1))
+
+
+class BrokenAdd(vtr.Method):
+    name = "broken_add"
+    kind = "shape"
+    stage = vtr.Stage.LAYER
+    layer: int = 2
+
+    def select(self, ctx, row, span, budget):
+        D = ctx.hidden.shape[-1]
+        added, anchors = torch.zeros(1, D), torch.tensor([0])
+        if self.kind == "shape":
+            added = added[:, :3]
+        if self.kind == "anchor":
+            anchors = torch.tensor([len(span)])
+        return vtr.Merge(keep=torch.arange(budget), added=added, added_sources=[torch.tensor([0])],
+                         added_anchors=anchors)
+
+
+class BrokenPreLLMAdd(BrokenAdd):
+    stage = vtr.Stage.PRE_LLM
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("shape", r"broken_add: 1 added tokens need \[1, 64\] states, 1 source lists and 1 anchor indices in \[0, 64\)"),
+    ("anchor", r"broken_add: 1 added tokens need .* anchor indices in \[0, 64\)"),
+    ("pre_llm", r"broken_add: added tokens are only supported inside the language model"),
+])
+def test_the_engine_rejects_broken_added_tokens(kind, match):
+    model, proc = tm.build("llava")
+    base = BrokenPreLLMAdd if kind == "pre_llm" else BrokenAdd
     method = type("Broken", (base,), {"kind": kind})(ratio=0.75)
     with vtr.patch(model, method), torch.no_grad():
         with pytest.raises(RuntimeError, match=match):

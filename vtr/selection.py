@@ -204,8 +204,9 @@ class SelectionContext:
     def keys(self) -> torch.Tensor:
         """``[B, H_kv, L, d]``: post-RoPE keys of layer K-1 (of layer K for ``"layer_inputs"`` methods; before
         grouped-query repetition), rotated at each row's own positions, i.e. as the row alone would have them: read
-        from the KV cache when layer K-1 just filled it with those positions, else recomputed from its inputs. (A plain forward over a left-padded batch
-        numbers a row from its first padding slot; attention does not care, the L1 norm of a key does.)"""
+        from the KV cache when layer K-1 just filled it with those positions, else recomputed from its inputs. (A
+        plain forward over a left-padded batch numbers a row from its first padding slot; attention does not care,
+        the L1 norm of a key does.)"""
         if "keys" not in self._memo:
             keys = None
             if not self._own_layer and not bool(self.position_offsets().any()):

@@ -1,0 +1,88 @@
+"""The ``pre_llm`` stage: the language model's inputs replaced by the pruned sequence, and its
+decoding masks."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .. import compat, kernels
+from ..methods.base import Stage
+from ..report import PrefillRecord
+from .core import ForwardState, RequestState, SeqLayout, deepstack_inputs, shift_positions
+
+
+class PreLLMStage:
+    """Part of ``Engine`` (see ``vtr.engine``)."""
+
+    def _lm_prefill(self, fwd: ForwardState, kwargs) -> dict:
+        kwargs = dict(kwargs)
+        hidden = kwargs["inputs_embeds"]
+        B, L, _ = hidden.shape
+        device = hidden.device
+        cache = kwargs.get("past_key_values")
+        if cache is None and compat.use_cache(self.lm, kwargs):
+            cache = compat.new_cache(self.lm)
+            kwargs["past_key_values"] = cache
+        mask_in = kwargs.get("attention_mask")
+        valid = mask_in.bool() if mask_in is not None else torch.ones(B, L, dtype=torch.bool, device=device)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(L, device=device).expand(B, L)
+        elif positions.shape[-2] != B:
+            positions = positions.expand(*positions.shape[:-2], B, L)
+        fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
+        fwd.lm_embeds = hidden
+        fwd.vision = self._vision.get(threading.get_ident())
+        arange = torch.arange(L, device=device).expand(B, L)
+        base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,
+                         shift=torch.zeros(B, dtype=torch.long, device=device))
+        request = RequestState(prompt_length=L, base=base, added=[[] for _ in range(B)],
+                               record=PrefillRecord(n_visual=fwd.layout.n_visual, layout=fwd.layout,
+                                                    n_layers=len(compat.decoder_layers(self.lm))))
+        fwd.request, fwd.cache = request, cache
+        if cache is not None:
+            with self._lock:
+                self._requests[cache] = request
+        spec = self.specs[0]
+        if spec.stage is Stage.PRE_LLM:
+            pruned = self._prune(fwd, spec, base, hidden)
+            if pruned is not None:
+                layout, select, merged, _ = pruned
+                if merged:  # merged tokens take their slot with their new embedding
+                    hidden = hidden.clone()
+                    for b, slots, embeds in merged:
+                        hidden[b, slots] = embeds.to(hidden.dtype)
+                kwargs["inputs_embeds"] = kernels.gather_rows(hidden, select)
+                kwargs["attention_mask"] = layout.mask2d.to(mask_in.dtype if mask_in is not None else torch.long)
+                kwargs["position_ids"] = layout.positions
+                if kwargs.get("visual_pos_masks") is not None:
+                    masks, embeds = deepstack_inputs(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"],
+                                                     select)
+                    kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"] = masks, embeds
+        return kwargs
+
+    def _lm_decode(self, fwd: ForwardState, kwargs) -> dict:
+        request = fwd.request
+        mask_in = kwargs.get("attention_mask")
+        if mask_in is not None and not (isinstance(mask_in, torch.Tensor) and mask_in.dim() == 2):
+            raise ValueError("vtr needs a 2-D attention mask (or none) when decoding a pruned cache")
+        hidden = kwargs.get("inputs_embeds")
+        q_len = hidden.shape[1] if hidden is not None else kwargs["input_ids"].shape[1]
+        # Mask columns of the tokens after the prompt (generated so far plus this step): [B, t + q_len]. Taken
+        # before any layer runs, since layer 0's cache grows during this forward.
+        if mask_in is not None:
+            fwd.decode_tail = mask_in[:, request.prompt_length:].bool()
+        else:
+            generated = compat.cache_length(fwd.cache) - request.lm_input_length
+            B = request.base.index.shape[0]
+            fwd.decode_tail = torch.ones(B, generated + q_len, dtype=torch.bool, device=request.base.index.device)
+        first = request.layouts[0] if request.layouts else None
+        if first is None or first.stage is not Stage.PRE_LLM:
+            return kwargs
+        kwargs = dict(kwargs)
+        kwargs["attention_mask"] = torch.cat([first.mask2d, fwd.decode_tail], 1).to(
+            mask_in.dtype if mask_in is not None else torch.long)
+        if self.method.positions == "compact" and kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = shift_positions(kwargs["position_ids"], first.shift)
+        return kwargs

@@ -1,0 +1,195 @@
+"""Selection at one stage: the method's choices checked and turned into the next layout (dropped,
+merged and added tokens)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .. import kernels
+from ..methods.base import Merge, Stage, StageSpec
+from ..report import AddedToken, MergedTokens, StageRecord
+from ..selection import SelectionContext
+from .core import ForwardState, RequestState, SeqLayout, clock, insertion_index
+
+
+class Pruning:
+    """Part of ``Engine`` (see ``vtr.engine``)."""
+
+    def _prune(self, fwd: ForwardState, spec: StageSpec, prev: SeqLayout, hidden: torch.Tensor):
+        """Select at one stage. Returns (new layout, ``[B, L']`` slots to gather, merged tokens as ``(row, [m] slots
+        of prev, [m, D] embeddings)``, ``[B, A, D]`` states of added tokens or None), or None if the stage removes
+        nothing (then the model runs untouched, bit for bit). Gather slots ``>= prev.length`` are added tokens:
+        slot ``prev.length + j`` is the row's ``j``-th added state."""
+        start = clock(hidden)
+        ctx = SelectionContext(self, fwd, prev, hidden, spec)
+        request = fwd.request
+        keep = prev.mask2d.clone()
+        kept_ids, n_alive, dropped_any, merged, merged_record = [], [], False, [], []
+        additions = [[] for _ in fwd.layout.rows]  # per row: (insert after this slot, AddedToken, anchor slot)
+        for b, row in enumerate(fwd.layout.rows):
+            ids, alive, row_merges = [], 0, []
+            for span in row.spans:
+                present = ctx.present(b, span)
+                alive += len(present)
+                eligible = ctx.eligible(present)
+                ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
+                for group in ctx.groups(present.subset(eligible)):
+                    budget = self._checked_budget(self.method.budget_for(ctx, b, group))
+                    if budget >= len(group):
+                        chosen = torch.arange(len(group), device=group.slots.device)
+                    else:
+                        chosen = self.method.select(ctx, b, group, budget)
+                        if isinstance(chosen, Merge):
+                            merge = self._checked_merge(chosen, spec, budget, len(group))
+                            chosen = merge.keep
+                            if len(merge.slots):
+                                merged.append((b, group.slots[merge.slots], merge.embeds))
+                                row_merges.append(MergedTokens(
+                                    kept=span.offset + group.ids[merge.slots].cpu(), embeds=merge.embeds,
+                                    sources=[span.offset + group.ids[s].cpu() for s in merge.sources]))
+                            if merge.added is not None:
+                                after = int(group.slots[merge.keep].max())
+                                for state, sources, anchor in zip(merge.added, merge.added_sources,
+                                                                  merge.added_anchors.tolist()):
+                                    slot = int(group.slots[anchor])
+                                    token = AddedToken(span=span.offset, sources=ctx.visual_ids(b, group, sources),
+                                                       position=request.original_position(b, int(prev.index[b, slot])),
+                                                       layer=spec.layer, state=state)
+                                    additions[b].append((after, token, slot))
+                        chosen = self._checked(chosen, budget, len(group))
+                        dropped = torch.ones(len(group), dtype=torch.bool, device=group.slots.device)
+                        dropped[chosen] = False
+                        keep[b, group.slots[dropped]] = False
+                        dropped_any = dropped_any or bool(dropped.any())
+                    picked = group.ids[chosen].cpu()
+                    ids.append(span.offset + picked[picked < span.n])  # the image's own tokens, not added ones
+            kept_ids.append(torch.cat(ids).sort().values if ids else torch.zeros(0, dtype=torch.long))
+            n_alive.append(alive)
+            merged_record.append(MergedTokens.join(row_merges))
+        record = request.record
+        stage = StageRecord(stage=spec.stage.value, layer=spec.layer, n_visual=n_alive, kept=kept_ids,
+                            length=prev.length, merged=merged_record if merged else None)
+        record.stages.append(stage)
+        try:
+            if not dropped_any and not any(additions):
+                stage.index = request.public_index(prev.index)
+                stage.added = self._added_record(request, prev)
+                return None
+            removed = prev.mask2d & ~keep
+            index, local, mask2d, positions, states = prev.index, prev.local, prev.mask2d, prev.positions, None
+            if any(additions):
+                select = insertion_index(keep, [[after for after, _, _ in adds] for adds in additions],
+                                         prev.length)
+                index, local, mask2d, positions, states = self._with_added(request, prev, additions, hidden)
+            else:
+                select = kernels.compaction_index(keep)
+            stage.length = select.shape[1]
+            new_mask = kernels.gather_rows(mask2d.unsqueeze(-1), select, False).squeeze(-1)
+            new_positions = kernels.gather_positions(positions, select)
+            if self.method.positions == "compact":
+                if any(additions):  # renumbered: each row from its first real position, without gaps
+                    first = new_positions[..., torch.arange(len(select)), new_mask.long().argmax(1)]
+                    new_positions = torch.where(new_mask, first[..., None] + new_mask.long().cumsum(1) - 1, 1)
+                else:
+                    before = removed.long().cumsum(1) - removed.long()
+                    new_positions = new_positions - kernels.gather_rows(before.unsqueeze(-1), select).squeeze(-1)
+            if spec.stage is Stage.PRE_LLM:  # the pruned sequence becomes the language model's input
+                new_local = torch.arange(select.shape[1], device=select.device).expand(select.shape[0], -1)
+            else:
+                new_local = kernels.gather_rows(local.unsqueeze(-1), select, -1).squeeze(-1)
+            added = torch.tensor([len(a) for a in additions], device=removed.device)
+            layout = SeqLayout(
+                index=kernels.gather_rows(index.unsqueeze(-1), select, -1).squeeze(-1),
+                local=new_local, mask2d=new_mask, positions=new_positions,
+                shift=prev.shift + removed.sum(1) - added, layer=spec.layer, stage=spec.stage)
+            request.layouts.append(layout)
+            stage.index = request.public_index(layout.index)
+            stage.added = self._added_record(request, layout)
+            return layout, select, merged, states
+        finally:
+            record.selection_seconds += clock(hidden) - start
+
+    def _with_added(self, request: RequestState, prev: SeqLayout, additions: list, hidden: torch.Tensor):
+        """``prev``'s index, local slots, mask and positions extended by the rows' added tokens (column
+        ``prev.length + j``: the row's ``j``-th), and their states ``[B, A, D]``. Added tokens are registered with
+        the request: the ``a``-th of a row has index ``prompt_length + a``."""
+        B, A = len(additions), max(len(a) for a in additions)
+        device = prev.index.device
+        index = torch.full((B, A), -1, dtype=prev.index.dtype, device=device)
+        anchors = torch.zeros(B, A, dtype=torch.long, device=device)
+        valid = torch.zeros(B, A, dtype=torch.bool, device=device)
+        states = hidden.new_zeros(B, A, hidden.shape[-1])
+        for b, adds in enumerate(additions):
+            for j, (_, token, slot) in enumerate(adds):
+                index[b, j] = request.prompt_length + len(request.added[b])
+                request.added[b].append(token)
+                anchors[b, j], valid[b, j] = slot, True
+                states[b, j] = token.state.to(hidden.dtype)
+        local = torch.where(valid, kernels.gather_rows(prev.local.unsqueeze(-1), anchors).squeeze(-1), -1)
+        positions = kernels.gather_positions(prev.positions, anchors)
+        return (torch.cat([prev.index, index], 1), torch.cat([prev.local, local], 1),
+                torch.cat([prev.mask2d, valid], 1), torch.cat([prev.positions, positions], -1), states)
+
+    @staticmethod
+    def _added_record(request: RequestState, layout: SeqLayout) -> list | None:
+        """Per row, the added tokens present in ``layout``, in sequence order (None when the request has none)."""
+        if not any(request.added):
+            return None
+        rows = []
+        for b in range(layout.index.shape[0]):
+            index = layout.index[b]
+            numbers = (index[index >= request.prompt_length] - request.prompt_length).tolist()
+            rows.append([request.added[b][a] for a in numbers])
+        return rows
+
+    def _checked_budget(self, budget) -> int:
+        if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget:
+            raise RuntimeError(f"{self.method.name}: budget_for() must return a non-negative int, got {budget!r}")
+        return budget
+
+    def _checked_merge(self, merge: Merge, spec: StageSpec, budget: int, n: int) -> Merge:
+        """A merge must replace distinct kept tokens with one embedding each (before the language model), or add
+        tokens with one state, source list and anchor each (inside it)."""
+        name = self.method.name
+        if len(merge.slots) and spec.stage is not Stage.PRE_LLM:
+            raise RuntimeError(f"{name}: replaced embeddings are only supported before the language model (pre_llm)")
+        if merge.added is not None:
+            if spec.stage is not Stage.LAYER:
+                raise RuntimeError(f"{name}: added tokens are only supported inside the language model (layer "
+                                   "stages)")
+            D, a = self.lm.config.hidden_size, len(merge.added)
+            anchors = merge.added_anchors
+            if merge.added.shape != (a, D) or len(merge.added_sources) != a or anchors is None or \
+                    anchors.shape != (a,) or anchors.dtype.is_floating_point or \
+                    (a and (int(anchors.min()) < 0 or int(anchors.max()) >= n)):
+                raise RuntimeError(f"{name}: {a} added tokens need [{a}, {D}] states, {a} source lists and {a} "
+                                   f"anchor indices in [0, {n})")
+        keep = self._checked(merge.keep, budget, n)
+        if not len(merge.slots):
+            return dataclasses.replace(merge, keep=keep)
+        slots = self._checked(merge.slots, len(merge.slots.flatten()), n) if merge.slots.numel() else \
+            merge.slots.flatten().long()
+        if not bool(torch.isin(slots, keep).all()):
+            raise RuntimeError(f"{name}: merged slots {slots.tolist()} must be kept tokens")
+        D = self.lm.config.hidden_size
+        if merge.embeds.shape != (len(slots), D) or len(merge.sources) != len(slots):
+            raise RuntimeError(f"{name}: a merge of {len(slots)} tokens needs [{len(slots)}, {D}] embeddings and as "
+                               f"many source lists, got {tuple(merge.embeds.shape)} and {len(merge.sources)}")
+        return dataclasses.replace(merge, keep=keep, slots=slots)
+
+    def _checked(self, chosen, budget: int, n: int) -> torch.Tensor:
+        """A method's selection must be ``budget`` distinct integer indices in ``[0, n)``."""
+        name = self.method.name
+        if not isinstance(chosen, torch.Tensor) or chosen.dtype.is_floating_point or chosen.dtype.is_complex \
+                or chosen.dtype == torch.bool:
+            kind = chosen.dtype if isinstance(chosen, torch.Tensor) else type(chosen).__name__
+            raise RuntimeError(f"{name}: select() must return an integer tensor of token indices, got {kind}")
+        chosen = chosen.flatten().long()
+        if len(chosen) != budget:
+            raise RuntimeError(f"{name}: select() returned {len(chosen)} indices for a budget of {budget} (of {n} "
+                               "tokens); the keep count must follow the method's budget_for()")
+        if int(chosen.min()) < 0 or int(chosen.max()) >= n or len(chosen.unique()) != len(chosen):
+            raise RuntimeError(f"{name} selected invalid token indices {chosen.tolist()} (of {n}): each must be "
+                               "distinct and in [0, n)")
+        return chosen
