@@ -165,8 +165,18 @@ class Method:
 
     # ----------------------------------------------------------------------------------------------- contract
     def stages(self) -> list[StageSpec]:
-        """Where this method prunes, in order. Single-stage methods have one entry."""
+        """Where this method prunes, in order. Single-stage methods have one entry; a multi-stage method lists its
+        stage layers in a ``layers`` option ("3,7,16", resolved at patch time by ``for_depth``)."""
+        layers = getattr(self, "layers", None)
+        if isinstance(layers, str):
+            if not layers:
+                raise ValueError(f"{self.name}: layers are resolved at patch time (vtr.patch)")
+            return [StageSpec(self.stage, int(k)) for k in layers.split(",")]
         return [StageSpec(self.stage, getattr(self, "layer", 0))]
+
+    def stage_number(self, spec: StageSpec) -> int:
+        """0-based position of ``spec`` among this method's stages."""
+        return self.stages().index(spec)
 
     def vision_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
         """0-based vision-tower layers whose signals a ``needs={"vision"}`` method reads, given the tower's depth

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Stage, StageSpec, layer_list, scale_layers
+from .base import Method, Stage, layer_list, scale_layers
 from .registry import register
 
 # The official schedule (LLaVA-1.5 / 1.6 scripts): drops before layers 8, 16, 24 of 32, each keeping half.
@@ -85,22 +85,16 @@ class PyramidDrop(Method):
         layers = scale_layers(EARLY if early else OFFICIAL, n_layers)
         return dataclasses.replace(self, layers=",".join(map(str, layers)))
 
-    def stages(self) -> list[StageSpec]:
-        if not self.layers:
-            raise ValueError("pdrop: layers are resolved at patch time (vtr.patch)")
-        return [StageSpec(Stage.LAYER, int(k)) for k in self.layers.split(",")]
-
     def _lambda(self, n: int, n_layers: int) -> float:
         if self.lam is not None:
             return self.lam
         if self.ratio == 0:
             return 1.0
         fraction = self.keep / n if self.keep is not None else 1 - self.ratio
-        return solve_lambda(fraction, tuple(int(k) for k in self.layers.split(",")), n_layers)
+        return solve_lambda(fraction, tuple(s.layer for s in self.stages()), n_layers)
 
     def budget_for(self, ctx, row, group):
-        layers = [int(k) for k in self.layers.split(",")]
-        stage = layers.index(ctx.spec.layer) + 1
+        stage = self.stage_number(ctx.spec) + 1
         n = group.span.n
         # The epsilon keeps a solved lam of 0.5 - 1e-17 from flooring 576 * 0.5 to 287.
         return min(len(group), max(1, int(n * self._lambda(n, ctx.fwd.request.record.n_layers) ** stage + 1e-6)))

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Merge, Method, Stage, StageSpec, layer_list, scale_layers
+from .base import Merge, Method, Stage, layer_list, scale_layers
 from .clustering import dpc_knn
 from .registry import register
 
@@ -110,11 +110,6 @@ class SparseVLM(Method):
         layers = OFFICIAL_LAYERS if n_layers > OFFICIAL_LAYERS[-1] else scale_layers(OFFICIAL_LAYERS, n_layers)
         return dataclasses.replace(self, layers=",".join(map(str, layers)))
 
-    def stages(self) -> list[StageSpec]:
-        if not self.layers:
-            raise ValueError("sparsevlm: layers are resolved at patch time (vtr.patch)")
-        return [StageSpec(Stage.LAYER, int(k)) for k in self.layers.split(",")]
-
     @property
     def recycles(self) -> bool:
         return self.version == "1.5"
@@ -124,7 +119,7 @@ class SparseVLM(Method):
         fraction = self.keep / n if self.keep is not None else 1 - self.ratio
         if fraction >= 1:  # keeping everything is the identity (the official rule always drops one token)
             return len(group)
-        stage = [int(k) for k in self.layers.split(",")].index(ctx.spec.layer)
+        stage = self.stage_number(ctx.spec)
         count = max(1, round(stage_fractions(self.version, fraction)[stage] * n))
         return max(1, min(count, len(group) - 1))
 
