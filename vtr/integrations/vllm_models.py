@@ -22,11 +22,14 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen3VLForConditionalGeneration,
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..serving import kept_count, select_tokens
 from .vllm import REFUSED, configured_method
 
+# Qwen3-VL: the 5th position channel of vtr's images (stock: 0 for images, 0/1 "is a video token" for videos).
+IMAGE_MARK = -1
 # What vtr sets ``video_pruning_rate`` to, to turn vLLM's pruning switch on: positive, so that the switch is on;
 # so small that a stock EVS count (which these classes replace) would keep every token.
 SWITCH = 1e-9
@@ -112,9 +115,9 @@ class _Pruning:
         t, h, w = (int(x) for x in grid)
         hidden = self.config.text_config.hidden_size
         if positions.shape[1] == 4:
-            # Qwen2.5-VL's 4th channel is where recompute_mrope_positions starts the text after the input, counted
-            # from the input's start. EVS writes the grid width there; HF (and vLLM's unpruned path) use the
-            # largest position of the whole grid + 1, which differs for inputs taller than wide or long videos.
+            # The 4th channel is where recompute_mrope_positions starts the text after the input, counted from the
+            # input's start. EVS writes the grid width there; HF (and vLLM's unpruned path) use the largest
+            # position of the whole grid + 1, which differs for inputs taller than wide and for long videos.
             positions = positions.clone()
             positions[:, 3] = positions[:, :3].max() + 1
         keep = select_tokens(self._vtr_method, emb[:, :hidden], (t, h // merge, w // merge), kind)
@@ -180,10 +183,33 @@ class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
         merge, out = self.visual.spatial_merge_size, []
         for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist()):
             positions = compute_mrope_for_media(grid, merge)
-            positions = torch.cat([positions, torch.zeros_like(positions[:, :1])], dim=1)  # 5 channels, as stock
             emb, positions, _ = self._vtr_keep(emb, grid, "image", positions)
-            out.append(torch.cat([emb, positions.to(emb.dtype)], dim=1))
+            mark = torch.full_like(positions[:, :1], IMAGE_MARK)  # 5 channels, as stock; see recompute_...
+            out.append(torch.cat([emb, positions.to(emb.dtype), mark.to(emb.dtype)], dim=1))
         return tuple(out)
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Stock, except for vtr's images: with 5 channels vLLM starts the text after an image at the largest
+        position of its *kept* tokens + 1; HF (and vLLM unpruned) at the largest of the whole grid + 1. So an
+        image's channels go to EVS's 4-channel rule instead, whose 4th channel (the text offset) ``_vtr_keep``
+        sets to that HF value. Videos (the frames' text tokens inside the embeddings) keep the 5-channel rule."""
+        if self._vtr_method is None:
+            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                     num_computed_tokens)
+        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        embeds, positions = [], []
+        with gpu_sync_allowed():
+            for mm in multimodal_embeddings:
+                position = mm[:, -5:].permute(1, 0).long()
+                if position.shape[1] and int(position[4, 0]) == IMAGE_MARK:
+                    position = position[:4]
+                embeds.append(mm[:, :-5])
+                positions.append(position)
+            new, delta = recompute_mrope_positions(ids, positions, mrope_positions, num_computed_tokens,
+                                                   self.config.vision_start_token_id, self.config.image_token_id,
+                                                   self.config.video_token_id)
+        return embeds, new, delta
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
         if self._vtr_method is None:
