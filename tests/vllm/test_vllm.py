@@ -31,16 +31,10 @@ def _assert_equal(hf, vllm_result):
     assert H.max_logprob_gap(logprobs, got_logprobs) < LOGPROB_TOLERANCE
 
 
-def _kinds(family):
-    # Qwen3-VL videos: stock vLLM 0.32 already differs from HF on the dense tiny video (log-prob gap 3.1 to 4.0,
-    # prompt ids identical), so HF cannot be the reference there; test_qwen3_vl_video_counts covers what can be.
-    return ("image",) if family == "qwen3_vl" else ("image", "video")
-
-
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_unconfigured_plugin_is_stock_vllm_and_equals_hf(folders, family):
-    got = H.vllm_generate(folders[family], None, _kinds(family))
-    for kind in _kinds(family):
+    got = H.vllm_generate(folders[family], None)
+    for kind in ("image", "video"):
         _assert_equal(H.hf_generate(folders[family], kind), got[kind])
 
 
@@ -48,8 +42,8 @@ def test_unconfigured_plugin_is_stock_vllm_and_equals_hf(folders, family):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_pruned_vllm_equals_patched_hf(folders, family, method, ratio):
-    got = H.vllm_generate(folders[family], {"method": method, "ratio": ratio}, _kinds(family))
-    for kind in _kinds(family):
+    got = H.vllm_generate(folders[family], {"method": method, "ratio": ratio})
+    for kind in ("image", "video"):
         hf = H.hf_generate(folders[family], kind, method, ratio=ratio)
         assert hf[1] < H.hf_generate(folders[family], kind)[1]  # it did prune
         _assert_equal(hf, got[kind])
@@ -60,17 +54,9 @@ def test_keep_and_method_options(folders, family):
     """keep=2 of an 8 x 6 image (seed 3) keeps no token of its last row: the text after it must still start after
     the whole grid (vLLM's EVS would start it after the largest kept position on Qwen3-VL, or after the grid's
     width on Qwen2.5-VL)."""
-    got = H.vllm_generate(folders[family], {"method": "random", "keep": 2, "seed": 3}, _kinds(family))
-    for kind in _kinds(family):
+    got = H.vllm_generate(folders[family], {"method": "random", "keep": 2, "seed": 3})
+    for kind in ("image", "video"):
         _assert_equal(H.hf_generate(folders[family], kind, "random", keep=2, seed=3), got[kind])
-
-
-def test_qwen3_vl_video_counts(folders):
-    """Qwen3-VL videos are pruned to the kept count (the frames' timestamps stay in the prompt)."""
-    got = H.vllm_generate(folders["qwen3_vl"], {"method": "divprune", "ratio": 0.75}, ("video",))
-    tokens, placeholders, _ = got["video"]
-    assert placeholders == H.hf_generate(folders["qwen3_vl"], "video", "divprune", ratio=0.75)[1] == 32
-    assert len(tokens) == H.STEPS
 
 
 def test_multi_process_engine_with_environment_variables(folders):

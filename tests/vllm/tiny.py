@@ -51,7 +51,12 @@ def build(family: str, folder) -> T.PreTrainedModel:
     torch.manual_seed(0)
     model = cls._from_config(cfg, attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
-    proc = proc_cls(image_processor=testing._qwen_image_processor(), video_processor=testing._video_processor(family),
+    image_processor = testing._qwen_image_processor()
+    if family == "qwen3_vl":
+        # Qwen3-VL's checkpoints normalise images as their video processor does (mean 0.5, std 0.5), and vLLM
+        # normalises both on the device with the image processor's values (mm_device_do_normalize).
+        image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
+    proc = proc_cls(image_processor=image_processor, video_processor=testing._video_processor(family),
                     tokenizer=tok, chat_template=testing.QWEN_CHAT_TEMPLATE)
     model.save_pretrained(folder)
     proc.save_pretrained(folder)

@@ -123,12 +123,15 @@ class _Pruning:
         keep = select_tokens(self._vtr_method, emb[:, :hidden], (t, h // merge, w // merge), kind)
         return emb[keep], positions.to(emb.device)[keep], keep
 
+    # The inputs whose pruned runs the stock get_mrope_input_positions cannot lay out (it assumes full runs).
+    _vtr_provisional_for = ("image", "video")
+
     def get_mrope_input_positions(self, input_tokens, mm_features):
         """M-RoPE positions at prompt time, before the kept tokens are known: 0, 1, 2... on all three axes, of the
         pruned prompt's length. Exact up to the first visual input (as the stock positions are); when an input is
         embedded, the model runner rewrites its run and all text after it (``recompute_mrope_positions``), before
         the language model reads them, chunked prefill included."""
-        if self._vtr_method is None or not mm_features:
+        if self._vtr_method is None or not any(f.modality in self._vtr_provisional_for for f in mm_features):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         n = len(input_tokens)
         return torch.arange(n).expand(3, n).clone(), 0
@@ -173,6 +176,10 @@ class VtrQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
 class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
     """Qwen3-VL (DeepStack) with vtr's pruning of images and videos (stock when vtr is not configured)."""
 
+    # Videos: the stock positions lay out EVS's lumped runs, and _get_expanded_positions reads them for the
+    # unpruned video (the original 3-D positions of every token, text between frames included).
+    _vtr_provisional_for = ("image",)
+
     def __init__(self, *, vllm_config, prefix: str = "model"):
         self._vtr_configure(vllm_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -189,15 +196,26 @@ class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
         return tuple(out)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """Stock, except for vtr's images: with 5 channels vLLM starts the text after an image at the largest
-        position of its *kept* tokens + 1; HF (and vLLM unpruned) at the largest of the whole grid + 1. So an
-        image's channels go to EVS's 4-channel rule instead, whose 4th channel (the text offset) ``_vtr_keep``
-        sets to that HF value. Videos (the frames' text tokens inside the embeddings) keep the 5-channel rule."""
+        """Stock, except for two things. Images: with 5 channels vLLM starts the text after an image at the
+        largest position of its *kept* tokens + 1; HF (and vLLM unpruned) at the largest of the whole grid + 1. So
+        an image's channels go to EVS's 4-channel rule instead, whose 4th channel (the text offset) ``_vtr_keep``
+        sets to that HF value. Videos keep the 5-channel rule (their embeddings hold the frames' text tokens and
+        the original positions of all), with the prompt's outer <vision_start> hidden (below)."""
         if self._vtr_method is None:
             return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
                                                      num_computed_tokens)
         device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        # transformers >= 5.10 expands only the video token, so a video's frames (each "<t seconds> <vision_start>
+        # tokens <vision_end>") sit inside the prompt's own <vision_start> ... <vision_end>. EVS takes the first
+        # <vision_start> at or after the computed tokens for the first frame's, and so places the video's positions as
+        # many tokens early as the first timestamp is long; hide the outer one (followed by neither visual tokens
+        # nor <vision_end>) from it.
+        config = self.config
+        following = torch.cat([ids[1:], ids.new_full((1,), -1)])
+        inner = torch.tensor([config.image_token_id, config.video_token_id, config.vision_end_token_id],
+                             device=device)
+        ids = ids.masked_fill((ids == config.vision_start_token_id) & ~torch.isin(following, inner), -1)
         embeds, positions = [], []
         with gpu_sync_allowed():
             for mm in multimodal_embeddings:
