@@ -103,3 +103,19 @@ def test_vllm_serve_answers_a_chat_request_with_the_pruned_prompt(folders, tmp_p
     assert reply["usage"]["prompt_tokens"] == prompt_tokens
     assert reply["usage"]["completion_tokens"] == H.STEPS
     assert reply["choices"][0]["message"]["content"].strip() == text.strip()
+
+
+def test_benchmark_script_measures_dense_and_pruned_servers(folders, tmp_path):
+    """benchmarks/vllm_serve.py end to end on the tiny model (its timings mean nothing on 2 CPU cores): both runs
+    complete, and the vtr server's prompts are shorter by the pruned visual tokens."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "vllm_serve.py")
+    command = [sys.executable, script, "--model", folders["qwen2_5_vl"], "--num-prompts", "4", "--image-size", "64",
+               "--input-len", "16", "--output-len", "4", "--out", str(tmp_path), "--vtr", json.dumps(SETTINGS),
+               "--", "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("vllm-serve-*.json")
+    runs = json.loads(result.read_text())["runs"]
+    assert runs["dense"]["completed"] == runs["vtr"]["completed"] == 4
+    # 64 x 64 images: 64 visual tokens each, DivPrune at 0.75 keeps 16
+    assert runs["dense"]["total_input_tokens"] - runs["vtr"]["total_input_tokens"] == 4 * (64 - 16)
