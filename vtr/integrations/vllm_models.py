@@ -208,9 +208,9 @@ class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
         # transformers >= 5.10 expands only the video token, so a video's frames (each "<t seconds> <vision_start>
         # tokens <vision_end>") sit inside the prompt's own <vision_start> ... <vision_end>. EVS takes the first
-        # <vision_start> at or after the computed tokens for the first frame's, and so places the video's positions as
-        # many tokens early as the first timestamp is long; hide the outer one (followed by neither visual tokens
-        # nor <vision_end>) from it.
+        # <vision_start> it finds to be the first frame's, and so places the video's positions as many tokens
+        # early as the first timestamp is long; hide the outer one (followed by neither visual tokens nor
+        # <vision_end>) from it.
         config = self.config
         following = torch.cat([ids[1:], ids.new_full((1,), -1)])
         inner = torch.tensor([config.image_token_id, config.video_token_id, config.vision_end_token_id],
