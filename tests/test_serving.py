@@ -39,7 +39,7 @@ def test_select_tokens_equals_the_hf_engine(method, kind, family, budget):
     assert torch.equal(chosen, kept)
 
 
-@pytest.mark.parametrize("method", ["fastv", "dart"])
+@pytest.mark.parametrize("method", ["fastv", "dart", "pdrop", "sparsevlm"])
 def test_in_llm_methods_are_refused_with_the_reason(method):
     with pytest.raises(ValueError, match="paged attention"):
         serving.method_from_options(method, ratio=0.5)

@@ -18,7 +18,8 @@ from .selection import SpanCandidates
 def servable_reason(method: Method) -> str | None:
     """Why ``method`` cannot prune inside a serving engine's multimodal pipeline, or None if it can."""
     if method.stage is not Stage.PRE_LLM:
-        return (f"{method.name} prunes inside the language model (before decoder layer {getattr(method, 'layer', 0)}"
+        where = f"before decoder layer {method.layer}" if hasattr(method, "layer") else "at several decoder layers"
+        return (f"{method.name} prunes inside the language model ({where}"
                 "): it drops tokens whose keys and values are already in the layers below, per request, which "
                 "paged attention's fixed per-token KV-cache blocks do not allow; only methods that prune before "
                 "the language model run in a serving engine (random, uniform, divprune)")
