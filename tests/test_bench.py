@@ -188,6 +188,8 @@ def test_lmms_eval_wrapper_against_a_stub(stub_lmms_eval, saved_llava, tmp_path)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(entries) == 2 and all(e["n_visual"] == 64 and e["n_kept"] == 16 and e["prefill_s"] > 0
                                      for e in entries)
+    with pytest.raises(NotImplementedError, match="log-likelihood tasks are not supported"):
+        wrapper.loglikelihood([])
     wrapper.vtr_handle.remove()
 
 
