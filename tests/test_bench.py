@@ -228,3 +228,14 @@ def test_layered_ideal_equals_the_pruned_run(family, method):
     assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == [index.shape[1] + 1 if i >= 2 else
                                                                       lm_inputs["embeds"].shape[1] + 1
                                                                       for i in range(len(ideal.cache.layers))]
+
+
+def test_scaling_run_reports_selection_per_size(tmp_path, capsys):
+    from vtr.bench import scaling
+    result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "32,64", "--methods", "divprune,dart",
+                           "--repeats", "1", "--out", str(tmp_path / "s"), "--quiet"])
+    assert [row["n_visual"] for row in result["rows"]] == [16, 64]
+    for row in result["rows"]:
+        assert row["dense_llm_s"] > 0 and all(row["selection_s"][m] > 0 for m in ("divprune", "dart"))
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "visual tokens" in capsys.readouterr().out

@@ -259,8 +259,8 @@ def summarise(grid: list[Config], samples: dict, model) -> list[dict]:
                                               zip(samples["dense"], samples[row["config"]])])
         row["llm_speedup_vs_dense"] = _ratio(dense["llm_s"], row["llm_s"])
         row["decode_speedup_vs_dense"] = _ratio(dense["decode_step_s"], row["decode_step_s"])
-        if row["kind"] == "method":
-            ideal = by_label[row["config"] + " ideal"]
+        ideal = by_label.get(row["config"] + " ideal")
+        if row["kind"] == "method" and ideal is not None:  # a grid may leave the ideals out (the scaling run)
             row["ttft_vs_ideal"] = _ratio(ideal["ttft_s"], row["ttft_s"])  # 1.0 = as fast as the ideal
             # an ideal's own samples time the language model only; its row adds the dense vision time
             row["ttft_vs_ideal_spread"] = _spread([_ratio(i.ttft + dense["vision_s"], s.ttft) for i, s in
