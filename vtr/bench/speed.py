@@ -25,11 +25,11 @@ DEFAULT_CPU_SHAPE = {"layers": 3, "vision_layers": 2}
 # Interleaved timed passes on CPU: on a loaded 2-core machine two passes left the ratios +-10-17% apart.
 CPU_REPEATS = 5
 TABLE_LEGEND = ("xdense: dense TTFT / this TTFT. xideal: the ideal's TTFT / this TTFT (1.00x = as fast as the "
-                "unpatched model fed only the kept tokens for pre-LLM methods; for layer methods pruning before layer K, the unpatched "
-                "model with layers < K on the full sequence and the rest on the kept tokens; method rows only). +-: "
-                "half the range of the per-pass ratios (each pass pairs a row with the dense run of that pass), "
-                "relative to the median. '-': not applicable to the row, or not "
-                "measured here (peak MB is measured on GPU only).")
+                "unpatched model fed only the kept tokens for pre-LLM methods; for layer methods pruning before layer "
+                "K, the unpatched model with layers < K on the full sequence and the rest on the kept tokens; method "
+                "rows only). +-: half the range of the per-pass ratios (each pass pairs a row with the dense run of "
+                "that pass), relative to the median. '-': not applicable to the row, or not measured here (peak MB "
+                "is measured on GPU only).")
 
 
 def build_parser() -> argparse.ArgumentParser:
