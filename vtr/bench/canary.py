@@ -112,9 +112,11 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
-    for label, curve in report["curves"].items():
+    methods = list(dict.fromkeys(label.split(" ")[0] for label in report["curves"]))
+    for label, curve in report["curves"].items():  # one colour per method: solid compact, dotted original
         style = ":" if "original" in label else ("--" if label.startswith("oracle") else "-")
-        ax.plot(curve["kept"], curve["accuracy"], style, marker="o", markersize=3, label=label)
+        colour = plt.cm.tab20(methods.index(label.split(" ")[0]) % 20)
+        ax.plot(curve["kept"], curve["accuracy"], style, color=colour, marker="o", markersize=3, label=label)
     ax.axhline(report["dense"], color="black", linewidth=1.5, label="dense")
     ax.axhline(report["chance"], color="grey", linewidth=1, linestyle="-.", label="chance")
     ax.set_xscale("log", base=2)
