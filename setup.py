@@ -10,7 +10,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["vtr", "vtr.*"]),
-    package_data={"vtr": ["bench/configs/*.json"]},
+    package_data={"vtr": ["bench/configs/*.json", "bench/canary_weights.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "transformers>=5.17,<5.24", "packaging", "pillow"],
     # Extras that name a torch build pin the torch/torchvision pair that imports together; combining two of them

@@ -44,7 +44,12 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
             assert row["llm_prefill_tflops"] < dense["llm_prefill_tflops"]
             assert row["ttft_vs_ideal"] is not None and row["selection_s"] > 0
             ideal = rows[label + " ideal"]
-            assert ideal["layer_lengths"][0] == row["layer_lengths"][-1]
+            if row["method"] == "dart":  # layer stage: the ideal runs the same layers full, the rest kept
+                assert ideal["layer_lengths"] == row["layer_lengths"]
+                assert ideal["kv_cache_bytes"] == row["kv_cache_bytes"]
+            else:  # pre-LLM: the ideal is fed the kept tokens from layer 0
+                assert ideal["layer_lengths"] == [row["layer_lengths"][-1]] * len(row["layer_lengths"])
+            assert row["ttft_speedup_spread"] is None  # one repeat: no spread
     divprune = rows["divprune[ratio=0.75]"]
     assert divprune["layer_lengths"][0] < dense["layer_lengths"][0]  # pre-LLM: every layer runs pruned
     dart = rows["dart[ratio=0.75]"]
@@ -188,6 +193,8 @@ def test_lmms_eval_wrapper_against_a_stub(stub_lmms_eval, saved_llava, tmp_path)
     entries = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(entries) == 2 and all(e["n_visual"] == 64 and e["n_kept"] == 16 and e["prefill_s"] > 0
                                      for e in entries)
+    with pytest.raises(NotImplementedError, match="log-likelihood tasks are not supported"):
+        wrapper.loglikelihood([])
     wrapper.vtr_handle.remove()
 
 
@@ -196,3 +203,39 @@ def test_lmms_eval_registry_finds_the_plugin():
     reg = registry.ModelRegistryV2()
     reg.load_entrypoint_manifests()
     assert reg.resolve("vtr_qwen2_5_vl").class_path == "vtr.integrations.lmms_eval.VtrQwen2_5_VL"
+
+
+@pytest.mark.parametrize("method", ["fastv", "dart"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_layered_ideal_equals_the_pruned_run(family, method):
+    """The layer-stage speed bound computes what the patched model computes: same prefill logits and next step."""
+    from reference import capture_lm_inputs
+
+    from vtr.bench.ideal import LayeredIdeal
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    lm_inputs = capture_lm_inputs(model, inputs)
+    with vtr.patch(model, method, ratio=0.75, layer=2) as handle, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        index = handle.last.index
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        positions = lm_inputs["positions"][..., -1:] + 1
+        step = model(input_ids=token, past_key_values=out.past_key_values, position_ids=positions).logits[:, -1]
+    assert index.shape[1] < lm_inputs["embeds"].shape[1]
+    ideal = LayeredIdeal(model, lm_inputs, index, 2)
+    torch.testing.assert_close(ideal.prefill(), out.logits[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ideal.step(token), step, atol=1e-5, rtol=1e-5)
+    assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == [index.shape[1] + 1 if i >= 2 else
+                                                                      lm_inputs["embeds"].shape[1] + 1
+                                                                      for i in range(len(ideal.cache.layers))]
+
+
+def test_scaling_run_reports_selection_per_size(tmp_path, capsys):
+    from vtr.bench import scaling
+    result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "32,64", "--methods", "divprune,dart",
+                           "--repeats", "1", "--out", str(tmp_path / "s"), "--quiet"])
+    assert [row["n_visual"] for row in result["rows"]] == [16, 64]
+    for row in result["rows"]:
+        assert row["dense_llm_s"] > 0 and all(row["selection_s"][m] > 0 for m in ("divprune", "dart"))
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert "visual tokens" in capsys.readouterr().out

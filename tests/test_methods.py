@@ -649,3 +649,15 @@ def test_hiprune_qwen25_matches_official_selection(batch, variant, budget, alpha
             first += n
         assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
     assert anchors > 0
+
+
+def test_cdpruner_dpp_fills_the_budget_when_the_kernel_rank_runs_out():
+    """Four identical tokens and two others span rank 3: the greedy DPP stalls after 3 picks; the rest of a
+    budget of 5 are distinct unpicked tokens of largest quality (the official loop picks duplicates via NaN)."""
+    from vtr.methods.cdpruner import greedy_dpp
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0]] * 4 + [[0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
+    quality = torch.tensor([0.5, 0.9, 0.7, 0.8, 1.0, 0.6])
+    kernel = quality[:, None] * (features @ features.T) * quality[None, :]
+    picks = greedy_dpp(kernel, 5).tolist()
+    assert picks[:3] == [4, 1, 5] and sorted(picks[3:]) == [2, 3]
+    assert len(set(picks)) == 5

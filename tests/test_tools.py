@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 
 from vtr import env
-from vtr.bench import cli, evaluate, models, overlay, speed
+from vtr.bench import canary, cli, evaluate, models, overlay, scaling, speed
 
 TOOLS = {"vtr.bench.speed": speed.build_parser, "vtr.bench.evaluate": evaluate.build_parser,
-         "vtr.bench.overlay": overlay.build_parser, "vtr.env": env.build_parser}
+         "vtr.bench.overlay": overlay.build_parser, "vtr.bench.canary": canary.build_parser,
+         "vtr.bench.scaling": scaling.build_parser,
+         "vtr.env": env.build_parser}
 
 
 def imported_modules(*args) -> set[str]:

@@ -1,5 +1,7 @@
 """Measuring a grid of configurations on one model and one input batch: the dense model, each method at each
-budget, and each method's ideal (the unpatched language model fed only the kept tokens), interleaved."""
+budget, and each method's ideal, interleaved. The ideal of a pre-LLM method is the unpatched language model fed
+only the kept tokens; that of a layer-stage method pruning before layer K is the unpatched model running layers
+< K on the full sequence and the rest on the kept tokens (``ideal.LayeredIdeal``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ class Runner:
         self.n_layers = len(model.model.language_model.layers)
         self.lm_inputs: dict | None = None  # what the language model receives in the dense prefill
         self.kept_index: dict[str, torch.Tensor] = {}
+        self.prune_layer: dict[str, int] = {}  # the first decoder layer that ran pruned, per method label
 
     def _capture_lm_inputs(self, module, args, kwargs):
         if self.lm_inputs is None:
@@ -74,6 +77,7 @@ class Runner:
             sample = self._prefill_and_decode(self.inputs, handle)
             if handle is not None:
                 self.kept_index[config.label] = handle.last.index
+                self.prune_layer[config.label] = max((s.layer for s in handle.last.stages), default=0)
             return sample
         finally:
             if capture is not None:
@@ -147,12 +151,38 @@ class Runner:
     def _ideal(self, config: Config) -> Sample:
         """The unpatched language model fed the kept tokens of ``config``'s method (its vision time is the dense
         model's, added by the caller)."""
-        index = self.kept_index[Config("method", config.method, config.budget, config.options).label]
+        label = Config("method", config.method, config.budget, config.options).label
+        index = self.kept_index[label]
         if index is None:  # the method kept everything
             index = torch.arange(self.lm_inputs["embeds"].shape[1], device=self.model.device)[None]
+        if self.prune_layer.get(label, 0) > 0:
+            return self._layered_ideal(index, self.prune_layer[label])
         embeds, mask, positions = _kept_inputs(self.lm_inputs, index)
         inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         return self._prefill_and_decode(inputs, None, [embeds.shape[1]] * self.n_layers)
+
+    def _layered_ideal(self, index: torch.Tensor, layer: int) -> Sample:
+        """The unpatched layers, < ``layer`` on the full prompt and the rest on the kept tokens; prefill timed as the
+        LLM part (the caller adds the dense vision time), then greedy decoding steps on its cache."""
+        from .ideal import LayeredIdeal
+        ideal = LayeredIdeal(self.model, self.lm_inputs, index, layer)
+        self.clock.sync()
+        with PeakMemory(self.model.device) as memory:
+            start = self.clock.mark()
+            token = ideal.prefill().argmax(-1, keepdim=True)
+            end = self.clock.mark()
+        llm = self.clock.seconds(start, end)
+        kv = kv_cache_bytes(ideal.cache)
+        steps = []
+        for _ in range(self.decode_tokens):
+            start = self.clock.mark()
+            token = ideal.step(token).argmax(-1, keepdim=True)
+            steps.append(self.clock.seconds(start, self.clock.mark()))
+        batch, length = self.lm_inputs["embeds"].shape[:2]
+        lengths = [length] * layer + [index.shape[1]] * (self.n_layers - layer)
+        return Sample(ttft=llm, vision=0.0, llm=llm, selection=0.0, decode_step=median(steps) if steps else None,
+                      peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=None,
+                      n_kept=None, stages=[])
 
     def close(self):
         self.timer.remove()
@@ -223,11 +253,18 @@ def summarise(grid: list[Config], samples: dict, model) -> list[dict]:
     by_label = {r["config"]: r for r in rows}
     for row in rows:
         row["ttft_speedup_vs_dense"] = _ratio(dense["ttft_s"], row["ttft_s"])
+        # Interleaving pairs each repeat of a row with the dense run of the same pass: the spread of those per-pass
+        # ratios is what the load of a shared machine does to the reported ratio.
+        row["ttft_speedup_spread"] = _spread([_ratio(d.ttft, s.ttft) for d, s in
+                                              zip(samples["dense"], samples[row["config"]])])
         row["llm_speedup_vs_dense"] = _ratio(dense["llm_s"], row["llm_s"])
         row["decode_speedup_vs_dense"] = _ratio(dense["decode_step_s"], row["decode_step_s"])
-        if row["kind"] == "method":
-            ideal = by_label[row["config"] + " ideal"]
+        ideal = by_label.get(row["config"] + " ideal")
+        if row["kind"] == "method" and ideal is not None:  # a grid may leave the ideals out (the scaling run)
             row["ttft_vs_ideal"] = _ratio(ideal["ttft_s"], row["ttft_s"])  # 1.0 = as fast as the ideal
+            # an ideal's own samples time the language model only; its row adds the dense vision time
+            row["ttft_vs_ideal_spread"] = _spread([_ratio(i.ttft + dense["vision_s"], s.ttft) for i, s in
+                                                   zip(samples[ideal["config"]], samples[row["config"]])])
     return rows
 
 
@@ -236,6 +273,7 @@ def _medians(samples: list[Sample], text_config) -> dict:
     batch = first.batch
     return {
         "ttft_s": median([s.ttft for s in samples]),
+        "ttft_spread": _spread([s.ttft for s in samples]),
         "vision_s": median([s.vision for s in samples]),
         "llm_s": median([s.llm for s in samples]),
         "selection_s": median([s.selection for s in samples]),
@@ -250,6 +288,15 @@ def _medians(samples: list[Sample], text_config) -> dict:
         "stages": first.stages,
         "repeats": len(samples),
     }
+
+
+def _spread(values: list) -> float | None:
+    """Half the range of ``values`` relative to their median (0.05: within +-5% of the median); None for fewer
+    than two values."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return None
+    return (max(values) - min(values)) / 2 / median(values)
 
 
 def _ratio(a, b):

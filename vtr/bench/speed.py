@@ -22,9 +22,14 @@ from pathlib import Path
 from . import cli
 
 DEFAULT_CPU_SHAPE = {"layers": 3, "vision_layers": 2}
+# Interleaved timed passes on CPU: on a loaded 2-core machine two passes left the ratios +-10-17% apart.
+CPU_REPEATS = 5
 TABLE_LEGEND = ("xdense: dense TTFT / this TTFT. xideal: the ideal's TTFT / this TTFT (1.00x = as fast as the "
-                "unpatched model fed only the kept tokens; method rows only). '-': not applicable to the row, or not "
-                "measured here (peak MB is measured on GPU only).")
+                "unpatched model fed only the kept tokens for pre-LLM methods; for layer methods pruning before layer "
+                "K, the unpatched model with layers < K on the full sequence and the rest on the kept tokens; method "
+                "rows only). +-: half the range of the per-pass ratios (each pass pairs a row with the dense run of "
+                "that pass), relative to the median. '-': not applicable to the row, or not measured here (peak MB "
+                "is measured on GPU only).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the question asked with --image (default: %(default)r)")
     p.add_argument("--decode-tokens", type=int, default=3,
                    help="greedy decoding steps timed after each prefill; 0 skips decoding (default: 3)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 2 on CPU, 10 on GPU)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"timed repeats (default: {CPU_REPEATS} on CPU, 10 on GPU)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes over the grid first (default: 1)")
     p.add_argument("--dtype", default="auto",
                    help="float32, bfloat16 or float16 (default: auto = bfloat16 on GPU, float32 on CPU)")
@@ -110,7 +116,7 @@ def run(argv=None) -> dict:
         args.layers, args.vision_layers = DEFAULT_CPU_SHAPE["layers"], DEFAULT_CPU_SHAPE["vision_layers"]
     if kind == "tiny" and args.image_size is None:
         args.image_size = 64  # the tiny models' own image scale (64 visual tokens on LLaVA-1.5 and Qwen-VL)
-    repeats = args.repeats or (10 if device.type == "cuda" else 2)
+    repeats = args.repeats or (10 if device.type == "cuda" else CPU_REPEATS)
     options = dict(_parse_option(s) for s in args.set)
     budgets = ([{"keep": int(k)} for k in args.keep.split(",") if k] or
                [{"ratio": float(r)} for r in args.ratios.split(",") if r])
@@ -173,17 +179,23 @@ def describe_run(result: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'config':<28} {'kept/visual':>12} {'TTFT ms':>9} {'xdense':>7} {'xideal':>7} {'vision':>8} "
-            f"{'select':>8} {'LLM ms':>8} {'dec tok/s':>9} {'KV MB':>7} {'peak MB':>8} {'TFLOP':>7}")
+    head = (f"{'config':<28} {'kept/visual':>12} {'TTFT ms':>9} {'xdense':>7} {'+-':>6} {'xideal':>7} {'+-':>6} "
+            f"{'vision':>8} {'select':>8} {'LLM ms':>8} {'dec tok/s':>9} {'KV MB':>7} {'peak MB':>8} {'TFLOP':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         kept = "-" if not r["n_kept"] else f"{sum(r['n_kept'])}/{sum(r['n_visual'])}"
         lines.append(
             f"{r['config']:<28} {kept:>12} {_ms(r['ttft_s']):>9} {_x(r['ttft_speedup_vs_dense']):>7} "
-            f"{_x(r.get('ttft_vs_ideal')):>7} {_ms(r['vision_s']):>8} {_ms(r['selection_s']):>8} {_ms(r['llm_s']):>8} "
+            f"{_pm(r.get('ttft_speedup_spread')):>6} {_x(r.get('ttft_vs_ideal')):>7} "
+            f"{_pm(r.get('ttft_vs_ideal_spread')):>6} {_ms(r['vision_s']):>8} {_ms(r['selection_s']):>8} "
+            f"{_ms(r['llm_s']):>8} "
             f"{_f(r['decode_tokens_per_s']):>9} {r['kv_cache_bytes'] / 2**20:>7.1f} "
             f"{_mb(r['peak_memory_bytes']):>8} {r['llm_prefill_tflops']:>7.3f}")
     return "\n".join(lines)
+
+
+def _pm(v):
+    return "-" if v is None else f"{v * 100:.0f}%"
 
 
 def _mb(b):

@@ -1,9 +1,9 @@
-"""lmms-eval wrappers: the stock HF wrappers with ``vtr.patch`` applied to their model.
+"""lmms-eval wrappers: the stock HF wrappers (simple and chat classes) with ``vtr.patch`` applied to their model.
 
 Model args starting with ``vtr_`` configure vtr and are removed before the stock wrapper sees them:
 ``vtr_method`` (default dart), ``vtr_ratio`` or ``vtr_keep``, any method option as ``vtr_<option>`` (e.g.
 ``vtr_layer=2``), and ``vtr_log`` (a JSONL path receiving one line per sample: prefill seconds, visual tokens
-before and after, selection seconds).
+before and after, selection seconds). Generation tasks only: ``loglikelihood`` raises ``NotImplementedError``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import vtr
 from vtr.bench.recorder import PrefillRecorder
 
 from .lmms_eval_manifest import WRAPPERS
-
-_STOCK_CLASSES = {"llava_hf": "LlavaHf", "qwen2_vl": "Qwen2_VL", "qwen2_5_vl": "Qwen2_5_VL"}
 
 
 def split_vtr_args(kwargs: dict) -> tuple[dict, dict]:
@@ -63,29 +61,35 @@ class VtrMixin:
             self.vtr_flush()
 
     def loglikelihood(self, requests):
-        try:
-            return super().loglikelihood(requests)
-        finally:
-            self.vtr_flush()
+        # lmms-eval 0.7.3's stock HF wrappers cannot score log-likelihood on transformers 5.x (the Qwen ones raise
+        # NotImplementedError; LlavaHf tokenises an <image> prompt without its image, which transformers refuses),
+        # and a pruned prefill returns logits for the kept slots only, which their is_greedy check would misread.
+        raise NotImplementedError(
+            f"{type(self).__name__}: log-likelihood tasks are not supported (lmms-eval's stock HF wrappers cannot "
+            "score them on transformers 5.x); use generation tasks (multiple choice answered by letter, as in "
+            "MMBench or ScienceQA-IMG)")
 
 
-def _make(name: str):
-    cls_name, stock = WRAPPERS[name]
-    base = getattr(importlib.import_module(f"lmms_eval.models.simple.{stock}"), _STOCK_CLASSES[stock])
+def _make(cls_name: str):
+    for stock, classes in WRAPPERS.values():
+        for kind, (name, stock_cls) in classes.items():
+            if name == cls_name:
+                base = getattr(importlib.import_module(f"lmms_eval.models.{kind}.{stock}"), stock_cls)
 
-    def __init__(self, **kwargs):
-        settings, kwargs = split_vtr_args(dict(kwargs))
-        base.__init__(self, **kwargs)
-        self._vtr_setup(settings)
+                def __init__(self, **kwargs):
+                    settings, kwargs = split_vtr_args(dict(kwargs))
+                    base.__init__(self, **kwargs)
+                    self._vtr_setup(settings)
 
-    return type(cls_name, (VtrMixin, base), {"__init__": __init__, "__doc__": f"{base.__name__} patched by vtr."})
+                return type(cls_name, (VtrMixin, base), {"__init__": __init__, "__module__": __name__,
+                                                         "__doc__": f"lmms-eval's {kind} {stock} patched by vtr."})
+    raise AttributeError(cls_name)
 
 
 def __getattr__(name: str):
     # Classes are built on first access so that importing this module does not import every stock wrapper.
-    for model_id, (cls_name, _) in WRAPPERS.items():
-        if name == cls_name:
-            cls = _make(model_id)
-            globals()[name] = cls
-            return cls
-    raise AttributeError(name)
+    if name.startswith("__"):
+        raise AttributeError(name)
+    cls = _make(name)
+    globals()[name] = cls
+    return cls

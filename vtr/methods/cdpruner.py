@@ -148,13 +148,25 @@ def instruction_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool 
 def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy MAP inference of a DPP with kernel ``[N, N]`` (Chen et al., NeurIPS'18): each pick is the item of
     largest remaining marginal gain ``d_i^2`` (ties: lowest index), followed by a rank-one Cholesky update.
-    Returns ``[k]`` picks in order."""
+    Returns ``[k]`` distinct picks in order.
+
+    When the kernel's rank runs out before ``k`` picks (no remaining gain > 0: every other item lies in the span of
+    the picks, e.g. many identical background tokens), the rest are the unpicked items of largest quality
+    ``K_ii`` (ties: lowest index). The official loop takes the square root of a non-positive gain there and its
+    NaNs then pick duplicates; vtr fills the budget instead (found by the accuracy canary)."""
     n = kernel.shape[0]
     rows = torch.zeros(k, n, dtype=kernel.dtype, device=kernel.device)
     gain = torch.diagonal(kernel).clone()
     picks = []
     for i in range(k):
         j = int(torch.argmax(gain))
+        if not bool(gain[j] > 0):
+            rest = torch.ones(n, dtype=torch.bool, device=kernel.device)
+            rest[picks] = False
+            left = rest.nonzero().flatten()
+            order = torch.argsort(-torch.diagonal(kernel)[left], stable=True)
+            picks += left[order[:k - i]].tolist()
+            break
         picks.append(j)
         e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(gain[j])
         rows[i] = e
