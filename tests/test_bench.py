@@ -230,6 +230,28 @@ def test_layered_ideal_equals_the_pruned_run(family, method):
                                                                       for i in range(len(ideal.cache.layers))]
 
 
+@pytest.mark.parametrize("method", ["pdrop", "sparsevlm"])
+def test_multi_stage_ideal_runs_each_stage_length(method):
+    """The speed bound of a multi-stage method runs each layer on its stage's length (recycled tokens included),
+    and for a method without added tokens computes what the patched model computes."""
+    from reference import capture_lm_inputs
+
+    from vtr.bench.ideal import LayeredIdeal
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    lm_inputs = capture_lm_inputs(model, inputs)
+    options = {"positions": "original"} if method == "pdrop" else {}
+    with vtr.patch(model, method, ratio=0.5, **options) as handle, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        stages = [(s.layer, s.index) for s in handle.last.stages]
+    ideal = LayeredIdeal(model, lm_inputs, stages=stages)
+    logits = ideal.prefill()
+    assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == \
+        [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    if method == "pdrop":
+        torch.testing.assert_close(logits, out.logits[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_scaling_run_reports_selection_per_size(tmp_path, capsys):
     from vtr.bench import scaling
     result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "32,64", "--methods", "divprune,dart",

@@ -350,8 +350,14 @@ def test_sparsevlm_recycling_repeats_and_depends_on_the_seed():
 
 def test_multi_stage_options_are_checked():
     model, _ = tm.build("llava")
-    with pytest.raises(ValueError, match="3 stages"):
-        vtr.patch(model, "sparsevlm", ratio=0.5, layers="1,2")
+    deep, _ = tm.build("llava", layers=6)
+    with pytest.raises(ValueError, match="at most 3 stages"):
+        vtr.patch(deep, "sparsevlm", ratio=0.5, layers="1,2,3,4")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        vtr.patch(model, "sparsevlm", ratio=0.5, layers="1,1")
+    shallow, _ = tm.build("llava", layers=2)
+    with pytest.raises(ValueError, match="too shallow for 3 pruning stages; name fewer"):
+        vtr.patch(shallow, "pdrop", ratio=0.5)
     with pytest.raises(ValueError, match="version"):
         vtr.patch(model, "sparsevlm", ratio=0.5, version="3")
     with pytest.raises(ValueError, match="scope"):

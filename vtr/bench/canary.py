@@ -21,10 +21,11 @@ import sys
 from . import cli
 
 KEPT = (1.0, 0.5, 0.25, 0.125, 0.0625)
-# Options that fit the canary's model: a 2-layer LM (layer methods prune before layer 1), a 2-layer CLIP tower
-# (HiPrune's object layer), no CLIP text tower on disk (CDPruner uses the LM's embeddings of the instruction).
-OPTIONS = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "hiprune": {"object_layer": 1},
-           "cdpruner": {"relevance": "embeddings"}}
+# Options that fit the canary's model: a 2-layer LM (layer methods prune before layer 1, multi-stage ones once), a
+# 2-layer CLIP tower (HiPrune's object layer), no CLIP text tower on disk (CDPruner uses the LM's embeddings of the
+# instruction).
+OPTIONS = {"fastv": {"layer": 1}, "dart": {"layer": 1}, "pdrop": {"layers": "1"}, "sparsevlm": {"layers": "1"},
+           "hiprune": {"object_layer": 1}, "cdpruner": {"relevance": "embeddings"}}
 
 
 def configurations(methods: list[str]) -> list[tuple[str, str, dict]]:

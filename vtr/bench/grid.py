@@ -58,7 +58,7 @@ class Runner:
         self.n_layers = len(model.model.language_model.layers)
         self.lm_inputs: dict | None = None  # what the language model receives in the dense prefill
         self.kept_index: dict[str, torch.Tensor] = {}
-        self.prune_layer: dict[str, int] = {}  # the first decoder layer that ran pruned, per method label
+        self.layer_stages: dict[str, list] = {}  # per method label: (stage layer, kept index) of its layer stages
 
     def _capture_lm_inputs(self, module, args, kwargs):
         if self.lm_inputs is None:
@@ -77,7 +77,8 @@ class Runner:
             sample = self._prefill_and_decode(self.inputs, handle)
             if handle is not None:
                 self.kept_index[config.label] = handle.last.index
-                self.prune_layer[config.label] = max((s.layer for s in handle.last.stages), default=0)
+                self.layer_stages[config.label] = [(s.layer, s.index) for s in handle.last.stages
+                                                   if s.stage == "layer" and s.index is not None]
             return sample
         finally:
             if capture is not None:
@@ -155,17 +156,18 @@ class Runner:
         index = self.kept_index[label]
         if index is None:  # the method kept everything
             index = torch.arange(self.lm_inputs["embeds"].shape[1], device=self.model.device)[None]
-        if self.prune_layer.get(label, 0) > 0:
-            return self._layered_ideal(index, self.prune_layer[label])
+        if self.layer_stages.get(label):
+            return self._layered_ideal(self.layer_stages[label])
         embeds, mask, positions = _kept_inputs(self.lm_inputs, index)
         inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
         return self._prefill_and_decode(inputs, None, [embeds.shape[1]] * self.n_layers)
 
-    def _layered_ideal(self, index: torch.Tensor, layer: int) -> Sample:
-        """The unpatched layers, < ``layer`` on the full prompt and the rest on the kept tokens; prefill timed as the
-        LLM part (the caller adds the dense vision time), then greedy decoding steps on its cache."""
+    def _layered_ideal(self, stages: list) -> Sample:
+        """The unpatched layers, each on the tokens of the stage it runs in (the full prompt before the first);
+        prefill timed as the LLM part (the caller adds the dense vision time), then greedy decoding steps on its
+        cache."""
         from .ideal import LayeredIdeal
-        ideal = LayeredIdeal(self.model, self.lm_inputs, index, layer)
+        ideal = LayeredIdeal(self.model, self.lm_inputs, stages=stages)
         self.clock.sync()
         with PeakMemory(self.model.device) as memory:
             start = self.clock.mark()
@@ -179,7 +181,9 @@ class Runner:
             token = ideal.step(token).argmax(-1, keepdim=True)
             steps.append(self.clock.seconds(start, self.clock.mark()))
         batch, length = self.lm_inputs["embeds"].shape[:2]
-        lengths = [length] * layer + [index.shape[1]] * (self.n_layers - layer)
+        lengths = [length] * self.n_layers
+        for layer, index in stages:
+            lengths[layer:] = [index.shape[1]] * (self.n_layers - layer)
         return Sample(ttft=llm, vision=0.0, llm=llm, selection=0.0, decode_step=median(steps) if steps else None,
                       peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=None,
                       n_kept=None, stages=[])

@@ -18,39 +18,53 @@ def _rope_rows(positions: torch.Tensor) -> torch.Tensor:
 
 
 class LayeredIdeal:
-    """Prefill and greedy decode steps over the unpatched decoder layers with tokens dropped before layer ``layer``.
+    """Prefill and greedy decode steps over the unpatched decoder layers with tokens dropped before stage layers.
 
     lm_inputs: what the language model received in the dense prefill: ``embeds`` ``[B, L, D]``, ``mask``
     ``[B, L]`` or None, ``positions`` ``[B, L]`` / ``[R, B, L]`` or None. index: ``[B|1, L']`` kept slots of the
-    prompt (ascending; -1 for padding). Kept tokens keep their original positions (FastV's and DART's policy).
-    Qwen3-VL's DeepStack additions to the first layers' visual states are left out (three additions of ``[n, D]``
-    per prefill: a bound slightly under the true one)."""
+    prompt (ascending; -1 for padding), dropped before ``layer``; or ``stages``: ``[(layer, index)]`` in order,
+    each index as ``handle.last.stages[s].index`` (original prompt positions; ``-2 - a`` for a token a merging
+    stage added: the bound runs it as a copy of a kept token, which costs the same). Kept tokens keep their
+    original positions (FastV's and DART's policy; the cost does not depend on the numbering). Qwen3-VL's DeepStack
+    additions to the first layers' visual states are left out (three additions of ``[n, D]`` per prefill: a bound
+    slightly under the true one)."""
 
-    def __init__(self, model, lm_inputs: dict, index: torch.Tensor, layer: int):
-        self.model, self.lm, self.layer = model, compat.text_model(model), layer
+    def __init__(self, model, lm_inputs: dict, index: torch.Tensor | None = None, layer: int | None = None,
+                 stages: list | None = None):
+        self.model, self.lm = model, compat.text_model(model)
         embeds = lm_inputs["embeds"]
         B, L = embeds.shape[:2]
-        self.index = index.expand(B, -1)
         mask = lm_inputs["mask"]
-        self.full_mask = (mask.bool() if mask is not None
-                          else torch.ones(B, L, dtype=torch.bool, device=embeds.device))
+        full_mask = mask.bool() if mask is not None else torch.ones(B, L, dtype=torch.bool, device=embeds.device)
         positions = lm_inputs["positions"]
-        self.full_pos = (_rope_rows(positions) if positions is not None
-                         else torch.arange(L, device=embeds.device).expand(B, L))
-        self.kept_mask = gather_rows(self.full_mask.unsqueeze(-1), self.index, False).squeeze(-1)
-        self.kept_pos = gather_positions(self.full_pos, self.index)
+        full_pos = (_rope_rows(positions) if positions is not None
+                    else torch.arange(L, device=embeds.device).expand(B, L))
+        stages = stages if stages is not None else [(layer, index)]
+        self.layers = [k for k, _ in stages]
+        self.masks, self.positions, self.gathers = [full_mask], [full_pos], []
+        previous = torch.arange(L, device=embeds.device).expand(B, L)
+        for _, ids in stages:
+            ids = ids.expand(B, -1)
+            real = torch.where(ids >= 0, ids, -1)
+            self.gathers.append(_slots_in(previous, ids))
+            self.masks.append((ids != -1) & gather_rows(full_mask.unsqueeze(-1), real, True).squeeze(-1))
+            self.positions.append(gather_positions(full_pos, real))
+            previous = ids
         self.embeds, self.cache = embeds, None
 
-    def _layers(self, hidden: torch.Tensor, full_pos, kept_pos, prefill: bool) -> torch.Tensor:
+    def _group(self, i: int) -> int:
+        return sum(k <= i for k in self.layers)
+
+    def _layers(self, hidden: torch.Tensor, positions: list, prefill: bool) -> torch.Tensor:
         lm = self.lm
-        emb = compat.rotary_embeddings(lm, hidden, full_pos)
+        emb = compat.rotary_embeddings(lm, hidden, positions[0])
         for i, block in enumerate(compat.decoder_layers(lm)):
-            if i == self.layer:
+            g = self._group(i)
+            if i in self.layers:
                 if prefill:
-                    hidden = gather_rows(hidden, self.index)
-                emb = compat.rotary_embeddings(lm, hidden, kept_pos)
-            mask2d = self.full_mask if i < self.layer else self.kept_mask
-            mask = compat.causal_mask(lm, i, hidden, mask2d, self.cache)
+                    hidden = gather_rows(hidden, self.gathers[g - 1])
+                emb = compat.rotary_embeddings(lm, hidden, positions[g])
+            mask = compat.causal_mask(lm, i, hidden, self.masks[g], self.cache)
             hidden = block(hidden, attention_mask=mask, position_embeddings=emb, position_ids=None,
                            past_key_values=self.cache, use_cache=True)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
@@ -60,15 +74,24 @@ class LayeredIdeal:
     def prefill(self) -> torch.Tensor:
         """Last-position logits ``[B, V]`` of the prompt; starts a new KV cache."""
         self.cache = compat.new_cache(self.lm)
-        return self._layers(self.embeds, self.full_pos, self.kept_pos, True)
+        return self._layers(self.embeds, self.positions, True)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """One decoding step on ``token`` ``[B, 1]``: logits ``[B, V]``. Positions continue after the unpruned
         prompt in every layer."""
-        ones = self.full_mask.new_ones(self.full_mask.shape[0], 1)
-        self.full_mask = torch.cat([self.full_mask, ones], 1)
-        self.kept_mask = torch.cat([self.kept_mask, ones], 1)
-        self.full_pos = self.full_pos[..., -1:] + 1
-        self.kept_pos = self.full_pos
-        return self._layers(self.model.get_input_embeddings()(token), self.full_pos, self.kept_pos, False)
+        ones = self.masks[0].new_ones(self.masks[0].shape[0], 1)
+        self.masks = [torch.cat([m, ones], 1) for m in self.masks]
+        step = self.positions[0][..., -1:] + 1
+        self.positions = [step] * len(self.positions)
+        return self._layers(self.model.get_input_embeddings()(token), self.positions, False)
+
+
+def _slots_in(previous: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``[B, L']``: where each token of ``ids`` sits in a sequence laid out as ``previous`` (-1: padding; a token
+    not in ``previous``, one a merging stage added, reads slot 0)."""
+    out = torch.full_like(ids, -1)
+    for b in range(ids.shape[0]):
+        where = {p: j for j, p in enumerate(previous[b].tolist()) if p != -1}
+        out[b] = torch.tensor([-1 if p == -1 else where.get(p, 0) for p in ids[b].tolist()])
+    return out

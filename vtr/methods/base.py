@@ -257,5 +257,6 @@ def scale_layers(layers: tuple[int, ...], n_layers: int, depth: int = 32) -> tup
             k = out[-1] + 1
         out.append(k)
     if out[-1] > n_layers - 1:
-        raise ValueError(f"a {n_layers}-layer model is too shallow for {len(layers)} pruning stages")
+        raise ValueError(f"a {n_layers}-layer model is too shallow for {len(layers)} pruning stages; name fewer "
+                         "stage layers with the layers option")
     return tuple(out)

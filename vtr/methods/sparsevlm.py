@@ -75,7 +75,8 @@ class SparseVLM(Method):
     Deliberate differences from the official code: batched (official: batch element 0 decides for the batch);
     several images per prompt: raters and counts per image, the text after each image rating it; a prompt with no
     text after the image is rated by its last token; layers are the official ones on models of at least 17
-    layers, else scaled to the depth; scores in fp32 (``score_dtype="model"``: the model dtype).
+    layers, else scaled to the depth; ``layers`` may name fewer than 3 stages (the first counts of the schedule,
+    for shallow models); scores in fp32 (``score_dtype="model"``: the model dtype).
     """
 
     name: ClassVar[str] = "sparsevlm"
@@ -103,8 +104,8 @@ class SparseVLM(Method):
 
     def for_depth(self, n_layers: int) -> "SparseVLM":
         if self.layers:
-            if len(layer_list(self, self.layers, n_layers)) != 3:
-                raise ValueError(f"sparsevlm: layers must name 3 stages (its counts are per stage), got "
+            if len(layer_list(self, self.layers, n_layers)) > 3:
+                raise ValueError(f"sparsevlm: layers must name at most 3 stages (its counts are per stage), got "
                                  f"{self.layers!r}")
             return self
         layers = OFFICIAL_LAYERS if n_layers > OFFICIAL_LAYERS[-1] else scale_layers(OFFICIAL_LAYERS, n_layers)
