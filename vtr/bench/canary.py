@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from . import cli
 
@@ -148,6 +149,7 @@ def main(argv=None) -> dict:
     from ..methods import REGISTRY
     methods = [m for m in args.methods.split(",") if m] or sorted(REGISTRY)
     kept = tuple(float(k) for k in args.kept.split(",") if k)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)  # before minutes of evaluation, not after
     report = run(methods, kept, args.samples, weights=args.weights, progress=not args.quiet)
     print(table(report))
     with open(f"{args.out}.json", "w") as f:
