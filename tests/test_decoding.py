@@ -8,9 +8,8 @@ import torch
 import reference as R
 import tiny_models as tm
 import vtr
-from vtr.methods import REGISTRY
 
-METHODS = sorted(REGISTRY)
+METHODS = tm.matrix_methods()
 STEPS = 5
 
 

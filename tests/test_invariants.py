@@ -5,9 +5,8 @@ import torch
 
 import tiny_models as tm
 import vtr
-from vtr.methods import REGISTRY
 
-METHODS = sorted(REGISTRY)
+METHODS = tm.matrix_methods()
 
 
 def hook_count(model) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -32,6 +33,17 @@ def supports(method: str, family: str) -> bool:
 def family_for(method: str, preferred: str) -> str:
     """``preferred`` if the method supports it, else the first family it supports (for single-family tests)."""
     return preferred if supports(method, preferred) else next(f for f in FAMILIES if supports(method, f))
+
+
+def matrix_methods() -> list[str]:
+    """The methods the test matrices run: every registered one, or the comma-separated ``VTR_TEST_METHODS``
+    (``.ci/run`` uses a subset that reaches every engine path for its second, older-transformers pass)."""
+    from vtr.methods import REGISTRY
+    chosen = [m for m in os.environ.get("VTR_TEST_METHODS", "").split(",") if m]
+    unknown = sorted(set(chosen) - set(REGISTRY))
+    if unknown:
+        raise ValueError(f"VTR_TEST_METHODS names unregistered methods: {unknown}")
+    return chosen or sorted(REGISTRY)
 
 
 def method_family(methods, families) -> list:
