@@ -330,6 +330,7 @@ def test_handle_reports_stages_and_the_layer_average(method):
         assert record.layer_average[b] == sum(counts) / len(counts)
         assert record.visual_per_layer()[b] == counts
         assert record.stages[0].n_visual[b] == record.n_visual[b]
+        assert record.n_kept[b] == counts[-1]  # what the last layers run on, added tokens included
         for before, after in zip(record.stages, record.stages[1:]):
             assert after.n_visual[b] == before.n_present[b]
     if method == "sparsevlm":  # recycled tokens are in the index as -2 - a, after their image's kept tokens

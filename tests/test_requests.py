@@ -96,7 +96,7 @@ def test_smallest_images_keep_at_least_one_token(method, family, budget):
     expected = 4 if method == "dart" else 1  # DART always keeps its image pivots
     last = record.stages[-1]
     # SparseVLM: recycled tokens of earlier stages are candidates; those its last stage adds are extra
-    present = last.n_present[0] - sum(t.layer == last.layer for t in last.added[0]) if last.added else \
+    present = record.n_kept[0] - sum(t.layer == last.layer for t in last.added[0]) if last.added else \
         record.n_kept[0]
     kept_candidates = present - (span.n - candidates)
     assert kept_candidates == min(expected, candidates) >= 1

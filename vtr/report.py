@@ -79,7 +79,9 @@ class StageRecord:
 class PrefillRecord:
     """What the most recent prefill did, per batch row.
 
-    n_visual: visual tokens before pruning. kept / n_kept: after the last stage. stages: every stage in order.
+    n_visual: visual tokens before pruning. kept: the indices of each row's own visual tokens after the last stage;
+    n_kept: how many visual tokens the language model runs on then (added tokens included). stages: every stage
+    in order.
     selection_seconds: wall time spent computing scores and choosing tokens (device synchronised).
     index: ``[B, L']`` the original prompt position of every slot of the pruned sequence the model ran on (-1 for
     padding slots vtr added), or None when nothing was pruned. Use it to map a plain forward's logits back.
@@ -127,4 +129,6 @@ class PrefillRecord:
 
     @property
     def n_kept(self) -> list[int]:
-        return [len(k) for k in self.kept]
+        """Per row, the visual tokens the language model runs on after the last stage: the image's own kept tokens
+        (``kept``) plus the tokens a merging stage added (SparseVLM's recycled ones, ``stages[-1].added``)."""
+        return self.stages[-1].n_present if self.stages else [len(k) for k in self.kept]
