@@ -239,19 +239,25 @@ def token_sources(model, inputs):
     return [p[:, 0].long() for p in packed]  # one [n, 1] tensor per image
 
 
-def span_scores(record, inputs, model, per_crop):
-    """Per row, per image span: (candidate token indices in the span, the value of ``per_crop[crop, patch]``)."""
-    sources = token_sources(model, inputs)
-    k, out = 0, []
+def image_patches(record, model, inputs):
+    """Per row, per image span: ``(span, cand, crop, patch)``: the span's tokens that come from a vision patch
+    (``cand``, indices in the span) and that patch's crop and token index in the vision tower's sequence."""
+    sources, k, rows = token_sources(model, inputs), 0, []
     for row in record.layout.rows:
         spans = []
         for span in row.spans:
             src = sources[k]
             k += 1
-            candidates = (src >= 0).nonzero().flatten()
-            spans.append((span, candidates, per_crop[src[candidates] // 10_000, src[candidates] % 10_000]))
-        out.append(spans)
-    return out
+            cand = (src >= 0).nonzero().flatten()
+            spans.append((span, cand, src[cand] // 10_000, src[cand] % 10_000))
+        rows.append(spans)
+    return rows
+
+
+def span_scores(record, inputs, model, per_crop):
+    """Per row, per image span: (candidate token indices in the span, the value of ``per_crop[crop, patch]``)."""
+    return [[(span, cand, per_crop[crop, patch]) for span, cand, crop, patch in row]
+            for row in image_patches(record, model, inputs)]
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
@@ -314,16 +320,12 @@ def test_visionzip_matches_official_selection_and_merges(family, batch, variant,
     attentions, hidden_states = vision_tower_outputs(model, inputs)
     cls = attentions[-2][:, :, 0].sum(1)  # official: summed over heads
     keys, hidden = vision_layer_keys(model, hidden_states), hidden_states[-2]
-    sources = token_sources(model, inputs)
-    k, n_merged = 0, 0
+    patches = image_patches(record, model, inputs)
+    n_merged = 0
     for b, row in enumerate(record.layout.rows):
         expected, merged_rows = [], {}
         got = {int(i): e for i, e in zip(record.merged[b].kept, record.merged[b].embeds)}
-        for span in row.spans:
-            src = sources[k]
-            k += 1
-            cand = (src >= 0).nonzero().flatten()
-            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+        for span, cand, crop, patch in patches[b]:
             T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
             kept, merged = visionzip_official(cls[crop, patch], keys[crop, patch], hidden[crop, patch],
                                               min(T, len(cand)))
@@ -366,15 +368,10 @@ def test_vispruner_matches_official_selection(family, batch, variant, budget, im
     record = patched_forward(model, inputs, "vispruner", important_ratio=important, **budget)
     attentions, hidden_states = vision_tower_outputs(model, inputs)
     cls, features = attentions[-2][:, :, 0].mean(1), hidden_states[-2]
-    sources = token_sources(model, inputs)
-    k = 0
+    patches = image_patches(record, model, inputs)
     for b, row in enumerate(record.layout.rows):
         expected = []
-        for span in row.spans:
-            src = sources[k]
-            k += 1
-            cand = (src >= 0).nonzero().flatten()
-            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+        for span, cand, crop, patch in patches[b]:
             T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
             kept = vispruner_official(cls[crop, patch], features[crop, patch], min(T, len(cand)), important)
             expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
@@ -414,15 +411,11 @@ def test_hiprune_matches_official_selection(family, object_layer, batch, variant
     shallow = attentions[object_layer - 1].mean(1).mean(1)  # [n_crops, N]: received, [CLS] query included
     deep = attentions[-2].mean(1).mean(1)
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
-    sources = token_sources(model, inputs)
-    k, anchors = 0, 0
+    patches = image_patches(record, model, inputs)
+    anchors = 0
     for b, row in enumerate(record.layout.rows):
         expected = []
-        for span in row.spans:
-            src = sources[k]
-            k += 1
-            cand = (src >= 0).nonzero().flatten()
-            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+        for span, cand, crop, patch in patches[b]:
             T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
             kept, n_anchors = hiprune_official(shallow[crop, patch], deep[crop, patch], crop, patch - 1,
                                                min(T, len(cand)), alpha, side)
@@ -467,16 +460,11 @@ def test_cdpruner_matches_official_selection(family, batch, variant, budget):
     clip, clip_tok = tm.tiny_clip("")
     _, hidden_states = vision_tower_outputs(model, inputs)
     embeds = R.capture_lm_inputs(model, inputs)["embeds"]
-    sources = token_sources(model, inputs)
+    patches = image_patches(record, model, inputs)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
-    k = 0
     for b, row in enumerate(record.layout.rows):
         expected = []
-        for span in row.spans:
-            src = sources[k]
-            k += 1
-            cand = (src >= 0).nonzero().flatten()
-            crop, patch = src[cand] // 10_000, src[cand] % 10_000
+        for span, cand, crop, patch in patches[b]:
             after = [int(t) for i, t in enumerate(ids[b]) if i > int(span.positions.max()) and real[b, i]
                      and int(t) != model.config.image_token_id]
             text = proc.tokenizer.decode(after, skip_special_tokens=True).strip()
