@@ -76,7 +76,9 @@ class SparseVLM(Method):
     several images per prompt: raters and counts per image, the text after each image rating it; a prompt with no
     text after the image is rated by its last token; layers are the official ones on models of at least 17
     layers, else scaled to the depth; ``layers`` may name fewer than 3 stages (the first counts of the schedule,
-    for shallow models); scores in fp32 (``score_dtype="model"``: the model dtype).
+    for shallow models); scores in fp32 (``score_dtype="model"``: the model dtype); DPC-KNN in fp64 (the
+    densities of nearby tokens differ where the 1e-6 tie-breaking noise lives); keeping everything (``ratio=0``,
+    ``keep >= n``) is the identity, although the official ``min(count, n - 1)`` always drops a token.
     """
 
     name: ClassVar[str] = "sparsevlm"
