@@ -58,6 +58,18 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
     assert result["results"] == saved["results"] or len(result["results"]) == len(saved["results"])
 
 
+def test_ratios_are_medians_of_paired_passes_with_a_shrinking_interval():
+    """A burst of load in one pass moves one paired ratio, not the reported one; the interval is the median's
+    (it shrinks with repeats where the range of the values would grow)."""
+    from vtr.bench.grid import _paired
+    ratio, spread = _paired([2.0, 2.1, 1.9, 2.0, 2.05, 1.95, 2.0, 2.1, 0.5])  # the last pass: method slowed
+    assert ratio == 2.0 and 0 < spread <= 0.05 + 1e-9  # the range would say +-40%
+    few = _paired([1.0, 1.1, 0.9, 1.05, 0.95])[1]
+    many = _paired([1.0, 1.1, 0.9, 1.05, 0.95] * 8)[1]
+    assert many < few
+    assert _paired([1.5]) == (1.5, None) and _paired([None]) == (None, None)
+
+
 def test_flops_estimate():
     config = types.SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
                                    vocab_size=10)

@@ -138,3 +138,44 @@ def test_every_tiny_name_builds_with_its_processor():
     for family in ("llava", "qwen3_vl"):
         model, processor = models.load(f"{cli.TINY_PREFIX}{family}", device="cpu")
         assert processor is not None and type(model).__name__.lower().startswith(family.split("_")[0])
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
+                                  "llava-onevision-7b"])
+def test_the_full_depth_preset_keeps_depth_and_head_size(name):
+    """--preset full-depth: every decoder layer, a quarter of the width, the real head size (so rotary sections
+    still add up) and a projector that outputs the narrowed width; the model builds and runs a forward."""
+    import torch
+    full = models.load_config(name)
+    narrow = models.load_config(name, vision_layers=2, width_divisor=4)
+    text, narrow_text = full.get_text_config(), narrow.get_text_config()
+    assert narrow_text.num_hidden_layers == text.num_hidden_layers
+    assert narrow_text.hidden_size * 4 == text.hidden_size
+    assert narrow_text.intermediate_size * 4 == text.intermediate_size
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    assert (getattr(narrow_text, "head_dim", None) or
+            narrow_text.hidden_size // narrow_text.num_attention_heads) == head
+    narrow_text.num_hidden_layers = 2  # a forward at full depth is the benchmark's job, not a test's
+    if getattr(narrow_text, "layer_types", None):
+        narrow_text.layer_types = narrow_text.layer_types[:2]
+    model = models.random_model(narrow, torch.float32, torch.device("cpu"), "sdpa")
+    inputs = models.synthetic_inputs(model, prompt_tokens=8, image_size=56 if "qwen" in name else None)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == narrow_text.vocab_size and torch.isfinite(logits).all()
+
+
+def test_full_depth_preset_is_planned_and_described(small_machine):
+    plan = models.plan("llava-1.5-7b", vision_layers=2, device="cpu", width_divisor=4)
+    assert plan.layers == plan.total_layers == 32 and plan.needed < plan.available
+    assert "32 of 32 decoder layers, language model at 1/4 of its width" in plan.describe()
+    with pytest.raises(ValueError, match="does not divide the language model's hidden_size"):
+        models.load_config("llava-1.5-7b", width_divisor=3)
+    with pytest.raises(ValueError, match="random weights only"):
+        models.plan("some/checkpoint", width_divisor=4, check_memory=False)
+
+
+def test_preset_is_refused_for_tiny_models(capsys):
+    with pytest.raises(SystemExit):
+        speed.run(["--model", "tiny-llava", "--preset", "full-depth", "--quiet"])
+    assert "--preset shapes shipped configs" in capsys.readouterr().err

@@ -22,10 +22,11 @@ class NotEnoughMemory(RuntimeError):
     """The model would not fit in the device's available memory; raised before anything is built."""
 
 
-def load_config(name: str, layers: int | None = None, vision_layers: int | None = None):
+def load_config(name: str, layers: int | None = None, vision_layers: int | None = None, width_divisor: int = 1):
     """Config of a shipped model name (``llava-1.5-7b``...), a config.json path, or a hub id / checkpoint dir;
     optionally with fewer text and vision layers (same widths). Vision-layer indexes past the kept depth (Qwen2.5-VL's
-    full-attention blocks, Qwen3-VL's DeepStack taps) are dropped."""
+    full-attention blocks, Qwen3-VL's DeepStack taps) are dropped. ``width_divisor`` narrows the language model
+    (see ``narrow``)."""
     if name in SHIPPED or name.endswith(".json"):
         data = json.loads(Path(SHIPPED.get(name, name)).read_text())
         data = {k: v for k, v in data.items() if not k.startswith("_")}
@@ -45,7 +46,37 @@ def load_config(name: str, layers: int | None = None, vision_layers: int | None 
         for key in ("fullatt_block_indexes", "deepstack_visual_indexes"):
             if hasattr(vision, key):
                 setattr(vision, key, [i for i in getattr(vision, key) if i < vision_layers])
+    if width_divisor != 1:
+        narrow(config, width_divisor)
     return config
+
+
+def narrow(config, divisor: int) -> None:
+    """Divide the language model's width by ``divisor`` in place: hidden size, MLP size, query and key/value heads
+    (at least one), keeping the head dimension (so rotary sections and attention per head are the real model's).
+    The vision tower keeps its width; its projector's output follows the new hidden size. A full-depth model this
+    narrow costs about depth / divisor**2 full-width layers, which is how the ``full-depth`` preset keeps the real
+    ratio of pruned to unpruned layers (DART after layer 2 of 32) within a CPU's minutes. Attention's share of a
+    layer's FLOPs grows by ``divisor`` (at 640 tokens and hidden 1024, about 10% instead of 3%).
+    Raises ValueError when the widths do not divide."""
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
+        if getattr(text, key) % divisor:
+            raise ValueError(f"--width-divisor {divisor} does not divide the language model's {key} "
+                             f"({getattr(text, key)})")
+    text.hidden_size //= divisor
+    text.intermediate_size //= divisor
+    text.num_attention_heads //= divisor
+    text.num_key_value_heads = max(1, text.num_key_value_heads // divisor)
+    if hasattr(text, "head_dim"):
+        text.head_dim = head_dim
+    vision = getattr(config, "vision_config", None)
+    # the projector's output width: Qwen2.5/3-VL name it out_hidden_size, Qwen2-VL's vision hidden_size is it
+    if hasattr(vision, "out_hidden_size"):
+        vision.out_hidden_size = text.hidden_size
+    elif config.model_type == "qwen2_vl":
+        vision.hidden_size = text.hidden_size
 
 
 def _depths(config) -> tuple[int, int | None]:
@@ -116,6 +147,7 @@ class Plan:
     bytes: int | None = None  # weights in `dtype`
     needed: int | None = None  # weights plus WORKSPACE
     available: int | None = None
+    width_divisor: int = 1  # the language model's width divided by this (``narrow``)
 
     def describe(self) -> str:
         """One line, e.g. ``llava-1.5-7b: random weights, 3 of 32 decoder layers, 2 of 24 vision layers, 0.74 B
@@ -123,6 +155,8 @@ class Plan:
         parts = ["random weights" if self.random_weights else "weights from the checkpoint"]
         if self.layers is not None:
             parts.append(f"{self.layers} of {self.total_layers} decoder layers")
+        if self.width_divisor != 1:
+            parts.append(f"language model at 1/{self.width_divisor} of its width")
         if self.vision_layers is not None:
             parts.append(f"{self.vision_layers} of {self.total_vision_layers} vision layers")
         where = f"{str(self.dtype).removeprefix('torch.')} on {self.device}"
@@ -132,7 +166,7 @@ class Plan:
 
 
 def plan(name: str, random_init: bool = False, layers: int | None = None, vision_layers: int | None = None,
-         dtype: str = "auto", device: str = "auto", check_memory: bool = True) -> Plan:
+         dtype: str = "auto", device: str = "auto", check_memory: bool = True, width_divisor: int = 1) -> Plan:
     """Resolve what ``name`` means and estimate its memory. Raises ``NotEnoughMemory`` (with the estimate and what
     is available) when the weights plus ``WORKSPACE`` exceed the device's available memory; ``ValueError`` for an
     unknown tiny family, --layers/--vision-layers on a checkpoint with real weights or --vision-layers on a tiny
@@ -142,21 +176,25 @@ def plan(name: str, random_init: bool = False, layers: int | None = None, vision
     kind = kind_of(name)
     if kind == "tiny":
         from ..testing import FAMILIES
+        if width_divisor != 1:
+            raise ValueError("tiny models are already narrow; --width-divisor applies to shipped configs, config "
+                             "files and --random-init")
         if name[len(TINY_PREFIX):] not in FAMILIES:
             raise ValueError(f"unknown tiny model {name!r}; choose from {', '.join(TINY_PREFIX + f for f in FAMILIES)}")
         if vision_layers is not None:
             raise ValueError("tiny models have 2 vision layers; --vision-layers does not apply")
         return Plan(name, kind, True, None, dtype_, device_, layers=layers or 4, total_layers=layers or 4)
     random_weights = random_init or kind in ("shipped", "config")
-    if not random_weights and (layers is not None or vision_layers is not None):
-        raise ValueError("--layers/--vision-layers apply to random weights only (shipped configs, config.json "
-                         "files, or --random-init)")
+    if not random_weights and (layers is not None or vision_layers is not None or width_divisor != 1):
+        raise ValueError("--layers/--vision-layers/--width-divisor apply to random weights only (shipped configs, "
+                         "config.json files, or --random-init)")
     total_layers, total_vision = _depths(load_config(name))
-    config = load_config(name, layers, vision_layers)
+    config = load_config(name, layers, vision_layers, width_divisor)
     kept_layers, kept_vision = _depths(config)
     parameters, size = weight_bytes(config, dtype_)
     result = Plan(name, kind, random_weights, config, dtype_, device_, kept_layers, total_layers, kept_vision,
-                  total_vision, parameters, size, int(size * (1 + WORKSPACE)), available_memory(device_))
+                  total_vision, parameters, size, int(size * (1 + WORKSPACE)), available_memory(device_),
+                  width_divisor)
     if check_memory and result.available is not None and result.needed > result.available:
         raise NotEnoughMemory(
             f"{name} with {kept_layers} of {total_layers} decoder layers in {str(dtype_).removeprefix('torch.')} "

@@ -22,13 +22,18 @@ from pathlib import Path
 from . import cli
 
 DEFAULT_CPU_SHAPE = {"layers": 3, "vision_layers": 2}
+# Shapes a shipped config or config file is built in, by --preset. "full-depth": every decoder layer at a quarter
+# of the width, so a layer method's pruned share of the depth is the real model's (30 of 32 layers after DART's
+# layer 2) at about the cost of the 3-layer default.
+PRESETS = {"cpu": {"layers": 3, "vision_layers": 2, "width_divisor": 1},
+           "full-depth": {"layers": None, "vision_layers": 2, "width_divisor": 4}}
 # Interleaved timed passes on CPU: on a loaded 2-core machine two passes left the ratios +-10-17% apart.
 CPU_REPEATS = 5
 TABLE_LEGEND = ("xdense: dense TTFT / this TTFT. xideal: the ideal's TTFT / this TTFT (1.00x = as fast as the "
                 "unpatched model fed only the kept tokens for pre-LLM methods; for layer methods pruning before layer "
                 "K, the unpatched model with layers < K on the full sequence and the rest on the kept tokens; method "
-                "rows only). +-: half the range of the per-pass ratios (each pass pairs a row with the dense run of "
-                "that pass), relative to the median. '-': not applicable to the row, or not measured here (peak MB "
+                "rows only). Ratios are medians of per-pass ratios (each pass pairs a row with the dense run of "
+                "that pass); +-: half the width of the 95% bootstrap interval of that median, relative to it. '-': not applicable to the row, or not measured here (peak MB "
                 "is measured on GPU only).")
 
 
@@ -48,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-layers", type=int, default=None,
                    help="vision-encoder layers to build, random weights only (default: all; 2 for shipped configs "
                         "and config files on CPU)")
+    p.add_argument("--width-divisor", type=int, default=None,
+                   help="divide the language model's hidden size, MLP size and heads by this, keeping the head "
+                        "size; random weights only (default: 1)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="shape of a shipped config or config file: 'cpu' = 3 decoder and 2 vision layers at full "
+                        "width; 'full-depth' = every decoder layer at 1/4 width and 2 vision layers, so layer "
+                        "methods prune the real share of the depth; --layers, --vision-layers, --width-divisor "
+                        "override it (default: cpu on CPU, none on GPU)")
     p.add_argument("--methods", default="divprune,dart",
                    help="comma-separated method names; vtr.methods() lists them (default: divprune,dart)")
     p.add_argument("--ratios", default="0.778,0.889",
@@ -111,9 +124,18 @@ def run(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = models.resolve_device(args.device)
     kind = cli.kind_of(args.model)
-    if kind in ("shipped", "config") and device.type == "cpu" and args.layers is None and args.vision_layers is None:
-        # The built-in default: 7B widths at a depth a 2-core CPU measures in about two minutes.
-        args.layers, args.vision_layers = DEFAULT_CPU_SHAPE["layers"], DEFAULT_CPU_SHAPE["vision_layers"]
+    preset = args.preset
+    if preset is None and kind in ("shipped", "config") and device.type == "cpu" and args.layers is None \
+            and args.vision_layers is None and args.width_divisor is None:
+        preset = "cpu"  # the built-in default: 7B widths at a depth a 2-core CPU measures in minutes
+    if preset is not None:
+        if kind not in ("shipped", "config"):
+            parser.error(f"--preset shapes shipped configs and config files; {args.model} is not one")
+        shape = PRESETS[preset]
+        args.layers = shape["layers"] if args.layers is None else args.layers
+        args.vision_layers = shape["vision_layers"] if args.vision_layers is None else args.vision_layers
+        args.width_divisor = shape["width_divisor"] if args.width_divisor is None else args.width_divisor
+    args.preset = preset
     if kind == "tiny" and args.image_size is None:
         args.image_size = 64  # the tiny models' own image scale (64 visual tokens on LLaVA-1.5 and Qwen-VL)
     repeats = args.repeats or (10 if device.type == "cuda" else CPU_REPEATS)
@@ -124,7 +146,8 @@ def run(argv=None) -> dict:
     try:
         for method in methods:
             lookup(method)  # fail on a typo before loading the model
-        plan = models.plan(args.model, args.random_init, args.layers, args.vision_layers, args.dtype, args.device)
+        plan = models.plan(args.model, args.random_init, args.layers, args.vision_layers, args.dtype, args.device,
+                           width_divisor=args.width_divisor or 1)
     except (ValueError, OSError, models.NotEnoughMemory) as error:
         parser.error(str(error))
 
@@ -146,7 +169,7 @@ def run(argv=None) -> dict:
     settings.update(repeats=repeats, device=str(device), dtype=str(next(model.parameters()).dtype),
                     prompt_length=length, load_seconds=round(load_s, 2), random_weights=plan.random_weights,
                     layers=plan.layers, layers_total=plan.total_layers, vision_layers=plan.vision_layers,
-                    vision_layers_total=plan.total_vision_layers)
+                    vision_layers_total=plan.total_vision_layers, width_divisor=plan.width_divisor)
     result = {"environment": models.environment(), "settings": settings, "results": rows,
               "wall_seconds": round(time.time() - started, 1)}
     out = Path(args.out)
@@ -173,6 +196,8 @@ def describe_run(result: dict) -> str:
     s, env = result["settings"], result["environment"]
     depth = ("all layers" if s.get("layers") is None else
              f"{s['layers']} of {s['layers_total']} layers")
+    if s.get("width_divisor", 1) != 1:
+        depth += f" at 1/{s['width_divisor']} width"
     return (f"{s['model']} ({'random' if s.get('random_weights') else 'real'} weights, {depth}, "
             f"{s['dtype'].removeprefix('torch.')}, {s['prompt_length']}-token prompt, batch {s['batch']}) on "
             f"{s['device']} ({env['gpu'] or env['cpu']}); medians of {s['repeats']} interleaved runs")
