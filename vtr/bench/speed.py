@@ -1,7 +1,7 @@
 """Speed benchmark: the dense model, each method, and the ideal (the unpatched model fed only the kept tokens),
 measured in one run, interleaved, on the same inputs.
 
-    vtr-bench                                   # LLaVA-1.5-7B widths, random weights, 3 layers, CPU-sized grid
+    vtr-bench                                   # LLaVA-1.5-7B, random weights, all 32 layers at 1/4 width
     vtr-bench --model qwen3-vl-8b --methods dart,divprune --ratios 0.778,0.889
     vtr-bench --model Qwen/Qwen2-VL-7B-Instruct --methods dart,fastv --ratios 0.778,0.889 --repeats 10
 
@@ -21,14 +21,15 @@ from pathlib import Path
 
 from . import cli
 
-DEFAULT_CPU_SHAPE = {"layers": 3, "vision_layers": 2}
-# Shapes a shipped config or config file is built in, by --preset. "full-depth": every decoder layer at a quarter
-# of the width, so a layer method's pruned share of the depth is the real model's (30 of 32 layers after DART's
-# layer 2) at about the cost of the 3-layer default.
-PRESETS = {"cpu": {"layers": 3, "vision_layers": 2, "width_divisor": 1},
-           "full-depth": {"layers": None, "vision_layers": 2, "width_divisor": 4}}
-# Interleaved timed passes on CPU: on a loaded 2-core machine two passes left the ratios +-10-17% apart.
-CPU_REPEATS = 5
+# Shapes a shipped config or config file is built in on CPU (--preset). "full-depth", the default: every decoder
+# layer at a quarter of the width, so a layer method prunes the real model's share of the depth (30 of 32 layers
+# after DART's layer 2) at about the cost of three full-width layers. "3-layer": the real widths, 3 decoder layers.
+PRESETS = {"full-depth": {"layers": None, "vision_layers": 2, "width_divisor": 4},
+           "3-layer": {"layers": 3, "vision_layers": 2, "width_divisor": 1}}
+DEFAULT_CPU_PRESET = "full-depth"
+# Interleaved timed passes on CPU. Two passes left ratios +-10-17% apart on a loaded 2-core machine; the reported
+# ratio is the median of the paired per-pass ratios, whose 95% interval narrows with the passes.
+CPU_REPEATS = 9
 TABLE_LEGEND = ("xdense: dense TTFT / this TTFT. xideal: the ideal's TTFT / this TTFT (1.00x = as fast as the "
                 "unpatched model fed only the kept tokens for pre-LLM methods; for layer methods pruning before layer "
                 "K, the unpatched model with layers < K on the full sequence and the rest on the kept tokens; method "
@@ -48,19 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights from a checkpoint's config instead of its weights; implied for shipped "
                         "configs and config.json files (default: off)")
     p.add_argument("--layers", type=int, default=None,
-                   help="decoder layers to build, random weights only (default: all; 3 for shipped configs and "
-                        "config files on CPU)")
+                   help="decoder layers to build, random weights only (default: all)")
     p.add_argument("--vision-layers", type=int, default=None,
-                   help="vision-encoder layers to build, random weights only (default: all; 2 for shipped configs "
-                        "and config files on CPU)")
+                   help="vision-encoder layers to build, random weights only (default: all; 2 under --preset)")
     p.add_argument("--width-divisor", type=int, default=None,
                    help="divide the language model's hidden size, MLP size and heads by this, keeping the head "
                         "size; random weights only (default: 1)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="shape of a shipped config or config file: 'cpu' = 3 decoder and 2 vision layers at full "
-                        "width; 'full-depth' = every decoder layer at 1/4 width and 2 vision layers, so layer "
-                        "methods prune the real share of the depth; --layers, --vision-layers, --width-divisor "
-                        "override it (default: cpu on CPU, none on GPU)")
+                   help="shape of a shipped config or config file: 'full-depth' = every decoder layer at 1/4 "
+                        "width (real head size) and 2 vision layers, so layer methods prune the real share of the "
+                        "depth; '3-layer' = 3 decoder and 2 vision layers at full width; --layers, --vision-layers "
+                        "and --width-divisor override it (default on CPU: full-depth for shipped configs, 3-layer for config files; on GPU the whole model)")
     p.add_argument("--methods", default="divprune,dart",
                    help="comma-separated method names; vtr.methods() lists them (default: divprune,dart)")
     p.add_argument("--ratios", default="0.778,0.889",
@@ -127,7 +126,8 @@ def run(argv=None) -> dict:
     preset = args.preset
     if preset is None and kind in ("shipped", "config") and device.type == "cpu" and args.layers is None \
             and args.vision_layers is None and args.width_divisor is None:
-        preset = "cpu"  # the built-in default: 7B widths at a depth a 2-core CPU measures in minutes
+        # a shape a 2-core CPU measures in minutes; a config file's widths need not divide by 4
+        preset = DEFAULT_CPU_PRESET if kind == "shipped" else "3-layer"
     if preset is not None:
         if kind not in ("shipped", "config"):
             parser.error(f"--preset shapes shipped configs and config files; {args.model} is not one")
