@@ -82,7 +82,7 @@ class SyntheticContext:
         self.hidden = rand(1, L, widths.hidden)
         self._keys = rand(1, widths.kv_heads, L, widths.head_dim)
         self._last_query = rand(1, widths.heads, 1, widths.head_dim)
-        self._queries = rand(1, widths.heads, L, widths.head_dim)  # rows taken by attention_rows
+        self._seed = seed
         crops = -(-n // CLIP_CROP)
         dv, hv = widths.vision_hidden, widths.vision_heads
         self._vision_hidden = rand(crops, CLIP_CROP + 1, dv)
@@ -144,7 +144,9 @@ class SyntheticContext:
     def attention_rows(self, row, queries, per_head=False):
         slots = queries.to(self.hidden.device)
         score = kernels.reference.attention_scores if per_head else kernels.attention_scores
-        out = score(self._queries[:, :, slots], self._keys, self.valid, self.w.head_dim ** -0.5,
+        g = torch.Generator().manual_seed(self._seed + 1)  # the queries of these rows (drawn, not held for all L)
+        q = torch.randn(1, self.w.heads, len(slots), self.w.head_dim, generator=g).to(self.hidden.device)
+        out = score(q, self._keys, self.valid, self.w.head_dim ** -0.5,
                     "none" if per_head else "mean", q_positions=slots[None], dtype=self.score_dtype)
         return out[0]
 

@@ -55,6 +55,10 @@ class CDPruner(Method):
       * relevance is normalised per image (official: over all images of the batch at once, which would make a
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
       * features are normalised in fp32 (official: in the model dtype, then cast to fp32);
+      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held (``ConditionalKernel``
+        serves a row per pick); the greedy DPP's own Cholesky rows remain, O(N T) (``greedy_dpp``; a failed
+        allocation raises a ``MemoryError`` naming ``split_threshold``); the same picks unless gains differ only in
+        their last bits (past the kernel's rank they are rounding noise in any implementation);
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
         (``scope="crop"``: per tile, as the official per-crop budget);
       * against OpenVINO GenAI (``"embeddings"``): the paper's min-max formula (OpenVINO: ``(r - min) / (max - min +

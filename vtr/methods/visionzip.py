@@ -40,6 +40,8 @@ class VisionZip(Method):
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
         (``scope="crop"``: per tile, as the official code, which compresses each crop and re-lays the sub-crops'
         dominant tokens on the global grid), targets chosen over the image's tokens in sequence order;
+      * the member-to-target similarities in blocks of 1024 members, O(n) extra memory (official: the whole
+        matrix; same assignment);
       * [CLS] attention mean over heads instead of the sum (the same order), fp32 scores, keys and merges (official:
         model dtype; ``score_dtype="model"`` computes the scores in the tower's dtype).
     """
