@@ -274,8 +274,17 @@ def test_scaling_skips_sizes_past_the_time_limit(tmp_path, capsys):
     result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "1x16,4x16", "--methods", "divprune",
                            "--repeats", "2", "--max-seconds", "0", "--prefill-sizes", "", "--out",
                            str(tmp_path / "s"), "--quiet"])
-    assert [(r["method"], r["n"], len(r["seconds_all"])) for r in result["selection"]] == [("divprune", 16, 1)]
-    assert "skipped" in capsys.readouterr().out
+    first, second = result["selection"]
+    assert (first["method"], first["n"], len(first["seconds_all"])) == ("divprune", 16, 1)  # no second pass
+    assert second["n"] == 64 and second["skipped_predicted_s"] >= first["seconds"] * 16  # at least quadratic
+    assert "skipped (~" in capsys.readouterr().out
+
+
+def test_scaling_prediction_grows_at_least_quadratically():
+    from vtr.bench.scaling import predict
+    assert predict([], 100) is None
+    assert predict([(100, 1.0)], 200) == 4.0
+    assert predict([(100, 1.0), (200, 8.0)], 400) == pytest.approx(64.0)  # the measured cubic growth
 
 
 def test_synthetic_context_runs_every_registered_method_at_video_size():

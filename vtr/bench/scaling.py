@@ -17,7 +17,8 @@ size during the call (CPU, Linux; reset before each call) or the CUDA allocator'
 The prefill columns (``--prefill-sizes``) run the real model (``--layers`` decoder layers and
 ``--vision-layers`` vision layers of the config, random weights) on a synthetic prompt with that video, dense,
 and give its vision and language-model times (multiply the LLM time by depth / layers for the full model's order
-of magnitude). A method whose median selection exceeds ``--max-seconds`` at one size is not run at larger ones.
+of magnitude). ``--max-seconds`` bounds the run: a method whose one pass at a size is predicted (from the smaller
+sizes, at least quadratic growth) to exceed it is not run there, and repeats stop before their total would.
 Interleaved: every repeat runs every method once per size. Writes OUT.json.
 """
 from __future__ import annotations
@@ -44,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated method names (default: every registered method)")
     p.add_argument("--ratio", type=float, default=0.889, help="fraction of visual tokens removed (default: 0.889)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved timed passes per size (default: 3)")
-    p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="a method whose median selection takes longer at one size skips the larger ones "
-                        "(default: 60)")
+    p.add_argument("--max-seconds", type=float, default=120.0,
+                   help="time budget per method and size: a size whose one pass is predicted to take longer is "
+                        "skipped, and repeats stop before their total would exceed it (default: 120)")
     p.add_argument("--prefill-sizes", default="1x576",
                    help="sizes (FRAMESxTOKENS) at which the dense prefill is measured too; '' skips it "
                         "(default: 1x576)")
@@ -64,6 +65,22 @@ def spread(values: list[float]) -> float | None:
     if len(values) < 2 or not median(values):
         return None
     return (max(values) - min(values)) / 2 / median(values)
+
+
+def predict(history: list[tuple[int, float]], n: int) -> float | None:
+    """Seconds one pass at ``n`` tokens is expected to take from the medians at smaller sizes: the last one grown
+    by the measured exponent between the last two sizes, at least quadratically (a safe side for the quadratic
+    methods, whose small-size times are dominated by fixed costs). None without a measurement."""
+    if not history:
+        return None
+    n1, t1 = history[-1]
+    exponent = 2.0
+    if len(history) > 1:
+        n0, t0 = history[-2]
+        if t0 > 0 and t1 > 0 and n1 > n0:
+            import math
+            exponent = max(exponent, math.log(t1 / t0) / math.log(n1 / n0))
+    return t1 * (n / n1) ** exponent
 
 
 def main(argv=None) -> dict:
@@ -92,22 +109,31 @@ def main(argv=None) -> dict:
     widths = Widths.of(config)
 
     # ---------------------------------------------------------------------------------------------- selection
-    rows, active = [], list(methods)
+    rows, active, history = [], list(methods), {m: [] for m in methods}  # history: (n, median seconds)
     for frames, per_frame in sorted(sizes, key=lambda s: s[0] * s[1]):
         n = frames * per_frame
-        runs = {m: [] for m in active}
+        runs, skipped = {m: [] for m in active}, {}
+        for m in active:
+            guess = predict(history[m], n)
+            if guess is not None and guess > args.max_seconds:
+                skipped[m] = guess
         for rep in range(args.repeats):
             for m in active:
-                if rep and runs[m] and "error" not in runs[m][0] and runs[m][0]["seconds"] > args.max_seconds:
-                    continue  # one pass past the limit is enough to know
+                done = [r["seconds"] for r in runs[m] if "error" not in r]
+                if m in skipped or (done and sum(done) + done[-1] > args.max_seconds) or \
+                        (runs[m] and "error" in runs[m][0]):
+                    continue  # predicted past the limit, or another pass would exceed it
                 result = measure(m, args.ratio, widths, frames, per_frame, args.device, seed=rep)
                 runs[m].append(result)
                 say(f"{frames}x{per_frame} ({n} tokens) {m}: " + (result["error"] if "error" in result else
                     f"{result['seconds'] * 1e3:.1f} ms"))
         for m in list(active):
-            ok = [r for r in runs[m] if "error" not in r]
             row = {"method": m, "frames": frames, "per_frame": per_frame, "n": n}
-            if not ok:
+            ok = [r for r in runs[m] if "error" not in r]
+            if m in skipped:
+                row["skipped_predicted_s"] = skipped[m]
+                active.remove(m)
+            elif not ok:
                 row["error"] = runs[m][0]["error"]
                 active.remove(m)
             else:
@@ -115,8 +141,7 @@ def main(argv=None) -> dict:
                 peaks = [r["peak_extra_bytes"] for r in ok if r["peak_extra_bytes"] is not None]
                 row.update(seconds=median(seconds), seconds_all=seconds, spread=spread(seconds), kept=ok[0]["kept"],
                            peak_extra_bytes=max(peaks) if peaks else None)
-                if row["seconds"] > args.max_seconds:
-                    active.remove(m)
+                history[m].append((n, row["seconds"]))
             rows.append(row)
 
     # ---------------------------------------------------------------------------------------------- prefill
@@ -172,7 +197,9 @@ def format_table(result: dict) -> str:
         for _, _, n in sizes:
             r = by.get((m, n))
             if r is None:
-                cells.append("skipped")
+                cells.append("-")
+            elif "skipped_predicted_s" in r:
+                cells.append(f"skipped (~{r['skipped_predicted_s']:.0f} s)")
             elif "error" in r:
                 cells.append("n/a")
             else:
@@ -188,8 +215,9 @@ def format_table(result: dict) -> str:
     errors = [r for r in rows if "error" in r]
     for r in errors:
         lines.append(f"{r['method']}: not measured ({r['error']})")
-    lines.append("skipped: not run at this size, its median at a smaller size exceeded --max-seconds. Peak MB: the "
-                 "extra memory of the selection (process peak resident size growth on CPU).")
+    lines.append("skipped (~N s): not run, one pass predicted to take N s > --max-seconds from the smaller sizes "
+                 "(at least quadratic growth). Passes at a size stop before their total would exceed --max-seconds. "
+                 "Peak MB: the selection's extra memory (growth of the process's peak resident size on CPU).")
     return "\n".join(lines)
 
 
