@@ -312,3 +312,18 @@ def test_bench_video_input(tmp_path, capsys):
     method = next(r for r in result["results"] if r["kind"] == "method")
     assert method["n_visual"] == [48] and method["n_kept"] == [24]
     assert "video 3x16" in capsys.readouterr().out
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_synthetic_video_inputs_run_pruned(family):
+    from vtr.bench import models
+    from vtr.testing import tiny_model
+    model, _ = tiny_model(family)
+    vision = model.config.vision_config
+    per_frame = 4 if family.startswith("qwen") else (-(-(vision.image_size // vision.patch_size) // 2)) ** 2
+    inputs = models.synthetic_inputs(model, 1, 16, video=(3, per_frame))
+    with pytest.raises(ValueError, match="tokens"):
+        models.synthetic_inputs(model, 1, 16, video=(3, per_frame + 1))
+    with vtr.patch(model, "divprune", ratio=0.5) as handle, torch.no_grad():
+        model(**inputs)
+    n = 3 * per_frame + (family == "llava_onevision")  # OneVision: the video's trailing newline token
+    assert handle.last.n_visual == [n] and handle.last.n_kept == [int(round(0.5 * n))]
