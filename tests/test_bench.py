@@ -264,12 +264,78 @@ def test_multi_stage_ideal_runs_each_stage_length(method):
         torch.testing.assert_close(logits, out.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_scaling_run_reports_selection_per_size(tmp_path, capsys):
+def test_scaling_run_reports_selection_and_memory_per_size(tmp_path, capsys):
     from vtr.bench import scaling
-    result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "32,64", "--methods", "divprune,dart",
-                           "--repeats", "1", "--out", str(tmp_path / "s"), "--quiet"])
-    assert [row["n_visual"] for row in result["rows"]] == [16, 64]
-    for row in result["rows"]:
-        assert row["dense_llm_s"] > 0 and all(row["selection_s"][m] > 0 for m in ("divprune", "dart"))
-    assert json.loads((tmp_path / "s.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
-    assert "visual tokens" in capsys.readouterr().out
+    result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "1x16,4x16", "--methods", "divprune,dart,random",
+                           "--repeats", "2", "--prefill-sizes", "1x16,4x16", "--out", str(tmp_path / "s"),
+                           "--quiet"])
+    rows = result["selection"]
+    assert [(r["method"], r["n"]) for r in rows] == [(m, n) for n in (16, 64) for m in ("divprune", "dart", "random")]
+    for r in rows:
+        assert r["seconds"] > 0 and len(r["seconds_all"]) == 2 and r["spread"] is not None
+        assert r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0
+    assert {r["kept"] for r in rows if r["method"] == "divprune"} == {2, 7}  # round(n * 0.111)
+    assert [p["n"] for p in result["prefill"]] == [16, 64] and all(p["llm_s"] > 0 for p in result["prefill"])
+    assert json.loads((tmp_path / "s.json").read_text())["selection"] == json.loads(json.dumps(rows))
+    out = capsys.readouterr().out
+    assert "4x16 = 64" in out and "dense LLM prefill" in out
+
+
+def test_scaling_skips_sizes_past_the_time_limit(tmp_path, capsys):
+    from vtr.bench import scaling
+    result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "1x16,4x16", "--methods", "divprune",
+                           "--repeats", "2", "--max-seconds", "0", "--prefill-sizes", "", "--out",
+                           str(tmp_path / "s"), "--quiet"])
+    first, second = result["selection"]
+    assert (first["method"], first["n"], len(first["seconds_all"])) == ("divprune", 16, 1)  # no second pass
+    assert second["n"] == 64 and second["skipped_predicted_s"] >= first["seconds"] * 16  # at least quadratic
+    assert "skipped (~" in capsys.readouterr().out
+
+
+def test_scaling_prediction_grows_at_least_quadratically():
+    from vtr.bench.scaling import predict
+    assert predict([], 100) is None
+    assert predict([(100, 1.0)], 200) == 4.0
+    assert predict([(100, 1.0), (200, 8.0)], 400) == pytest.approx(64.0)  # the measured cubic growth
+
+
+def test_synthetic_context_runs_every_registered_method_at_video_size():
+    """The selection-only stand-in provides the signals every registered method reads (a new method reading
+    another one shows up here, not as a silent gap in the scaling table)."""
+    from vtr.bench.synthetic import Widths, measure
+    from vtr.methods.registry import REGISTRY
+    widths = Widths(hidden=32, heads=4, kv_heads=2, head_dim=8, layers=28, vision_hidden=32, vision_heads=4)
+    for name in sorted(REGISTRY):
+        result = measure(name, 0.75, widths, 3, 400)  # a video of 1200 tokens: more than one block
+        assert "error" not in result, result
+        assert 0 < result["kept"] < 1200, result
+
+
+def test_bench_video_input(tmp_path, capsys):
+    from vtr.bench import models, speed
+    with pytest.raises(ValueError, match="FRAMESxTOKENS"):
+        models.parse_video("16")
+    with pytest.raises(SystemExit):
+        speed.run(["--model", "tiny-qwen2_vl", "--video", "3x5", "--out", str(tmp_path), "--quiet"])  # not square
+    assert "square number" in capsys.readouterr().err
+    result = speed.run(["--model", "tiny-qwen2_vl", "--video", "3x16", "--methods", "divprune", "--ratios", "0.5",
+                        "--repeats", "1", "--warmup", "0", "--decode-tokens", "1", "--no-plot", "--out",
+                        str(tmp_path), "--quiet"])
+    method = next(r for r in result["results"] if r["kind"] == "method")
+    assert method["n_visual"] == [48] and method["n_kept"] == [24]
+    assert "video 3x16" in capsys.readouterr().out
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+def test_synthetic_video_inputs_run_pruned(family):
+    from vtr.bench import models
+    from vtr.testing import tiny_model
+    model, _ = tiny_model(family)
+    vision = model.config.vision_config
+    per_frame = 4 if family.startswith("qwen") else (-(-(vision.image_size // vision.patch_size) // 2)) ** 2
+    inputs = models.synthetic_inputs(model, 1, 16, video=(3, per_frame))
+    with pytest.raises(ValueError, match="tokens"):
+        models.synthetic_inputs(model, 1, 16, video=(3, per_frame + 1))
+    with vtr.patch(model, "divprune", ratio=0.5) as handle, torch.no_grad():
+        model(**inputs)
+    n = 3 * per_frame + (family == "llava_onevision")  # OneVision: the video's trailing newline token
+    assert handle.last.n_visual == [n] and handle.last.n_kept == [int(round(0.5 * n))]

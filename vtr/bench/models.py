@@ -247,10 +247,34 @@ def load(name: str, random_init: bool = False, layers: int | None = None, vision
     return build(plan(name, random_init, layers, vision_layers, dtype, device), attn)
 
 
+def parse_video(text: str) -> tuple[int, int]:
+    """``"FRAMESxTOKENS"`` (e.g. ``"16x256"``): frames and visual tokens per frame, both >= 1. Raises
+    ``ValueError`` naming the expected form."""
+    frames, sep, tokens = text.lower().partition("x")
+    try:
+        frames, tokens = int(frames), int(tokens)
+    except ValueError:
+        frames = tokens = 0
+    if not sep or frames < 1 or tokens < 1:
+        raise ValueError(f"a video is given as FRAMESxTOKENS (frames x visual tokens per frame, e.g. 16x256), "
+                         f"got {text!r}")
+    return frames, tokens
+
+
 def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size: int | None = None,
-                     seed: int = 0) -> dict:
-    """A batch of identical-length prompts, one image each, built from the config alone: ``prompt_tokens`` text
-    tokens around the image placeholder tokens, random pixels. Returns model inputs on the model's device."""
+                     seed: int = 0, video: tuple[int, int] | None = None) -> dict:
+    """A batch of identical-length prompts, one image each (or one video: ``video=(frames, tokens per frame)``),
+    built from the config alone: ``prompt_tokens`` text tokens around the placeholder tokens, random pixels.
+    Returns model inputs on the model's device.
+
+    Videos (Qwen2-VL / 2.5-VL / 3-VL): ``frames`` temporal slices of the language model's input (each stands for
+    ``temporal_patch_size`` = 2 video frames, as the Qwen video processors pair them) of ``tokens`` merged tokens
+    each (a square number: a ``sqrt(tokens)``-a-side grid); Qwen3-VL gets one vision-start/end run per slice, as its
+    processor writes it (without the timestamp text). LLaVA-OneVision: ``frames`` frames of the tower's pooled
+    tokens per frame (196 at 384 px), which ``tokens`` must equal, plus the trailing newline token. Raises
+    ``ValueError`` for a count the model cannot produce, ``NotImplementedError`` for other families."""
+    if video is not None:
+        return _synthetic_video(model, batch, prompt_tokens, video, seed)
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     text = config.get_text_config()
@@ -303,6 +327,60 @@ def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size:
     else:
         raise NotImplementedError(f"synthetic inputs for {kind} are not implemented; pass a real checkpoint "
                                   "with --model and its processor builds the inputs")
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    dtype = next(model.parameters()).dtype
+    return {k: (v.to(model.device, dtype) if v.is_floating_point() else v.to(model.device)) for k, v in inputs.items()}
+
+
+def _synthetic_video(model, batch: int, prompt_tokens: int, video: tuple[int, int], seed: int) -> dict:
+    config = model.config
+    frames, tokens = video
+    generator = torch.Generator().manual_seed(seed)
+    text = config.get_text_config()
+    video_id = getattr(config, "video_token_id", None) or getattr(config, "video_token_index", None)
+    special = {getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                   "vision_end_token_id", "image_token_index",
+                                                   "video_token_index")} | {text.bos_token_id, text.eos_token_id}
+
+    def words(n):
+        ids = torch.randint(100, min(text.vocab_size, 30000), (batch, n), generator=generator)
+        ids[torch.isin(ids, torch.tensor([s for s in special if s is not None]))] = 100
+        return ids
+
+    before, after = prompt_tokens // 4, prompt_tokens - prompt_tokens // 4
+    kind = config.model_type
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        vision = config.vision_config
+        side = int(tokens ** 0.5)
+        if side * side != tokens:
+            raise ValueError(f"Qwen-VL frames are square grids of merged tokens: tokens per frame must be a square "
+                             f"number (e.g. 256 = 16 x 16), got {tokens}")
+        grid = side * vision.spatial_merge_size  # patches per side
+        start = torch.full((batch, 1), config.vision_start_token_id)
+        end = torch.full((batch, 1), config.vision_end_token_id)
+        run = torch.full((batch, tokens), video_id)
+        if kind == "qwen3_vl":
+            body = torch.cat([torch.cat([start, run, end], 1) for _ in range(frames)], 1)
+        else:
+            body = torch.cat([start, run.repeat(1, frames), end], 1)
+        ids = torch.cat([words(before), body, words(after)], 1)
+        patch_dim = 3 * vision.temporal_patch_size * vision.patch_size ** 2
+        inputs = {"input_ids": ids,
+                  "pixel_values_videos": torch.randn(batch * frames * grid * grid, patch_dim, generator=generator),
+                  "video_grid_thw": torch.tensor([[frames, grid, grid]] * batch),
+                  "mm_token_type_ids": (ids == video_id).long() * 2}
+    elif kind == "llava_onevision":
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        pooled = (-(-side // 2)) ** 2  # 2x2 pooling, rounded up (27 -> 14 a side at 384 px)
+        if tokens != pooled:
+            raise ValueError(f"LLaVA-OneVision pools each frame to {pooled} tokens; give FRAMESx{pooled}")
+        ids = torch.cat([words(before), torch.full((batch, frames * tokens + 1), video_id), words(after)], 1)
+        inputs = {"input_ids": ids, "pixel_values_videos": torch.randn(batch, frames, 3, vision.image_size,
+                                                                       vision.image_size, generator=generator)}
+    else:
+        raise NotImplementedError(f"synthetic videos for {kind} are not implemented (Qwen2/2.5/3-VL and "
+                                  "LLaVA-OneVision are)")
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     dtype = next(model.parameters()).dtype
     return {k: (v.to(model.device, dtype) if v.is_floating_point() else v.to(model.device)) for k, v in inputs.items()}

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels for synthetic prompts (default: the family's: 336 for LLaVA-1.5, "
                         "two tiles a side for LLaVA-NeXT/OneVision, 672 for Qwen-VL; 64 for tiny models)")
+    p.add_argument("--video", default=None, metavar="FRAMESxTOKENS",
+                   help="a synthetic video instead of the image: frames x visual tokens per frame, e.g. 16x256 "
+                        "(Qwen-VL: temporal slices of 2 frames, square token grids; LLaVA-OneVision: FRAMESx196) "
+                        "(default: an image)")
     p.add_argument("--image", default=None,
                    help="an image file, fed through the checkpoint's processor (default: synthetic random pixels)")
     p.add_argument("--question", default="Describe the image in detail.",
@@ -140,6 +144,14 @@ def run(argv=None) -> dict:
         args.image_size = 64  # the tiny models' own image scale (64 visual tokens on LLaVA-1.5 and Qwen-VL)
     repeats = args.repeats or (10 if device.type == "cuda" else CPU_REPEATS)
     options = dict(_parse_option(s) for s in args.set)
+    video = None
+    if args.video is not None:
+        if args.image:
+            parser.error("--video and --image exclude each other (the video is synthetic)")
+        try:
+            video = models.parse_video(args.video)
+        except ValueError as error:
+            parser.error(str(error))
     budgets = ([{"keep": int(k)} for k in args.keep.split(",") if k] or
                [{"ratio": float(r)} for r in args.ratios.split(",") if r])
     methods = [m for m in args.methods.split(",") if m]
@@ -158,7 +170,10 @@ def run(argv=None) -> dict:
     if processor is not None and args.image:
         inputs = _processor_inputs(model, processor, args)
     else:
-        inputs = models.synthetic_inputs(model, args.batch, args.prompt_tokens, args.image_size)
+        try:
+            inputs = models.synthetic_inputs(model, args.batch, args.prompt_tokens, args.image_size, video=video)
+        except (ValueError, NotImplementedError) as error:
+            parser.error(str(error))
     grid = build_grid(methods, budgets, options)
     length = int(inputs.get("input_ids", inputs.get("inputs_embeds")).shape[1])
     say(f"measuring {len(grid)} configurations (dense; {', '.join(methods)} and their ideals at "
@@ -198,8 +213,9 @@ def describe_run(result: dict) -> str:
              f"{s['layers']} of {s['layers_total']} layers")
     if s.get("width_divisor", 1) != 1:
         depth += f" at 1/{s['width_divisor']} width"
+    visual = f", video {s['video']} (frames x tokens)" if s.get("video") else ""
     return (f"{s['model']} ({'random' if s.get('random_weights') else 'real'} weights, {depth}, "
-            f"{s['dtype'].removeprefix('torch.')}, {s['prompt_length']}-token prompt, batch {s['batch']}) on "
+            f"{s['dtype'].removeprefix('torch.')}, {s['prompt_length']}-token prompt{visual}, batch {s['batch']}) on "
             f"{s['device']} ({env['gpu'] or env['cpu']}); medians of {s['repeats']} interleaved runs")
 
 

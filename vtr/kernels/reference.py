@@ -66,10 +66,73 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     raise ValueError(f"unknown head reduction {reduce!r}")
 
 
+# Selection at video scale (16k-32k visual tokens): no selection materialises an n x n matrix beyond one block.
+# Up to BLOCK_ROWS tokens (an image) the dense matrix IS one block and is computed as before; above it, distances
+# and similarities are computed BLOCK_ROWS rows at a time and reduced online (min, max, argmax, top-k), so the
+# extra memory is O(BLOCK_ROWS * n), linear in n. Each block is one matrix product of at least MIN_GEMM_ROWS rows
+# against all columns: BLAS libraries compute an entry of a row block bit for bit as the full product does (they
+# switch to a matrix-vector kernel, with other rounding, for 1-3 rows, hence the padding), so block reductions
+# give the dense formula's values. The greedy loops (DivPrune, CDPruner's DPP) need one new row per pick; above
+# one block that row is a matrix-vector product (a padded 8-row product costs ~10x more on CPU, a 30-minute loop
+# at 32k tokens), equal to the dense entries up to the last bit: selections are the dense formula's unless two
+# candidates' distances lie within that rounding (tests/test_scaling_memory.py: equal on random inputs larger
+# than a block and on exactly representable ties).
+BLOCK_ROWS = 1024
+MIN_GEMM_ROWS = 8
+
+
+def row_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ right.T`` for ``left: [m, D]`` (m >= 1) and ``right: [n, D]``, returned ``[m, n]``, computed as a
+    matrix product of at least ``MIN_GEMM_ROWS`` rows (``left`` padded with copies of its last row) so that every
+    entry is the float the full product would hold."""
+    m = left.shape[0]
+    if m < MIN_GEMM_ROWS:
+        left = torch.cat([left, left[-1:].expand(MIN_GEMM_ROWS - m, -1)])
+    return (left @ right.T)[:m]
+
+
+def row_blocks(n: int, block: int = BLOCK_ROWS):
+    """``(start, stop)`` of consecutive row blocks covering ``range(n)``."""
+    return ((s, min(s + block, n)) for s in range(0, n, block))
+
+
+def unit_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[N, D]``: the rows of ``x`` L2-normalised in ``dtype`` (eps 1e-8)."""
+    return torch.nn.functional.normalize(x.to(dtype), dim=-1, eps=1e-8)
+
+
 def cosine_distance(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``1 - cos(x_i, x_j)`` for ``x: [N, D]``, computed in ``dtype``. Returns ``[N, N]``."""
-    unit = torch.nn.functional.normalize(x.to(dtype), dim=-1, eps=1e-8)
+    """``1 - cos(x_i, x_j)`` for ``x: [N, D]``, computed in ``dtype``. Returns ``[N, N]`` (the dense matrix:
+    selection holds it only up to ``BLOCK_ROWS`` rows)."""
+    unit = unit_rows(x, dtype)
     return 1 - unit @ unit.T
+
+
+def nearest_other_distance(unit: torch.Tensor) -> torch.Tensor:
+    """``[N]``: each row's cosine distance to its nearest other row (column-wise minimum of the distance matrix
+    without its diagonal, as the dense formula takes it), ``BLOCK_ROWS`` rows at a time: O(N) memory, the dense
+    formula's values."""
+    n = unit.shape[0]
+    nearest = torch.full((n,), float("inf"), dtype=unit.dtype, device=unit.device)
+    for start, stop in row_blocks(n):
+        block = 1 - row_products(unit[start:stop], unit)
+        local = torch.arange(stop - start, device=unit.device)
+        block[local, local + start] = float("inf")  # the diagonal: a row is not its own neighbour
+        nearest = torch.minimum(nearest, block.amin(0))
+    return nearest
+
+
+def maxmin_start(x: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """What both greedy max-min implementations start from: ``(unit rows, nearest-other distances [N], dist)``
+    where ``dist`` is the dense ``[N, N]`` distance matrix when ``N <= BLOCK_ROWS`` (the rows of later picks are
+    read from it, as before) and None above (each pick's row is computed: ``1 - unit @ unit[j]``)."""
+    unit = unit_rows(x, dtype)
+    n = unit.shape[0]
+    if n <= BLOCK_ROWS:
+        dist = 1 - unit @ unit.T
+        nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("inf")).amin(0)
+        return unit, nearest, dist
+    return unit, nearest_other_distance(unit), None
 
 
 def greedy_maxmin(x: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -77,22 +140,31 @@ def greedy_maxmin(x: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -
 
     The first pick is the row farthest from its nearest other row; each next pick is the row whose distance to the
     picked set (its nearest picked row) is largest. Distance is cosine distance in ``dtype``; ties go to the
-    lowest index. Returns ``[k]`` long: the picks in selection order."""
+    lowest index. Returns ``[k]`` long: the picks in selection order.
+
+    Memory O(N) beyond ``x`` above ``BLOCK_ROWS`` rows: the distance matrix is never held (official DivPrune
+    builds it whole: three N x N matrices, +2.3 GiB at 16k tokens); the first pick reduces it ``BLOCK_ROWS`` rows
+    at a time and each step computes the newest pick's row. Time O(N^2 D) for the first pick plus O(k N D) for
+    the steps (memory-bound: one read of ``x`` per pick)."""
     n = x.shape[0]
     k = min(k, n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    dist = cosine_distance(x, dtype)
-    nearest_other = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("inf")).amin(0)
-    first = int(torch.argmax(nearest_other)) if n > 1 else 0
+    unit, nearest, dist = maxmin_start(x, dtype)
+    row = (lambda j: dist[j]) if dist is not None else (lambda j: 1 - unit @ unit[j])
+    first = int(torch.argmax(nearest)) if n > 1 else 0
     picks = [first]
-    to_set = dist[first].clone()
-    to_set[first] = float("-inf")
-    for _ in range(k - 1):
+    picked = torch.zeros(n, dtype=torch.bool, device=x.device)
+    picked[first] = True
+    to_set = row(first).masked_fill(picked, float("-inf"))
+    for step in range(1, k):
         nxt = int(torch.argmax(to_set))
         picks.append(nxt)
-        to_set = torch.minimum(to_set, dist[nxt])
-        to_set[picks] = float("-inf")
+        if step == k - 1:
+            break
+        picked[nxt] = True
+        # A mask rather than the pick list: O(N) per step whatever k (the list costs O(k) and a host copy).
+        to_set = torch.minimum(to_set, row(nxt)).masked_fill_(picked, float("-inf"))
     return torch.tensor(picks, dtype=torch.long, device=x.device)
 
 

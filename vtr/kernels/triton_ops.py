@@ -194,6 +194,29 @@ if AVAILABLE:
             best = nxt
             tl.store(out_ptr + step, best.to(tl.int64))
 
+    @triton.jit
+    def _maxmin_step_kernel(row_ptr, to_set_ptr, out_ptr, step, n, BLOCK: tl.constexpr):
+        # One greedy step in one program: fold the newest pick's distance row (out[step - 1]) into the distance to
+        # the picked set, mark the pick, and write the argmax (ties to the lowest index) to out[step]. Reads the
+        # pick from device memory, so the host never waits for it.
+        offs = tl.arange(0, BLOCK)
+        best = tl.load(out_ptr + step - 1)
+        nxt_val = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
+        nxt = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            inb = idx < n
+            cur = tl.load(to_set_ptr + idx, mask=inb, other=float("-inf"))
+            d = tl.load(row_ptr + idx, mask=inb, other=float("-inf"))
+            cur = tl.where(idx == best, float("-inf"), tl.minimum(cur, d))
+            tl.store(to_set_ptr + idx, cur, mask=inb)
+            bv = tl.max(cur, 0)
+            bi = tl.argmax(cur, 0, tie_break_left=True) + start
+            better = bv > nxt_val  # strict: the earlier block wins ties
+            nxt = tl.where(better, bi, nxt)
+            nxt_val = tl.where(better, bv, nxt_val)
+        tl.store(out_ptr + step, nxt.to(tl.int64))
+
     # ------------------------------------------------------------------------------------------------ DART
     @triton.jit
     def _pivot_select_kernel(sim_ptr, pool_ptr, alive_ptr, out_ptr, P, C, per_pivot, BLOCK: tl.constexpr):
@@ -335,20 +358,27 @@ def greedy_maxmin(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune greedy max-min selection over the rows of ``x: [N, D]``; returns ``[min(k, N)]`` long, the picks
     in selection order (identical to the reference).
 
-    Why: the O(N^2 D) cosine-distance matrix is one cuBLAS matmul (the reference's own ``cosine_distance``, so
-    the selection sees the very same floats); the k sequential steps, which the reference drives from Python
-    with ~4 launches and a host sync each, run inside ONE Triton program that keeps the running distance-to-set
-    vector on the device."""
+    Why: the distances come from the reference's own products (``maxmin_start``: the dense matrix up to
+    ``BLOCK_ROWS`` rows, one cuBLAS matmul; above, blockwise with O(N) memory and one matrix-vector product per
+    pick), so the selection sees the very same floats; the k sequential steps, which the reference drives from
+    Python with ~4 launches and a host sync each, run inside ONE Triton program up to ``BLOCK_ROWS`` rows, and as
+    one program per step above it (the pick stays on the device: no host sync per step)."""
     n = x.shape[0]
     k = min(int(k), n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    dist = reference.cosine_distance(x).contiguous()
-    eye = torch.eye(n, dtype=torch.bool, device=x.device)
-    nearest_other = dist.masked_fill(eye, float("inf")).amin(0)  # column-wise, as the reference
+    unit, nearest, dist = reference.maxmin_start(x)
     out = torch.empty(k, dtype=torch.long, device=x.device)
     to_set = torch.empty(n, dtype=torch.float32, device=x.device)
-    _greedy_maxmin_kernel[(1,)](dist, nearest_other, to_set, out, n, k, BLOCK=min(_pow2(n), 2048), num_warps=8)
+    if dist is not None:
+        _greedy_maxmin_kernel[(1,)](dist.contiguous(), nearest, to_set, out, n, k, BLOCK=min(_pow2(n), 2048),
+                                    num_warps=8)
+        return out
+    out[0] = torch.argmax(nearest)
+    to_set.fill_(float("inf"))
+    for step in range(1, k):
+        row = 1 - unit @ unit.index_select(0, out[step - 1:step])[0]  # the reference's matrix-vector product
+        _maxmin_step_kernel[(1,)](row, to_set, out, step, n, BLOCK=min(_pow2(n), 2048), num_warps=8)
     return out
 
 

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from ..kernels.reference import BLOCK_ROWS, row_blocks, row_products
 from .base import Method, Stage
 from .registry import register
 
@@ -54,6 +55,10 @@ class CDPruner(Method):
       * relevance is normalised per image (official: over all images of the batch at once, which would make a
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
       * features are normalised in fp32 (official: in the model dtype, then cast to fp32);
+      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held (``ConditionalKernel``
+        serves a row per pick); the greedy DPP's own Cholesky rows remain, O(N T) (``greedy_dpp``; a failed
+        allocation raises a ``MemoryError`` naming ``split_threshold``); the same picks unless gains differ only in
+        their last bits (past the kernel's rank they are rounding noise in any implementation);
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
         (``scope="crop"``: per tile, as the official per-crop budget);
       * against OpenVINO GenAI (``"embeddings"``): the paper's min-max formula (OpenVINO: ``(r - min) / (max - min +
@@ -114,24 +119,67 @@ class CDPruner(Method):
         return self._select(features, image, text, negate, budget)
 
     def _select(self, features, image, text, negate, budget):
-        similarity = features @ features.T
-        relevance = torch.ones(len(features), device=similarity.device)
+        relevance = torch.ones(len(features), device=features.device)
         if text is not None:
             relevance = instruction_relevance(torch.nn.functional.normalize(image.float(), dim=-1),
                                               torch.nn.functional.normalize(text.float(), dim=-1), negate)
-        return greedy_dpp(conditional_kernel(similarity, relevance, self.relevance_weight), budget)
+        if len(features) <= BLOCK_ROWS:  # an image: the dense kernel is one block, computed as the official code
+            return greedy_dpp(conditional_kernel(features @ features.T, relevance, self.relevance_weight), budget)
+        return greedy_dpp(ConditionalKernel(features, quality(relevance, self.relevance_weight)), budget)
+
+
+def quality(relevance: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[N]`` per-item quality of the DPP kernel from relevance ``[N]`` in [0, 1]: ``r`` at ``weight`` 1, ``1`` at
+    0, else ``exp(a * r)``, ``a = weight / (2 (1 - weight))``."""
+    if weight == 1:
+        return relevance
+    if weight == 0:
+        return torch.ones_like(relevance)
+    return torch.exp(weight / (2 * (1 - weight)) * relevance)
 
 
 def conditional_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight: float) -> torch.Tensor:
     """``[N, N]`` DPP kernel from similarities ``[N, N]`` and relevance ``[N]`` in [0, 1]: ``diag(q) S diag(q)``
-    with ``q = r`` at ``weight`` 1, ``q = 1`` at 0, else ``q = exp(a * r)``, ``a = weight / (2 (1 - weight))``."""
-    if weight == 1:
-        quality = relevance
-    elif weight == 0:
-        quality = torch.ones_like(relevance)
-    else:
-        quality = torch.exp(weight / (2 * (1 - weight)) * relevance)
-    return quality[:, None] * similarity * quality[None, :]
+    with ``q = quality(relevance, weight)``. The dense form (tests); selection uses ``ConditionalKernel``."""
+    q = quality(relevance, weight)
+    return q[:, None] * similarity * q[None, :]
+
+
+class ConditionalKernel:
+    """The kernel ``diag(q) F F^T diag(q)`` of unit features ``F: [N, C]`` and quality ``q: [N]``, served a row at
+    a time so that it is never held whole (O(N) memory; the official code builds the ``N x N`` similarity and
+    kernel matrices). Used above ``BLOCK_ROWS`` tokens. The diagonal is the dense formula's, bit for bit (blocks
+    of rows: see ``vtr.kernels.reference.row_products``); a row is a matrix-vector product, equal to the dense
+    entries up to the last bit."""
+
+    def __init__(self, features: torch.Tensor, quality: torch.Tensor):
+        self.features, self.quality = features, quality
+        self.n = features.shape[0]
+
+    def diagonal(self) -> torch.Tensor:
+        """``[N]``: ``q_i (f_i . f_i) q_i``, ``BLOCK_ROWS`` rows at a time. Each block is multiplied by all of ``F``
+        (O(N^2 C) time, as the dense similarity): a product with few columns (the last block's own) can round
+        differently from the full one."""
+        f, q = self.features, self.quality
+        diag = torch.empty(self.n, dtype=f.dtype, device=f.device)
+        for start, stop in row_blocks(self.n):
+            diag[start:stop] = torch.diagonal(row_products(f[start:stop], f)[:, start:stop])
+        return q * diag * q
+
+    def row(self, j: int) -> torch.Tensor:
+        """``[N]``: row ``j`` of the kernel."""
+        return self.quality[j] * (self.features @ self.features[j]) * self.quality
+
+
+class _DenseKernel:
+    def __init__(self, kernel: torch.Tensor):
+        self.kernel, self.n = kernel, kernel.shape[0]
+
+    def diagonal(self) -> torch.Tensor:
+        return torch.diagonal(self.kernel)
+
+    def row(self, j: int) -> torch.Tensor:
+        return self.kernel[j]
 
 
 def instruction_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
@@ -145,31 +193,43 @@ def instruction_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool 
     return (relevance - relevance.min() + 1e-6) / spread
 
 
-def greedy_dpp(kernel: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy MAP inference of a DPP with kernel ``[N, N]`` (Chen et al., NeurIPS'18): each pick is the item of
-    largest remaining marginal gain ``d_i^2`` (ties: lowest index), followed by a rank-one Cholesky update.
-    Returns ``[k]`` distinct picks in order.
+def greedy_dpp(kernel, k: int) -> torch.Tensor:
+    """Greedy MAP inference of a DPP (Chen et al., NeurIPS'18): each pick is the item of largest remaining marginal
+    gain ``d_i^2`` (ties: lowest index), followed by a rank-one Cholesky update. ``kernel``: the ``[N, N]`` matrix,
+    or a ``ConditionalKernel`` that computes a row per pick. Returns ``[k]`` distinct picks in order.
+
+    Memory: the ``[k, N]`` incremental Cholesky rows (``4 k N`` bytes: 0.5 GiB for 16,384 tokens keeping half), the
+    algorithm's own bound (O(N k), not O(N)); ``split_threshold`` halves it. An allocation that fails raises a
+    ``MemoryError`` saying so, rather than the allocator's message.
 
     When the kernel's rank runs out before ``k`` picks (no remaining gain > 0: every other item lies in the span of
     the picks, e.g. many identical background tokens), the rest are the unpicked items of largest quality
     ``K_ii`` (ties: lowest index). The official loop takes the square root of a non-positive gain there and its
     NaNs then pick duplicates; vtr fills the budget instead (found by the accuracy canary)."""
-    n = kernel.shape[0]
-    rows = torch.zeros(k, n, dtype=kernel.dtype, device=kernel.device)
-    gain = torch.diagonal(kernel).clone()
+    if isinstance(kernel, torch.Tensor):
+        kernel = _DenseKernel(kernel)
+    n = kernel.n
+    diagonal = kernel.diagonal()
+    try:
+        rows = torch.zeros(k, n, dtype=diagonal.dtype, device=diagonal.device)
+    except RuntimeError as error:  # the allocator's out-of-memory
+        raise MemoryError(f"cdpruner: the greedy DPP over {n} tokens keeping {k} needs {4 * k * n / 2**30:.1f} GiB "
+                          "for its Cholesky rows (O(tokens x kept)); set split_threshold to split the image "
+                          f"({error})") from None
+    gain = diagonal.clone()
     picks = []
     for i in range(k):
         j = int(torch.argmax(gain))
         if not bool(gain[j] > 0):
-            rest = torch.ones(n, dtype=torch.bool, device=kernel.device)
+            rest = torch.ones(n, dtype=torch.bool, device=diagonal.device)
             rest[picks] = False
             left = rest.nonzero().flatten()
-            order = torch.argsort(-torch.diagonal(kernel)[left], stable=True)
+            order = torch.argsort(-diagonal[left], stable=True)
             picks += left[order[:k - i]].tolist()
             break
         picks.append(j)
-        e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(gain[j])
+        e = (kernel.row(j) - rows[:i, j] @ rows[:i]) / torch.sqrt(gain[j])
         rows[i] = e
         gain = gain - e * e
         gain[j] = float("-inf")
-    return torch.tensor(picks, dtype=torch.long, device=kernel.device)
+    return torch.tensor(picks, dtype=torch.long, device=diagonal.device)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.reference import BLOCK_ROWS, MIN_GEMM_ROWS, row_blocks
+
 
 def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -17,17 +19,48 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator
 
     Returns ``(centres [n_clusters], assignment [n])``: centre indices into ``x`` in score order, and each token's
     cluster (an index into ``centres``). Computed in fp64: densities of nearby tokens differ in the 7th digit,
-    where the tie-breaking noise lives, so fp32 rounding alone would reorder centres."""
+    where the tie-breaking noise lives, so fp32 rounding alone would reorder centres.
+
+    Memory: O(n) beyond ``x`` (``BLOCK_ROWS x n`` distances at a time; the official code holds the ``n x n``
+    matrix and several of its masks). Up to ``BLOCK_ROWS`` tokens that is one block, the dense computation itself;
+    above it the distances are computed three times (density and the largest distance, then delta, then the
+    assignment), each entry the float the dense ``torch.cdist`` gives (blocks of at least ``MIN_GEMM_ROWS`` rows:
+    see ``vtr.kernels.reference.row_products``), so the clusters are the same."""
     x = x.double()
     n, dim = x.shape
     n_clusters = min(n_clusters, n)
-    dist = torch.cdist(x[None], x[None])[0] / dim ** 0.5
-    nearest = torch.topk(dist, min(k, n), dim=-1, largest=False).values
-    density = (-(nearest ** 2).mean(-1)).exp()
+    k = min(k, n)
+
+    def distances(start: int, stop: int) -> torch.Tensor:  # [stop - start, n]
+        rows = x[start:stop]
+        if len(rows) < MIN_GEMM_ROWS:
+            rows = torch.cat([rows, rows[-1:].expand(MIN_GEMM_ROWS - len(rows), -1)])
+        return torch.cdist(rows[None], x[None])[0, :stop - start] / dim ** 0.5
+
+    cached = distances(0, n) if n <= BLOCK_ROWS else None  # one block: computed once, as the dense formula
+
+    def blocks():
+        if cached is not None:
+            yield 0, n, cached
+        else:
+            for start, stop in row_blocks(n):
+                yield start, stop, distances(start, stop)
+
+    mean_sq = torch.empty(n, dtype=x.dtype, device=x.device)
+    largest = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
+    for start, stop, dist in blocks():
+        nearest = torch.topk(dist, k, dim=-1, largest=False).values
+        mean_sq[start:stop] = (nearest ** 2).mean(-1)
+        largest = torch.maximum(largest, dist.max())
+    density = (-mean_sq).exp()
     density = density + torch.rand(n, generator=generator).to(density) * 1e-6
-    denser = density[None, :] > density[:, None]  # [i, j]: j is denser than i
-    delta = torch.where(denser, dist, dist.max()).amin(-1)
+    delta = torch.empty(n, dtype=x.dtype, device=x.device)
+    for start, stop, dist in blocks():
+        denser = density[None, :] > density[start:stop, None]  # [i, j]: j is denser than i
+        delta[start:stop] = torch.where(denser, dist, largest).amin(-1)
     centres = torch.topk(delta * density, n_clusters).indices
-    assignment = dist[:, centres].argmin(-1)
+    assignment = torch.empty(n, dtype=torch.long, device=x.device)
+    for start, stop, dist in blocks():
+        assignment[start:stop] = dist[:, centres].argmin(-1)
     assignment[centres] = torch.arange(n_clusters, device=x.device)
     return centres, assignment

@@ -77,7 +77,9 @@ class SparseVLM(Method):
     text after the image is rated by its last token; layers are the official ones on models of at least 17
     layers, else scaled to the depth; ``layers`` may name fewer than 3 stages (the first counts of the schedule,
     for shallow models); scores in fp32 (``score_dtype="model"``: the model dtype); DPC-KNN in fp64 (the
-    densities of nearby tokens differ where the 1e-6 tie-breaking noise lives); keeping everything (``ratio=0``,
+    densities of nearby tokens differ where the 1e-6 tie-breaking noise lives), and above 1024 recycled candidates
+    in blocks of 1024 rows with O(n) extra memory (official: the n x n distance matrix and its masks; same
+    clusters, ``clustering.dpc_knn``); keeping everything (``ratio=0``,
     ``keep >= n``) is the identity, although the official ``min(count, n - 1)`` always drops a token.
     """
 

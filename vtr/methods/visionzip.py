@@ -5,6 +5,7 @@ from typing import ClassVar
 
 import torch
 
+from ..kernels.reference import row_blocks, row_products
 from .base import Merge, Method, Stage
 from .fastervlm import CLIP_MODELS, NO_CLS
 from .registry import register
@@ -39,6 +40,8 @@ class VisionZip(Method):
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
         (``scope="crop"``: per tile, as the official code, which compresses each crop and re-lays the sub-crops'
         dominant tokens on the global grid), targets chosen over the image's tokens in sequence order;
+      * the member-to-target similarities in blocks of 1024 members, O(n) extra memory (official: the whole
+        matrix; same assignment);
       * [CLS] attention mean over heads instead of the sum (the same order), fp32 scores, keys and merges (official:
         model dtype; ``score_dtype="model"`` computes the scores in the tower's dtype).
     """
@@ -89,7 +92,10 @@ def contextual_assignment(keys: torch.Tensor, contextual: int):
     is_target = torch.zeros(R, dtype=torch.bool, device=keys.device)
     is_target[targets] = True
     members = (~is_target).nonzero().flatten()
-    assign = (keys[members] @ keys[targets].T).argmax(-1) if len(members) else members
+    # Blockwise (O(R) memory per block of members; the official code holds the whole R x C similarity), the
+    # same floats and ties.
+    assign = torch.cat([row_products(keys[members[start:stop]], keys[targets]).argmax(-1)
+                        for start, stop in row_blocks(len(members))]) if len(members) else members
     return targets, members, assign
 
 
