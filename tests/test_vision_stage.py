@@ -1,0 +1,231 @@
+"""The ``vision`` stage (pruning inside the vision tower) and FlowCut, its first method.
+
+* the tower's later layers really run on fewer tokens (their inputs, hooked);
+* FlowCut's choices against a slow loop re-derived from the notes (shared/research/methods_image.md section 9), run
+  layer by layer through the unpatched CLIP layers with eager attention;
+* images of one tower call that keep different counts (padding with a key mask) against the reference;
+* ratio 0 is the identity on LLaVA-NeXT too (its anyres newlines included); models the stage lacks are refused.
+
+Exactness against the reference (the unpatched tower run on the kept patches crop by crop from each pruning layer
+on, then the unpatched language model fed the result; prefill and decode, eager and SDPA, batched) is in
+test_exactness.py, batch-vs-alone in test_requests.py: both matrices include FlowCut."""
+import math
+
+import pytest
+import torch
+
+import reference as R
+import tiny_models as tm
+import vtr
+from test_exactness import check_against_reference
+from vtr import compat
+
+
+def sharpen(model, scale: float = 40.0):
+    """Scale the tower's query weights so that its attention is far from uniform (random tiny weights give
+    near-uniform [CLS] attention, whose entropy makes FlowCut's adaptive count 0 until the last pruning layer)."""
+    for layer in compat.vision_layers(model):
+        layer.self_attn.q_proj.weight.data *= scale
+    return model
+
+
+def slow_flowcut(model, pixels: torch.Tensor, targets: list, crops: list) -> dict:
+    """Notes 9.2, batch of one prompt: after each CLIP layer idx < F with more than target + 1 tokens, score the
+    patches with the eager attention's [CLS] row, softmax(v_cls . v_j) and ||mean_h v_j||_1, accumulate
+    C = (C + S) / 2, and at rpl = F - idx - 1 even keep the top max(n - P, target + 1) - 1 by C, P the largest over
+    the image's crops of round((N - target) / sqrt(rpl) * (1 - (H / log N)^2)), rpl = 0: P = n. Returns
+    {layer: [C, W] kept original token indices} for the layers that pruned."""
+    tower = model.model.vision_tower
+    vm = getattr(tower, "vision_model", tower)
+    F = compat.vision_feature_layer(model)
+    hidden = vm.pre_layrnorm(vm.embeddings(pixels))
+    names = [list(range(hidden.shape[1])) for _ in range(hidden.shape[0])]
+    states = [h[None] for h in hidden]
+    cumulative = [None] * len(states)
+    history = {}
+    for idx, layer in enumerate(vm.encoder.layers[:F]):
+        pruned = False
+        for image, target in zip(crops, targets):
+            members = list(range(image[0], image[1]))
+            scores, prune = {}, 0
+            for c in members:
+                x = layer.layer_norm1(states[c])
+                _, weights = layer.self_attn(hidden_states=x)  # eager: [1, H, n, n]
+                attn = layer.self_attn
+                n = x.shape[1]
+                v = attn.v_proj(x).view(n, attn.num_heads, attn.head_dim).transpose(0, 1)  # [H, n, d]
+                states[c] = layer(states[c], None)
+                if n <= target + 1:
+                    continue
+                a = weights[0, :, 0, :].mean(0)[1:]
+                sem = torch.stack([torch.softmax(v[h, 0] @ v[h].T, -1) for h in range(v.shape[0])]).mean(0)[1:]
+                vnorm = v.mean(0)[1:].abs().sum(-1)
+                score = (a / a.sum() + sem / sem.sum()) * vnorm
+                cumulative[c] = score if cumulative[c] is None else 0.5 * cumulative[c] + 0.5 * score
+                scores[c] = a
+            rpl = F - idx - 1
+            if not scores or rpl % 2:
+                continue
+            for c, a in scores.items():
+                N = len(a)
+                p = a / a.sum()
+                entropy = -sum(float(x) * math.log(float(x)) for x in p)
+                count = (N - target) / math.sqrt(rpl) * (1 - (entropy / math.log(N)) ** 2) if rpl else None
+                prune = max(prune, round(count)) if rpl else states[c].shape[1]
+            for c in scores:
+                n = states[c].shape[1]
+                keep = max(n - prune, target + 1) - 1
+                top = sorted(torch.topk(cumulative[c], keep).indices.tolist())
+                cumulative[c] = cumulative[c][top]
+                states[c] = torch.cat([states[c][:, :1], states[c][:, [1 + t for t in top]]], 1)
+                names[c] = [names[c][0]] + [names[c][1 + t] for t in top]
+                pruned = pruned or keep < n - 1
+        if pruned:
+            width = max(len(n) for n in names)
+            history[idx] = torch.tensor([n + [-1] * (width - len(n)) for n in names])
+    return history
+
+
+def tower_pixels(model, inputs) -> torch.Tensor:
+    """The tower's input of an unpatched forward (LLaVA-NeXT: every image's crops)."""
+    seen = {}
+    hook = model.model.vision_tower.register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(pixels=kwargs.get("pixel_values", args[0] if args else None)),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen["pixels"]
+
+
+def patched(model, inputs, **budget):
+    with vtr.patch(model, "flowcut", **budget) as handle:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    return handle.last, handle.method, logits
+
+
+@pytest.mark.parametrize("family,variant", [("llava", "single"), ("llava", "multi"), ("llava_next", "single"),
+                                            ("llava_next", "multi")])
+@pytest.mark.parametrize("budget", [{"ratio": 0.75}, {"ratio": 0.5}, {"keep": 6}])
+def test_flowcut_matches_the_slow_loop(family, variant, budget):
+    model, proc = tm.build(family, attn="eager")
+    sharpen(model)
+    inputs = tm.image_inputs(family, proc, 2, variant, rows=[0])
+    record, method, _ = patched(model, inputs, **budget)
+    spans = record.layout.rows[0].spans
+    sizes = inputs.get("image_sizes")
+    crops, first, targets = [], 0, []
+    for k, span in enumerate(spans):
+        size = sizes[k].tolist() if sizes is not None else None
+        n_crops = model_family(model).crops_per_image(model, size)
+        crops.append((first, first + n_crops))
+        first += n_crops
+        targets.append(method.vision_target(span.n, n_crops))
+    with torch.no_grad():
+        expected = slow_flowcut(model, tower_pixels(model, inputs), targets, crops)
+    got = record.vision_tokens
+    assert sorted(got) == sorted(expected)
+    patches = tower_pixels(model, inputs).shape[-1] // 8
+    if any(t < patches ** 2 for t in targets):
+        assert expected, "the vision stage should have pruned"
+    if family == "llava":  # sharpened attention: the adaptive count prunes before the last pruning layer too
+        assert len(expected) >= 2
+    for layer in expected:
+        assert torch.equal(got[layer].cpu(), expected[layer]), layer
+
+
+def model_family(model):
+    from vtr.patches import family_of
+    return family_of(model)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_later_vision_layers_run_on_fewer_tokens(family):
+    """Hook every CLIP layer's input: from the layer after the last pruning layer on, each crop holds its target
+    + [CLS]; the projector's input still has the whole grid (pruned slots zero)."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    layers = compat.vision_layers(model)
+    seen = {}
+    hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1]))
+             for i, layer in enumerate(layers)]
+    try:
+        record, method, _ = patched(model, inputs, ratio=0.75)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    F = compat.vision_feature_layer(model)
+    n = inputs["pixel_values"].shape[-1] // 8
+    span = record.layout.rows[0].spans[0]
+    target = method.vision_target(span.n, 1 if family == "llava" else 3)
+    assert seen[0] == n * n + 1
+    assert all(seen[i] == target + 1 for i in range(F, len(layers)))
+    assert max(record.vision_tokens) == F - 1
+    assert (record.vision_tokens[F - 1] >= 0).sum(1).tolist() == [target + 1] * record.vision_tokens[F - 1].shape[0]
+
+
+def test_images_keeping_different_counts_share_the_tower():
+    """Two images of one call whose adaptive counts differ: the shorter crop is right-padded with a key mask, and the
+    result equals the unpatched tower run on each image's kept patches alone (then the unpatched LM)."""
+    model, proc = tm.build("llava", attn="sdpa")
+    sharpen(model)
+    inputs = tm.image_inputs("llava", proc, 2, "multi")
+    with vtr.patch(model, "flowcut", ratio=0.5) as handle:
+        with torch.no_grad():
+            model(**inputs)
+    lengths = {layer: (t >= 0).sum(1).tolist() for layer, t in handle.last.vision_tokens.items()}
+    assert any(len(set(n)) > 1 for n in lengths.values()), lengths
+    for mode in ("forward", "generate"):
+        check_against_reference(model, inputs, "flowcut", mode)
+
+
+def test_ratio_zero_keeps_the_anyres_newlines():
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, 2, "multi")
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    record, _, logits = patched(model, inputs, ratio=0.0)
+    assert torch.equal(logits, expected)
+    assert record.n_kept == record.n_visual
+
+
+def test_llava_next_drops_the_tile_newlines_and_prunes_again_at_layer_2():
+    """The official anyres code stitches the kept tile tokens without newlines; then decoder layer 1's scores keep
+    the image's target from layer 2 on."""
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, 1)
+    record, method, _ = patched(model, inputs, keep=8)
+    span = record.layout.rows[0].spans[0]
+    vision, llm = record.stages
+    assert (vision.stage, llm.stage, llm.layer) == ("vision", "layer", 2)
+    kept = vision.kept[0]
+    assert not bool(span.newline[kept].any())
+    assert len(llm.kept[0]) == 8 and bool(torch.isin(llm.kept[0], kept).all())
+    assert method.llm_layer == 2
+    # llm_layer=0: the vision stage alone, with floor(target / 2) patches per crop
+    record, _, _ = patched(model, inputs, keep=8, llm_layer=0)
+    assert len(record.stages) == 1 and record.stages[0].stage == "vision"
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_flowcut_refuses_towers_it_lacks(family):
+    model, _ = tm.build(family)
+    with pytest.raises(ValueError, match="flowcut does not support .*CLIP towers with a \\[CLS\\] token"):
+        vtr.patch(model, "flowcut", ratio=0.5)
+    assert vtr.api.handle_of(model) is None
+
+
+def test_vision_step_contract_is_checked():
+    """A vision-stage method whose choice breaks the contract gets an error naming it."""
+    class Bad(vtr.FlowCut):
+        def vision_step(self, ctx, image):
+            return torch.zeros(image.n_crops, image.n_patches - 1, dtype=torch.long)  # duplicates
+
+    model, proc = tm.build("llava")
+    with pytest.raises(RuntimeError, match="flowcut: vision_step\\(\\) returned invalid patch indices"):
+        with vtr.patch(model, Bad(ratio=0.5)):
+            with torch.no_grad():
+                model(**tm.image_inputs("llava", proc, 1))
