@@ -229,3 +229,38 @@ def test_vision_step_contract_is_checked():
         with vtr.patch(model, Bad(ratio=0.5)):
             with torch.no_grad():
                 model(**tm.image_inputs("llava", proc, 1))
+
+
+def test_speed_bound_of_a_vision_stage_method():
+    """The benchmark's ideal of FlowCut runs each decoder layer on its stage's length (the vision stage's tokens
+    from layer 0, LLaVA-NeXT's layer stage from 2), and its row takes the method's own (pruned) vision time."""
+    import types
+
+    from vtr.bench import grid
+    from vtr.bench.ideal import LayeredIdeal
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, 1)
+    lm_inputs = R.capture_lm_inputs(model, inputs)
+    with vtr.patch(model, "flowcut", ratio=0.75) as handle, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        stages = [(s.layer, s.index) for s in handle.last.stages]
+    ideal = LayeredIdeal(model, lm_inputs, stages=stages)
+    ideal.prefill()
+    assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == \
+        [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    assert out.past_key_values.layers[0].keys.shape[-2] < lm_inputs["embeds"].shape[1]
+
+    def sample(vision, llm):
+        return grid.Sample(ttft=vision + llm, vision=vision, llm=llm, selection=0.0, decode_step=0.1,
+                           peak_memory=0, kv_cache=0, layer_lengths=[4] * 4, batch=1, n_visual=[8], n_kept=[2],
+                           stages=[])
+    configs = [grid.Config("dense"), grid.Config("method", "flowcut", {"ratio": 0.75}),
+               grid.Config("ideal", "flowcut", {"ratio": 0.75}), grid.Config("method", "divprune", {"ratio": 0.75}),
+               grid.Config("ideal", "divprune", {"ratio": 0.75})]
+    samples = {"dense": [sample(3.0, 5.0)], "flowcut[ratio=0.75]": [sample(1.0, 2.0)],
+               "flowcut[ratio=0.75] ideal": [sample(0.0, 1.5)], "divprune[ratio=0.75]": [sample(3.0, 2.0)],
+               "divprune[ratio=0.75] ideal": [sample(0.0, 1.5)]}
+    model_stub = types.SimpleNamespace(config=model.config)
+    rows = {r["config"]: r for r in grid.summarise(configs, samples, model_stub)}
+    assert rows["flowcut[ratio=0.75] ideal"]["vision_s"] == 1.0 and rows["flowcut[ratio=0.75] ideal"]["ttft_s"] == 2.5
+    assert rows["divprune[ratio=0.75] ideal"]["vision_s"] == 3.0 and rows["divprune[ratio=0.75] ideal"]["ttft_s"] == 4.5
