@@ -264,3 +264,57 @@ def test_speed_bound_of_a_vision_stage_method():
     rows = {r["config"]: r for r in grid.summarise(configs, samples, model_stub)}
     assert rows["flowcut[ratio=0.75] ideal"]["vision_s"] == 1.0 and rows["flowcut[ratio=0.75] ideal"]["ttft_s"] == 2.5
     assert rows["divprune[ratio=0.75] ideal"]["vision_s"] == 3.0 and rows["divprune[ratio=0.75] ideal"]["ttft_s"] == 4.5
+
+
+@pytest.mark.parametrize("budget", [{"keep": 8}, {"ratio": 0.9}])
+def test_llava_next_layer_stage_matches_the_slow_loop(budget):
+    """Notes 9.4: at decoder layer 1, the last prompt token's query (per head, after RoPE) over the image's keys,
+    softmax(q k / sqrt(d)) in fp32, and its value over the image's values, softmax(v_q v / sqrt(d)), each mean over
+    heads; score (rel / sum + sem / sum) * ||mean_h v_j||_1; the top target go on from layer 2. Run on the tokens
+    the vision stage kept (compact positions), through the unpatched layers with eager attention."""
+    import sys
+    model, proc = tm.build("llava_next", attn="eager")
+    inputs = tm.image_inputs("llava_next", proc, 1)
+    record, method, _ = patched(model, inputs, **budget)
+    span = record.layout.rows[0].spans[0]
+    lm_inputs = R.capture_lm_inputs(model, inputs, vision_tokens=record.vision_tokens)
+    order = record.stages[0].index[0].tolist()
+    lm = R.lm_of(model)
+    hidden = lm_inputs["embeds"][0, order][None]
+    positions = torch.arange(len(order))[None]
+    L = len(order)
+    mask = R.additive_mask(torch.ones(1, L, dtype=torch.bool), L, hidden.dtype)
+    with torch.no_grad():
+        cos, sin = lm.rotary_emb(hidden, positions)
+        hidden = lm.layers[0](hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
+        block = lm.layers[1]
+        attn = block.self_attn
+        x = block.input_layernorm(hidden)
+        H, d = model.config.text_config.num_attention_heads, attn.head_dim
+        q = attn.q_proj(x).view(1, L, -1, d).transpose(1, 2)
+        k = attn.k_proj(x).view(1, L, -1, d).transpose(1, 2)
+        v = attn.v_proj(x).view(1, L, -1, d).transpose(1, 2)[0]
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = q[0], k[0]
+    group = H // k.shape[0]
+    image = [j for j, p in enumerate(order) if p in set(span.positions.tolist())]
+    rel = torch.stack([torch.softmax((q[h, -1] @ k[h // group, image].T) / math.sqrt(d), -1, dtype=torch.float32)
+                       for h in range(H)]).mean(0)
+    sem = torch.stack([torch.softmax((v[h // group, -1] @ v[h // group, image].T) / math.sqrt(d), -1,
+                                     dtype=torch.float32) for h in range(H)]).mean(0)
+    vnorm = torch.stack([v[h // group, image] for h in range(H)]).mean(0).abs().sum(-1)
+    score = (rel / rel.sum() + sem / sem.sum()) * vnorm
+    target = method.budget(span.n)
+    top = torch.topk(score, target).indices.tolist()
+    where = {int(p): i for i, p in enumerate(span.positions)}
+    expected = sorted(where[order[image[j]]] for j in top)
+    assert record.stages[1].kept[0].tolist() == expected
+    assert len(record.stages[0].kept[0]) > target
+
+
+def test_flowcut_refuses_a_tower_without_a_layer_below_the_feature_layer():
+    model, _ = tm.build("llava")
+    model.config.vision_feature_layer = 1  # the projector reads layer 0's output
+    with pytest.raises(ValueError, match="flowcut: this vision tower has no layer below its feature layer 0"):
+        vtr.patch(model, "flowcut", ratio=0.5)
+    assert vtr.api.handle_of(model) is None

@@ -144,6 +144,9 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
     if method.stages()[0].stage is Stage.VISION:  # the layers it prunes after must lie below the feature layer
         feature = compat.vision_feature_layer(model)
         layers = method.vision_stage_layers(len(compat.vision_layers(model)), feature)
+        if not layers:
+            raise ValueError(f"{method.name}: this vision tower has no layer below its feature layer {feature} to "
+                             "prune after (the projector reads the first layer's output)")
         if any(not 0 <= i < feature for i in layers):
             raise ValueError(f"{method.name}: vision-stage layers {list(layers)} must lie below the feature layer "
                              f"{feature} of this vision tower")

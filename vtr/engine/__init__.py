@@ -12,6 +12,12 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
   the tokens a merging stage adds); every layer gets the mask of the stage it runs in (rebuilt by transformers' own
   mask function for that cache layer), its rotary embeddings and positions. Layers before a stage keep their
   longer sequence and KV cache.
+* ``vision`` stage (inside CLIP towers): forward hooks on the vision layers hand the method each image's signals
+  after its pruning layers and return the layer output gathered to the kept patches, so the later layers run on
+  them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower
+  puts its outputs back on the full grid (pruned slots zero) so the model's feature selection, projector and anyres
+  packing run unchanged, and the language model's pre-hook then removes the placeholders of the pruned patches as
+  a ``pre_llm`` stage would. ``layer`` stages may follow it.
 * Decoding and continuations (any number of new tokens on a pruned cache): the 2-D mask of the pruned layers is
   the pruned prompt mask followed by the new tokens' columns; positions follow the method's policy (``original``:
   the unpruned numbering; ``compact``: minus the tokens removed).
