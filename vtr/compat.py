@@ -305,15 +305,22 @@ def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.
     return _vision_heads(attn, "k_proj", hidden).mean(1)
 
 
-def vision_values(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``[n, H, N, d]``: the attention module's value projections (with the bias), per head."""
-    return _vision_heads(attn, "v_proj", hidden)
-
-
 # The ``vision`` stage runs later CLIP/SigLIP layers on fewer tokens: the layer output returned by a forward hook
 # becomes the next layer's input (``CLIPEncoder`` loops ``hidden_states = layer(hidden_states, attention_mask)``),
 # crops of different lengths are right-padded and given an additive key mask as the layer's second argument, and
 # the tower's ``BaseModelOutputWithPooling`` (``last_hidden_state``, ``hidden_states``) is rewritten at the tower.
+def vision_projections(attn: torch.nn.Module) -> dict:
+    """The attention module's query, key and value projections (``q``/``k``/``v``): their outputs ``[n, N, H * d]``
+    (bias included, queries not yet scaled) are what the attention runs on."""
+    return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+
+
+def vision_heads(attn: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    """``[n, N, H * d]`` -> ``[n, H, N, d]``."""
+    n, N, _ = projected.shape
+    return projected.view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose output holds the tower's ``hidden_states`` (``model.model.vision_tower``)."""
     return model.model.vision_tower

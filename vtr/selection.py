@@ -485,32 +485,36 @@ class VisionImage:
 
 
 class VisionStageContext:
-    """The signals of one vision layer for a ``vision`` stage, computed from the layer's captured attention input
-    (``[C, L, D_v]``, right-padded crops) for the rows a method asks for; the tower itself keeps SDPA / FlashAttention.
-    Each signal is computed once per image."""
+    """The signals of one vision layer for a ``vision`` stage, computed for the rows a method asks for from the
+    query, key and value projections the layer itself computed (``[C, W, H * d]``, right-padded crops), so the tower
+    keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
 
-    def __init__(self, engine: "Engine", attn: torch.nn.Module, hidden: torch.Tensor):
-        self.engine, self.attn, self.hidden = engine, attn, hidden
+    def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict):
+        self.engine, self.attn, self.projections = engine, attn, projections
         self._memo = {}
 
     @property
     def score_dtype(self) -> torch.dtype:
-        return self.hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
+        dtype = self.projections["k"].dtype
+        return dtype if self.engine.method.score_dtype == "model" else torch.float32
 
-    def _tokens(self, image: VisionImage) -> torch.Tensor:
-        return self.hidden[image.crops, :image.n]  # this image's crops all hold n real tokens
+    def _heads(self, name: str, image: VisionImage) -> torch.Tensor:
+        """``[c, H, n, d]``: this image's crops (all holding ``n`` real tokens) of one projection."""
+        return compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n]).to(self.score_dtype)
 
     def attention_rows(self, image: VisionImage, rows: slice) -> torch.Tensor:
         """``[c, H, r, n]``: softmax attention probabilities (fp32 softmax, as eager attention) of the query tokens
         ``rows`` of each crop over its ``n`` current tokens, per head."""
         key = ("rows", image.crops.start, rows.start, rows.stop)
         if key not in self._memo:
-            self._memo[key] = compat.vision_attention_rows(self.attn, self._tokens(image), rows, self.score_dtype)
+            q = self._heads("q", image)[:, :, rows]
+            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * self.attn.scale
+            self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype)
         return self._memo[key]
 
     def values(self, image: VisionImage) -> torch.Tensor:
         """``[c, H, n, d]``: the attention's value projections (bias included) per head."""
         key = ("values", image.crops.start)
         if key not in self._memo:
-            self._memo[key] = compat.vision_values(self.attn, self._tokens(image)).to(self.score_dtype)
+            self._memo[key] = self._heads("v", image)
         return self._memo[key]

@@ -53,9 +53,9 @@ class VisionSignals:
             reg(layers[i].register_forward_hook(self._vision_output(i)))
         if self.vision_stage_layers:
             for i, layer in enumerate(layers):
-                if i in self.vision_stage_layers:
-                    reg(compat.vision_self_attention(layer).register_forward_pre_hook(self._stage_input(i),
-                                                                                      with_kwargs=True))
+                if i in self.vision_stage_layers:  # the tower's own q/k/v projections, kept for the scores
+                    for name, module in compat.vision_projections(compat.vision_self_attention(layer)).items():
+                        reg(module.register_forward_hook(self._stage_projection(i, name)))
                 reg(layer.register_forward_pre_hook(self._stage_mask(i), with_kwargs=True))
                 reg(layer.register_forward_hook(self._stage_output(i)))
             reg(compat.vision_tower(self.model).register_forward_hook(self._stage_tower_output))
@@ -109,11 +109,11 @@ class VisionSignals:
                                           images=images)
         return call.stage
 
-    def _stage_input(self, i: int):
-        def hook(module, args, kwargs):
+    def _stage_projection(self, i: int, name: str):
+        def hook(module, args, output):
             call = self._vision.get(threading.get_ident())
             if call is not None:
-                call.layers[("stage", i)] = [module, kwargs.get("hidden_states", args[0] if args else None), None]
+                call.layers.setdefault(("stage", i), {})[name] = output
         return hook
 
     def _stage_mask(self, i: int):
@@ -144,20 +144,21 @@ class VisionSignals:
             if i not in self.vision_stage_layers:
                 return None
             call = self._vision[threading.get_ident()]
-            attn, attn_input, _ = call.layers.pop(("stage", i))
-            new = self._vision_prune(stage, i, attn, attn_input, hidden)
+            projections = call.layers.pop(("stage", i))
+            new = self._vision_prune(stage, i, compat.vision_self_attention(module), projections, hidden)
             if new is None:
                 return None
             stage.outputs.append((weakref.ref(new), stage.tokens))
             return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
         return hook
 
-    def _vision_prune(self, stage: VisionStageState, layer: int, attn, attn_input: torch.Tensor,
+    def _vision_prune(self, stage: VisionStageState, layer: int, attn, projections: dict,
                       hidden: torch.Tensor) -> torch.Tensor | None:
         """Ask the method, image by image, which patches to keep after vision layer ``layer``; returns the layer's
-        output gathered to the kept tokens (crops right-padded to the longest), or None if nothing was dropped."""
+        output gathered to the kept tokens (crops right-padded to the longest), or None if nothing was dropped.
+        projections: the layer's own query, key and value projections (``[C, W, H * d]``)."""
         start = clock(hidden)
-        ctx = VisionStageContext(self, attn, attn_input)
+        ctx = VisionStageContext(self, attn, projections)
         first = int(self.vision_cls)
         tokens, lengths, changed = stage.tokens.clone(), stage.lengths.clone(), False
         picks = {}

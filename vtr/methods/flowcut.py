@@ -66,9 +66,9 @@ class FlowCut(Method):
       mask (eager / SDPA vision attention; FlashAttention-2 refuses such a batch);
     * the language-model stage is per image: the official code scores one span per row, from its first image token
       to its last (text between images included) against one budget;
-    * the tower keeps its attention backend: [CLS] attention and values are recomputed from each pruning layer's
-      captured input (fp32 unless ``score_dtype="model"``; the official code computes them in fp16 inside a patched
-      eager attention);
+    * the tower keeps its attention backend: the [CLS] row's attention and the value similarities are computed from
+      the query, key and value projections each layer computed itself (captured; fp32 unless
+      ``score_dtype="model"``; the official code computes them in fp16 inside a patched eager attention);
     * the projector runs on the whole grid (pruned slots hold zeros, which are then dropped), so that the model's
       own feature selection and anyres packing run unchanged: the extra projector work is per token and small;
     * at least one patch per crop on LLaVA-NeXT (``floor(target / 2)`` would be 0 for ``target = 1``).
