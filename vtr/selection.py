@@ -500,7 +500,8 @@ class VisionStageContext:
 
     def _heads(self, name: str, image: VisionImage) -> torch.Tensor:
         """``[c, H, n, d]``: this image's crops (all holding ``n`` real tokens) of one projection."""
-        return compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n]).to(self.score_dtype)
+        heads = compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n])
+        return heads.to(self.score_dtype).contiguous()  # reductions over a transposed view are slow on CPU
 
     def attention_rows(self, image: VisionImage, rows: slice) -> torch.Tensor:
         """``[c, H, r, n]``: softmax attention probabilities (fp32 softmax, as eager attention) of the query tokens
