@@ -34,7 +34,7 @@ def adaptive_prune_count(cls_attention: torch.Tensor, remaining: int, target: in
 @register
 @dataclass
 class FlowCut(Method):
-    """FlowCut (Tong et al., NeurIPS'25; github.com/TungChintao/FlowCut): progressive pruning inside the CLIP
+    """FlowCut (NeurIPS'25; github.com/TungChintao/FlowCut): progressive pruning inside the CLIP
     vision tower, guided by how information flows to the [CLS] token.
 
     Vision stage (``flowcut/modeling_clip_flowcut.py``): after every vision layer ``i`` below the feature layer
@@ -71,7 +71,12 @@ class FlowCut(Method):
       ``score_dtype="model"``; the official code computes them in fp16 inside a patched eager attention);
     * the projector runs on the whole grid (pruned slots hold zeros, which are then dropped), so that the model's
       own feature selection and anyres packing run unchanged: the extra projector work is per token and small;
-    * at least one patch per crop on LLaVA-NeXT (``floor(target / 2)`` would be 0 for ``target = 1``).
+    * at least one patch per crop on LLaVA-NeXT (``floor(target / 2)`` would be 0 for ``target = 1``);
+    * a ``ratio`` budget is taken of the image's own token count (LLaVA-NeXT: base grid and unpadded tiles with their
+      newlines), where the official code takes one ``target_num`` for every image;
+    * with ``vision_feature_select_strategy="full"`` ([CLS] passed to the language model, not used by the LLaVA-1.5 /
+      NeXT checkpoints) the [CLS] token is kept beside the target patches, where the official ``cls_patch`` mode
+      counts it among them.
 
     Not supported: Qwen2/2.5/3-VL (the official Qwen code: a mean-query "global" score on the 2x2 merge groups,
     window ``cu_seqlens`` and rotary positions of the kept patches) and LLaVA-OneVision (SigLIP has no [CLS]): refused
