@@ -15,15 +15,33 @@ import types
 import torch
 from transformers import DynamicCache
 
+from vtr import compat
+
 
 def lm_of(model):
     return model.model.language_model
 
 
-def capture_lm_inputs(model, inputs: dict, generate: bool = False) -> dict:
+def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens: dict | None = None) -> dict:
     """Inputs the language model receives at the prefill of an unpatched forward (or ``generate``, which numbers
-    positions from the attention mask): embeddings, 2-D mask, positions."""
+    positions from the attention mask): embeddings, 2-D mask, positions. ``vision_tokens`` (a vision stage's
+    record, ``handle.last.vision_tokens``): the vision tower's feature layer is recomputed crop by crop by the
+    unpatched layers, each run on the kept tokens from the layer after each pruning layer on (``vision_reference``);
+    the unpatched model then projects those features. ``seen["again"](vision_tokens)`` captures again so."""
     seen = {}
+    tower_hook = None
+    if vision_tokens:
+        tower = model.model.vision_tower
+        feature = compat.vision_feature_layer(model)
+
+        def replace(module, args, kwargs, output):
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            hidden = list(output.hidden_states)
+            hidden[feature + 1] = vision_reference(tower, pixels, vision_tokens, feature)
+            output.hidden_states = tuple(hidden)
+            return output
+
+        tower_hook = tower.register_forward_hook(replace, with_kwargs=True)
 
     def hook(module, args, kwargs):
         if not seen:
@@ -40,6 +58,9 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False) -> dict:
                 model(**inputs)
     finally:
         handle.remove()
+        if tower_hook is not None:
+            tower_hook.remove()
+    seen["again"] = lambda tokens: capture_lm_inputs(model, inputs, generate, tokens)
     B, L, _ = seen["embeds"].shape
     if seen["mask"] is None:
         seen["mask"] = torch.ones(B, L, dtype=torch.long)
@@ -48,6 +69,26 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False) -> dict:
     else:
         seen["positions"] = seen["positions"].expand(*seen["positions"].shape[:-2], B, L)
     return seen
+
+
+def vision_reference(tower, pixels: torch.Tensor, vision_tokens: dict, feature: int) -> torch.Tensor:
+    """``[C, N, D_v]``: the feature layer's output of each tower input, computed alone by the unpatched CLIP layers;
+    after each pruning layer ``i`` of ``vision_tokens`` (``[C, W]`` original token indices kept, -1 padding) only the
+    kept tokens go on. Pruned tokens are zero."""
+    vm = getattr(tower, "vision_model", tower)
+    with torch.no_grad():
+        embedded = vm.pre_layrnorm(vm.embeddings(pixels))
+        out = torch.zeros_like(embedded)
+        for c in range(embedded.shape[0]):
+            hidden, names = embedded[c:c + 1], list(range(embedded.shape[1]))
+            for i, layer in enumerate(vm.encoder.layers[:feature + 1]):
+                hidden = layer(hidden, None)
+                if i in vision_tokens:
+                    kept = [t for t in vision_tokens[i][c].tolist() if t >= 0]
+                    hidden = hidden[:, [names.index(t) for t in kept]]
+                    names = kept
+            out[c, names] = hidden[0]
+    return out
 
 
 def gather_seq(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
@@ -289,9 +330,11 @@ def with_merges(lm_inputs: dict, record) -> dict:
 def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None, record=None):
     """The reference matching a patched method's (single) stage: (prefill, step, ``then`` logits). ``record``:
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
+    if record is not None and record.vision_tokens:  # the unpatched tower run on the kept patches
+        lm_inputs = lm_inputs["again"](record.vision_tokens)
     lm_inputs = with_merges(lm_inputs, record)
     specs = method.stages()
-    if specs[0].stage.value == "pre_llm":
+    if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     if len(specs) > 1:
         return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],

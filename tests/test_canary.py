@@ -51,7 +51,8 @@ def test_every_registered_method_is_on_the_curve(tmp_path):
     canary.main(["--samples", "16", "--kept", "0.5", "--out", str(out), "--quiet"])
     report = json.loads(out.with_suffix(".json").read_text())
     methods = {label.split(" ")[0] for label in report["curves"]}
-    assert set(REGISTRY) | {"oracle-informative", "oracle-background"} == methods
+    assert set(REGISTRY) | {"oracle-informative", "oracle-background"} == methods | set(report["refused"])
+    assert set(report["refused"]) == {"flowcut"}  # its 2-layer tower has no layer below the feature layer
     for name, cls in REGISTRY.items():  # pre-LLM methods under both position policies
         if cls.stage.value == "pre_llm":
             assert {f"{name} (compact)", f"{name} (original)"} <= set(report["curves"])

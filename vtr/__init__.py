@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 # torch and transformers, which take seconds.
 _SOURCES = {"Handle": "api", "handle_of": "api", "methods": "api", "patch": "api", "unpatch": "api",
             "CDPruner": "methods", "DART": "methods", "DivPrune": "methods", "FastV": "methods",
-            "FasterVLM": "methods", "HiPrune": "methods", "Merge": "methods", "Method": "methods",
+            "FasterVLM": "methods", "FlowCut": "methods", "HiPrune": "methods", "Merge": "methods", "Method": "methods",
             "PyramidDrop": "methods", "Random": "methods", "SparseVLM": "methods", "Stage": "methods",
             "Uniform": "methods", "VisPruner": "methods", "VisionZip": "methods", "register": "methods",
             "AddedToken": "report", "MergedTokens": "report", "PrefillRecord": "report", "StageRecord": "report"}

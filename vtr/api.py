@@ -141,6 +141,15 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
                          f"{', '.join(compat.ATTENTION_BACKENDS)}")
     if "vision" in method.needs:  # the vision layers it reads must exist
         method.vision_layers(len(compat.vision_layers(model)), compat.vision_feature_layer(model))
+    if method.stages()[0].stage is Stage.VISION:  # the layers it prunes after must lie below the feature layer
+        feature = compat.vision_feature_layer(model)
+        layers = method.vision_stage_layers(len(compat.vision_layers(model)), feature)
+        if not layers:
+            raise ValueError(f"{method.name}: this vision tower has no layer below its feature layer {feature} to "
+                             "prune after (the projector reads the first layer's output)")
+        if any(not 0 <= i < feature for i in layers):
+            raise ValueError(f"{method.name}: vision-stage layers {list(layers)} must lie below the feature layer "
+                             f"{feature} of this vision tower")
     lm = compat.text_model(model)
     types = set(compat.layer_types(lm))
     if types != {"full_attention"}:

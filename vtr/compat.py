@@ -147,6 +147,13 @@ def project_queries(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tens
     return _project(attn, "q_proj", "q_norm", hidden, cos, sin)
 
 
+def project_values(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Values as the attention module computes them (no RoPE). hidden: ``[B, L, D]`` (after the input layernorm).
+    Returns ``[B, H_kv, L, d]``."""
+    B, L, _ = hidden.shape
+    return attn.v_proj(hidden).view(B, L, -1, attn.head_dim).transpose(1, 2)
+
+
 def attention_scaling(attn: torch.nn.Module) -> float:
     return float(attn.scaling)
 
@@ -296,6 +303,46 @@ def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: sli
 def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``[n, N, d]``: the attention module's keys (with the projection bias), mean over heads."""
     return _vision_heads(attn, "k_proj", hidden).mean(1)
+
+
+# The ``vision`` stage runs later CLIP/SigLIP layers on fewer tokens: the layer output returned by a forward hook
+# becomes the next layer's input (``CLIPEncoder`` loops ``hidden_states = layer(hidden_states, attention_mask)``),
+# crops of different lengths are right-padded and given an additive key mask as the layer's second argument, and
+# the tower's ``BaseModelOutputWithPooling`` (``last_hidden_state``, ``hidden_states``) is rewritten at the tower.
+def vision_projections(attn: torch.nn.Module) -> dict:
+    """The attention module's query, key and value projections (``q``/``k``/``v``): their outputs ``[n, N, H * d]``
+    (bias included, queries not yet scaled) are what the attention runs on."""
+    return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+
+
+def vision_heads(attn: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
+    """``[n, N, H * d]`` -> ``[n, H, N, d]``."""
+    n, N, _ = projected.shape
+    return projected.view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+
+
+def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output holds the tower's ``hidden_states`` (``model.model.vision_tower``)."""
+    return model.model.vision_tower
+
+
+def vision_has_cls(model: torch.nn.Module) -> bool:
+    """Whether token 0 of every vision-tower sequence is a [CLS] token (CLIP: yes; SigLIP: no)."""
+    tower = vision_tower(model)
+    tower = getattr(tower, "vision_model", tower)
+    return hasattr(getattr(tower, "embeddings", None), "class_embedding")
+
+
+def vision_attn_implementation(model: torch.nn.Module) -> str:
+    return model.config.vision_config._attn_implementation
+
+
+def vision_padding_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[C, 1, width, width]`` additive mask (0 or the dtype's minimum) hiding each crop's padding keys: what a
+    CLIP/SigLIP layer adds to its attention logits (eager and SDPA)."""
+    valid = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    mask = torch.where(valid, 0.0, torch.finfo(dtype).min).to(dtype)
+    return mask[:, None, None, :].expand(-1, 1, width, width)
 
 
 def project_visual(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:

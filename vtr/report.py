@@ -97,6 +97,9 @@ class PrefillRecord:
     index: torch.Tensor | None = None
     layout: TokenLayout | None = field(default=None, repr=False)
     n_layers: int = 0
+    # vision stage: vision layer -> [C, W] the original token index ([CLS] = 0, -1 padding) of each tower input's
+    # tokens after that layer pruned (inputs in the tower's batch order: images, LLaVA-NeXT crops)
+    vision_tokens: dict | None = field(default=None, repr=False)
 
     def visual_per_layer(self) -> list[list[int]]:
         """Per row, the visual tokens entering each decoder layer (``n_layers`` counts; merged tokens included)."""

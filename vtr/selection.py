@@ -189,6 +189,22 @@ class SelectionContext:
                        "none" if per_head else "mean", q_positions=slots[None], dtype=self.score_dtype)
         return scores[0]
 
+    def queries(self, row: int, slots: torch.Tensor) -> torch.Tensor:
+        """``[H, q, d]``: post-RoPE queries of the row's tokens at ``slots`` at the scoring layer (the row's own
+        positions), in ``score_dtype``."""
+        attn, h, _, _ = self._attention_inputs()
+        cos, sin = self._rotary()
+        slots = slots.to(h.device)
+        q = compat.project_queries(attn, h[row, slots][None], cos[row, slots][None], sin[row, slots][None])
+        return q[0].to(self.score_dtype)
+
+    def values(self) -> torch.Tensor:
+        """``[B, H_kv, L, d]``: the scoring layer's values (before grouped-query repetition), in ``score_dtype``."""
+        if "values" not in self._memo:
+            attn, h, _, _ = self._attention_inputs()
+            self._memo["values"] = compat.project_values(attn, h).to(self.score_dtype)
+        return self._memo["values"]
+
     def rotary_gravity(self, row: int, queries: torch.Tensor) -> torch.Tensor:
         """``[q, L]``: the scaled attention logit an all-ones query at slots ``queries`` and an all-ones key at each
         slot get from the rotary embedding alone, at the scoring layer's positions (SparseVLM+'s "attention
@@ -437,3 +453,69 @@ class SelectionContext:
         """``[c, C]``: each candidate's feature-layer hidden state in CLIP's joint image-text space (the tower's
         post-layernorm, then CLIP's visual projection; fp32)."""
         return compat.clip_image_embeddings(self.engine.model, self.engine.clip, self.vision_features(row, tokens))
+
+
+# ------------------------------------------------------------------------------------------------ vision stage
+@dataclass
+class VisionImage:
+    """One image inside the vision tower during a ``vision`` stage.
+
+    crops: the image's tower inputs (a range of the tower's batch: one for LLaVA-1.5, base + tiles for LLaVA-NeXT).
+    n: current tokens per crop ([CLS] included where the tower has one). cls: whether token 0 is a [CLS] token the
+    engine always keeps. target: patches per crop the stage must end with (``Method.vision_target``). layer: the
+    vision layer that just ran; feature_layer: the layer whose output the projector reads. state: per image and
+    request, kept by the method between layers (e.g. cumulative scores, which the method gathers itself when it
+    prunes)."""
+
+    crops: slice
+    n: int
+    cls: bool
+    target: int
+    layer: int
+    feature_layer: int
+    state: dict
+
+    @property
+    def n_crops(self) -> int:
+        return self.crops.stop - self.crops.start
+
+    @property
+    def n_patches(self) -> int:
+        return self.n - int(self.cls)
+
+
+class VisionStageContext:
+    """The signals of one vision layer for a ``vision`` stage, computed for the rows a method asks for from the
+    query, key and value projections the layer itself computed (``[C, W, H * d]``, right-padded crops), so the tower
+    keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
+
+    def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict):
+        self.engine, self.attn, self.projections = engine, attn, projections
+        self._memo = {}
+
+    @property
+    def score_dtype(self) -> torch.dtype:
+        dtype = self.projections["k"].dtype
+        return dtype if self.engine.method.score_dtype == "model" else torch.float32
+
+    def _heads(self, name: str, image: VisionImage) -> torch.Tensor:
+        """``[c, H, n, d]``: this image's crops (all holding ``n`` real tokens) of one projection."""
+        heads = compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n])
+        return heads.to(self.score_dtype).contiguous()  # reductions over a transposed view are slow on CPU
+
+    def attention_rows(self, image: VisionImage, rows: slice) -> torch.Tensor:
+        """``[c, H, r, n]``: softmax attention probabilities (fp32 softmax, as eager attention) of the query tokens
+        ``rows`` of each crop over its ``n`` current tokens, per head."""
+        key = ("rows", image.crops.start, rows.start, rows.stop)
+        if key not in self._memo:
+            q = self._heads("q", image)[:, :, rows]
+            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * self.attn.scale
+            self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype)
+        return self._memo[key]
+
+    def values(self, image: VisionImage) -> torch.Tensor:
+        """``[c, H, n, d]``: the attention's value projections (bias included) per head."""
+        key = ("values", image.crops.start)
+        if key not in self._memo:
+            self._memo[key] = self._heads("v", image)
+        return self._memo[key]

@@ -46,7 +46,8 @@ def run(methods: list[str], kept: tuple[float, ...] = KEPT, n: int = 256, seed: 
         batch: int = 64, weights: str | None = None, progress: bool = False) -> dict:
     """Accuracy per curve and kept fraction on ``n`` held-out samples (seed ``seed``).
 
-    Returns ``{"chance", "dense", "curves": {label: {"kept": [...], "accuracy": [...], "mean_kept_tokens": [...]}}}``
+    Returns ``{"chance", "dense", "curves": {label: {"kept": [...], "accuracy": [...], "mean_kept_tokens": [...]}},
+    "refused": {method: reason}}`` (methods whose ``vtr.patch`` refuses the canary's model)
     with ``kept`` the requested fractions of the 64 visual tokens (the methods' own rounding gives the counts in
     ``mean_kept_tokens``). Raises ``ValueError`` for an unknown method."""
     import torch
@@ -75,11 +76,17 @@ def run(methods: list[str], kept: tuple[float, ...] = KEPT, n: int = 256, seed: 
         return right / n, kept_tokens / n
 
     Oracle = task.Oracle
-    curves = [(label, name, options) for label, name, options in configurations(methods)]
+    curves, refused = [], {}
+    for label, name, options in configurations(methods):
+        try:  # a method may refuse the canary's tiny model (FlowCut: no vision layer below the feature layer)
+            vtr.patch(model, name, ratio=0.5, **options).remove()
+            curves.append((label, name, options))
+        except ValueError as error:
+            refused[name] = str(error)
     curves += [("oracle-informative", Oracle, {"background": False, "positions": "compact"}),
                ("oracle-background", Oracle, {"background": True, "positions": "compact"})]
     bar = cli.progress(len(curves) * len(kept), progress, "canary")
-    report = {"chance": 1 / len(task.COLOURS), "n": n, "dense": accuracy()[0], "curves": {}}
+    report = {"chance": 1 / len(task.COLOURS), "n": n, "dense": accuracy()[0], "curves": {}, "refused": refused}
     try:
         for label, method, options in curves:
             curve = report["curves"][label] = {"kept": [], "accuracy": [], "mean_kept_tokens": []}

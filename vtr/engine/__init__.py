@@ -12,6 +12,12 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
   the tokens a merging stage adds); every layer gets the mask of the stage it runs in (rebuilt by transformers' own
   mask function for that cache layer), its rotary embeddings and positions. Layers before a stage keep their
   longer sequence and KV cache.
+* ``vision`` stage (inside CLIP towers): forward hooks on the vision layers hand the method each image's signals
+  after its pruning layers and return the layer output gathered to the kept patches, so the later layers run on
+  them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower
+  puts its outputs back on the full grid (pruned slots zero) so the model's feature selection, projector and anyres
+  packing run unchanged, and the language model's pre-hook then removes the placeholders of the pruned patches as
+  a ``pre_llm`` stage would. ``layer`` stages may follow it.
 * Decoding and continuations (any number of new tokens on a pruned cache): the 2-D mask of the pruned layers is
   the pruned prompt mask followed by the new tokens' columns; positions follow the method's policy (``original``:
   the unpruned numbering; ``compact``: minus the tokens removed).
@@ -34,7 +40,7 @@ import weakref
 import torch
 
 from .. import compat, kernels
-from ..methods.base import Method, Stage
+from ..methods.base import BEFORE_LM, Method, Stage
 from ..patches import Family
 from ..report import PrefillRecord
 from .core import ForwardState, RequestState, SeqLayout, VisionCall, deepstack_inputs, insertion_index, shift_positions
@@ -55,7 +61,14 @@ class Engine(PreLLMStage, LayerStages, VisionSignals, Pruning):
         self.model, self.method, self.family = model, method, family
         self.lm = compat.text_model(model)
         self.specs = method.stages()
-        self.vision_feature_layer = compat.vision_feature_layer(model) if "vision" in method.needs else None
+        self.vision_stage_layers: tuple[int, ...] = ()
+        self.vision_feature_layer = None
+        if "vision" in method.needs or self.specs[0].stage is Stage.VISION:
+            self.vision_feature_layer = compat.vision_feature_layer(model)
+        if self.specs[0].stage is Stage.VISION:
+            self.vision_stage_layers = tuple(method.vision_stage_layers(len(compat.vision_layers(model)),
+                                                                        self.vision_feature_layer))
+            self.vision_cls = compat.vision_has_cls(model)
         self.clip = self.clip_tokenizer = self.tokenizer = None
         if "clip_text" in method.needs:  # loaded once, at patch time, so that a missing checkpoint fails there
             self.clip, self.clip_tokenizer = compat.load_clip(method.clip)
@@ -91,7 +104,7 @@ class Engine(PreLLMStage, LayerStages, VisionSignals, Pruning):
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
-            if "vision" in self.method.needs:
+            if "vision" in self.method.needs or self.vision_stage_layers:
                 self._attach_vision(reg)
             if self.family.deepstack and layer_stages:
                 compat.shadow_method(self.lm, "_deepstack_process", self._deepstack)
@@ -321,7 +334,7 @@ class Engine(PreLLMStage, LayerStages, VisionSignals, Pruning):
                              "request's visual tokens once, in its first prefill, and needs them all there; start a "
                              "new cache with the whole conversation")
         fwd.request, fwd.cache = request, cache
-        if self.specs[0].stage is Stage.PRE_LLM and request.layouts:
+        if self.specs[0].stage in BEFORE_LM and request.layouts:
             # transformers numbers new tokens from the layer-0 cache length (or, in generate, from positions it
             # derived with it), which pre-LLM pruning shortened: number them from the unpruned sequence.
             mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

@@ -99,6 +99,7 @@ class VisionCall:
     grid_thw: torch.Tensor | None = None
     layers: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    stage: object = None  # the vision stage's state (``vtr.engine.vision.VisionStageState``) while it prunes
 
 
 @dataclass

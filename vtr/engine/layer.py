@@ -78,7 +78,10 @@ class LayerStages:
                     positions = kwargs.get("position_ids")
                     if positions is None:
                         raise ValueError("vtr: compact positions need position_ids when decoding")
-                    positions = shift_positions(positions.expand(hidden.shape[0], -1), active.shift)
+                    # a pre-LLM (or vision) stage's shift is already in the language model's positions
+                    first = fwd.request.layouts[0]
+                    done = first.shift if first.stage is Stage.PRE_LLM else 0
+                    positions = shift_positions(positions.expand(hidden.shape[0], -1), active.shift - done)
                     fwd.memo[key, "pos"] = positions
                     fwd.memo[key, "rope"] = compat.rotary_embeddings(self.lm, hidden, positions)
                 kwargs["position_ids"] = fwd.memo[key, "pos"]

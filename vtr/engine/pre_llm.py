@@ -7,7 +7,7 @@ import threading
 import torch
 
 from .. import compat, kernels
-from ..methods.base import Stage
+from ..methods.base import BEFORE_LM, Stage
 from ..report import PrefillRecord
 from .core import ForwardState, RequestState, SeqLayout, deepstack_inputs, shift_positions
 
@@ -45,7 +45,10 @@ class PreLLMStage:
             with self._lock:
                 self._requests[cache] = request
         spec = self.specs[0]
-        if spec.stage is Stage.PRE_LLM:
+        if spec.stage in BEFORE_LM:
+            if spec.stage is Stage.VISION and fwd.vision is not None and fwd.vision.stage is not None:
+                request.record.vision_tokens = fwd.vision.stage.history
+                request.record.selection_seconds += fwd.vision.stage.seconds
             pruned = self._prune(fwd, spec, base, hidden)
             if pruned is not None:
                 layout, select, merged, _ = pruned

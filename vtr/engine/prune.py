@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .. import kernels
-from ..methods.base import Merge, Stage, StageSpec
+from ..methods.base import BEFORE_LM, Merge, Stage, StageSpec
 from ..report import AddedToken, MergedTokens, StageRecord
 from ..selection import SelectionContext
 from .core import ForwardState, RequestState, SeqLayout, clock, insertion_index
@@ -32,6 +32,12 @@ class Pruning:
             for span in row.spans:
                 present = ctx.present(b, span)
                 alive += len(present)
+                if spec.stage is Stage.VISION:  # chosen inside the vision tower: what survived it
+                    survivors = self._vision_survivors(fwd, ctx, b, present)
+                    keep[b, present.slots[~survivors]] = False
+                    dropped_any = dropped_any or not bool(survivors.all())
+                    ids.append(span.offset + present.ids[survivors].cpu())
+                    continue
                 eligible = ctx.eligible(present)
                 ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
                 for group in ctx.groups(present.subset(eligible)):
@@ -94,7 +100,7 @@ class Pruning:
                 else:
                     before = removed.long().cumsum(1) - removed.long()
                     new_positions = new_positions - kernels.gather_rows(before.unsqueeze(-1), select).squeeze(-1)
-            if spec.stage is Stage.PRE_LLM:  # the pruned sequence becomes the language model's input
+            if spec.stage in BEFORE_LM:  # the pruned sequence becomes the language model's input
                 new_local = torch.arange(select.shape[1], device=select.device).expand(select.shape[0], -1)
             else:
                 new_local = kernels.gather_rows(local.unsqueeze(-1), select, -1).squeeze(-1)
@@ -102,13 +108,36 @@ class Pruning:
             layout = SeqLayout(
                 index=kernels.gather_rows(index.unsqueeze(-1), select, -1).squeeze(-1),
                 local=new_local, mask2d=new_mask, positions=new_positions,
-                shift=prev.shift + removed.sum(1) - added, layer=spec.layer, stage=spec.stage)
+                shift=prev.shift + removed.sum(1) - added, layer=spec.layer,
+                stage=Stage.PRE_LLM if spec.stage in BEFORE_LM else spec.stage)
             request.layouts.append(layout)
             stage.index = request.public_index(layout.index)
             stage.added = self._added_record(request, layout)
             return layout, select, merged, states
         finally:
             record.selection_seconds += clock(hidden) - start
+
+    def _vision_survivors(self, fwd: ForwardState, ctx: SelectionContext, row: int, present) -> torch.Tensor:
+        """``[c]`` bool: which present tokens of an image survived the vision stage (their patch is still in the
+        tower at its end). Newline tokens have no patch: they stay, except, for a method whose official code
+        counts them (``newline_candidates``), those of the high-resolution grid, which its anyres code drops
+        (FlowCut's LLaVA-NeXT code stitches the kept tile tokens without newlines)."""
+        span = present.span
+        if span.kind != "image" or self.method.ratio == 0:  # ratio 0: the identity, newlines included
+            return torch.ones(len(present), dtype=torch.bool)
+        stage = fwd.vision.stage if fwd.vision is not None else None
+        if stage is None:
+            raise RuntimeError(f"{self.method.name}: the images of this prefill were not encoded by the patched model "
+                               "in this call (pass pixel_values to forward() or generate(), not features)")
+        ids = present.ids.cpu()
+        newline = span.newline[ids.to(span.newline.device)].cpu()
+        survivors = torch.ones(len(present), dtype=torch.bool)
+        if self.method.newline_candidates:
+            survivors[newline] = span.frame[ids[newline].to(span.frame.device)].cpu() == 0
+        crop, index = ctx.vision_sources(row, present.subset(~newline.to(present.slots.device)))
+        alive = stage.survived()
+        survivors[~newline] = alive[crop.to(alive.device), index.to(alive.device)].cpu()
+        return survivors
 
     def _with_added(self, request: RequestState, prev: SeqLayout, additions: list, hidden: torch.Tensor):
         """``prev``'s index, local slots, mask and positions extended by the rows' added tokens (column

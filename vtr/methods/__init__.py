@@ -6,6 +6,7 @@ from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .flowcut import FlowCut
 from .hiprune import HiPrune
 from .pdrop import PyramidDrop
 from .sparsevlm import SparseVLM
@@ -15,6 +16,6 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "HiPrune", "Merge", "Method", "PyramidDrop",
+__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "FlowCut", "HiPrune", "Merge", "Method", "PyramidDrop",
            "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]

@@ -16,13 +16,15 @@ if TYPE_CHECKING:  # pragma: no cover
 class Stage(str, Enum):
     """Where a method removes tokens. The engine owns the sequence surgery of each stage."""
 
-    VISION = "vision"  # inside the vision encoder (reserved: FlowCut-style progressive pruning)
+    VISION = "vision"  # inside the vision encoder, after chosen vision layers (FlowCut-style progressive pruning)
     PRE_LLM = "pre_llm"  # between the vision side and decoder layer 0
     LAYER = "layer"  # before decoder layer K; layers < K keep the full sequence and KV cache
     KV_CACHE = "kv_cache"  # on the KV cache during decoding (reserved: DyCoke-style)
 
 
-IMPLEMENTED_STAGES = (Stage.PRE_LLM, Stage.LAYER)
+IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.LAYER)
+# Stages whose removals the language model never sees: its input is already the pruned sequence.
+BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,26 @@ class Method:
         and the layer the model takes its visual features from (``vision_feature_layer`` made non-negative: the
         layer whose output the projector reads). Defaults to that feature layer."""
         return (feature_layer,)
+
+    # ------------------------------------------------------------------------------------------ vision stage
+    def vision_stage_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
+        """0-based vision layers after which ``vision_step`` runs (``stage = Stage.VISION`` methods), all below
+        ``feature_layer``: the tower's later layers, the projector and the language model see what they keep."""
+        return ()
+
+    def vision_target(self, n_tokens: int, n_crops: int) -> int:
+        """Vision stage: the patches each tower input (crop) of an image keeps once the stage is done, given the
+        image's visual token count in the prompt (``n_tokens``, newlines included) and its number of crops. The
+        engine checks that every crop ends with exactly this many ([CLS] not counted)."""
+        raise NotImplementedError
+
+    def vision_step(self, ctx, image) -> torch.Tensor | None:
+        """Vision stage: called once per image after each of ``vision_stage_layers``, with that layer's signals
+        (``vtr.selection.VisionStageContext``) and the image's state (``vtr.selection.VisionImage``: its crops, their
+        current patch count, the target, a per-request ``state`` dict the method may keep scores in). Returns
+        ``[n_crops, k]`` indices into each crop's current patches ([CLS] excluded: the engine keeps it) to keep, the
+        same ``k`` for every crop of the image, or None to keep them all."""
+        raise NotImplementedError
 
     def supports(self, model_class: str) -> bool:
         return self.model_classes is None or model_class in self.model_classes

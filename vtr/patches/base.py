@@ -44,6 +44,10 @@ class Family:
         ``image_size``: the image's (height, width) as passed to ``get_image_features`` (anyres models)."""
         raise ValueError(f"vtr: vision-tower signals are not available for {self.name} models")
 
+    def image_token_count(self, model, image_size) -> int:
+        """Visual tokens an image of ``image_size`` (anyres models; None otherwise) gets in the prompt."""
+        raise ValueError(f"vtr: the vision stage is not available for {self.name} models")
+
     def crops_per_image(self, model, image_size) -> int:
         """How many vision-tower inputs (crops) an image makes."""
         return 1

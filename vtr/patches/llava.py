@@ -18,6 +18,9 @@ class LlavaFamily(Family):
         n = (vision.image_size // vision.patch_size) ** 2
         return n + (1 if config.vision_feature_select_strategy == "full" else 0)
 
+    def image_token_count(self, model, image_size) -> int:
+        return self.tokens_per_image(model.config)
+
     def layout(self, model, inputs, embeds, positions):
         ids = inputs["input_ids"]
         config = model.config

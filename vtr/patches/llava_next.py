@@ -46,6 +46,14 @@ class LlavaNextFamily(Family):
     def crops_per_image(self, model, image_size) -> int:
         return compat.anyres_patch_count(model.config, image_size)
 
+    def image_token_count(self, model, image_size) -> int:
+        """Base grid, then the unpadded high-resolution grid with a newline after each row."""
+        if image_size is None:
+            raise ValueError("vtr: the vision stage needs each LLaVA-NeXT image's size (image_sizes)")
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        _, _, height, width = compat.anyres_geometry(model.config, image_size, side)
+        return side * side + height * (width + 1)
+
     def vision_patches(self, model, span, image_size):
         """Base-grid tokens come from crop 0; a high-resolution token at (row, col) of the unpadded grid from the
         tile covering (row + top, col + left) of the padded grid (the tiles stitched row-major, as
