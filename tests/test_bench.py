@@ -307,6 +307,9 @@ def test_synthetic_context_runs_every_registered_method_at_video_size():
     widths = Widths(hidden=32, heads=4, kv_heads=2, head_dim=8, layers=28, vision_hidden=32, vision_heads=4)
     for name in sorted(REGISTRY):
         result = measure(name, 0.75, widths, 3, 400)  # a video of 1200 tokens: more than one block
+        if REGISTRY[name].stage.value == "vision":  # selects inside the tower: said so, not timed
+            assert result["error"].startswith("not measured: it selects inside the vision tower"), result
+            continue
         assert "error" not in result, result
         assert 0 < result["kept"] < 1200, result
 

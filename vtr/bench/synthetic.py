@@ -22,6 +22,7 @@ import torch
 from .. import kernels
 from ..layout import VisualSpan
 from ..methods import lookup
+from ..methods.base import Stage
 from ..selection import SpanCandidates
 
 CLIP_CROP = 576  # patches of one CLIP-336 crop (LLaVA); [CLS] is token 0 of each crop
@@ -234,6 +235,10 @@ def measure(name: str, ratio: float, widths: Widths, frames: int, per_frame: int
     resident size, reset before the call; None elsewhere)."""
     import gc
     method = resolve(name, ratio, widths)
+    if method.stages()[0].stage is Stage.VISION:
+        return {"method": name, "n": frames * per_frame,
+                "error": "not measured: it selects inside the vision tower, layer by layer per image; this stand-in "
+                         "times selection between the vision side and the language model"}
     ctx = SyntheticContext(method, widths, frames, per_frame, device, seed)
     group = ctx.candidates()
     cuda = torch.device(device).type == "cuda"
