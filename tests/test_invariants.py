@@ -56,6 +56,10 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
         return min(n, 4 + 8 * per_pivot)
     if keep is not None:
         return min(keep, n)
+    if method == "dycoke":  # an image is one frame: temporal pruning keeps it whole (the KV stage prunes it)
+        return n
+    if method == "fastvid":  # an image is one frame: floor(n * r) tokens, at least 1
+        return max(1, int(n * (1 - ratio) + 1e-9))
     if method == "divprune":
         return int(round((1 - ratio) * n))
     return round(n * (1 - ratio))
