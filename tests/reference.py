@@ -291,11 +291,8 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
     decode = method.decode_stage()
     if decode is not None:  # a kv_cache stage (DyCoke): the recorded per-step subsets
-        prefill, step_logits = decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer,
-                                                       record, tokens)
-        if then is not None:
-            raise NotImplementedError("decode_subset_reference has no continuation chunk")
-        return prefill, step_logits, None
+        return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,
+                                       then)
     lm_inputs = with_merges(lm_inputs, record)
     specs = method.stages()
     if specs[0].stage.value == "pre_llm":
@@ -307,12 +304,13 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
 
 
 def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: int, layer: int, record,
-                            tokens=None):
+                            tokens=None, then=None):
     """A ``kv_cache``-stage method (DyCoke): the unpatched decoder layers on the kept prompt (``index``, None: the
     whole prompt), then greedy (or teacher-forced) steps in which layers >= ``layer`` attend only to the visual
     tokens the record lists for that step (``record.decode_steps[t][b]``, the row's visual numbering; None: all),
-    every other key as usual. Each layer gets its own explicit additive mask. Returns (prefill logits, step
-    logits ``[B, steps, V]``)."""
+    every other key as usual; then ``then`` [B, q] in one call (several tokens: every layer sees the whole cache).
+    Each layer gets its own explicit additive mask. Returns (prefill logits, step logits ``[B, steps, V]``,
+    ``then`` logits or None)."""
     lm = lm_of(model)
     lm_inputs = with_merges(lm_inputs, record)
     B, L = lm_inputs["mask"].shape
@@ -363,4 +361,9 @@ def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: i
                     dropped = (row >= 0) & ~torch.isin(row, chosen)
                     sub[b, :len(row)] &= ~dropped
             logits = run(model.get_input_embeddings()(token[:, None]), start + t, mask, sub, False)[:, -1]
-    return prefill, torch.stack(out, 1) if out else None
+        chunk = None
+        if then is not None:
+            mask = torch.cat([mask, mask.new_ones(B, then.shape[1])], 1)
+            chunk = run(model.get_input_embeddings()(then), start + steps + torch.arange(then.shape[1]), mask, None,
+                        False)
+    return prefill, torch.stack(out, 1) if out else None, chunk

@@ -74,7 +74,7 @@ def check_against_reference(model, inputs, method, mode, **options):
             return
         assert prefill_pruned or any(s is not None for step in record.decode_steps for s in step), \
             "nothing was pruned"
-        ref_prefill, ref_steps = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions,
+        ref_prefill, ref_steps, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions,
                                                            STEPS, decode.layer, record)
     else:
         assert record.index is not None and record.n_kept != record.n_visual, "nothing was pruned"

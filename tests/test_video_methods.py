@@ -462,12 +462,12 @@ def test_dycoke_each_decode_step_equals_attention_restricted_to_its_subset(famil
         assert all(torch.equal(step[b], record.decode_steps[0][b]) for step in record.decode_steps
                    for b in range(2))
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
-    _, ref = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, record)
+    _, ref, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, record)
     got = torch.stack(out.logits, 1)
     assert (got - ref).abs().max() <= 1e-5
     # and the subsets matter: all visual tokens at every step give other logits
     full = type(record)(n_visual=record.n_visual, layout=record.layout, decode_steps=[[None, None]] * 4)
-    _, dense = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, full,
+    _, dense, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, full,
                                          tokens=out.sequences[:, -5:])
     assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-4
     # kept per step: floor(n * (1 - kv_ratio)) of the video's tokens present in the cache
@@ -523,3 +523,22 @@ def test_retention_is_reported():
     assert record.nominal_retention == 0.25
     assert record.input_retention == [record.n_kept[0] / record.n_visual[0]]
     assert record.layer_retention == record.input_retention  # before the LLM: every layer sees the same
+
+
+@pytest.mark.parametrize("method", ["fastvid", "dycoke"])
+def test_video_methods_repeat_exactly(method):
+    """Determinism: the same request twice (a fresh patch each time, same seed) keeps and merges the same tokens
+    and gives bit-identical outputs."""
+    model, proc = tm.build("qwen2_5_vl")
+    inputs = tm.video_inputs("qwen2_5_vl", proc, 2)
+    runs = []
+    for _ in range(2):
+        with vtr.patch(model, method, ratio=0.5, **({"segments": 2} if method == "fastvid" else {})) as handle, \
+                torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        runs.append((handle.last, torch.stack(out.logits, 1)))
+    (a, la), (b, lb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept)) and torch.equal(la, lb)
+    if a.merged:
+        assert all(torch.equal(x.embeds, y.embeds) for x, y in zip(a.merged, b.merged))

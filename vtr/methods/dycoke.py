@@ -31,7 +31,8 @@ class DyCoke(Method):
     when the step is stable they attend to every visual token (``stable="full"``, the official code) or to the
     previous step's subset (``stable="previous"``). ``v_prev`` is the previous step's ``v`` of the same request.
     ``kv_ratio`` (official ``dycoke_p``, default 0.8) defaults to ``ratio``, so that ``ratio=0`` is the unpatched
-    model; pass ``ratio=0.7, kv_ratio=0.8`` for the official defaults. The full cache stays: later steps choose
+    model (with ``keep``, to 0: no KV pruning unless ``kv_ratio`` is given); pass ``ratio=0.7, kv_ratio=0.8`` for
+    the official defaults. The full cache stays: later steps choose
     again. ``handle.last.decode_steps`` lists, per step and row, what layers >= L attended to.
 
     Keep count at the LLM input: whole frames plus ``n_keep`` per pruned frame. OneVision's trailing newline is
@@ -47,7 +48,9 @@ class DyCoke(Method):
         (official: crashes);
       * the KV stage scores every visual token of the video (official: ``image_token_length - 1``, which leaves
         out the last one) and runs per video, per row (official: batch 1, one video, ``start=14`` hard-coded);
-        continuations of several tokens at once attend to the whole cache;
+        continuations of several tokens at once, and ``generate(use_cache=False)`` (every step a prefill), attend
+        to the whole cache; under beam search the similarity state stays with its batch row when beams are
+        reordered;
       * the subset is applied as a key mask on the full cache (official: the cache gathered at ``kv_index``): the
         same attention, without the memory saving.
     """
