@@ -6,7 +6,6 @@ one-frame videos). Exactness against the reference and batch-vs-alone on images 
 (test_exactness.py runs every method on videos too)."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -542,3 +541,18 @@ def test_video_methods_repeat_exactly(method):
     assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept)) and torch.equal(la, lb)
     if a.merged:
         assert all(torch.equal(x.embeds, y.embeds) for x, y in zip(a.merged, b.merged))
+
+
+@pytest.mark.parametrize("method", ["fastvid", "dycoke"])
+def test_video_methods_give_each_anyres_tile_its_own_plan(method):
+    """scope="crop": every LLaVA-NeXT tile is its own one-frame input (FastVID: floor(n_tile * r) each)."""
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, 1)
+    with vtr.patch(model, method, ratio=0.75, scope="crop") as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    kept = handle.last.kept[0]
+    for crop in span.crop.unique().tolist():
+        tile = ((span.crop == crop) & ~span.newline).nonzero().flatten()
+        mine = torch.isin(kept, tile).sum()
+        assert mine == (max(1, len(tile) // 4) if method == "fastvid" else len(tile))

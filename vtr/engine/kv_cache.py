@@ -26,7 +26,6 @@ class KVCacheStage:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             cos, sin = kwargs["position_embeddings"]
             fwd.captures["decode"] = (module, hidden, cos, sin)
-        return None
 
     def _decode_hook(self, i: int):
         def hook(module, args, kwargs):

@@ -96,7 +96,7 @@ class DyCoke(Method):
             n_keep = math.floor((1 - self.ratio) * N + 1e-9) if self.ratio is not None else \
                 math.floor(min(1.0, self.keep / len(group)) * N + 1e-9)
             return self.ttm(ctx.hidden[row, group.slots], table, n_keep)
-        return ctx.cached(("dycoke", row, group.span.index), compute)
+        return ctx.cached(("dycoke", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     @staticmethod
     def ttm(embeds: torch.Tensor, table: torch.Tensor, n_keep: int) -> torch.Tensor:

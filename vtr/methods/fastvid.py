@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -86,8 +87,7 @@ class FastVID(Method):
         if self.variant not in (None, "ov", "qwen"):
             raise ValueError(f"{self.name}: variant must be 'ov' or 'qwen', got {self.variant!r}")
 
-    def for_model(self, family) -> "FastVID":
-        import dataclasses
+    def for_model(self, family) -> FastVID:
         method = super().for_model(family)
         variant = method.variant or ("qwen" if family.mrope else "ov")
         threshold = method.threshold if method.threshold is not None else (0.84 if variant == "qwen" else 0.9)
@@ -113,7 +113,7 @@ class FastVID(Method):
     def plan(self, ctx, row, group):
         """(keep ``[k]``, merged targets ``[m]``, their embeddings ``[m, D]``, their sources): indices into the
         group, computed once per stage."""
-        return ctx.cached(("fastvid", row, group.span.index),
+        return ctx.cached(("fastvid", row, group.span.index, int(group.slots[0]), len(group)),  # a tile: its own
                           lambda: self.reduce(ctx.hidden[row, group.slots], video.frame_table(group.span, group.ids,
                                                                                                self.name),
                                               self._retention(len(group))))
@@ -135,7 +135,7 @@ class FastVID(Method):
         device = embeds.device
         table = table.to(device)
         E = embeds.float()[table]  # [F, N, D]
-        F, N, _ = E.shape
+        N = E.shape[1]
         G, A = self.signals(E)
         sims = video.adjacent_similarity(G)
         variant, threshold = self.resolved
