@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -25,7 +26,8 @@ class DyCoke(Method):
     ``keep`` instead of ``ratio``: ``n_keep = floor(keep / n * N)``.
 
     KV stage (``kv_cache``, decoding): at every single-token step the new token's attention at decoder layer
-    ``layer - 1`` (default 3 - 1; mean over heads, over the whole cache) is read on each video's visual tokens:
+    ``layer - 1`` (default 3, the official L; the last layer of a shallower model; mean over heads, over the
+    whole cache) is read on each video's visual tokens:
     ``v``. When ``cos(v, v_prev) < similarity`` (0.9; always at the first step), layers ``>= layer`` attend to the
     top ``floor(n * (1 - kv_ratio))`` visual tokens by ``v`` (at least 1), the text and generated tokens always;
     when the step is stable they attend to every visual token (``stable="full"``, the official code) or to the
@@ -61,7 +63,7 @@ class DyCoke(Method):
     default_positions: ClassVar[str] = "compact"
 
     kv_ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 0.999999})
-    layer: int = 3  # L: layers >= L use the pruned cache (range checked at patch time)
+    layer: int | None = None  # L: layers >= L use the pruned cache; None: 3 (range checked at patch time)
     similarity: float = 0.9
     stable: str = "full"
 
@@ -74,7 +76,13 @@ class DyCoke(Method):
         return [StageSpec(Stage.PRE_LLM, 0)]
 
     def decode_stage(self) -> StageSpec | None:
-        return StageSpec(Stage.KV_CACHE, self.layer)
+        return StageSpec(Stage.KV_CACHE, self.layer if self.layer is not None else 3)
+
+    def for_depth(self, n_layers: int) -> DyCoke:
+        # the official L = 3, or the last layer of a model too shallow for it (an explicit layer is checked)
+        if self.layer is not None:
+            return self
+        return dataclasses.replace(self, layer=max(1, min(3, n_layers - 1)))
 
     def _kv_ratio(self) -> float:
         if self.kv_ratio is not None:
