@@ -332,6 +332,10 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
     if record is not None and record.vision_tokens:  # the unpatched tower run on the kept patches
         lm_inputs = lm_inputs["again"](record.vision_tokens)
+    decode = method.decode_stage()
+    if decode is not None:  # a kv_cache stage (DyCoke): the recorded per-step subsets
+        return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,
+                                       then)
     lm_inputs = with_merges(lm_inputs, record)
     specs = method.stages()
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
@@ -340,3 +344,69 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
         return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
                                 method.positions, steps, tokens, then)
     return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)
+
+
+def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: int, layer: int, record,
+                            tokens=None, then=None):
+    """A ``kv_cache``-stage method (DyCoke): the unpatched decoder layers on the kept prompt (``index``, None: the
+    whole prompt), then greedy (or teacher-forced) steps in which layers >= ``layer`` attend only to the visual
+    tokens the record lists for that step (``record.decode_steps[t][b]``, the row's visual numbering; None: all),
+    every other key as usual; then ``then`` [B, q] in one call (several tokens: every layer sees the whole cache).
+    Each layer gets its own explicit additive mask. Returns (prefill logits, step logits ``[B, steps, V]``,
+    ``then`` logits or None)."""
+    lm = lm_of(model)
+    lm_inputs = with_merges(lm_inputs, record)
+    B, L = lm_inputs["mask"].shape
+    if index is None:  # nothing pruned before decoding: the whole prompt (padding slots -1, as vtr records them)
+        index = torch.where(lm_inputs["mask"].bool(), torch.arange(L), -1)
+    embeds = gather_seq(lm_inputs["embeds"], index, 0.0)
+    mask = gather_seq(lm_inputs["mask"], index, 0).bool()
+    positions = _rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy))
+    start = _rope_rows(next_positions(lm_inputs, index, policy))
+    deepstack = kept_deepstack(lm_inputs, index) if lm_inputs.get("visual_pos_masks") is not None else {}
+    visual_slot = torch.full(index.shape, -1)  # slot -> the row's visual id (non-newline tokens only)
+    for b, row in enumerate(record.layout.rows):
+        ids = {}
+        for span in row.spans:
+            for j, p in enumerate(span.positions.tolist()):
+                if not bool(span.newline[j]):
+                    ids[p] = span.offset + j
+        for s, p in enumerate(index[b].tolist()):
+            if p in ids:
+                visual_slot[b, s] = ids[p]
+    cache = DynamicCache(config=lm.config)
+
+    def run(hidden, pos, full, sub, prefill):
+        for i, block in enumerate(lm.layers):
+            m = sub if (sub is not None and i >= layer) else full
+            cos, sin = lm.rotary_emb(hidden, pos)
+            hidden = block(hidden, attention_mask=additive_mask(m, hidden.shape[1], hidden.dtype),
+                           position_embeddings=(cos, sin), position_ids=None, past_key_values=cache, use_cache=True)
+            if prefill and deepstack.get("deepstack_visual_embeds") and i < len(deepstack["deepstack_visual_embeds"]):
+                hidden = hidden.clone()
+                hidden[deepstack["visual_pos_masks"]] += deepstack["deepstack_visual_embeds"][i]
+        return model.lm_head(lm.norm(hidden))
+
+    with torch.no_grad():
+        prefill = run(embeds, positions, mask, None, True)
+        logits, out = prefill[:, -1], []
+        for t in range(steps):
+            out.append(logits)
+            token = logits.argmax(-1) if tokens is None else tokens[:, t]
+            mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            sub = None
+            if t < len(record.decode_steps):
+                sub = mask.clone()
+                for b, chosen in enumerate(record.decode_steps[t]):
+                    if chosen is None:
+                        continue
+                    row = visual_slot[b]
+                    dropped = (row >= 0) & ~torch.isin(row, chosen)
+                    sub[b, :len(row)] &= ~dropped
+            logits = run(model.get_input_embeddings()(token[:, None]), start + t, mask, sub, False)[:, -1]
+        chunk = None
+        if then is not None:
+            mask = torch.cat([mask, mask.new_ones(B, then.shape[1])], 1)
+            chunk = run(model.get_input_embeddings()(then), start + steps + torch.arange(then.shape[1]), mask, None,
+                        False)
+    return prefill, torch.stack(out, 1) if out else None, chunk

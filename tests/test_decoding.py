@@ -106,6 +106,10 @@ def test_loss_over_text_tokens(method, family):
         with torch.no_grad():
             loss = model(**inputs, labels=labels).loss
         index = handle.last.index
+    if index is None and handle.method.decode_stage() is not None:  # DyCoke: an image is one frame, kept whole
+        with torch.no_grad():
+            assert torch.equal(loss, model(**inputs, labels=labels).loss)
+        return
     lm_inputs = R.capture_lm_inputs(model, inputs)
     ref_logits, _, _ = R.reference_for(model, handle.method, lm_inputs, index, 0, record=handle.last)
     kept_labels = R.gather_seq(labels, index, -100)

@@ -64,9 +64,22 @@ def check_against_reference(model, inputs, method, mode, **options):
                 out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True,
                                      output_logits=True)
         record = handle.last
-    assert record.index is not None and record.n_kept != record.n_visual, "nothing was pruned"
     lm_inputs = R.capture_lm_inputs(model, inputs, generate=(mode == "generate"))
-    ref_prefill, ref_steps, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS, record=record)
+    decode = handle.method.decode_stage()
+    if decode is not None:  # a kv_cache stage (DyCoke): each step's layers >= L see that step's visual subset
+        prefill_pruned = record.index is not None
+        if mode == "forward" and not prefill_pruned:  # nothing to prune before decoding (an image: one frame)
+            with torch.no_grad():
+                assert torch.equal(model(**inputs).logits, logits)
+            return
+        assert prefill_pruned or any(s is not None for step in record.decode_steps for s in step), \
+            "nothing was pruned"
+        ref_prefill, ref_steps, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions,
+                                                           STEPS, decode.layer, record)
+    else:
+        assert record.index is not None and record.n_kept != record.n_visual, "nothing was pruned"
+        ref_prefill, ref_steps, _ = R.reference_for(model, handle.method, lm_inputs, record.index, STEPS,
+                                                    record=record)
     if mode == "forward":
         assert logits.shape == ref_prefill.shape
         assert ((logits - ref_prefill).abs() * (record.index >= 0)[..., None]).max() <= TOL

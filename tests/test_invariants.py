@@ -54,8 +54,12 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
     if method == "dart":
         per_pivot = keep // 8 if keep is not None else int(n * (1 - ratio) / 8)
         return min(n, 4 + 8 * per_pivot)
+    if method == "dycoke":  # an image is one frame: temporal pruning keeps it whole (the KV stage prunes it)
+        return n
     if keep is not None:
         return min(keep, n)
+    if method == "fastvid":  # an image is one frame: floor(n * r) tokens, at least 1
+        return max(1, int(n * (1 - ratio) + 1e-9))
     if method == "divprune":
         return int(round((1 - ratio) * n))
     return round(n * (1 - ratio))
@@ -103,8 +107,11 @@ def test_text_tokens_are_never_dropped(method, family):
     record = handle.last
     visual = record.layout.visual_mask()
     real = inputs["attention_mask"].bool()
+    index = record.index  # None: nothing pruned before the language model (DyCoke on an image)
+    if index is None:
+        index = torch.where(real, torch.arange(real.shape[1]), -1)
     for b in range(len(record.layout.rows)):
-        kept_positions = set(record.index[b][record.index[b] >= 0].tolist())
+        kept_positions = set(index[b][index[b] >= 0].tolist())
         text = set((real[b] & ~visual[b]).nonzero().flatten().tolist())
         assert text <= kept_positions
         kept_visual = record.layout.rows[b].visual_positions[record.kept[b]].tolist() if record.kept[b].numel() else []

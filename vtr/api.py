@@ -161,6 +161,13 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
         if spec.stage is Stage.LAYER and not 1 <= spec.layer < n_layers:
             raise ValueError(f"{method.name}: layer must be in [1, {n_layers - 1}] for this {n_layers}-layer model, "
                              f"got {spec.layer}")
+    decode = method.decode_stage()
+    if decode is not None:
+        if not 1 <= decode.layer < n_layers:
+            raise ValueError(f"{method.name}: layer must be in [1, {n_layers - 1}] for this {n_layers}-layer model, "
+                             f"got {decode.layer}")
+        if any(s.stage is Stage.LAYER for s in method.stages()):
+            raise NotImplementedError(f"{method.name}: a kv_cache stage after layer stages is not implemented")
     if method.positions == "compact" and family.mrope:
         raise ValueError(f"{method.name}: positions='compact' is not defined for {type(model).__name__}, whose "
                          "M-RoPE gives visual tokens 3-D grid positions; use positions='original' (kept tokens keep "

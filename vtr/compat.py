@@ -102,6 +102,11 @@ def cached_keys(cache, layer_idx: int, length: int) -> torch.Tensor | None:
     return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] == length else None
 
 
+def layer_keys(cache, layer_idx: int) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, length, d]`` layer ``layer_idx`` holds in a ``DynamicCache``."""
+    return cache.layers[layer_idx].keys
+
+
 def rotary_embeddings(lm: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
     """(cos, sin) for explicit positions: ``position_ids`` is ``[B, L]`` (or ``[3, B, L]`` for M-RoPE)."""
     return lm.rotary_emb(hidden, position_ids)

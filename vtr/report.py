@@ -100,6 +100,26 @@ class PrefillRecord:
     # vision stage: vision layer -> [C, W] the original token index ([CLS] = 0, -1 padding) of each tower input's
     # tokens after that layer pruned (inputs in the tower's batch order: images, LLaVA-NeXT crops)
     vision_tokens: dict | None = field(default=None, repr=False)
+    nominal_retention: float | None = None
+    decode_steps: list = field(default_factory=list)
+
+    # decode_steps: methods with a ``kv_cache`` stage (DyCoke): one entry per single-token decoding step of this
+    # request, per row the visual tokens (row's visual numbering, ascending) that layers >= L attended to at that
+    # step, or None where they attended to all of them.
+    # nominal_retention: the fraction of visual tokens the method's budget names (``1 - ratio`` for most
+    # methods), beside what really happened (``input_retention``, ``layer_retention``).
+
+    @property
+    def input_retention(self) -> list[float]:
+        """Per row, the fraction of visual tokens the language model's first layer runs on (merged and added
+        tokens included); 1.0 for a row without visual tokens."""
+        entering = [c[0] if c else n for c, n in zip(self.visual_per_layer(), self.n_visual)]
+        return [e / n if n else 1.0 for e, n in zip(entering, self.n_visual)]
+
+    @property
+    def layer_retention(self) -> list[float]:
+        """Per row, ``layer_average`` as a fraction of the row's visual tokens (prefill)."""
+        return [a / n if n else 1.0 for a, n in zip(self.layer_average, self.n_visual)]
 
     def visual_per_layer(self) -> list[list[int]]:
         """Per row, the visual tokens entering each decoder layer (``n_layers`` counts; merged tokens included)."""

@@ -49,6 +49,14 @@ class SelectionContext:
         inverse[rows, prev.index[rows, slots]] = slots
         self._inverse = inverse
 
+    def cached(self, key, compute):
+        """``compute()`` once per stage for ``key`` (a method's per-image plan, shared by ``budget_for`` and
+        ``select``)."""
+        key = ("method", key)
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     # ------------------------------------------------------------------------------------------- candidates
     def present(self, row: int, span: VisualSpan) -> SpanCandidates:
         """Every token of ``span`` still in the sequence; then the tokens merging stages added to it (their ids

@@ -27,8 +27,11 @@ by the request's cache object and per-forward state by thread, so concurrent req
 ``model.generate`` is shadowed on the instance while patched, to know which requests are in flight (``remove()``
 waits for them) and to clean up after a ``KeyboardInterrupt``, which skips torch's always-call hooks.
 
+* ``kv_cache`` stage (decoding, DyCoke): at each single-token step, layers >= L get a mask that hides the visual
+  cache entries the method did not choose for that step (see ``kv_cache``).
+
 Modules: ``core`` (layouts, request and forward state, index arithmetic), one per stage (``pre_llm``, ``layer``,
-``vision`` signals), ``prune`` (a stage's selection turned into the next layout); this module installs the hooks
+``kv_cache``, ``vision`` signals), ``prune`` (a stage's selection turned into the next layout); this module installs the hooks
 and follows each request through its forward calls.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ..methods.base import BEFORE_LM, Method, Stage
 from ..patches import Family
 from ..report import PrefillRecord
 from .core import ForwardState, RequestState, SeqLayout, VisionCall, deepstack_inputs, insertion_index, shift_positions
+from .kv_cache import KVCacheStage
 from .layer import LayerStages
 from .pre_llm import PreLLMStage
 from .prune import Pruning
@@ -53,14 +57,15 @@ __all__ = ["Engine", "ForwardState", "RequestState", "SeqLayout", "VisionCall", 
            "insertion_index", "shift_positions"]
 
 
-class Engine(PreLLMStage, LayerStages, VisionSignals, Pruning):
+class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
     """Installs the hooks for one (model, method) pair and performs the surgery. Created by ``vtr.patch``. Each
-    stage's surgery lives in its own module (``pre_llm``, ``layer``, ``vision``, ``prune``) over ``core``."""
+    stage's surgery lives in its own module (``pre_llm``, ``layer``, ``kv_cache``, ``vision``, ``prune``) over ``core``."""
 
     def __init__(self, model: torch.nn.Module, method: Method, family: Family):
         self.model, self.method, self.family = model, method, family
         self.lm = compat.text_model(model)
         self.specs = method.stages()
+        self.decode_spec = method.decode_stage()
         self.vision_stage_layers: tuple[int, ...] = ()
         self.vision_feature_layer = None
         if "vision" in method.needs or self.specs[0].stage is Stage.VISION:
@@ -104,6 +109,8 @@ class Engine(PreLLMStage, LayerStages, VisionSignals, Pruning):
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
+            if self.decode_spec is not None:
+                self._attach_decode(reg, layers)
             if "vision" in self.method.needs or self.vision_stage_layers:
                 self._attach_vision(reg)
             if self.family.deepstack and layer_stages:

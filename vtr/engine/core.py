@@ -47,6 +47,8 @@ class RequestState:
     layouts: list[SeqLayout] = field(default_factory=list)  # one per stage that removed tokens, in order
     record: PrefillRecord | None = None
     added: list[list[AddedToken]] = field(default_factory=list)  # per row: tokens merging stages added, in order
+    decode_state: dict = field(default_factory=dict)  # the method's kv_cache-stage state (select_decode)
+    decode_spans: list | None = None  # per row: (span, [n] cache slots of its present visual tokens, [n] ids)
 
     def original_position(self, row: int, index: int) -> int:
         """The prompt position a slot of index ``index`` stands for (an added token: its anchor's)."""
@@ -84,6 +86,14 @@ class RequestState:
             if layout.stage is Stage.LAYER and layout.layer <= layer:
                 found = layout
         return found
+
+    def layout_at(self, layer: int) -> SeqLayout:
+        """The layout decoder layer ``layer`` runs on (its KV cache's prompt part)."""
+        active = self.active(layer)
+        if active is not None:
+            return active
+        first = self.layouts[0] if self.layouts else None
+        return first if first is not None and first.stage is Stage.PRE_LLM else self.base
 
     def final(self) -> SeqLayout:
         return self.layouts[-1] if self.layouts else self.base

@@ -39,7 +39,8 @@ class PreLLMStage:
                          shift=torch.zeros(B, dtype=torch.long, device=device))
         request = RequestState(prompt_length=L, base=base, added=[[] for _ in range(B)],
                                record=PrefillRecord(n_visual=fwd.layout.n_visual, layout=fwd.layout,
-                                                    n_layers=len(compat.decoder_layers(self.lm))))
+                                                    n_layers=len(compat.decoder_layers(self.lm)),
+                                                    nominal_retention=self.method.nominal_retention))
         fwd.request, fwd.cache = request, cache
         if cache is not None:
             with self._lock:

@@ -4,8 +4,10 @@ from .base import Merge, Method, Stage, StageSpec
 from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
+from .dycoke import DyCoke
 from .fastervlm import FasterVLM
 from .fastv import FastV
+from .fastvid import FastVID
 from .flowcut import FlowCut
 from .hiprune import HiPrune
 from .pdrop import PyramidDrop
@@ -16,6 +18,6 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "FastV", "FasterVLM", "FlowCut", "HiPrune", "Merge", "Method", "PyramidDrop",
-           "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
+__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "Merge",
+           "Method", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]

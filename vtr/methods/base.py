@@ -19,7 +19,7 @@ class Stage(str, Enum):
     VISION = "vision"  # inside the vision encoder, after chosen vision layers (FlowCut-style progressive pruning)
     PRE_LLM = "pre_llm"  # between the vision side and decoder layer 0
     LAYER = "layer"  # before decoder layer K; layers < K keep the full sequence and KV cache
-    KV_CACHE = "kv_cache"  # on the KV cache during decoding (reserved: DyCoke-style)
+    KV_CACHE = "kv_cache"  # during decoding: layers >= L attend to a per-step subset of the visual cache (DyCoke)
 
 
 IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.LAYER)
@@ -176,6 +176,20 @@ class Method:
             return [StageSpec(self.stage, int(k)) for k in layers.split(",")]
         return [StageSpec(self.stage, getattr(self, "layer", 0))]
 
+    def decode_stage(self) -> StageSpec | None:
+        """The method's ``kv_cache`` stage, if any: ``StageSpec(Stage.KV_CACHE, L)``. At every single-token decoding
+        step the engine computes the new token's attention at layer ``L - 1`` over the whole cache (mean over
+        heads), hands each image's or video's visual part of it to ``select_decode``, and layers ``>= L`` attend to
+        the visual tokens chosen for that step only (the others masked out; the full cache stays, so later steps
+        choose again)."""
+        return None
+
+    def select_decode(self, state: dict, row: int, span, scores: torch.Tensor) -> torch.Tensor | None:
+        """``kv_cache`` stage: indices (into the visual tokens of ``span`` present in the cache, in sequence order)
+        of the ones layers ``>= L`` attend to at this step, or None for all of them. scores: ``[n]`` the step's
+        attention (fp32) to those tokens. state: a dict that lives as long as the request (fresh per request)."""
+        return None
+
     def stage_number(self, spec: StageSpec) -> int:
         """0-based position of ``spec`` among this method's stages."""
         return self.stages().index(spec)
@@ -244,6 +258,12 @@ class Method:
         """This method with its depth-dependent defaults resolved for a language model of ``n_layers`` decoder
         layers (multi-stage methods: their layer lists). Raises ``ValueError`` for layers the model lacks."""
         return self
+
+    @property
+    def nominal_retention(self) -> float | None:
+        """The fraction of visual tokens the budget names (``1 - ratio``; None for ``keep``), reported in
+        ``handle.last.nominal_retention`` beside the actual retention."""
+        return 1 - self.ratio if self.ratio is not None else None
 
     # ----------------------------------------------------------------------------------------------- helpers
     def options(self) -> dict:

@@ -1,4 +1,4 @@
-"""Clustering primitives shared by merging methods (pure functions on one image's tokens)."""
+"""Clustering primitives shared by merging methods (pure functions on one image's or one frame's tokens)."""
 from __future__ import annotations
 
 import torch
@@ -6,38 +6,20 @@ import torch
 from ..kernels.reference import BLOCK_ROWS, MIN_GEMM_ROWS, row_blocks
 
 
-def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Density-peaks clustering with k-nearest-neighbour density (DPC-KNN, as in SparseVLM's
-    ``utils.cluster_and_merge`` and TCFormer).
-
-    x: ``[n, D]`` token features. Distances are Euclidean divided by ``sqrt(D)``; density_i =
-    ``exp(-mean of the squared distances to its k nearest tokens, itself included)`` plus ``U(0, 1) * 1e-6`` noise
-    drawn from ``generator`` (ties broken reproducibly when it is seeded); delta_i = the distance to the nearest
-    denser token (the largest distance overall for the densest); the ``n_clusters`` tokens with the largest
-    ``delta * density`` are the centres; every token joins its nearest centre (a centre joins itself).
-
-    Returns ``(centres [n_clusters], assignment [n])``: centre indices into ``x`` in score order, and each token's
-    cluster (an index into ``centres``). Computed in fp64: densities of nearby tokens differ in the 7th digit,
-    where the tie-breaking noise lives, so fp32 rounding alone would reorder centres.
-
-    Memory: O(n) beyond ``x`` (``BLOCK_ROWS x n`` distances at a time; the official code holds the ``n x n``
-    matrix and several of its masks). Up to ``BLOCK_ROWS`` tokens that is one block, the dense computation itself;
-    above it the distances are computed three times (density and the largest distance, then delta, then the
-    assignment), each entry the float the dense ``torch.cdist`` gives (blocks of at least ``MIN_GEMM_ROWS`` rows:
-    see ``vtr.kernels.reference.row_products``), so the clusters are the same."""
-    x = x.double()
+def _distance_blocks(x: torch.Tensor):
+    """A function yielding ``(start, stop, dist [stop - start, n])`` over row blocks of the scaled Euclidean
+    distances of ``x`` ([n, D], fp64). Up to ``BLOCK_ROWS`` tokens the one block is computed once and replayed;
+    above, each pass recomputes its blocks (O(n) memory), each entry the float the dense ``torch.cdist`` gives
+    (blocks of at least ``MIN_GEMM_ROWS`` rows: see ``vtr.kernels.reference.row_products``)."""
     n, dim = x.shape
-    n_clusters = min(n_clusters, n)
-    k = min(k, n)
 
-    def distances(start: int, stop: int) -> torch.Tensor:  # [stop - start, n]
+    def distances(start: int, stop: int) -> torch.Tensor:
         rows = x[start:stop]
         if len(rows) < MIN_GEMM_ROWS:
             rows = torch.cat([rows, rows[-1:].expand(MIN_GEMM_ROWS - len(rows), -1)])
         return torch.cdist(rows[None], x[None])[0, :stop - start] / dim ** 0.5
 
-    cached = distances(0, n) if n <= BLOCK_ROWS else None  # one block: computed once, as the dense formula
+    cached = distances(0, n) if n <= BLOCK_ROWS else None
 
     def blocks():
         if cached is not None:
@@ -45,7 +27,14 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator
         else:
             for start, stop in row_blocks(n):
                 yield start, stop, distances(start, stop)
+    return blocks
 
+
+def _dpc(x: torch.Tensor, k: int, generator: torch.Generator | None):
+    x = x.double()
+    n = x.shape[0]
+    k = min(k, n)
+    blocks = _distance_blocks(x)
     mean_sq = torch.empty(n, dtype=x.dtype, device=x.device)
     largest = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
     for start, stop, dist in blocks():
@@ -58,8 +47,38 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator
     for start, stop, dist in blocks():
         denser = density[None, :] > density[start:stop, None]  # [i, j]: j is denser than i
         delta[start:stop] = torch.where(denser, dist, largest).amin(-1)
-    centres = torch.topk(delta * density, n_clusters).indices
-    assignment = torch.empty(n, dtype=torch.long, device=x.device)
+    return delta * density, blocks
+
+
+def dpc_scores(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Density-peaks scores (DPC-KNN, TCFormer's variant, as SparseVLM, FastVID, PruneVid and HoliTom use it).
+
+    x: ``[n, D]`` token features. Distances are Euclidean divided by ``sqrt(D)``; density_i =
+    ``exp(-mean of the squared distances to its k nearest tokens, itself included)`` plus ``U(0, 1) * 1e-6`` noise
+    drawn from ``generator`` (ties broken reproducibly when it is seeded); delta_i = the distance to the nearest
+    denser token (the largest distance overall for the densest). Returns ``score [n] = delta * density`` in fp64:
+    densities of nearby tokens differ in the 7th digit, where the tie-breaking noise lives, so fp32 rounding alone
+    would reorder them.
+
+    Memory: O(n) beyond ``x`` (``BLOCK_ROWS x n`` distances at a time; the official code holds the ``n x n``
+    matrix and several of its masks); above ``BLOCK_ROWS`` tokens the distances are computed twice, each entry the
+    dense formula's float, so the scores are the same."""
+    return _dpc(x, k, generator)[0]
+
+
+def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Density-peaks clustering with k-nearest-neighbour density (DPC-KNN, as in SparseVLM's
+    ``utils.cluster_and_merge`` and TCFormer): the ``n_clusters`` tokens with the largest ``dpc_scores`` are the
+    centres; every token joins its nearest centre (a centre joins itself).
+
+    Returns ``(centres [n_clusters], assignment [n])``: centre indices into ``x`` in score order, and each token's
+    cluster (an index into ``centres``). Memory O(n) as ``dpc_scores`` (a third pass over the distance blocks
+    assigns the tokens)."""
+    n_clusters = min(n_clusters, x.shape[0])
+    score, blocks = _dpc(x, k, generator)
+    centres = torch.topk(score, n_clusters).indices
+    assignment = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for start, stop, dist in blocks():
         assignment[start:stop] = dist[:, centres].argmin(-1)
     assignment[centres] = torch.arange(n_clusters, device=x.device)

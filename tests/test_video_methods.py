@@ -1,0 +1,558 @@
+"""Video methods (FastVID, DyCoke): the shared video primitives and each method's selection against slow,
+loop-based re-derivations written from the notes (shared/research/methods_video.md sections 2 and 6) on structured
+synthetic videos (scene cuts, duplicated frames, static regions), the hand-computed cases of section 6, model-level
+behaviour (batches with different frame counts, an image and a video in one prompt, determinism, images as
+one-frame videos). Exactness against the reference and batch-vs-alone on images are in the shared matrices
+(test_exactness.py runs every method on videos too)."""
+import math
+
+import pytest
+import torch
+
+import tiny_models as tm
+import vtr
+from test_exactness import check_against_reference
+from vtr.methods import DyCoke, FastVID, video
+from vtr.methods.clustering import dpc_scores
+
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+# --------------------------------------------------------------------------------------------- synthetic videos
+def structured_video(F=10, N=16, D=8, seed=0):
+    """[F, N, D]: three scenes (a hard cut to an orthogonal base at frame 4 and at 7), exact duplicate frames
+    (2 == 1, 8 == 7), a static region (tokens 0-5 identical across all frames of a scene) and a few moving tokens
+    (large noise)."""
+    g = torch.Generator().manual_seed(seed)
+    bases = torch.linalg.qr(torch.randn(D, D, generator=g))[0][:3] * 3  # orthogonal scene bases
+    scene = [0, 0, 0, 0, 1, 1, 1, 2, 2, 2][:F]
+    E = torch.stack([bases[s] + 0.3 * torch.randn(N, D, generator=g) for s in scene])
+    for f in range(1, F):  # static region
+        if scene[f] == scene[f - 1]:
+            E[f, :6] = E[f - 1, :6]
+    E[:, 12:] += 2.0 * torch.randn(F, N - 12, D, generator=g)  # moving tokens
+    if F > 2:
+        E[2] = E[1]
+    if F > 8:
+        E[8] = E[7]
+    return E
+
+
+# ---------------------------------------------------------------------------------------------- primitives
+def test_dyseg_hand_case():
+    """Section 6.2: c=3, tau=0.9: the two lowest similarities {4, 1} and those below 0.9 {1, 4}: segments
+    [0-1], [2-4], [5-9]."""
+    sims = torch.tensor([.95, .80, .97, .99, .50, .96, .93, .91, .98])
+    assert video.dynamic_segments(sims, 3, 0.9) == [(0, 2), (2, 5), (5, 10)]
+    # the threshold adds cuts beyond the c - 1 forced ones: 0.92 also cuts after frames 7 (0.91)
+    assert video.dynamic_segments(sims, 3, 0.92) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    # c - 1 forced cuts even when every similarity is above the threshold
+    assert video.dynamic_segments(torch.tensor([.99, .98, .995]), 3, 0.9) == [(0, 1), (1, 2), (2, 4)]
+    # fewer frames than c: one segment per frame
+    assert video.dynamic_segments(torch.tensor([.99]), 8, 0.9) == [(0, 1), (1, 2)]
+
+
+def brute_dpc(X, k, noise):
+    n = len(X)
+    dist = [[math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(X[i], X[j])) / X.shape[1]) for j in range(n)]
+            for i in range(n)]
+    rho = [math.exp(-sum(d * d for d in sorted(dist[i])[:k]) / min(k, n)) + float(noise[i]) for i in range(n)]
+    top = max(max(r) for r in dist)
+    delta = [min([dist[i][j] for j in range(n) if rho[j] > rho[i]], default=top) for i in range(n)]
+    return [rho[i] * delta[i] for i in range(n)]
+
+
+def test_dpc_scores_match_brute_force_with_self_in_the_neighbourhood():
+    X = torch.randn(9, 5)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    score = dpc_scores(X, 4, g1)
+    expected = brute_dpc(X, 4, torch.rand(9, generator=g2).double() * 1e-6)
+    assert torch.allclose(score, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+def test_anchor_merge_formula():
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    members = torch.tensor([[3.0, 0.0], [5.0, 0.0], [1.0, 0.0]])
+    out = video.anchor_merge(t, members, torch.tensor([0, 0, 0]), beta=0.6)
+    # n = 3: w = max(1/4, 0.6) = 0.6; mean = (3, 0)
+    assert torch.allclose(out[0], 0.6 * t[0] + 0.4 * torch.tensor([3.0, 0.0]))
+    assert torch.equal(out[1], t[1])  # no member: unchanged
+    # beta below 1 / (n + 1): the plain weight
+    out = video.anchor_merge(t[:1], members[:1], torch.tensor([0]), beta=0.1)
+    assert torch.allclose(out[0], 0.5 * t[0] + 0.5 * members[0])
+
+
+def test_frame_table_orders_by_frame_and_refuses_ragged_frames():
+    class Span:
+        kind = "video"
+        frame = torch.tensor([0, 0, 1, 1, 2, 2])
+    ids = torch.tensor([5, 0, 3, 1, 2, 4])  # shuffled candidates
+    table = video.frame_table(Span, ids, "x")
+    assert ids[table].tolist() == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="same number of candidate tokens in every frame"):
+        video.frame_table(Span, torch.tensor([0, 1, 2, 4, 5]), "x")
+
+
+# ---------------------------------------------------------------------------------- FastVID budgets (section 6)
+@pytest.mark.parametrize("r,expected", [(.10, (19, 7, 12)), (.15, (29, 11, 18)), (.20, (39, 15, 24)),
+                                        (.25, (49, 19, 30))])
+def test_fastvid_ov_budget_arithmetic(r, expected):
+    m = FastVID(ratio=1 - r, variant="ov", threshold=0.9)
+    R, C, S = expected
+    plan = m._budgets(math.floor(196 * r + 1e-9), 196, 0, 1, torch.zeros(0))
+    assert plan == {0: (S, C)}
+    # a segment of 6 frames: anchors at j = 5 and 1 (counted from the end), floor(C * 6 / 2) context each
+    plan = m._budgets(R, 196, 10, 16, torch.zeros(20))
+    assert plan == {10: (S, 0), 11: (S, C * 3), 12: (S, 0), 13: (S, 0), 14: (S, 0), 15: (S, C * 3)}
+
+
+def test_fastvid_qwen_budgets_remainders_clamps_and_duplicates():
+    m = FastVID(ratio=0.73, variant="qwen", threshold=0.84, anchor_stride=2, context_share=0.45)
+    # segment of 6 frames, R = 5: 30 tokens, C = floor(13.5) = 13, S = 17; frames 1 and 3 near-duplicate the next
+    sims = torch.tensor([0.5, 0.99, 0.5, 0.97, 0.5, 0.5, 0.5])
+    plan = m._budgets(5, 20, 0, 6, sims)
+    valid = [0, 2, 4, 5]  # frame 1 ~ 2 and frame 3 ~ 4: only the last of each run gets tokens
+    assert sorted(plan) == valid
+    assert [plan[f][0] for f in valid] == [5, 4, 4, 4]  # 17 over 4 valid frames, the first ones +1
+    # anchors: every 2nd valid frame from the end: 5 and 2; 13 context split 7 / 6, the +1 nearest the end
+    assert plan[5][1] == 7 and plan[2][1] == 6 and plan[0][1] == plan[4][1] == 0
+    # one anchor (stride 4) takes all 13 context tokens, capped at N // 2
+    plan = FastVID(ratio=0.73, variant="qwen", threshold=0.84, context_share=0.45)._budgets(5, 20, 0, 6, sims)
+    assert plan[5] == (4, 10) and plan[0] == (5, 0)
+    # clamps: context <= N // 2, salient <= N - context
+    plan = FastVID(ratio=0.1, variant="qwen", threshold=0.84)._budgets(9, 10, 0, 1, torch.zeros(1))
+    assert plan == {0: (6, 3)}  # C = max(1, floor(9 * .4)) = 3, S = 6
+    plan = FastVID(ratio=0.1, variant="qwen", threshold=0.84, context_share=0.9)._budgets(9, 10, 0, 1,
+                                                                                        torch.zeros(1))
+    assert plan == {0: (1, 5)}  # C = floor(9 * .9) = 8 capped at 5; S = 9 - 8 = 1
+
+
+# ------------------------------------------------------------------------------ FastVID slow re-derivation
+def slow_fastvid(E, r, variant, c=8, tau=0.9, tau_ig=0.95, d=0.4, p=4, beta=0.6, k=4, seed=0):
+    """FastVID on one video ``E`` [F, N, D], one line per line of the notes' pseudocode (section 2.1), loops only.
+    Returns (kept token ids as f * N + n, {target id: merged embedding}, {target id: sorted source ids})."""
+    F, N, D = E.shape
+    gen = torch.Generator().manual_seed(seed)
+    G = [E[f].mean(0) for f in range(F)]
+    A = [torch.softmax(torch.stack([G[f] @ E[f, n] for n in range(N)]) / math.sqrt(D), 0) for f in range(F)]
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    sims = [cos(G[f], G[f + 1]) for f in range(F - 1)]
+    forced = sorted(range(F - 1), key=lambda f: (sims[f], f))[:min(c, F) - 1]
+    cuts = sorted(set(forced) | {f for f in range(F - 1) if sims[f] < tau})
+    bounds = [0] + [x + 1 for x in cuts] + [F]
+    segments = [(a, b) for a, b in zip(bounds, bounds[1:])]
+    R = max(1, math.floor(N * r + 1e-9))
+    kept, merged, sources = set(), {}, {}
+    for s, e in segments:
+        L = e - s
+        budget = {}  # frame -> (salient, context)
+        if variant == "ov":
+            C = math.floor(R * d)
+            S = R - C
+            for j in range(L):
+                budget[s + j] = (S, math.floor(C * L / math.ceil(L / p)) if (L - 1 - j) % p == 0 else 0)
+        else:
+            Cs = max(1, math.floor(R * L * d))
+            Ss = R * L - Cs
+            valid = [f for f in range(s, e) if f == e - 1 or sims[f] < tau_ig]
+            V = len(valid)
+            anchors = [valid[V - 1 - i] for i in range(0, V, p)]
+            shares = [Cs // len(anchors) + (1 if i < Cs % len(anchors) else 0) for i in range(len(anchors))]
+            for i, f in enumerate(valid):
+                ctx = min(shares[anchors.index(f)] if f in anchors else 0, N // 2)
+                budget[f] = (min(Ss // V + (1 if i < Ss % V else 0), N - ctx), ctx)
+        salient = {f: set() for f in range(s, e)}
+        for f, (S_f, _) in budget.items():
+            order = sorted(range(N), key=lambda n: -float(A[f][n]))
+            salient[f] = set(order[:S_f])
+            kept |= {f * N + n for n in salient[f]}
+        for f in sorted(budget):
+            C_f = budget[f][1]
+            if C_f == 0:
+                continue
+            U = [n for n in range(N) if n not in salient[f]]
+            noise = torch.rand(len(U), generator=gen).double() * 1e-6
+            score = brute_dpc(E[f, U].double(), k, noise)
+            targets = [U[i] for i in sorted(range(len(U)), key=lambda i: -score[i])[:min(C_f, len(U))]]
+            if variant == "qwen":
+                targets = sorted(targets)
+            members = {t: [] for t in targets}
+            for g in range(s, e):
+                for n in range(N):
+                    if n in salient[g]:
+                        continue
+                    if g == f and n in targets:
+                        if variant == "ov":
+                            members[n].append((g, n))  # a target joins itself
+                        continue
+                    best = max(targets, key=lambda t: (cos(E[g, n], E[f, t]), -targets.index(t)))
+                    members[best].append((g, n))
+            for t in targets:
+                kept.add(f * N + t)
+                n_t = len(members[t])
+                w = max(1 / (n_t + 1), beta)
+                if n_t:
+                    mean = sum(E[g, n] for g, n in members[t]) / n_t
+                    merged[f * N + t] = w * E[f, t] + (1 - w) * mean
+                else:
+                    merged[f * N + t] = E[f, t].clone()
+                sources[f * N + t] = sorted({f * N + t} | {g * N + n for g, n in members[t]})
+    return kept, merged, sources
+
+
+@pytest.mark.parametrize("variant", ["ov", "qwen"])
+@pytest.mark.parametrize("r,c,seed", [(0.25, 3, 0), (0.5, 2, 1), (0.2, 8, 2), (0.4, 1, 3)])
+def test_fastvid_matches_the_slow_rederivation(variant, r, c, seed):
+    E = structured_video(seed=seed)
+    F, N, D = E.shape
+    method = FastVID(ratio=1 - r, variant=variant, segments=c, threshold=0.9 if variant == "ov" else 0.84,
+                     seed=seed)
+    keep, targets, embeds, sources = method.reduce(E.view(F * N, D), torch.arange(F * N).view(F, N), r)
+    kept, merged, src = slow_fastvid(E, r, variant, c=c, tau=method.threshold, seed=seed)
+    assert sorted(keep.tolist()) == sorted(kept)
+    assert sorted(targets.tolist()) == sorted(merged)
+    for t, e, s in zip(targets.tolist(), embeds, sources):
+        assert torch.allclose(e, merged[t], atol=1e-5), t
+        assert s.tolist() == src[t]
+
+
+def test_fastvid_structured_video_segments_and_non_partition():
+    """The synthetic video's cuts are found; with the OneVision rule a token can feed two anchors' targets."""
+    E = structured_video(F=10, N=16, D=8, seed=0)
+    G, _ = FastVID.signals(E)
+    segments = video.dynamic_segments(video.adjacent_similarity(G), 3, 0.9)
+    assert (4, 7) in segments or any(a <= 4 < b and b <= 7 for a, b in segments)
+    assert all(not (a < 4 < b) and not (a < 7 < b) for a, b in segments)  # never across a scene cut
+    method = FastVID(ratio=0.5, variant="ov", segments=1, threshold=-1.0, anchor_stride=2)
+    _, targets, _, sources = method.reduce(E[:4].reshape(64, 8), torch.arange(64).view(4, 16), 0.5)
+    members = torch.cat([s for s in sources])
+    assert len(members) > len(members.unique())  # not a partition: some token merged into two targets
+
+
+def test_fastvid_qwen_duplicate_frames_get_no_tokens():
+    E = structured_video(F=4, N=16, D=8, seed=0)
+    E[1] = E[0]  # frames 0, 1 (and 2, see structured_video) are equal: only the last of the run gets tokens
+    G, _ = FastVID.signals(E)
+    sims = video.adjacent_similarity(G)
+    assert sims[0] > 0.95 and sims[1] > 0.95 and sims[2] < 0.95  # frame 3 differs (same scene, noise)
+    method = FastVID(ratio=0.5, variant="qwen", segments=1, threshold=-1.0)
+    keep, _, _, _ = method.reduce(E.reshape(64, 8), torch.arange(64).view(4, 16), 0.5)
+    assert not bool((keep < 32).any())  # frames 0 and 1: nothing
+    # R * L = 32: C = 12 on the one anchor (frame 3), capped at N // 2 = 8; S = 20 over frames 2 and 3, 10 each,
+    # frame 3's capped at N - 8: 10 + (8 + 8) = 26
+    assert ((keep >= 32) & (keep < 48)).sum() == 10 and (keep >= 48).sum() == 16
+
+
+def test_fastvid_is_deterministic_with_a_seed_and_the_seed_matters():
+    E = structured_video(F=6, N=16, D=8, seed=5)
+    E = E + 0 * E
+    flat, table = E.reshape(96, 8), torch.arange(96).view(6, 16)
+    a = FastVID(ratio=0.6, variant="ov", segments=2, seed=1).reduce(flat, table, 0.4)
+    b = FastVID(ratio=0.6, variant="ov", segments=2, seed=1).reduce(flat, table, 0.4)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    # exact ties in density (the duplicated static tokens) are broken by the seeded noise
+    E2 = torch.zeros(2, 16, 8)
+    E2[:, :8] = torch.randn(8, 8)
+    E2[:, 8:] = E2[:, :8]  # every token has an exact twin: equal densities
+    flat, table = E2.reshape(32, 8), torch.arange(32).view(2, 16)
+    picks = {tuple(sorted(FastVID(ratio=0.5, variant="ov", segments=2, seed=s, context_share=1.0)
+                          .reduce(flat, table, 0.5)[1].tolist())) for s in range(8)}
+    assert len(picks) > 1
+
+
+# ------------------------------------------------------------------------------------------- model level
+def image_and_video_inputs(family, proc, image_size=(64, 48), frames=4):
+    """One Qwen prompt holding an image and then a video (by hand: the video part as tests/tiny_models builds it)."""
+    image = tm.random_image(*image_size, seed=9)
+    pix = proc.image_processor(images=[image], return_tensors="pt")
+    n_image = int(pix["image_grid_thw"].prod()) // proc.image_processor.merge_size ** 2
+    text = (f"<|im_start|> user <|vision_start|>{'<|image_pad|>' * n_image}<|vision_end|> "
+            "<|vision_start|><|video_pad|><|vision_end|> what is in this image ? <|im_end|> <|im_start|> assistant")
+    enc = tm._qwen_video_by_hand(family, proc, [text], [tm.random_video(frames, 64, 48, seed=4)])
+    enc["pixel_values"], enc["image_grid_thw"] = pix["pixel_values"], pix["image_grid_thw"]
+    enc["mm_token_type_ids"][enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
+    return enc
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_fastvid_image_and_video_in_one_prompt(family, mode):
+    model, proc = tm.build(family)
+    inputs = image_and_video_inputs(family, proc)
+    check_against_reference(model, inputs, "fastvid", mode, segments=2)
+    with vtr.patch(model, "fastvid", ratio=0.75, segments=2) as handle, torch.no_grad():
+        model(**inputs)
+    image, vid = handle.last.layout.rows[0].spans
+    kept = handle.last.kept[0]
+    assert ((kept >= image.offset) & (kept < image.offset + image.n)).sum() == max(1, image.n // 4)
+    F, N = vid.grid[0], vid.grid[1] * vid.grid[2]
+    assert ((kept >= vid.offset) & (kept < vid.offset + vid.n)).sum() == F * (N // 4)
+
+
+@pytest.mark.parametrize("family", QWEN + ("llava_onevision",))
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_fastvid_video_rows_equal_the_video_alone(family, mode):
+    """Batch 2 (Qwen: 4 and 2 frames, i.e. 2 and 1 temporal slices; OneVision: both 4 frames, transformers stacks
+    one frame count) equals each video alone: same kept tokens, same outputs."""
+    import test_requests as TR
+    model, proc = tm.build(family)
+    frames = [6, 2] if family in QWEN else [4, 4]
+    size = (64, 48) if family in QWEN else (32, 32)
+    videos = [tm.random_video(f, *size, seed=b) for b, f in enumerate(frames)]
+    with vtr.patch(model, "fastvid", ratio=0.5, segments=2):
+        kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), mode)
+        for b in range(2):
+            alone = tm.video_inputs(family, proc, videos=[videos[b]])
+            if b == 1:  # the second row's prompt is the long one
+                text = tm._prompt(family, 1, long=True, video=True)
+                alone = tm.video_inputs(family, proc, videos=[videos[b]])
+                alone = _with_text(family, proc, text, videos[b])
+            kept_alone, outputs_alone = TR.run(model, alone, mode)
+            assert torch.equal(kept[b], kept_alone[0])
+            TR.assert_close(outputs[b], outputs_alone[0])
+
+
+def _with_text(family, proc, text, frames):
+    if family == "llava_onevision":
+        return tm._onevision_video_by_hand(proc, [text], [frames])
+    return tm._qwen_video_by_hand(family, proc, [text], [frames])
+
+
+@pytest.mark.parametrize("family,variant", [("qwen2_5_vl", "qwen"), ("qwen2_vl", "ov"), ("llava_onevision", "ov"),
+                                            ("llava_onevision", "qwen")])
+def test_fastvid_on_a_model_equals_the_slow_rederivation(family, variant):
+    """A video with a duplicated frame (Qwen: slice), one segment: the kept tokens and merged embeddings equal
+    the slow re-derivation on the language model's input embeddings; merges cross frames."""
+    import reference as R
+    model, proc = tm.build(family)
+    qwen = family in QWEN
+    frames = tm.random_video(12 if qwen else 6, *((64, 48) if qwen else (32, 32)), seed=3)
+    if qwen:
+        frames[2:4] = frames[0:2]  # slice 1 == slice 0
+    else:
+        frames[1] = frames[0]
+    inputs = tm.video_inputs(family, proc, videos=[frames])
+    options = dict(segments=1, threshold=0.0, variant=variant, anchor_stride=2)
+    r = 0.5 if qwen else 0.75  # OneVision's tiny frames have 4 tokens: R = 3, one context token
+    with vtr.patch(model, "fastvid", ratio=1 - r, **options) as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    candidates = (~span.newline).nonzero().flatten()
+    F = int(span.frame[candidates].max()) + 1
+    N = len(candidates) // F
+    E = R.capture_lm_inputs(model, inputs)["embeds"][0, span.positions[candidates]].view(F, N, -1)
+    kept, merged, sources = slow_fastvid(E.float(), r, variant, c=1, tau=0.0, p=2)
+    got = handle.last.kept[0]
+    assert sorted(candidates[torch.tensor(sorted(kept))].tolist()) == \
+        sorted(set(got.tolist()) - set(span.newline.nonzero().flatten().tolist()))
+    record = handle.last.merged[0]
+    assert sorted(record.kept.tolist()) == sorted(candidates[torch.tensor(sorted(merged))].tolist())
+    for k, e, src in zip(record.kept.tolist(), record.embeds, record.sources):
+        t = int((candidates == k).nonzero())
+        assert torch.allclose(e.float(), merged[t], atol=1e-5)
+        assert src.tolist() == candidates[torch.tensor(sources[t])].tolist()
+    assert any(len(set(span.frame[s].tolist())) > 1 for s in record.sources)  # merges across frames
+    if variant == "qwen":
+        assert not bool((span.frame[got] == 0).any())  # the duplicate slice got nothing (its share went elsewhere)
+    check_against_reference(model, inputs, "fastvid", "generate", **options)
+
+
+def test_fastvid_on_images_is_the_one_frame_rule():
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    with vtr.patch(model, "fastvid", ratio=0.75) as handle, torch.no_grad():
+        model(**inputs)
+    assert handle.last.n_kept == [16]  # floor(64 * 0.25)
+    (merged,) = handle.last.merged
+    assert len(merged.kept) == math.floor(16 * 0.4)  # the context tokens, merged within the image
+
+
+# ------------------------------------------------------------------------------------------------- DyCoke
+def angles_video(angles):
+    """[F * N, 2] unit vectors at the given angles ``[F][N]``: cos(E[i, n], E[j, n]) = cos(a_i,n - a_j,n)."""
+    a = torch.tensor(angles, dtype=torch.float64)
+    return torch.stack([a.cos(), a.sin()], -1).view(-1, 2).float()
+
+
+def test_dycoke_ttm_hand_case():
+    """Section 6.2: F = 6, N = 4, n_keep = 2: frames 0 and 4 whole; 1, 3, 5 pruned against their left neighbour,
+    2 against frame 0 (original features); each keeps its 2 least similar tokens."""
+    a0 = [0, 0, 0, 0]
+    a1 = [.1, .5, .2, .9]  # vs a0: keep 3, 1
+    a2 = [1.0, .3, .7, .05]  # vs a0: keep 0, 2
+    a3 = [1.6, .35, .9, .45]  # vs a2: differences .6 .05 .2 .4: keep 0, 3
+    a4 = [0, 0, 0, 0]
+    a5 = [.3, .1, .8, .2]  # vs a4: keep 2, 0
+    E = angles_video([a0, a1, a2, a3, a4, a5])
+    kept = DyCoke.ttm(E, torch.arange(24).view(6, 4), 2)
+    assert kept.tolist() == [0, 1, 2, 3, 5, 7, 8, 10, 12, 15, 16, 17, 18, 19, 20, 22]
+
+
+def slow_ttm(E, n_keep):
+    F, N, _ = E.shape
+    keep = {f: list(range(N)) for f in range(F)}
+    for i in range(0, F - 1, 2):
+        sims = [float(video.cosine(E[i, n], E[i + 1, n])) for n in range(N)]
+        keep[i + 1] = sorted(sorted(range(N), key=lambda n: sims[n])[:n_keep])
+    i = 0
+    while i < F - 4:
+        sims = [float(video.cosine(E[i, n], E[i + 2, n])) for n in range(N)]
+        keep[i + 2] = sorted(sorted(range(N), key=lambda n: sims[n])[:n_keep])
+        i += 4
+    return sorted(f * N + n for f in range(F) for n in keep[f])
+
+
+@pytest.mark.parametrize("F,N,n_keep", [(32, 196, 58), (7, 9, 3), (4, 16, 5), (1, 8, 2), (10, 16, 4)])
+def test_dycoke_ttm_matches_the_slow_rederivation_and_counts(F, N, n_keep):
+    E = structured_video(F=F, N=N, D=8, seed=F) if F <= 10 and N == 16 else torch.randn(F, N, 8)
+    kept = DyCoke.ttm(E.reshape(F * N, 8), torch.arange(F * N).view(F, N), n_keep)
+    assert kept.tolist() == slow_ttm(E, n_keep)
+    if F == 32:  # the notes' count: 9 whole frames (0, 4, ..., 28 and 30) + 23 pruned ones
+        assert len(kept) == 3098
+        whole = [f for f in range(F) if ((kept >= f * N) & (kept < (f + 1) * N)).sum() == N]
+        assert whole == [0, 4, 8, 12, 16, 20, 24, 28, 30]
+    if F == 7:  # the odd last frame stays whole (official: dropped)
+        assert ((kept >= 6 * N).sum()) == N
+
+
+def test_dycoke_kv_rule():
+    """Section 6.2 KV simulator: the first step prunes; a stable step (cos >= 0.9) uses the full cache (official)
+    or the previous subset; kept = top floor(n (1 - P)); the state is the request's."""
+    m = DyCoke(ratio=0.5, kv_ratio=0.75)
+    state = {}
+    a = torch.tensor([.1, .5, .2, .9, .3, .05, .6, .4])
+    kept = m.select_decode(state, 0, _FakeSpan, a)
+    assert sorted(kept.tolist()) == [3, 6]  # floor(8 * .25) = 2
+    assert m.select_decode(state, 0, _FakeSpan, a * 1.01) is None  # stable: full cache
+    b = torch.tensor([.9, .1, .1, .1, .1, .1, .1, .8])
+    assert sorted(m.select_decode(state, 0, _FakeSpan, b).tolist()) == [0, 7]  # changed: chosen again
+    m = DyCoke(ratio=0.5, kv_ratio=0.75, stable="previous")
+    state = {}
+    m.select_decode(state, 0, _FakeSpan, a)
+    assert sorted(m.select_decode(state, 0, _FakeSpan, a * 1.01).tolist()) == [3, 6]
+    assert DyCoke(ratio=0.0).select_decode({}, 0, _FakeSpan, a) is None  # ratio 0: nothing
+
+
+class _FakeSpan:
+    offset = 0
+
+
+@pytest.mark.parametrize("family", QWEN + ("llava_onevision",))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("stable", ["full", "previous"])
+def test_dycoke_each_decode_step_equals_attention_restricted_to_its_subset(family, attn, stable):
+    """similarity above 1: every step chooses again; each step's logits equal the unpatched layers with layers
+    >= L attending to that step's recorded subset only (and differ from attending to every visual token)."""
+    import reference as R
+    model, proc = tm.build(family, attn=attn)
+    inputs = tm.video_inputs(family, proc, 2)
+    options = dict(ratio=0.5, kv_ratio=0.6, layer=2, similarity=1.5 if stable == "full" else 0.0, stable=stable)
+    with vtr.patch(model, "dycoke", **options) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                             output_logits=True)
+    record = handle.last
+    assert len(record.decode_steps) == 4
+    if stable == "full":
+        assert all(s is not None for step in record.decode_steps for s in step)  # chosen at every step
+    else:  # similarity 0: every later step is stable and keeps the first step's subset
+        assert all(torch.equal(step[b], record.decode_steps[0][b]) for step in record.decode_steps
+                   for b in range(2))
+    lm_inputs = R.capture_lm_inputs(model, inputs, generate=True)
+    _, ref, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, record)
+    got = torch.stack(out.logits, 1)
+    assert (got - ref).abs().max() <= 1e-5
+    # and the subsets matter: all visual tokens at every step give other logits
+    full = type(record)(n_visual=record.n_visual, layout=record.layout, decode_steps=[[None, None]] * 4)
+    _, dense, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, full,
+                                         tokens=out.sequences[:, -5:])
+    assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-4
+    # kept per step: floor(n * (1 - kv_ratio)) of the video's tokens present in the cache
+    for b, row in enumerate(record.layout.rows):
+        n = len(record.kept[b]) - int(row.spans[0].newline.sum())
+        assert len(record.decode_steps[0][b]) == max(1, math.floor(n * 0.4 + 1e-9))
+
+
+def test_dycoke_state_does_not_leak_between_requests():
+    """The same video twice: the second request's first step prunes again (official: compared with the previous
+    request's attention, identical, so it would run on the full cache)."""
+    model, proc = tm.build("qwen2_vl")
+    inputs = tm.video_inputs("qwen2_vl", proc, 1)
+    with vtr.patch(model, "dycoke", ratio=0.5, layer=2) as handle, torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        steps = handle.last.decode_steps
+        second = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert handle.last.decode_steps[0][0] is not None
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(steps, handle.last.decode_steps) if a[0] is not None)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("family", QWEN)
+def test_dycoke_video_rows_equal_the_video_alone_with_their_decode_steps(family):
+    import test_requests as TR
+    model, proc = tm.build(family)
+    videos = [tm.random_video(f, 64, 48, seed=b) for b, f in enumerate([6, 2])]
+    with vtr.patch(model, "dycoke", ratio=0.5, layer=2, similarity=1.5) as handle:
+        kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), "generate")
+        steps = handle.last.decode_steps
+        for b in range(2):
+            alone = _with_text(family, proc, tm._prompt(family, 1, long=bool(b), video=True), videos[b])
+            kept_alone, outputs_alone = TR.run(model, alone, "generate")
+            assert torch.equal(kept[b], kept_alone[0])
+            TR.assert_close(outputs[b], outputs_alone[0])
+            assert all(torch.equal(s[b], a[0]) for s, a in zip(steps, handle.last.decode_steps))
+
+
+def test_dycoke_refuses_a_layer_the_model_lacks_and_bad_options():
+    model, _ = tm.build("qwen2_vl")
+    with pytest.raises(ValueError, match="layer must be in"):
+        vtr.patch(model, "dycoke", ratio=0.5, layer=4)
+    with pytest.raises(ValueError, match="stable must be"):
+        DyCoke(ratio=0.5, stable="sometimes")
+
+
+def test_retention_is_reported():
+    model, proc = tm.build("qwen2_vl")
+    inputs = tm.video_inputs("qwen2_vl", proc, 1)
+    with vtr.patch(model, "fastvid", ratio=0.75, segments=2) as handle, torch.no_grad():
+        model(**inputs)
+    record = handle.last
+    assert record.nominal_retention == 0.25
+    assert record.input_retention == [record.n_kept[0] / record.n_visual[0]]
+    assert record.layer_retention == record.input_retention  # before the LLM: every layer sees the same
+
+
+@pytest.mark.parametrize("method", ["fastvid", "dycoke"])
+def test_video_methods_repeat_exactly(method):
+    """Determinism: the same request twice (a fresh patch each time, same seed) keeps and merges the same tokens
+    and gives bit-identical outputs."""
+    model, proc = tm.build("qwen2_5_vl")
+    inputs = tm.video_inputs("qwen2_5_vl", proc, 2)
+    runs = []
+    for _ in range(2):
+        with vtr.patch(model, method, ratio=0.5, **({"segments": 2} if method == "fastvid" else {})) as handle, \
+                torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+        runs.append((handle.last, torch.stack(out.logits, 1)))
+    (a, la), (b, lb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a.kept, b.kept)) and torch.equal(la, lb)
+    if a.merged:
+        assert all(torch.equal(x.embeds, y.embeds) for x, y in zip(a.merged, b.merged))
+
+
+@pytest.mark.parametrize("method", ["fastvid", "dycoke"])
+def test_video_methods_give_each_anyres_tile_its_own_plan(method):
+    """scope="crop": every LLaVA-NeXT tile is its own one-frame input (FastVID: floor(n_tile * r) each)."""
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, 1)
+    with vtr.patch(model, method, ratio=0.75, scope="crop") as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    kept = handle.last.kept[0]
+    for crop in span.crop.unique().tolist():
+        tile = ((span.crop == crop) & ~span.newline).nonzero().flatten()
+        mine = torch.isin(kept, tile).sum()
+        assert mine == (max(1, len(tile) // 4) if method == "fastvid" else len(tile))
