@@ -96,6 +96,12 @@ class SyntheticContext:
     def score_dtype(self):
         return self.hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
 
+    def cached(self, key, compute):
+        key = ("method", key)
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     def candidates(self) -> SpanCandidates:
         return SpanCandidates(self.span, self.span.positions.to(self.hidden.device), torch.arange(self.n))
 
