@@ -38,6 +38,9 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
     for label, row in rows.items():
         assert row["ttft_s"] > 0 and row["llm_s"] > 0 and row["decode_tokens_per_s"] > 0
         assert row["kv_cache_bytes"] > 0
+        # one pass: the median of the paired ratios is the ratio of the two times (an ideal's with its vision time)
+        assert row["ttft_per_pass_s"] == [pytest.approx(row["ttft_s"])]
+        assert row["ttft_speedup_vs_dense"] == pytest.approx(dense["ttft_s"] / row["ttft_s"])
         if row["kind"] == "method":
             assert sum(row["n_kept"]) < sum(row["n_visual"])
             assert row["kv_cache_bytes"] < dense["kv_cache_bytes"]
