@@ -345,3 +345,24 @@ def test_synthetic_video_inputs_run_pruned(family):
         model(**inputs)
     n = 3 * per_frame + (family == "llava_onevision")  # OneVision: the video's trailing newline token
     assert handle.last.n_visual == [n] and handle.last.n_kept == [int(round(0.5 * n))]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "dycoke", "--set", "kvratio=0.8"], "--set kvratio: no option of that name in dycoke"),
+    (["--methods", "dycoke", "--set", "kv_ratio=abc"], "kv_ratio must be of type float"),
+    (["--methods", "fastvid", "--ratios", "1.5"], "ratio must be in [0, 1)"),
+])
+def test_bench_refuses_bad_settings_before_building(argv, message, capsys, monkeypatch):
+    from vtr.bench import models
+    monkeypatch.setattr(models, "build", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built")))
+    with pytest.raises(SystemExit) as exit_:
+        speed.run(["--model", "tiny-qwen2_vl", "--quiet", *argv])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_row_labels_show_the_options():
+    from vtr.bench.grid import build_grid
+    grid = build_grid(["dycoke", "divprune"], [{"ratio": 0.5}], {"kv_ratio": 0.8})
+    assert [c.label for c in grid[1:3]] == ["dycoke[ratio=0.5,kv_ratio=0.8]", "dycoke[ratio=0.5,kv_ratio=0.8] ideal"]
+    assert grid[3].label == "divprune[ratio=0.5]"

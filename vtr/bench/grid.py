@@ -29,8 +29,8 @@ class Config:
     def label(self) -> str:
         if self.kind == "dense":
             return "dense"
-        budget = ",".join(f"{k}={v}" for k, v in self.budget.items())
-        return f"{self.method}[{budget}]" + (" ideal" if self.kind == "ideal" else "")
+        settings = ",".join(f"{k}={v}" for k, v in {**self.budget, **self.options}.items())
+        return f"{self.method}[{settings}]" + (" ideal" if self.kind == "ideal" else "")
 
 
 @dataclass
@@ -208,12 +208,21 @@ def _kept_inputs(lm_inputs: dict, index: torch.Tensor):
 
 
 def build_grid(methods: list[str], budgets: list[dict], options: dict) -> list[Config]:
+    """Dense, then each method at each budget with its ideal. Each ``options`` entry goes to the methods that have
+    that option. Raises ValueError for an option no listed method has, and for a budget or option value a
+    method refuses (its own message), before anything is measured."""
     grid = [Config("dense")]
+    used = set()
     for method in methods:
         accepted = _options_for(method, options)
+        used |= set(accepted)
         for budget in budgets:
+            lookup(method)(**budget, **accepted)  # the method's own validation, now rather than mid-run
             grid.append(Config("method", method, budget, accepted))
             grid.append(Config("ideal", method, budget, accepted))
+    unknown = sorted(set(options) - used)
+    if unknown:
+        raise ValueError(f"--set {', '.join(unknown)}: no option of that name in {', '.join(methods)}")
     return grid
 
 

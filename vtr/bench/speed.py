@@ -158,9 +158,10 @@ def run(argv=None) -> dict:
     try:
         for method in methods:
             lookup(method)  # fail on a typo before loading the model
+        grid = build_grid(methods, budgets, options)  # and on an option or budget a method refuses
         plan = models.plan(args.model, args.random_init, args.layers, args.vision_layers, args.dtype, args.device,
                            width_divisor=args.width_divisor or 1)
-    except (ValueError, OSError, models.NotEnoughMemory) as error:
+    except (TypeError, ValueError, OSError, models.NotEnoughMemory) as error:
         parser.error(str(error))
 
     started = time.time()
@@ -174,7 +175,6 @@ def run(argv=None) -> dict:
             inputs = models.synthetic_inputs(model, args.batch, args.prompt_tokens, args.image_size, video=video)
         except (ValueError, NotImplementedError) as error:
             parser.error(str(error))
-    grid = build_grid(methods, budgets, options)
     length = int(inputs.get("input_ids", inputs.get("inputs_embeds")).shape[1])
     say(f"measuring {len(grid)} configurations (dense; {', '.join(methods)} and their ideals at "
         f"{_count(len(budgets), 'budget')}) on a {length}-token prompt, batch {args.batch}: "
