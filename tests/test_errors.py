@@ -25,6 +25,8 @@ def llava():
     (dict(method="fastv", ratio=0.5, keep=4), ValueError, r"exactly one of ratio="),
     (dict(method="fastv", ratio=0.5, layer=4), ValueError, r"layer must be in \[1, 3\]"),
     (dict(method="fastv", ratio=0.5, layer=0), ValueError, r"layer must be in \[1, 3\]"),
+    (dict(method="flowcut", ratio=0.5, llm_layer=4), ValueError,
+     r"flowcut: llm_layer must be in \[1, 3\] for this 4-layer model \(0 turns that stage off\), got 4"),
     (dict(method="dart", ratio=0.5, pivots=3), TypeError, r"dart has no option 'pivots'"),
     (dict(method="divprune", ratio=0.5, positions="shifted"), ValueError, r"positions must be one of"),
 ])

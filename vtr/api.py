@@ -159,13 +159,14 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
         if spec.stage not in IMPLEMENTED_STAGES:
             raise NotImplementedError(f"{method.name}: stage {spec.stage.value!r} is not implemented by the engine")
         if spec.stage is Stage.LAYER and not 1 <= spec.layer < n_layers:
-            raise ValueError(f"{method.name}: layer must be in [1, {n_layers - 1}] for this {n_layers}-layer model, "
-                             f"got {spec.layer}")
+            off = " (0 turns that stage off)" if method.layer_option == "llm_layer" else ""
+            raise ValueError(f"{method.name}: {method.layer_option} must be in [1, {n_layers - 1}] for this "
+                             f"{n_layers}-layer model{off}, got {spec.layer}")
     decode = method.decode_stage()
     if decode is not None:
         if not 1 <= decode.layer < n_layers:
-            raise ValueError(f"{method.name}: layer must be in [1, {n_layers - 1}] for this {n_layers}-layer model, "
-                             f"got {decode.layer}")
+            raise ValueError(f"{method.name}: {method.layer_option} must be in [1, {n_layers - 1}] for this "
+                             f"{n_layers}-layer model, got {decode.layer}")
         if any(s.stage is Stage.LAYER for s in method.stages()):
             raise NotImplementedError(f"{method.name}: a kv_cache stage after layer stages is not implemented")
     if method.positions == "compact" and family.mrope:

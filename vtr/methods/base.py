@@ -117,6 +117,8 @@ class Method:
     # Whether the selection reads the prompt's text (its last token, the text after an image): then the whole
     # prompt must reach the model in one prefill, and generate(prefill_chunk_size=...) is refused.
     needs_whole_prompt: ClassVar[bool] = False
+    # the option that sets the decoder layer(s) a layer or kv_cache stage starts at, named in range errors
+    layer_option: ClassVar[str] = "layer"
 
     ratio: float | None = None
     keep: int | None = None

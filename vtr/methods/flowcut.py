@@ -84,6 +84,7 @@ class FlowCut(Method):
     """
 
     name: ClassVar[str] = "flowcut"
+    layer_option: ClassVar[str] = "llm_layer"
     summary: ClassVar[str] = "prune inside the CLIP tower by [CLS]-attention x value flow, adaptive per layer"
     stage: ClassVar[Stage] = Stage.VISION
     default_positions: ClassVar[str] = "compact"

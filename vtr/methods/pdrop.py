@@ -66,6 +66,7 @@ class PyramidDrop(Method):
     """
 
     name: ClassVar[str] = "pdrop"
+    layer_option: ClassVar[str] = "layers"
     summary: ClassVar[str] = "top-k by last-token attention in stages (8/16/24), each keeping lam of the previous"
     stage: ClassVar[Stage] = Stage.LAYER
     default_positions: ClassVar[str] = "compact"

@@ -84,6 +84,7 @@ class SparseVLM(Method):
     """
 
     name: ClassVar[str] = "sparsevlm"
+    layer_option: ClassVar[str] = "layers"
     summary: ClassVar[str] = "text raters' attention at layers 2/6/15, released counts, pruned tokens recycled"
     stage: ClassVar[Stage] = Stage.LAYER
     default_positions: ClassVar[str] = "compact"
