@@ -104,8 +104,9 @@ class PrefillRecord:
     decode_steps: list = field(default_factory=list)
 
     # decode_steps: methods with a ``kv_cache`` stage (DyCoke): one entry per single-token decoding step of this
-    # request, per row the visual tokens (row's visual numbering, ascending) that layers >= L attended to at that
-    # step, or None where they attended to all of them.
+    # request, per row the candidate visual tokens (row's visual numbering, ascending) that layers >= L attended
+    # to at that step, or None where they attended to all of them. Tokens that are never candidates (the
+    # LLaVA-NeXT / OneVision row newlines) are always attended and not listed.
     # nominal_retention: the fraction of visual tokens the method's budget names (``1 - ratio`` for most
     # methods), beside what really happened (``input_retention``, ``layer_retention``).
 
