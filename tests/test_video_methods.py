@@ -556,3 +556,18 @@ def test_video_methods_give_each_anyres_tile_its_own_plan(method):
         tile = ((span.crop == crop) & ~span.newline).nonzero().flatten()
         mine = torch.isin(kept, tile).sum()
         assert mine == (max(1, len(tile) // 4) if method == "fastvid" else len(tile))
+
+
+def test_generate_refuses_a_qwen_video_it_cannot_cut_into_frames():
+    """Without mm_token_type_ids, generate() drops video_grid_thw after encoding and transformers numbers the
+    video's tokens like text: the frames cannot be recovered, so vtr says so instead of treating the video as one
+    frame (it did: DyCoke pruned nothing, FastVID kept other tokens than in forward)."""
+    model, proc = tm.build("qwen2_5_vl")
+    videos = [tm.random_video(4, 64, 48, seed=1)]
+    inputs = tm.video_inputs("qwen2_5_vl", proc, videos=videos)
+    with vtr.patch(model, "fastvid", ratio=0.5) as handle, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)  # with the processor's mm_token_type_ids
+        assert handle.last.layout.rows[0].spans[0].grid[0] > 1
+        inputs.pop("mm_token_type_ids")
+        with pytest.raises(ValueError, match="cannot tell the frames of the video in row 0.*mm_token_type_ids"):
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)

@@ -28,6 +28,12 @@ class QwenVLFamily(Family):
                                        [g or (1, 1, n) for g, n in zip(row_grids, sizes[start:stop])])
                 if not grids:
                     spans = [_grid_from_positions(s, positions, b) for s in spans]
+                    if kind == "video" and any(_text_positioned(s, positions, b) for s in spans):
+                        raise ValueError(
+                            f"vtr: cannot tell the frames of the video in row {b}: generate() dropped "
+                            f"video_grid_thw after encoding, and transformers gave the video's tokens text positions "
+                            f"(the inputs have no mm_token_type_ids), so {type(model).__name__} runs it without its "
+                            f"3-D positions. Pass mm_token_type_ids as the processor returns it.")
                 rows[b] += spans
         return finish_rows(rows, ids.shape[1], positions)
 
@@ -48,6 +54,15 @@ class Qwen3VLFamily(QwenVLFamily):
     name = "qwen3_vl"
     model_classes = ("Qwen3VLForConditionalGeneration",)
     deepstack = True
+
+
+def _text_positioned(span: VisualSpan, positions: torch.Tensor | None, row: int) -> bool:
+    """True when a span of several tokens got consecutive 1-D text positions in all three M-RoPE rows (no grid:
+    a (t, h, w) grid of more than one token never numbers all three axes alike)."""
+    if positions is None or positions.dim() != 3 or span.n < 2:
+        return False
+    p = positions[-3:, row, span.positions.to(positions.device)]
+    return bool((p == p[:1]).all() and (torch.diff(p[0]) == 1).all())
 
 
 def _grid_from_positions(span: VisualSpan, positions: torch.Tensor, row: int) -> VisualSpan:
