@@ -567,7 +567,13 @@ def test_generate_refuses_a_qwen_video_it_cannot_cut_into_frames():
     inputs = tm.video_inputs("qwen2_5_vl", proc, videos=videos)
     with vtr.patch(model, "fastvid", ratio=0.5) as handle, torch.no_grad():
         model.generate(**inputs, max_new_tokens=1, do_sample=False)  # with the processor's mm_token_type_ids
-        assert handle.last.layout.rows[0].spans[0].grid[0] > 1
+        grid, kept = handle.last.layout.rows[0].spans[0].grid, handle.last.stages[0].kept
+        assert grid[0] > 1
         inputs.pop("mm_token_type_ids")
-        with pytest.raises(ValueError, match="cannot tell the frames of the video in row 0.*mm_token_type_ids"):
+        try:  # transformers 5.17 still positions the video from its grid here; newer releases number it as text
             model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        except ValueError as error:
+            assert "cannot tell the frames of the video in row 0" in str(error) and "mm_token_type_ids" in str(error)
+        else:  # it ran: then as the same video, never as one frame
+            assert handle.last.layout.rows[0].spans[0].grid == grid
+            assert [k.tolist() for k in handle.last.stages[0].kept] == [k.tolist() for k in kept]
