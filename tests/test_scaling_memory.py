@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from vtr.bench.synthetic import _reset_peak, _rss
 from vtr.kernels import reference as ref
 from vtr.kernels.reference import BLOCK_ROWS
 from vtr.methods.cdpruner import ConditionalKernel, conditional_kernel, greedy_dpp, quality
@@ -157,32 +158,17 @@ def test_visionzip_blockwise_equals_dense():
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _rss(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-
 def peak_extra_bytes(fn):
     """Peak growth of the process's resident size while ``fn()`` runs (Linux: ``/proc/self/clear_refs`` resets the
-    high-water mark)."""
+    high-water mark; the scaling tool's own measurement)."""
     gc.collect()
     base = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    _reset_peak()
     fn()
     return _rss("VmHWM") - base
 
 
-def _can_measure():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-memory = pytest.mark.skipif(not _can_measure(), reason="needs Linux /proc/self/clear_refs")
+memory = pytest.mark.skipif(not _reset_peak(), reason="needs Linux /proc/self/clear_refs")
 N, D = 8192, 64
 
 
