@@ -24,6 +24,7 @@ def tiny_config_file(tmp_path, family):
 @pytest.mark.parametrize("family,extra", [("llava", []), ("qwen2_vl", ["--image-size", "32"])])
 def test_speed_harness_end_to_end(tmp_path, family, extra):
     config = tiny_config_file(tmp_path, family)
+    threads = torch.get_num_threads()
     result = speed.run(["--model", config, "--methods", "dart,divprune", "--ratios", "0.5,0.75", "--repeats", "1",
                          "--warmup", "0", "--decode-tokens", "2", "--batch", "2", "--out", str(tmp_path),
                          "--tag", "run", "--quiet", *extra])
@@ -31,6 +32,8 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
     assert (tmp_path / "run.png").stat().st_size > 0
     assert saved["environment"]["torch"] == torch.__version__
     assert saved["settings"]["repeats"] == 1
+    # one torch thread by default on CPU (what a shared machine disturbs least), the caller's count restored
+    assert saved["settings"]["threads"] == 1 and torch.get_num_threads() == threads
     rows = {r["config"]: r for r in saved["results"]}
     assert set(rows) == {"dense"} | {f"{m}[ratio={r}]{s}" for m in ("dart", "divprune") for r in (0.5, 0.75)
                                      for s in ("", " ideal")}
@@ -41,7 +44,14 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
         # one pass: the median of the paired ratios is the ratio of the two times (an ideal's with its vision time)
         assert row["ttft_per_pass_s"] == [pytest.approx(row["ttft_s"])]
         assert row["ttft_speedup_vs_dense"] == pytest.approx(dense["ttft_s"] / row["ttft_s"])
+        # the same in process CPU time, which the prefill spends (the ideal's includes its tower's)
+        assert row["ttft_cpu_s"] > 0 and row["ttft_cpu_per_pass_s"] == [pytest.approx(row["ttft_cpu_s"])]
+        assert row["ttft_cpu_speedup_vs_dense"] == pytest.approx(dense["ttft_cpu_s"] / row["ttft_cpu_s"])
+        if row["kind"] == "ideal":
+            assert row["ttft_cpu_s"] > row["vision_cpu_s"] > 0
         if row["kind"] == "method":
+            ideal = rows[label + " ideal"]
+            assert row["ttft_cpu_vs_ideal"] == pytest.approx(ideal["ttft_cpu_s"] / row["ttft_cpu_s"])
             assert sum(row["n_kept"]) < sum(row["n_visual"])
             assert row["kv_cache_bytes"] < dense["kv_cache_bytes"]
             assert row["llm_prefill_tflops"] < dense["llm_prefill_tflops"]

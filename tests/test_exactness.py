@@ -3,8 +3,9 @@
 One matrix: every registered method x every tiny model x {eager, sdpa} x {batch 1, batch 2 left padded with
 different prompt lengths (and, except for LLaVA-1.5, different visual token counts), batch 2 with two images in one
 row, batch 2 with a text-only row; and for the video models batch 1 and 2 videos} x {forward, generate}. The 1-D
-RoPE LLaVA models also run each method under its non-default position policy. Logits are compared on the real
-(non-padding) slots; generated tokens must be equal.
+RoPE LLaVA models also run each method under its non-default position policy. By default SDPA and the other
+policy run on a representative subset of those cases (``_in_default_matrix``; ``VTR_TEST_FULL=1`` runs them
+all). Logits are compared on the real (non-padding) slots; generated tokens must be equal.
 """
 import pytest
 import torch
@@ -35,10 +36,24 @@ def cases():
                 for attn in ("eager", "sdpa"):
                     for kind, (batch, variant) in inputs:
                         for mode in ("forward", "generate"):
+                            if not (tm.full_matrices() or _in_default_matrix(policy, attn, batch, variant, mode)):
+                                continue
                             yield pytest.param(method, family, policy, attn, batch, variant, mode,
                                                id=f"{method}-{family}-{policy or 'default'}-{attn}-b{batch}-"
                                                   f"{variant}-{mode}",
                                                marks=[pytest.mark.video] if kind == "video" else [])
+
+
+def _in_default_matrix(policy, attn, batch, variant, mode) -> bool:
+    """The representative subset (``tm.full_matrices``): eager generate on every input, eager forward (logits of
+    every real slot) on one and two images per row and on videos; SDPA on the left-padded batch (generate), the
+    text-only companion row (forward) and the video batch (generate); the non-default position policy eager on
+    one image (forward) and the left-padded batch (generate)."""
+    if policy is not None:
+        return attn == "eager" and (batch, variant, mode) in ((1, "single", "forward"), (2, "single", "generate"))
+    if attn == "eager":
+        return mode == "generate" or variant in ("single", "multi", "video") and (batch == 1 or variant != "single")
+    return (batch, variant, mode) in ((2, "single", "generate"), (2, "mixed", "forward"), (2, "video", "generate"))
 
 
 def _policy(method: str, family: str, policy):

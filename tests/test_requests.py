@@ -47,6 +47,9 @@ def batch_cases():
             for mode in ("forward", "generate"):
                 for attn in ("eager", "sdpa"):
                     for side in ("left", "right"):
+                        # SDPA on one padding side per mode unless VTR_TEST_FULL (left: generate's only side)
+                        if attn == "sdpa" and side == "right" and not tm.full_matrices():
+                            continue
                         yield pytest.param(method, family, mode, attn, side, "single",
                                            id=f"{method}-{family}-{mode}-{attn}-{side}")
                 yield pytest.param(method, family, mode, "sdpa", "left", "mixed",

@@ -46,6 +46,13 @@ def matrix_methods() -> list[str]:
     return chosen or sorted(REGISTRY)
 
 
+def full_matrices() -> bool:
+    """``VTR_TEST_FULL=1`` runs every matrix as the full product of its axes. By default the matrices keep every
+    method x model pair and every input kind, but cover SDPA, the non-default position policy and the padding
+    sides on a representative subset of the cases (CI time: the full product takes about twice as long)."""
+    return os.environ.get("VTR_TEST_FULL", "") == "1"
+
+
 def method_family(methods, families) -> list:
     """pytest params (method, family) of the supported pairs; unsupported pairs are tested to be refused instead
     (test_errors.py)."""

@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float32, bfloat16 or float16 (default: auto = bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--attn", default="sdpa", help="attention backend: sdpa, eager, flash_attention_2 (default: sdpa)")
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: auto = cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads (default on CPU: 1, what other work on a shared machine disturbs least; "
+                        "on a loaded 2-core machine 2 threads left the ratios +-17-67%% uncertain, 1 thread +-3-9%%)")
     p.add_argument("--out", default="results", help="directory for the JSON and PNG (default: ./results)")
     p.add_argument("--tag", default=None,
                    help="file name stem (default: speed-<model name>-<YYYYmmdd-HHMMSS>)")
@@ -119,13 +121,26 @@ def run(argv=None) -> dict:
     say("loading torch and transformers ...")
     import torch
 
+    from . import models
+
+    device = models.resolve_device(args.device)
+    threads = torch.get_num_threads()
+    if args.threads or device.type == "cpu":
+        # One thread by default: a narrow model's many small operations each wait for every intra-op thread, so
+        # with 2 threads on a busy machine a burst of other work stretched passes several-fold
+        args.threads = args.threads or 1
+        torch.set_num_threads(args.threads)
+    try:
+        return _measure(parser, args, device, say)
+    finally:
+        torch.set_num_threads(threads)  # run() is also called in-process (tests, notebooks)
+
+
+def _measure(parser, args, device, say) -> dict:
     from ..methods import lookup
     from . import models
     from .grid import build_grid, run_grid
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = models.resolve_device(args.device)
     kind = cli.kind_of(args.model)
     preset = args.preset
     if preset is None and kind in ("shipped", "config") and device.type == "cpu" and args.layers is None \

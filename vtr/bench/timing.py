@@ -8,7 +8,11 @@ import torch
 
 
 class Clock:
-    """Device-aware interval timer: CUDA events on GPU (read after one synchronisation), perf_counter on CPU."""
+    """Device-aware interval timer: CUDA events on GPU (read after one synchronisation); on CPU wall time
+    (perf_counter) and the process's CPU time (all its threads, user + system: ``time.process_time``).
+
+    CPU time is what a busy machine distorts least: a pass that waits for a core the other processes hold
+    stretches in wall time but not in CPU time (it still grows with cache and memory-bandwidth contention)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -18,13 +22,17 @@ class Clock:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
 
     def seconds(self, start, end) -> float:
         if self.cuda:
             end.synchronize()
             return start.elapsed_time(end) / 1000
-        return end - start
+        return end[0] - start[0]
+
+    def cpu_seconds(self, start, end) -> float | None:
+        """CPU time of the process between two marks; None on GPU (the work is the device's)."""
+        return None if self.cuda else end[1] - start[1]
 
     def sync(self):
         if self.cuda:
@@ -59,9 +67,13 @@ class StageTimer:
     def reset(self):
         self.marks = {}
 
-    def seconds(self, name: str) -> float:
-        """Total time of the named stage since the last reset (0 if it did not run)."""
-        return sum(self.clock.seconds(s, e) for s, e in self.marks.get(name, []) if e is not None)
+    def seconds(self, name: str, cpu: bool = False) -> float | None:
+        """Total wall (or, ``cpu``, process CPU; None on GPU) time of the named stage since the last reset (0 if it
+        did not run)."""
+        if cpu and self.clock.cuda:
+            return None
+        seconds = self.clock.cpu_seconds if cpu else self.clock.seconds
+        return sum(seconds(s, e) for s, e in self.marks.get(name, []) if e is not None)
 
     def remove(self):
         for handle in self.handles:
