@@ -855,3 +855,31 @@ def test_holitom_refuses_bad_options():
         HoliTom(ratio=0.5, inner_ratio=1.0)
     with pytest.raises(ValueError, match="beta must be in"):
         HoliTom(ratio=0.5, beta=1.5)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_holitom_inner_stage_is_the_last_tokens_eager_attention_and_the_sequential_merge(family):
+    """Inner stage on a model: the kept tokens are the top round(Nv / 2) of the last token's eager attention at
+    layer K-1 (mean over heads) over the video's present tokens, newline included, and the merged states equal the
+    sequential loop on the hidden states entering layer K (both read from the patched run's own outputs, which
+    layers < K computed on the outer-pruned sequence)."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.video_inputs(family, proc, 1)
+    with vtr.patch(model, "holitom", ratio=0.5) as handle, torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    record = handle.last
+    outer, inner = record.stages
+    K = inner.layer
+    (span,) = record.layout.rows[0].spans
+    index = outer.index[0]
+    present = outer.kept[0]  # visual ids after the outer stage, ascending = sequence order
+    slots = torch.tensor([index.tolist().index(int(span.positions[v])) for v in present])
+    attention = out.attentions[K - 1][0].mean(0)[-1, slots]
+    keep = round(len(present) * 0.5)
+    top, states = slow_inner(out.hidden_states[K][0, slots].float(), attention, keep)
+    assert inner.kept[0].tolist() == present[top].tolist()
+    merged = dict(zip(inner.merged[0].kept.tolist(), inner.merged[0].embeds))
+    assert merged, "nothing was merged"
+    for j in top:
+        got = merged.get(int(present[j]), out.hidden_states[K][0, slots[j]]).float()
+        assert torch.allclose(got, states[j], atol=1e-5)

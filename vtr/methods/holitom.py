@@ -76,7 +76,9 @@ class HoliTom(Method):
         expanded through the outer merges); the last token's attention is computed from layer
         ``inner_layer - 1``'s inputs with its causal mask (official: an eager re-run of that layer);
       * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; Python ``round`` (half to
-        even) as the official ``round``; at least one token per video;
+        even) as the official ``round``; ``ceil`` with a 1e-9 tolerance (an exact ``n * r'`` is not rounded up by
+        float error); at least one token per video at each stage; ``keep`` of at least the video's token count
+        keeps everything at both stages;
       * batched (each row its own selection), several videos and images per prompt (official: batch 1, one video).
     """
 
@@ -130,8 +132,10 @@ class HoliTom(Method):
     def budget_for(self, ctx, row, group):
         if self.ratio == 0 or len(group) == 0:
             return len(group)
+        if self.keep is not None and self.keep >= group.span.n:  # a budget naming every token keeps them all
+            return len(group)
         if ctx.spec.stage is Stage.LAYER:
-            return round(len(group) * (1 - self.inner_ratio))
+            return max(1, round(len(group) * (1 - self.inner_ratio)))
         return len(self.plan(ctx, row, group).keep)
 
     def select(self, ctx, row, group, budget):
@@ -215,7 +219,7 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
                 members = [(g, n) for n in locations for g in range(s, e + 1)]
                 entries.append((s, int(places[c]), merged[j], members))
         dynamic = (~omega).nonzero().flatten()
-        count = math.ceil(len(dynamic) * rr)
+        count = math.ceil(len(dynamic) * rr - 1e-9)  # an exact product is not rounded up by float error
         for t in range(s, e + 1):
             if count == 0:
                 break
