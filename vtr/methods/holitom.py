@@ -63,8 +63,9 @@ class HoliTom(Method):
         so ``A`` is FastVID's documented fallback (``video.embedding_signals``: softmax over the frame's tokens of
         ``<mean(X_f), X_f,n> / sqrt(D)``), on every model;
       * order under ``positions="compact"``: the window's tokens take the window's first slots in the official
-        order (static centres, then each frame's dynamic tokens), so ``handle.last.kept`` names those slots and
-        ``handle.last.merged`` lists, for each, the tokens it stands for (itself when it moved unchanged). Under
+        order (static centres, then each frame's dynamic tokens), so ``handle.last.stages[0].kept`` names those
+        slots and ``handle.last.stages[0].merged`` lists, for each, the tokens it stands for (itself when it moved
+        unchanged; ``handle.last.merged`` is the last merging stage's, the inner one's). Under
         ``"original"`` (Qwen-VL) every token keeps its own slot and a static centre takes the slot of its location
         in the window's first frame;
       * the inner stage is on by default (official: only when the ``HOLITOM_k`` / ``HOLITOM_r`` environment
