@@ -226,17 +226,31 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
     return stages_reference(model, lm_inputs, [(layer, index)], policy, steps, tokens, then)
 
 
-def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: int, tokens=None, then=None):
-    """Decoder loop over the unpatched layers, pruned in stages: ``stages`` is ``[(layer, index[, added])]`` in
-    order, each ``index`` ``[B, L_s]`` the original prompt positions of the slots layers >= ``layer`` run on (-1
-    padding, -2 - a: added token a, whose state and anchor position come from ``added``, the stage record's).
-    Layers before the first stage hold the full prompt; each stage layer's KV cache holds its stage's tokens.
+def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, tokens=None, then=None):
+    """Decoder loop over the unpatched layers, pruned in stages: ``stages`` is ``[(layer, index[, added[,
+    replaced]])]`` in order, each ``index`` ``[B, L_s]`` the original prompt positions of the slots layers >=
+    ``layer`` run on (-1 padding, -2 - a: added token a, whose state and anchor position come from ``added``, the
+    stage record's); ``replaced``: per row ``{original position: state}``, the hidden states a merging layer stage
+    gave those tokens (from its record). Layers before the first stage hold the full prompt; each stage layer's
+    KV cache holds its stage's tokens. ``policy``: one position policy, or one per stage, where "keep" means the
+    positions the tokens had in the previous stage (a gap-preserving stage after a compacting one).
     Same returns as ``pre_llm_reference``."""
     lm = lm_of(model)
     groups = [(0, None)] + list(stages)
+    policies = [policy] * len(stages) if isinstance(policy, str) else list(policy)
     masks, positions, starts, stacks = [], [], [], []
-    for group in groups:
+    for g, group in enumerate(groups):
         index = group[1]
+        if g > 0 and policies[g - 1] == "keep":
+            prev = groups[g - 1][1]
+            masks.append(gather_seq(lm_inputs["mask"].bool(), index, False))
+            cols = torch.stack([torch.tensor([prev[b].tolist().index(p) if p >= 0 else 0 for p in index[b].tolist()])
+                                for b in range(index.shape[0])])
+            positions.append(gather_seq(positions[-1], cols, 1))
+            stacks.append(kept_deepstack(lm_inputs, index))
+            starts.append(starts[-1])
+            continue
+        policy = policies[g - 1] if g > 0 else None
         if index is None:
             masks.append(lm_inputs["mask"].bool())
             positions.append(_rope_rows(lm_inputs["positions"]))
@@ -259,11 +273,15 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: i
     def group_of(i):
         return max(g for g, group in enumerate(groups) if group[0] <= i)
 
-    def regather(hidden, prev_index, index, added):
+    def regather(hidden, prev_index, index, added, replaced=None):
         """The slots of ``index`` taken from a sequence laid out as ``prev_index`` (original positions; added
-        tokens new at this stage take their recorded state)."""
+        tokens new at this stage take their recorded state, replaced ones their recorded new state)."""
         out = torch.zeros(index.shape[0], index.shape[1], hidden.shape[-1], dtype=hidden.dtype)
         for b in range(index.shape[0]):
+            if replaced is not None:
+                hidden = hidden.clone()
+                for p, state in replaced[b].items():
+                    hidden[b, prev_index[b].tolist().index(p)] = state.to(hidden.dtype)
             where = {int(p): j for j, p in enumerate(prev_index[b].tolist()) if p != -1}
             states = {}
             if added is not None:
@@ -283,7 +301,8 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: i
                 prev = groups[g - 1][1]
                 if prev is None:
                     prev = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
-                hidden = regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None)
+                hidden = regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None,
+                                  groups[g][3] if len(groups[g]) > 3 else None)
             q = hidden.shape[1]
             cos, sin = lm.rotary_emb(hidden, q_pos[g])
             hidden = block(hidden, attention_mask=additive_mask(masks[g], q, hidden.dtype),
@@ -336,14 +355,38 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     if decode is not None:  # a kv_cache stage (DyCoke): the recorded per-step subsets
         return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,
                                        then)
-    lm_inputs = with_merges(lm_inputs, record)
     specs = method.stages()
+    if len(specs) > 1 and specs[0].stage.value == "pre_llm" and any(s.merged for s in record.stages[1:]):
+        return merging_stages_reference(model, method, lm_inputs, record, steps, tokens, then)
+    lm_inputs = with_merges(lm_inputs, record)
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     if len(specs) > 1:
         return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
                                 method.positions, steps, tokens, then)
     return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)
+
+
+def merging_stages_reference(model, method, lm_inputs, record, steps, tokens=None, then=None):
+    """A pre_llm stage then layer stages that replace hidden states (HoliTom): the pre_llm stage's merged
+    embeddings at the input, each layer stage's recorded states at its layer, each stage's own position policy."""
+    first = record.stages[0]
+    if first.merged:
+        embeds = lm_inputs["embeds"].clone()
+        for b, (row, tokens_) in enumerate(zip(record.layout.rows, first.merged)):
+            if len(tokens_.kept):
+                embeds[b, row.visual_positions[tokens_.kept]] = tokens_.embeds.to(embeds.dtype)
+        lm_inputs = dict(lm_inputs, embeds=embeds)
+    stages, policies = [], []
+    for spec, stage in zip(method.stages(), record.stages):
+        replaced = None
+        if stage.stage == "layer" and stage.merged:
+            replaced = [{int(row.visual_positions[k]): e for k, e in zip(m.kept.tolist(), m.embeds)}
+                        if len(m.kept) else {} for row, m in zip(record.layout.rows, stage.merged)]
+        stages.append((stage.layer, stage.index, stage.added, replaced))
+        own = spec.positions or method.positions
+        policies.append("keep" if stage.stage == "layer" and own == "original" else own)
+    return stages_reference(model, lm_inputs, stages, policies, steps, tokens, then)
 
 
 def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: int, layer: int, record,

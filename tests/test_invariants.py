@@ -1,5 +1,7 @@
 """Invariants 1, 3, 4: ratio 0 is the identity, kept counts follow each method's rule, text is never dropped,
 text-only prompts pass through, unpatching restores the model exactly."""
+import math
+
 import pytest
 import torch
 
@@ -56,6 +58,10 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
         return min(n, 4 + 8 * per_pivot)
     if method == "dycoke":  # an image is one frame: temporal pruning keeps it whole (the KV stage prunes it)
         return n
+    if method == "holitom":  # an image is one frame: ceil(n * r) tokens at the input, then the inner stage halves
+        r = 1 - ratio if ratio is not None else min(1.0, keep / n)
+        outer = max(1, math.ceil(n * r - 1e-9))
+        return outer if keep is not None and keep >= n else max(1, round(outer * 0.5))
     if keep is not None:
         return min(keep, n)
     if method == "fastvid":  # an image is one frame: floor(n * r) tokens, at least 1

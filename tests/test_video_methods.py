@@ -1,4 +1,4 @@
-"""Video methods (FastVID, DyCoke): the shared video primitives and each method's selection against slow,
+"""Video methods (FastVID, DyCoke, HoliTom): the shared video primitives and each method's selection against slow,
 loop-based re-derivations written from the notes (shared/research/methods_video.md sections 2 and 6) on structured
 synthetic videos (scene cuts, duplicated frames, static regions), the hand-computed cases of section 6, model-level
 behaviour (batches with different frame counts, an image and a video in one prompt, determinism, images as
@@ -12,7 +12,7 @@ import torch
 import tiny_models as tm
 import vtr
 from test_exactness import check_against_reference
-from vtr.methods import DyCoke, FastVID, video
+from vtr.methods import DyCoke, FastVID, HoliTom, holitom, video
 from vtr.methods.clustering import dpc_scores
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -285,7 +285,7 @@ def test_fastvid_image_and_video_in_one_prompt(family, mode):
     check_against_reference(model, inputs, "fastvid", mode, segments=2)
     with vtr.patch(model, "fastvid", ratio=0.75, segments=2) as handle, torch.no_grad():
         model(**inputs)
-    image, vid = handle.last.layout.rows[0].spans
+    image, _ = handle.last.layout.rows[0].spans
     kept = handle.last.kept[0]
     assert ((kept >= image.offset) & (kept < image.offset + image.n)).sum() == max(1, image.n // 4)
     F, N = vid.grid[0], vid.grid[1] * vid.grid[2]
@@ -524,7 +524,7 @@ def test_retention_is_reported():
     assert record.layer_retention == record.input_retention  # before the LLM: every layer sees the same
 
 
-@pytest.mark.parametrize("method", ["fastvid", "dycoke"])
+@pytest.mark.parametrize("method", ["fastvid", "dycoke", "holitom"])
 def test_video_methods_repeat_exactly(method):
     """Determinism: the same request twice (a fresh patch each time, same seed) keeps and merges the same tokens
     and gives bit-identical outputs."""
@@ -577,3 +577,309 @@ def test_generate_refuses_a_qwen_video_it_cannot_cut_into_frames():
         else:  # it ran: then as the same video, never as one frame
             assert handle.last.layout.rows[0].spans[0].grid == grid
             assert [k.tolist() for k in handle.last.stages[0].kept] == [k.tolist() for k in kept]
+
+
+# ------------------------------------------------------------------------------------------------------ HoliTom
+def brute_windows(static, max_window=1024):
+    """Every segmentation of the frames into windows of at most ``max_window``: the largest saving, and the
+    segmentations reaching it."""
+    F = static.shape[0] + 1
+
+    def saved(s, e):
+        return int(static[s:e].all(0).sum()) * (e - s) if e > s else 0
+
+    def splits(start):
+        if start == F:
+            yield []
+            return
+        for end in range(start, min(F, start + max_window)):
+            for rest in splits(end + 1):
+                yield [(start, end)] + rest
+    values = [(sum(saved(s, e) for s, e in seg), seg) for seg in splits(0)]
+    best = max(v for v, _ in values)
+    return best, [seg for v, seg in values if v == best]
+
+
+def test_holitom_static_windows_hand_cases():
+    """Section 6.2: the DP optimum, ties keep the shorter window (strict '>'), the window cap."""
+    T, F_ = True, False
+    # frames 0-1 share location 0: one window saves 1
+    assert video.static_windows(torch.tensor([[T, F_], [F_, F_]])) == ([(0, 1), (2, 2)], 1)
+    # frames 0-1 share both locations (saves 2); [0-2] would also save 2 (location 0 over 2 pairs): the tie keeps
+    # frame 2 alone
+    assert video.static_windows(torch.tensor([[T, T], [T, F_]])) == ([(0, 1), (2, 2)], 2)
+    # a tie between [0-3] (location 0 over 3 pairs: 3) and [0-1] (2) + [2-3] (1): the shorter last window
+    assert video.static_windows(torch.tensor([[T, T], [T, F_], [T, F_]])) == ([(0, 1), (2, 3)], 3)
+    # ... and a strictly better long window wins: [0-3] saves 3, [0-1] + [2-3] only 2
+    assert video.static_windows(torch.tensor([[T, F_], [T, F_], [T, F_]])) == ([(0, 3)], 3)
+    # the window cap
+    everything = torch.ones(3, 1, dtype=torch.bool)
+    assert video.static_windows(everything) == ([(0, 3)], 3)
+    assert video.static_windows(everything, max_window=2) == ([(0, 1), (2, 3)], 2)
+    assert video.static_windows(torch.zeros(0, 4, dtype=torch.bool)) == ([(0, 0)], 0)  # one frame
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_holitom_static_windows_match_enumeration(seed):
+    g = torch.Generator().manual_seed(seed)
+    F = 2 + seed % 6
+    static = torch.rand(F - 1, 3, generator=g) < 0.7
+    cap = [1024, 2, 3][seed % 3]
+    windows, total = video.static_windows(static, cap)
+    best, optimal = brute_windows(static, cap)
+    assert total == best and windows in optimal
+    assert all(e - s + 1 <= cap for s, e in windows)
+    # among the optimal segmentations the DP's is the one that, scanning from the last frame back, always takes
+    # the shortest window that still reaches the optimum
+    assert windows == min(optimal, key=lambda seg: [e - s for s, e in reversed(seg)])
+
+
+def test_holitom_center_merge_formula():
+    centers = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    members = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 4.0]])
+    assign = torch.tensor([0, 0, 1])
+    out = video.center_merge(centers, members, assign, 0.6)
+    assert torch.allclose(out, torch.tensor([[0.6 + 0.4 * 2.0, 0.0], [0.0, 0.6 * 2 + 0.4 * 4], [5.0, 5.0]]))
+    plain = video.center_merge(centers, members, assign, None)  # NO_BETA: the mean, center included
+    assert torch.allclose(plain, torch.tensor([[5 / 3, 0.0], [0.0, 3.0], [5.0, 5.0]]))
+
+
+def test_holitom_inner_merge_is_sequential():
+    """Section 6.2: two non-top tokens x1, x2 both nearest to t: t' = ((t + x1) / 2 + x2) / 2; similarities are
+    those of the original states (x2's nearest is decided before x1 moved t)."""
+    t, u = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    x1, x2 = torch.tensor([2.0, 0.2, 0.0]), torch.tensor([1.0, 0.1, 0.3])
+    hidden = torch.stack([x1, t, x2, u])
+    scores = torch.tensor([0.1, 0.5, 0.2, 0.4])
+    merge = holitom.inner_merge(hidden, scores, 2)
+    assert merge.keep.tolist() == [1, 3] and merge.slots.tolist() == [1]
+    assert torch.allclose(merge.embeds[0], ((t + x1) / 2 + x2) / 2)
+    assert [s.tolist() for s in merge.sources] == [[0, 1, 2]]
+
+
+def slow_inner(hidden, scores, keep):
+    top = sorted(sorted(range(len(scores)), key=lambda i: -float(scores[i]))[:keep])
+    states = {j: hidden[j].clone() for j in top}
+    for i in range(len(scores)):
+        if i in states:
+            continue
+        j = max(top, key=lambda t: float(video.cosine(hidden[i], hidden[t])))
+        states[j] = (states[j] + hidden[i]) / 2
+    return top, states
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_holitom_inner_merge_matches_the_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden, scores = torch.randn(15, 6, generator=g), torch.rand(15, generator=g)
+    merge = holitom.inner_merge(hidden, scores, 7)
+    top, states = slow_inner(hidden, scores, 7)
+    assert merge.keep.tolist() == top
+    replaced = dict(zip(merge.slots.tolist(), merge.embeds))
+    for j in top:
+        assert torch.allclose(replaced.get(j, hidden[j]), states[j], atol=1e-6)
+
+
+def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024):
+    """Section 2.5's outer stage, one line per pseudocode line: the window outputs in OneVision order as
+    ``[(frame, location, vector)]``."""
+    F, N, D = E.shape
+    g = torch.Generator().manual_seed(seed)
+    A = torch.softmax(torch.einsum("fd,fnd->fn", E.mean(1), E) / D ** 0.5, -1)
+    sim = [[float(video.cosine(E[t, n], E[t + 1, n])) for n in range(N)] for t in range(F - 1)]
+
+    def static_count(s, e):
+        return sum(all(sim[t][n] > tau for t in range(s, e)) for n in range(N)) * (e - s)
+    dp, choice = {-1: 0}, {}
+    for i in range(F):
+        dp[i], choice[i] = dp[i - 1], 1
+        for w in range(2, min(i + 1, max_window) + 1):
+            value = dp[i - w] + static_count(i - w + 1, i)
+            if value > dp[i]:
+                dp[i], choice[i] = value, w
+    windows, i = [], F - 1
+    while i >= 0:
+        windows.insert(0, (i - choice[i] + 1, i))
+        i -= choice[i]
+    rr = min(r * F * N / (F * N - dp[F - 1]), 1)
+    out = []
+    for s, e in windows:
+        omega = [n for n in range(N) if e > s and all(sim[t][n] > tau for t in range(s, e))]
+        dynamic = [n for n in range(N) if n not in omega]
+        m = round(len(omega) * rr)
+        if m > 0:
+            X = torch.stack([E[s:e + 1, n].mean(0) for n in omega])
+            noise = torch.rand(len(omega), generator=g).double() * 1e-6  # drawn as dpc_scores draws it
+            score = brute_dpc(X.double(), min(7, m), noise)
+            centres = sorted(sorted(range(len(omega)), key=lambda i: -score[i])[:m])
+            dist = torch.cdist(X.double(), X.double()) / D ** 0.5
+            groups = {c: [] for c in centres}
+            for i in range(len(omega)):
+                if i not in groups:
+                    groups[min(centres, key=lambda c: float(dist[i, c]))].append(i)
+            for c in centres:
+                v = X[c] if not groups[c] else beta * X[c] + (1 - beta) * X[groups[c]].mean(0)
+                out.append((s, omega[c], v))
+        count = math.ceil(len(dynamic) * rr)
+        for t in range(s, e + 1):
+            ranked = sorted(dynamic, key=lambda n: -float(A[t, n]))[:count]
+            out.extend((t, n, E[t, n]) for n in sorted(ranked))
+    return out, windows, rr
+
+
+def holitom_video(F=8, N=16, D=8, seed=0):
+    """Scenes with static regions of different extents (so that several window shapes compete) and moving
+    tokens."""
+    g = torch.Generator().manual_seed(seed)
+    E = structured_video(F, N, D, seed)
+    E[3:6, 6:9] = E[3, 6:9] + 0.01 * torch.randn(3, 3, D, generator=g)  # a short static patch
+    return E
+
+
+@pytest.mark.parametrize("r,seed", [(0.25, 0), (0.1, 1), (0.5, 2), (0.25, 3)])
+def test_holitom_outer_matches_the_slow_rederivation(r, seed):
+    E = holitom_video(seed=seed)
+    method = HoliTom(ratio=1 - r, seed=seed)
+    A = video.embedding_signals(E)[1]
+    windows = holitom.outer_windows(E, A, r, method.tau, 0.6, 1024, torch.Generator().manual_seed(seed))
+    slow, slow_windows, rr = slow_holitom(E, r, method.tau, seed=seed)
+    assert [w for w, _ in windows] == slow_windows and any(e > s for s, e in slow_windows)
+    fast = [(f, n, E[f, n] if v is None else v) for _, entries in windows for f, n, v, _ in entries]
+    assert [(f, n) for f, n, _ in fast] == [(f, n) for f, n, _ in slow]
+    assert all(torch.allclose(a, b, atol=1e-5) for (_, _, a), (_, _, b) in zip(fast, slow))
+    # the re-inflated count: about r * F * N tokens, never more than per-window rounding allows
+    F, N = E.shape[:2]
+    assert rr >= r and abs(len(fast) - r * F * N) <= len(slow_windows) * 2
+
+
+def test_holitom_tau_default_and_budgets():
+    assert HoliTom(ratio=0.75).tau == 0.80 and HoliTom(ratio=0.9).tau == 0.65 and \
+        HoliTom(ratio=0.9, threshold=0.7).tau == 0.7
+    # r' re-inflation: F=4, N=4, everything static in one window saves 12 of 16 tokens: r' = min(.25 * 16 / 4, 1)
+    E = torch.randn(1, 4, 8).expand(4, 4, 8).clone()
+    windows = holitom.outer_windows(E, torch.rand(4, 4), 0.25, 0.8, 0.6, 1024)
+    (((s, e), entries),) = windows
+    assert (s, e) == (0, 3) and len(entries) == 4  # r' = 1: every static location is its own centre
+
+
+def test_holitom_on_onevision_emits_the_official_window_order():
+    """On LLaVA-OneVision (compact positions) the language model receives each window's static centres, then
+    each frame's dynamic tokens, exactly as the slow re-derivation on its input embeddings orders them."""
+    import reference as R
+    model, proc = tm.build("llava_onevision")
+    frames = tm.random_video(6, 32, 32, seed=3)
+    frames[1:3, 16:] = frames[0, 16:]  # the bottom half static over frames 0-2, the top half moving
+    inputs = tm.video_inputs("llava_onevision", proc, videos=[frames])
+    lm_inputs = R.capture_lm_inputs(model, inputs)
+    r = 0.5
+    with vtr.patch(model, "holitom", ratio=1 - r, inner_ratio=0) as handle, torch.no_grad():
+        model(**inputs)
+    record = handle.last
+    (span,) = record.layout.rows[0].spans
+    table = (~span.newline).nonzero().flatten()
+    F = int(span.frame[table].max()) + 1
+    E = lm_inputs["embeds"][0, span.positions[table]].float().view(F, -1, lm_inputs["embeds"].shape[-1])
+    slow, windows, _ = slow_holitom(E, r, HoliTom(ratio=1 - r).tau)
+    assert any(e > s for s, e in windows), "the video has no static window"
+    # a window's static centres come before its first frame's dynamic tokens above them (not raster order)
+    assert [(f, n) for f, n, _ in slow] != sorted((f, n) for f, n, _ in slow)
+    stage = record.stages[0]
+    merged = dict(zip(stage.merged[0].kept.tolist(), stage.merged[0].embeds))
+    kept = stage.kept[0].tolist()
+    fed = [merged.get(k, lm_inputs["embeds"][0, span.positions[k]]).float() for k in kept]
+    assert len(fed) == len(slow) + 1 and kept[-1] == span.n - 1  # the trailing newline, untouched
+    assert all(torch.allclose(a, v, atol=1e-5) for a, (_, _, v) in zip(fed, slow))
+    assert record.stages[0].n_present == [len(slow) + 1]
+
+
+def test_holitom_inner_stage_counts_and_positions():
+    """The inner stage keeps round(Nv * 0.5) of the present visual tokens (OneVision: the newline counted) at
+    the scaled layer; nominal, input and layer-averaged retention are reported."""
+    model, proc = tm.build("llava_onevision")
+    inputs = tm.video_inputs("llava_onevision", proc, 1)
+    with vtr.patch(model, "holitom", ratio=0.75) as handle, torch.no_grad():
+        model(**inputs)
+    record = handle.last
+    outer, inner = record.stages
+    assert (outer.layer, inner.layer) == (0, 2)  # 18 of 28 layers on a 4-layer model
+    assert inner.n_present == [round(outer.n_present[0] * 0.5)]
+    n = record.n_visual[0]
+    assert record.nominal_retention == 0.25
+    assert record.input_retention == [outer.n_present[0] / n]
+    assert record.layer_retention == [(2 * outer.n_present[0] + 2 * inner.n_present[0]) / 4 / n]
+    assert handle.method.stages()[1].positions == "original"
+    with vtr.patch(model, "holitom", ratio=0.75, inner_ratio=0) as handle, torch.no_grad():
+        model(**inputs)
+    assert len(handle.last.stages) == 1
+
+
+@pytest.mark.parametrize("family", QWEN + ("llava_onevision",))
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_holitom_video_rows_equal_the_video_alone(family, mode):
+    import test_requests as TR
+    model, proc = tm.build(family)
+    frames = [6, 2] if family in QWEN else [4, 4]
+    size = (64, 48) if family in QWEN else (32, 32)
+    videos = [tm.random_video(f, *size, seed=b) for b, f in enumerate(frames)]
+    with vtr.patch(model, "holitom", ratio=0.5):
+        kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), mode)
+        for b in range(2):
+            alone = tm.video_inputs(family, proc, videos=[videos[b]])
+            if b == 1:
+                alone = _with_text(family, proc, tm._prompt(family, 1, long=True, video=True), videos[b])
+            kept_alone, outputs_alone = TR.run(model, alone, mode)
+            assert torch.equal(kept[b], kept_alone[0])
+            TR.assert_close(outputs[b], outputs_alone[0])
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_holitom_image_and_video_in_one_prompt(family, mode):
+    model, proc = tm.build(family)
+    inputs = image_and_video_inputs(family, proc)
+    check_against_reference(model, inputs, "holitom", mode)
+    with vtr.patch(model, "holitom", ratio=0.75, inner_ratio=0) as handle, torch.no_grad():
+        model(**inputs)
+    image, _ = handle.last.layout.rows[0].spans
+    kept = handle.last.kept[0]
+    assert ((kept >= image.offset) & (kept < image.offset + image.n)).sum() == math.ceil(image.n * 0.25)
+
+
+def test_holitom_refuses_bad_options():
+    model, _ = tm.build("llava_onevision")
+    with pytest.raises(ValueError, match="inner_layer must be in"):
+        vtr.patch(model, "holitom", ratio=0.5, inner_layer=4)
+    with pytest.raises(ValueError, match="scope must be 'image'"):
+        HoliTom(ratio=0.5, scope="crop")
+    with pytest.raises(ValueError, match="inner_ratio must be in"):
+        HoliTom(ratio=0.5, inner_ratio=1.0)
+    with pytest.raises(ValueError, match="beta must be in"):
+        HoliTom(ratio=0.5, beta=1.5)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_holitom_inner_stage_is_the_last_tokens_eager_attention_and_the_sequential_merge(family):
+    """Inner stage on a model: the kept tokens are the top round(Nv / 2) of the last token's eager attention at
+    layer K-1 (mean over heads) over the video's present tokens, newline included, and the merged states equal the
+    sequential loop on the hidden states entering layer K (both read from the patched run's own outputs, which
+    layers < K computed on the outer-pruned sequence)."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.video_inputs(family, proc, 1)
+    with vtr.patch(model, "holitom", ratio=0.5) as handle, torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    record = handle.last
+    outer, inner = record.stages
+    K = inner.layer
+    (span,) = record.layout.rows[0].spans
+    index = outer.index[0]
+    present = outer.kept[0]  # visual ids after the outer stage, ascending = sequence order
+    slots = torch.tensor([index.tolist().index(int(span.positions[v])) for v in present])
+    attention = out.attentions[K - 1][0].mean(0)[-1, slots]
+    keep = round(len(present) * 0.5)
+    top, states = slow_inner(out.hidden_states[K][0, slots].float(), attention, keep)
+    assert inner.kept[0].tolist() == present[top].tolist()
+    merged = dict(zip(inner.merged[0].kept.tolist(), inner.merged[0].embeds))
+    assert merged, "nothing was merged"
+    for j in top:
+        got = merged.get(int(present[j]), out.hidden_states[K][0, slots[j]]).float()
+        assert torch.allclose(got, states[j], atol=1e-5)

@@ -22,7 +22,8 @@ class SeqLayout:
     local: ``[B, L]`` slot in the language model's input sequence (-1: added padding).
     mask2d: ``[B, L]`` bool, True for real tokens.
     positions: ``[B, L]`` (or M-RoPE ``[R, B, L]``) positions of the slots.
-    shift: ``[B]`` visual tokens removed so far (decoding positions move back by this under ``compact``).
+    shift: ``[B]`` visual tokens removed so far by ``compact`` stages (decoding positions move back by this); a
+    stage under ``original`` leaves it unchanged.
     """
 
     index: torch.Tensor
@@ -32,6 +33,7 @@ class SeqLayout:
     shift: torch.Tensor
     layer: int = 0
     stage: Stage | None = None
+    policy: str | None = None  # the stage's position policy ("original" / "compact"); None: the base layout
 
     @property
     def length(self) -> int:

@@ -35,7 +35,11 @@ class LayerStages:
                 prev = request.final()
                 pruned = self._prune(fwd, stage_at[i], prev, hidden)
                 if pruned is not None:
-                    _, select, _, added = pruned
+                    _, select, merged, added = pruned
+                    if merged:  # merged tokens enter the stage layer in their slot with their new state
+                        hidden = hidden.clone()
+                        for b, slots, states in merged:
+                            hidden[b, slots] = states.to(hidden.dtype)
                     hidden = kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
             active = request.active(i)
             fwd.current = active
@@ -53,7 +57,7 @@ class LayerStages:
     def _substitute(self, fwd: ForwardState, i: int, active: SeqLayout, hidden: torch.Tensor, kwargs: dict):
         """Give layer ``i`` the mask, rotary embeddings and positions of the pruned sequence it runs on."""
         key = id(active)
-        compact = self.method.positions == "compact"
+        compact = active.policy == "compact"
         if fwd.prefill:
             if (key, "mask") not in fwd.memo:
                 fwd.memo[key, "mask"] = compat.causal_mask(self.lm, active.layer, hidden, active.mask2d, fwd.cache)

@@ -87,6 +87,6 @@ class PreLLMStage:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = torch.cat([first.mask2d, fwd.decode_tail], 1).to(
             mask_in.dtype if mask_in is not None else torch.long)
-        if self.method.positions == "compact" and kwargs.get("position_ids") is not None:
+        if first.policy == "compact" and kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = shift_positions(kwargs["position_ids"], first.shift)
         return kwargs

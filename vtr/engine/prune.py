@@ -93,7 +93,7 @@ class Pruning:
             stage.length = select.shape[1]
             new_mask = kernels.gather_rows(mask2d.unsqueeze(-1), select, False).squeeze(-1)
             new_positions = kernels.gather_positions(positions, select)
-            if self.method.positions == "compact":
+            if self.stage_positions(spec) == "compact":
                 if any(additions):  # renumbered: each row from its first real position, without gaps
                     first = new_positions[..., torch.arange(len(select)), new_mask.long().argmax(1)]
                     new_positions = torch.where(new_mask, first[..., None] + new_mask.long().cumsum(1) - 1, 1)
@@ -108,14 +108,20 @@ class Pruning:
             layout = SeqLayout(
                 index=kernels.gather_rows(index.unsqueeze(-1), select, -1).squeeze(-1),
                 local=new_local, mask2d=new_mask, positions=new_positions,
-                shift=prev.shift + removed.sum(1) - added, layer=spec.layer,
-                stage=Stage.PRE_LLM if spec.stage in BEFORE_LM else spec.stage)
+                shift=prev.shift + (removed.sum(1) - added if self.stage_positions(spec) == "compact" else 0),
+                layer=spec.layer,
+                stage=Stage.PRE_LLM if spec.stage in BEFORE_LM else spec.stage,
+                policy=self.stage_positions(spec))
             request.layouts.append(layout)
             stage.index = request.public_index(layout.index)
             stage.added = self._added_record(request, layout)
             return layout, select, merged, states
         finally:
             record.selection_seconds += clock(hidden) - start
+
+    def stage_positions(self, spec: StageSpec) -> str:
+        """The position policy of one stage: its own (``StageSpec.positions``) or the method's."""
+        return spec.positions or self.method.positions
 
     def _vision_survivors(self, fwd: ForwardState, ctx: SelectionContext, row: int, present) -> torch.Tensor:
         """``[c]`` bool: which present tokens of an image survived the vision stage (their patch is still in the
@@ -181,8 +187,8 @@ class Pruning:
         """A merge must replace distinct kept tokens with one embedding each (before the language model), or add
         tokens with one state, source list and anchor each (inside it)."""
         name = self.method.name
-        if len(merge.slots) and spec.stage is not Stage.PRE_LLM:
-            raise RuntimeError(f"{name}: replaced embeddings are only supported before the language model (pre_llm)")
+        if len(merge.slots) and spec.stage is Stage.VISION:
+            raise RuntimeError(f"{name}: replaced embeddings are not supported at the vision stage")
         if merge.added is not None:
             if spec.stage is not Stage.LAYER:
                 raise RuntimeError(f"{name}: added tokens are only supported inside the language model (layer "

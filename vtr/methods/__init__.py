@@ -10,6 +10,7 @@ from .fastv import FastV
 from .fastvid import FastVID
 from .flowcut import FlowCut
 from .hiprune import HiPrune
+from .holitom import HoliTom
 from .pdrop import PyramidDrop
 from .sparsevlm import SparseVLM
 from .random import Random
@@ -18,6 +19,6 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "Merge",
+__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "HoliTom", "Merge",
            "Method", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]

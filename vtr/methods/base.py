@@ -31,6 +31,10 @@ BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 class StageSpec:
     stage: Stage
     layer: int = 0  # first decoder layer that runs on the pruned sequence (0 for pre_llm)
+    # this stage's position policy when it differs from the method's: a ``layer`` stage with "original" after a
+    # ``compact`` pre_llm stage keeps the positions its tokens had at the language model's input (HoliTom: the
+    # outer merge renumbers the sequence, the inner merge keeps gaps)
+    positions: str | None = None
 
 
 @dataclass
@@ -39,9 +43,10 @@ class Merge:
 
     keep: ``[budget]`` distinct indices into the candidates, as a plain selection.
     slots: ``[m]`` the kept tokens (a subset of ``keep``, indices into the candidates) whose language-model input
-    embedding is replaced (``pre_llm`` stage); each such token stays in its own slot and takes that slot's position
-    under the method's position policy.
-    embeds: ``[m, D]`` their new embeddings (language-model input space, the model's dtype).
+    embedding (``pre_llm`` stage) or hidden state entering the stage layer (``layer`` stages) is replaced; each such
+    token stays in its own slot and takes that slot's position under the stage's position policy.
+    embeds: ``[m, D]`` their new embeddings (language-model input space, or hidden states at a ``layer`` stage; the
+    model's dtype).
     sources: ``m`` index tensors into the candidates: the tokens merged into each replaced token (itself
     included); reported in ``handle.last.merged``.
     added: ``[a, D]`` new tokens (``layer`` stages: hidden states entering the stage layer, SparseVLM's recycled
@@ -244,8 +249,8 @@ class Method:
         tensor. Called once per image of each row (per tile under ``scope="crop"``), with
         ``0 < budget < len(span)``; the engine rejects anything else, naming the method.
 
-        A merging method (``pre_llm`` stage only) returns a ``Merge`` instead: the kept indices plus new input
-        embeddings for some of the kept tokens."""
+        A merging method returns a ``Merge`` instead: the kept indices plus new input embeddings (``pre_llm``) or
+        hidden states (``layer`` stages) for some of the kept tokens, or tokens it adds (``layer`` stages)."""
         raise NotImplementedError
 
     def for_model(self, family) -> "Method":

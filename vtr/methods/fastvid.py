@@ -124,10 +124,7 @@ class FastVID(Method):
     @staticmethod
     def signals(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The fallback signals from the frames' input embeddings ``E`` ``[F, N, D]``: ``(G [F, D], A [F, N])``."""
-        E = E.float()
-        G = E.mean(1)
-        A = torch.softmax(torch.einsum("fd,fnd->fn", G, E) / E.shape[-1] ** 0.5, -1)
-        return G, A
+        return video.embedding_signals(E)
 
     def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float):
         """FastVID on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout, ``r``

@@ -76,3 +76,61 @@ def anchor_merge(targets: torch.Tensor, members: torch.Tensor, assign: torch.Ten
     w = torch.maximum(1.0 / (n + 1), torch.full_like(n, beta))
     mean = sums / n.clamp(min=1)[:, None]
     return torch.where((n > 0)[:, None], w[:, None] * targets + (1 - w[:, None]) * mean, targets)
+
+
+def embedding_signals(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fallback frame signals of FastVID and HoliTom, from the frames' language-model input embeddings ``E``
+    ``[F, N, D]``: ``(G [F, D], A [F, N])``, ``G_f`` the frame's mean embedding and ``A_f`` the softmax over the
+    frame's tokens of ``<G_f, E_f,n> / sqrt(D)`` (the Qwen2.5-VL mean-query attention rule applied to the language
+    model's inputs, standing in for vision-tower attention vtr cannot read for video frames). fp32."""
+    E = E.float()
+    G = E.mean(1)
+    A = torch.softmax(torch.einsum("fd,fnd->fn", G, E) / E.shape[-1] ** 0.5, -1)
+    return G, A
+
+
+def location_similarities(E: torch.Tensor) -> torch.Tensor:
+    """``[F - 1, N]``: cosine similarity of each spatial location between consecutive frames of ``E`` ``[F, N, D]``
+    (HoliTom's per-location temporal similarity)."""
+    return cosine(E[:-1], E[1:])
+
+
+def static_windows(static: torch.Tensor, max_window: int = 1024) -> tuple[list[tuple[int, int]], int]:
+    """HoliTom's temporal segmentation by dynamic programming (``select_static_windows``).
+
+    static: ``[F - 1, N]`` bool, True where location ``n`` is similar enough between frames ``t`` and ``t + 1``
+    (similarity above the threshold). A window of frames ``[s, e]`` saves ``|Omega| * (e - s)`` tokens, ``Omega``
+    the locations static across every pair of the window (merged into one token each). ``dp[i]`` = the most tokens
+    saved over frames ``0..i``: frame ``i`` alone (``dp[i - 1]``) or a window of ``w = 2..min(i + 1, max_window)``
+    frames ending at ``i`` (``dp[i - w] + saved``), options in that order and replaced only when strictly larger
+    (ties keep the shorter window). Returns (windows ``[(start, end)]`` inclusive, in frame order; total saved)."""
+    n_frames = static.shape[0] + 1
+    best = [0] * (n_frames + 1)  # best[i + 1] = dp[i]; best[0] = dp[-1] = 0
+    choice = [1] * n_frames
+    for i in range(n_frames):
+        best[i + 1], choice[i] = best[i], 1
+        common = torch.ones(static.shape[1], dtype=torch.bool, device=static.device)
+        for w in range(2, min(i + 1, max_window) + 1):
+            common = common & static[i - w + 1]  # pairs (i - w + 1, i - w + 2) ... (i - 1, i)
+            saved = int(common.sum()) * (w - 1)
+            if best[i + 1 - w] + saved > best[i + 1]:
+                best[i + 1], choice[i] = best[i + 1 - w] + saved, w
+    windows, i = [], n_frames - 1
+    while i >= 0:
+        windows.append((i - choice[i] + 1, i))
+        i -= choice[i]
+    return windows[::-1], best[n_frames]
+
+
+def center_merge(centers: torch.Tensor, members: torch.Tensor, assign: torch.Tensor, beta: float | None
+                 ) -> torch.Tensor:
+    """HoliTom's static-token merge: ``beta * center + (1 - beta) * mean(members)``; ``beta=None`` (the official
+    ``NO_BETA``): the plain mean of the center and its members. A center without members is unchanged.
+
+    centers: ``[C, D]``; members: ``[M, D]`` the non-center tokens; assign: ``[M]`` index into centers. fp32."""
+    centers, members = centers.float(), members.float()
+    sums = torch.zeros_like(centers).index_add_(0, assign, members)
+    n = torch.bincount(assign, minlength=len(centers)).to(centers)[:, None]
+    if beta is None:
+        return (centers + sums) / (n + 1)
+    return torch.where(n > 0, beta * centers + (1 - beta) * sums / n.clamp(min=1), centers)

@@ -1,0 +1,254 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from . import video
+from .base import Merge, Method, Stage, StageSpec, scale_layers
+from .clustering import dpc_knn
+from .registry import register
+
+OFFICIAL_DEPTH = 28  # LLaVA-OneVision-7B's Qwen2-7B, where the official inner layer is 18
+
+
+@register
+@dataclass
+class HoliTom(Method):
+    """HoliTom (Shao et al., NeurIPS'25): holistic token merging. Before the language model, a global temporal
+    segmentation merges locations that stay static over a window into one token each, and the remaining budget is
+    spent per frame on the most attended dynamic tokens; inside it (prefill, layer ``inner_layer``), the tokens the
+    last prompt token attends to least are averaged into their most similar kept tokens.
+
+    Outer stage, per video of ``F`` frames (Qwen-VL: temporal slices) of ``N`` tokens ``X`` ``[F, N, D]`` (the
+    language model's input embeddings), retention ``r = 1 - ratio`` (``keep / n`` with ``keep``):
+
+    1. ``sim[t, n] = cos(X[t, n], X[t + 1, n])``; location ``n`` is static between ``t`` and ``t + 1`` when
+       ``sim > threshold`` (tau, default 0.80; 0.65 when ``r <= 0.10``, the official scripts' pairing).
+    2. Windows by dynamic programming (``video.static_windows``, at most ``max_window`` frames): the segmentation
+       of the frames that saves the most tokens, ``|Omega| * (e - s)`` for a window ``[s, e]`` whose locations
+       ``Omega`` are static across all of it; ties keep the shorter window. ``total`` = tokens saved.
+    3. ``r' = min(r * F * N / (F * N - total), 1)``.
+    4. Per window: the static tokens are the means over its frames of the ``Omega`` locations; ``m =
+       round(|Omega| * r')`` of them are DPC-KNN centres (k = ``min(7, m)``, itself included, in index order),
+       every other static token joins its nearest centre (DPC distance) and a centre becomes ``beta * centre +
+       (1 - beta) * mean(members)`` (``no_beta=True``: the plain mean, centre included). Each frame of the window
+       keeps the top ``ceil(n_dyn * r')`` of its ``n_dyn = N - |Omega|`` dynamic tokens by attention ``A``
+       (below), in spatial order. A one-frame window has no static tokens.
+    5. The window's tokens, OneVision order: its static centres (spatial order), then each frame's dynamic tokens.
+
+    Inner stage (``inner_layer``, default 18 of 28 layers, scaled to the model's depth like the other layer
+    methods; ``inner_ratio`` r_in = 0.5, 0 turns it off): ``a`` = the attention of the prompt's last token at
+    layer ``inner_layer - 1`` (mean over heads) on the video's present tokens (OneVision's newline included,
+    as the official span); the top ``round(Nv * (1 - r_in))`` stay; each other token, in sequence order, is
+    averaged into the kept token whose hidden state is most cosine-similar (similarities of the states entering
+    the layer, computed once): ``h_j <- (h_j + h_i) / 2``, sequentially.
+
+    Budget: ``ratio`` is ``1 - RETAIN_RATIO`` (the fraction removed at the language model's input); the outer
+    keep count follows the rule above (about ``r * F * N`` tokens, ``handle.last.input_retention``), the inner
+    stage halves what is left from its layer on (``handle.last.layer_retention``: the layer average).
+    ``nominal_retention`` is ``r``. OneVision's trailing newline passes the outer stage untouched. Positions: the
+    outer stage ``compact`` (official: the sequence rebuilt before the LLM), the inner stage keeps the positions
+    its tokens had at the LLM input (gap-preserving); on Qwen-VL (M-RoPE) both stages keep the 3-D positions. An
+    image is a one-frame video: its top ``ceil(N * r)`` tokens by ``A`` (and the inner stage).
+    Official code: ``cokeshao/HoliTom`` (``holitom/llava_arch.py``: ``select_static_windows``,
+    ``get_static_dynamic_features``, ``merge_tokens_by_clustering``; ``holitom/modeling_qwen2.py``).
+
+    Deliberate differences from the official code:
+      * attention signal: the official ``A`` is SigLIP's last-layer attention received per token (mean over heads
+        and queries, pooled like the features); vtr does not read the vision tower's attention for video frames,
+        so ``A`` is FastVID's documented fallback (``video.embedding_signals``: softmax over the frame's tokens of
+        ``<mean(X_f), X_f,n> / sqrt(D)``), on every model;
+      * order under ``positions="compact"``: the window's tokens take the window's first slots in the official
+        order (static centres, then each frame's dynamic tokens), so ``handle.last.stages[0].kept`` names those
+        slots and ``handle.last.stages[0].merged`` lists, for each, the tokens it stands for (itself when it moved
+        unchanged; ``handle.last.merged`` is the last merging stage's, the inner one's). Under
+        ``"original"`` (Qwen-VL) every token keeps its own slot and a static centre takes the slot of its location
+        in the window's first frame;
+      * the inner stage is on by default (official: only when the ``HOLITOM_k`` / ``HOLITOM_r`` environment
+        variables are set; the paper's headline numbers use it); ``inner_ratio=0`` turns it off;
+      * ``ratio=0`` keeps every token at both stages (the unpatched model);
+      * the contextual share ``D`` of dynamic tokens is 0 (the official default; other values are not
+        implemented); no LLaVA-Video ("grid" newline) order, which HF has no class for;
+      * inner stage: ``handle.last.merged`` lists the kept tokens and the visual tokens averaged into each (not
+        expanded through the outer merges); the last token's attention is computed from layer
+        ``inner_layer - 1``'s inputs with its causal mask (official: an eager re-run of that layer);
+      * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; Python ``round`` (half to
+        even) as the official ``round``; ``ceil`` with a 1e-9 tolerance (an exact ``n * r'`` is not rounded up by
+        float error); at least one token per video at each stage; ``keep`` of at least the video's token count
+        keeps everything at both stages;
+      * batched (each row its own selection), several videos and images per prompt (official: batch 1, one video).
+    """
+
+    name: ClassVar[str] = "holitom"
+    summary: ClassVar[str] = ("video: DP temporal windows, static tokens merged by density peaks, attended dynamic "
+                              "tokens, then an inner-LLM merge")
+    stage: ClassVar[Stage] = Stage.PRE_LLM
+    default_positions: ClassVar[str] = "compact"
+    needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
+    newline_candidates: ClassVar[bool] = True  # the inner stage's span counts OneVision's newline (official)
+    needs_whole_prompt: ClassVar[bool] = True  # the inner stage reads the prompt's last token
+    layer_option: ClassVar[str] = "inner_layer"
+
+    threshold: float | None = None  # tau; None: 0.80, 0.65 when r <= 0.10
+    beta: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})
+    no_beta: bool = False
+    max_window: int = field(default=1024, metadata={"min": 2})
+    inner_layer: int | None = None  # K; None: 18 of 28 layers, scaled
+    inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scope != "image":
+            raise ValueError(f"{self.name}: scope must be 'image' (its budget is per video)")
+
+    def _inner(self) -> bool:
+        return self.inner_ratio > 0 and self.ratio != 0
+
+    def stages(self) -> list[StageSpec]:
+        specs = [StageSpec(Stage.PRE_LLM, 0)]
+        if self._inner():
+            specs.append(StageSpec(Stage.LAYER, self.inner_layer if self.inner_layer is not None else 18,
+                                   positions="original"))
+        return specs
+
+    def for_depth(self, n_layers: int) -> HoliTom:
+        if self.inner_layer is not None or not self._inner():
+            return self
+        return dataclasses.replace(self, inner_layer=scale_layers((18,), n_layers, OFFICIAL_DEPTH)[0])
+
+    @property
+    def tau(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 0.65 if self.ratio is not None and 1 - self.ratio <= 0.10 + 1e-9 else 0.80
+
+    def _retention(self, n: int) -> float:
+        return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
+
+    def budget_for(self, ctx, row, group):
+        if self.ratio == 0 or len(group) == 0:
+            return len(group)
+        if self.keep is not None and self.keep >= group.span.n:  # a budget naming every token keeps them all
+            return len(group)
+        if ctx.spec.stage is Stage.LAYER:
+            return max(1, round(len(group) * (1 - self.inner_ratio)))
+        return len(self.plan(ctx, row, group).keep)
+
+    def select(self, ctx, row, group, budget):
+        if ctx.spec.stage is Stage.LAYER:
+            scores = ctx.last_token_attention()[row, group.slots.to(ctx.hidden.device)]
+            merge = inner_merge(ctx.hidden[row, group.slots], scores, budget)
+            return dataclasses.replace(merge, embeds=merge.embeds.to(ctx.hidden.dtype))
+        return self.plan(ctx, row, group)
+
+    def plan(self, ctx, row, group) -> Merge:
+        def compute():
+            newline = group.span.newline[group.ids.to(group.span.newline.device)].cpu()
+            frames = (~newline).nonzero().flatten()
+            table = frames[video.frame_table(group.span, group.ids[frames], self.name)]  # [F, N] into the group
+            merge = self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(frames)),
+                                ctx.engine.stage_positions(ctx.spec) == "compact")
+            extra = newline.nonzero().flatten().to(merge.keep.device)
+            return dataclasses.replace(merge, keep=torch.cat([merge.keep, extra]),
+                                       embeds=merge.embeds.to(ctx.hidden.dtype))
+        return ctx.cached(("holitom", row, group.span.index, int(group.slots[0]), len(group)), compute)
+
+    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, compact: bool) -> Merge:
+        """The outer stage on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout
+        (indices into ``embeds``), ``r`` retention. ``compact``: the window's tokens take its first slots in the
+        official order; else each its own slot. Returns a ``Merge`` (indices into the candidates, fp32 embeds)."""
+        E = embeds.float()[table.to(embeds.device)]  # [F, N, D]
+        _, A = video.embedding_signals(E)
+        windows = outer_windows(E, A, r, self.tau, None if self.no_beta else self.beta, self.max_window,
+                                torch.Generator().manual_seed(self.seed))
+        table = table.cpu()
+        keep, slots, states, sources = [], [], [], []
+        for (s, e), entries in windows:
+            window_slots = table[s:e + 1].flatten().sort().values
+            for j, (f, n, state, members) in enumerate(entries):
+                slot = int(window_slots[j]) if compact else int(table[f, n])
+                keep.append(slot)
+                if state is None and slot == int(table[f, n]):
+                    continue
+                slots.append(slot)
+                states.append(E[f, n] if state is None else state)
+                sources.append(torch.tensor(sorted(int(table[g, m]) for g, m in members)))
+        if not keep:  # everything merged away: keep the most attended token of the first frame
+            keep = [int(table[0, int(A[0].argmax())])]
+        device = embeds.device
+        D = embeds.shape[-1]
+        return Merge(keep=torch.tensor(keep, device=device), slots=torch.tensor(slots, dtype=torch.long, device=device),
+                     embeds=torch.stack(states).to(device) if states else embeds.new_zeros(0, D).float(),
+                     sources=sources)
+
+
+def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: float | None, max_window: int,
+                  generator: torch.Generator | None = None) -> list:
+    """HoliTom's outer stage on one video's tokens ``E`` ``[F, N, D]`` with attention ``A`` ``[F, N]``.
+
+    Returns ``[((start, end), entries)]`` per window in frame order, ``entries`` the window's output tokens in the
+    official OneVision order, each ``(frame, location, state, members)``: ``state`` ``[D]`` the merged static
+    token (None: the token at ``(frame, location)`` unchanged) and ``members`` the ``(frame, location)`` pairs it
+    stands for. A static token is reported at its location in the window's first frame."""
+    F, N, _ = E.shape
+    static = video.location_similarities(E) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
+    windows, saved = video.static_windows(static, max_window)
+    rr = min(r * F * N / (F * N - saved), 1.0)
+    out = []
+    for s, e in windows:
+        omega = static[s:e].all(0) if e > s else torch.zeros(N, dtype=torch.bool, device=E.device)
+        entries = []
+        places = omega.nonzero().flatten()
+        m = round(len(places) * rr)
+        if m > 0:
+            tokens = E[s:e + 1, places].mean(0)  # [|Omega|, D]
+            centres, assign = dpc_knn(tokens, m, min(7, m), generator)
+            order = torch.argsort(centres)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(len(order), device=order.device)
+            centres, assign = centres[order], rank[assign]
+            is_centre = torch.zeros(len(places), dtype=torch.bool, device=places.device)
+            is_centre[centres] = True
+            merged = video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
+            for j, c in enumerate(centres.tolist()):
+                locations = places[(assign == j)].tolist()
+                members = [(g, n) for n in locations for g in range(s, e + 1)]
+                entries.append((s, int(places[c]), merged[j], members))
+        dynamic = (~omega).nonzero().flatten()
+        count = math.ceil(len(dynamic) * rr - 1e-9)  # an exact product is not rounded up by float error
+        for t in range(s, e + 1):
+            if count == 0:
+                break
+            top = dynamic[torch.topk(A[t, dynamic], count).indices].sort().values
+            entries.extend((t, int(n), None, [(t, int(n))]) for n in top)
+        out.append(((s, e), entries))
+    return out
+
+
+def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int) -> Merge:
+    """HoliTom's inner-LLM merge of one video's present tokens: ``hidden`` ``[n, D]`` (sequence order), ``scores``
+    ``[n]`` the last token's attention. The top ``budget`` by score stay; every other token, in sequence order, is
+    averaged into the kept token of highest cosine similarity (similarities of the original states, computed once):
+    ``h_j <- (h_j + h_i) / 2``. Returns a ``Merge`` (fp32 states of the kept tokens that received any)."""
+    top = torch.topk(scores.float(), budget).indices.sort().values
+    rest = torch.ones(len(hidden), dtype=torch.bool, device=hidden.device)
+    rest[top] = False
+    rest = rest.nonzero().flatten()
+    h = hidden.float()
+    unit = torch.nn.functional.normalize(h, dim=-1)
+    nearest = (unit[rest] @ unit[top].T).argmax(1).tolist() if len(rest) else []  # [R, T]: no [R, T, D] tensor
+    states = h[top].clone()
+    members: dict[int, list[int]] = {}
+    for i, j in zip(rest.tolist(), nearest):
+        states[j] = (states[j] + h[i]) / 2
+        members.setdefault(j, []).append(i)
+    touched = sorted(members)
+    idx = torch.tensor(touched, dtype=torch.long, device=hidden.device)
+    return Merge(keep=top, slots=top[idx],
+                 embeds=states[idx] if touched else h.new_zeros(0, h.shape[-1]),
+                 sources=[torch.tensor(sorted([int(top[j])] + members[j])) for j in touched])
