@@ -93,7 +93,8 @@ class Pruning:
             stage.length = select.shape[1]
             new_mask = kernels.gather_rows(mask2d.unsqueeze(-1), select, False).squeeze(-1)
             new_positions = kernels.gather_positions(positions, select)
-            if self.method.positions == "compact":
+            compact = (spec.positions or self.method.positions) == "compact"
+            if compact:
                 if any(additions):  # renumbered: each row from its first real position, without gaps
                     first = new_positions[..., torch.arange(len(select)), new_mask.long().argmax(1)]
                     new_positions = torch.where(new_mask, first[..., None] + new_mask.long().cumsum(1) - 1, 1)
@@ -108,7 +109,7 @@ class Pruning:
             layout = SeqLayout(
                 index=kernels.gather_rows(index.unsqueeze(-1), select, -1).squeeze(-1),
                 local=new_local, mask2d=new_mask, positions=new_positions,
-                shift=prev.shift + removed.sum(1) - added, layer=spec.layer,
+                shift=prev.shift + removed.sum(1) - added if compact else prev.shift, layer=spec.layer,
                 stage=Stage.PRE_LLM if spec.stage in BEFORE_LM else spec.stage)
             request.layouts.append(layout)
             stage.index = request.public_index(layout.index)

@@ -11,6 +11,7 @@ from .fastvid import FastVID
 from .flowcut import FlowCut
 from .hiprune import HiPrune
 from .pdrop import PyramidDrop
+from .prunevid import PruneVid
 from .sparsevlm import SparseVLM
 from .random import Random
 from .registry import REGISTRY, lookup, register
@@ -19,5 +20,5 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 __all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "Merge",
-           "Method", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
+           "Method", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]
