@@ -7,13 +7,13 @@ Exactness of every stage against the reference is also in the shared matrices (t
 import math
 
 import pytest
-import torch
-
 import reference as R
 import tiny_models as tm
-import vtr
+import torch
 from test_exactness import check_against_reference
 from test_video_methods import QWEN, _with_text, brute_dpc, image_and_video_inputs, structured_video
+
+import vtr
 from vtr.methods import FastV, PruneVid, Stage, StageSpec, video
 from vtr.methods.clustering import cluster_merge
 
@@ -96,7 +96,7 @@ def slow_prunevid_stage1(E, seg=0.25, tau=0.8, cluster_ratio=0.5, seed=0):
     """Section 2.3 stage 1, one line per pseudocode line, with the DPC noise drawn in the method's order from one
     generator. Returns the emitted tokens ``[(embedding, roles)]`` in the official order, and the windows."""
     g = torch.Generator().manual_seed(seed)
-    F, N, D = E.shape
+    F, N, _ = E.shape
 
     def dpc_assign(X, m):
         k = min(7, len(X))
@@ -175,8 +175,8 @@ def test_stage1_matches_the_slow_rederivation(F, N, seed, tau):
 def test_stage1_original_order_puts_each_token_at_its_centre():
     E = structured_video(10, 16, 8)
     method = PruneVid(ratio=0.6)
-    keep_o, _, _, _, roles_o = method.merge(E.reshape(160, -1), torch.arange(160).view(10, 16), True)
-    keep, slots, merged, sources, roles = method.merge(E.reshape(160, -1), torch.arange(160).view(10, 16), False)
+    _, _, _, _, roles_o = method.merge(E.reshape(160, -1), torch.arange(160).view(10, 16), True)
+    keep, slots, _, sources, roles = method.merge(E.reshape(160, -1), torch.arange(160).view(10, 16), False)
     assert sorted(roles) == sorted(roles_o) and len(keep.unique()) == len(keep)
     windows = method.windows(E.mean(1), torch.Generator().manual_seed(0))
     for k, role in zip(keep.tolist(), roles):

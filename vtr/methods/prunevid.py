@@ -161,7 +161,6 @@ class PruneVid(Method):
         takes the slot of its centre's location (static: in the window's first frame)."""
         table = table.to(embeds.device)
         E = embeds.float()[table]  # [F, N, D]
-        N = E.shape[1]
         generator = torch.Generator().manual_seed(self.seed)
         keep, slots, merged, sources, roles = [], [], [], [], []
         for j, (start, end) in enumerate(self.windows(E.mean(1), generator)):
