@@ -1,5 +1,7 @@
 """Invariants 1, 3, 4: ratio 0 is the identity, kept counts follow each method's rule, text is never dropped,
 text-only prompts pass through, unpatching restores the model exactly."""
+import math
+
 import pytest
 import torch
 
@@ -56,6 +58,9 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
         return min(n, 4 + 8 * per_pivot)
     if method == "dycoke":  # an image is one frame: temporal pruning keeps it whole (the KV stage prunes it)
         return n
+    if method == "prunevid":  # an image is one frame of dynamic tokens: more than 14 merged into floor(n / 2)
+        alpha = min(1.0, keep / n) if keep is not None else 1 - ratio  # clusters, then floor(share * alpha), >= 1
+        return n if alpha >= 1 else max(1, math.floor((n // 2 if n > 14 else n) * alpha + 1e-9))
     if keep is not None:
         return min(keep, n)
     if method == "fastvid":  # an image is one frame: floor(n * r) tokens, at least 1

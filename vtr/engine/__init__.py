@@ -11,7 +11,10 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
 * ``layer`` stages at layers K1 < K2 < ...: a pre-hook on each stage layer gathers the hidden states (and inserts
   the tokens a merging stage adds); every layer gets the mask of the stage it runs in (rebuilt by transformers' own
   mask function for that cache layer), its rotary embeddings and positions. Layers before a stage keep their
-  longer sequence and KV cache.
+  longer sequence and KV cache, unless the stage is
+  ``slice_earlier`` (PruneVid): then their caches are cut to the stage's kept tokens once the prefill has filled
+  them, and later forward calls run every layer on the stage's layout. A stage may keep the positions the previous
+  one gave (``StageSpec.positions``) while the method compacts.
 * ``vision`` stage (inside CLIP towers): forward hooks on the vision layers hand the method each image's signals
   after its pruning layers and return the layer output gathered to the kept patches, so the later layers run on
   them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower

@@ -47,9 +47,10 @@ class PruneVid(Method):
 
     Budget: ``alpha = 1 - ratio``: ``ratio`` is the fraction stage 2 removes (the official ``alpha = 0.4`` is
     ``ratio=0.6``); stage 1's reduction is adaptive (``tau``, the windows) and comes on top, so the overall
-    retention is below ``1 - ratio``: ``handle.last`` reports the kept counts per stage (``input_retention``,
-    ``layer_retention``) and ``nominal_retention`` (``1 - ratio``). ``ratio=0`` is the unpatched model (no stage
-    runs). ``keep=`` is refused (the count is adaptive, no option sets it).
+    retention is below ``1 - ratio``: ``handle.last`` reports the kept counts per stage (``stages``,
+    ``input_retention``, ``layer_retention``) and ``nominal_retention`` (``1 - ratio``). ``ratio=0`` is the
+    unpatched model (no stage runs). ``keep=k`` instead: ``alpha = min(1, k / n)`` for a video of ``n`` candidate
+    tokens (``k >= n``: that video stays whole; otherwise fewer than ``k`` remain, stage 1 merging first).
 
     Positions: stage 1 ``compact`` on 1-D RoPE (the official code rebuilds the sequence), each window's outputs in
     the official order in the first slots of the window; stage 2 keeps the positions stage 1 gave
@@ -91,15 +92,9 @@ class PruneVid(Method):
     layer: int | None = field(default=None, metadata={"min": 0})  # attention of this layer; None: by depth
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.keep is not None:
-            raise ValueError(f"{self.name}: keep= is not supported (PruneVid's token count is adaptive); use ratio= "
-                             "(the fraction of stage-1 tokens stage 2 removes: alpha = 1 - ratio, official 0.6)")
-
-    @property
-    def alpha(self) -> float:
-        return 1 - self.ratio
+    def alpha(self, n: int) -> float:
+        """Stage 2's keep share for a video of ``n`` candidate tokens: ``1 - ratio``, or ``min(1, keep / n)``."""
+        return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
 
     def stages(self) -> list[StageSpec]:
         layer = self.layer if self.layer is not None else OFFICIAL_LAYER
@@ -120,6 +115,9 @@ class PruneVid(Method):
         if self.ratio == 0 or len(group) == 0:
             return len(group)
         if ctx.spec.stage is Stage.PRE_LLM:
+            if self.alpha(len(group)) >= 1:  # keep >= n: this video as the unpatched model has it
+                ctx.request_state[("prunevid", row, group.span.offset)] = None
+                return len(group)
             return len(self.plan(ctx, row, group)[0])
         return len(self.prune(ctx, row, group))
 
@@ -139,8 +137,8 @@ class PruneVid(Method):
             table = video.frame_table(group.span, group.ids, self.name)
             out = self.merge(ctx.hidden[row, group.slots], table, self.positions != "original")
             keep, slots, embeds, sources, roles = out
-            ctx.request_state[("prunevid", row, group.span.offset)] = {
-                int(i): role for i, role in zip(group.ids[keep].tolist(), roles)}
+            ctx.request_state[("prunevid", row, group.span.offset)] = (self.alpha(len(group)), {
+                int(i): role for i, role in zip(group.ids[keep].tolist(), roles)})
             return keep, slots, embeds, sources
         return ctx.cached(("prunevid", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
@@ -209,15 +207,18 @@ class PruneVid(Method):
     def prune(self, ctx, row, group) -> torch.Tensor:
         """Stage 2 for one video: the kept candidates (indices into the group, ascending)."""
         def compute():
-            roles = ctx.request_state.get(("prunevid", row, group.span.offset))
-            if roles is None:
+            key = ("prunevid", row, group.span.offset)
+            if key not in ctx.request_state:
                 raise RuntimeError(f"{self.name}: no stage-1 record for this video")
+            if ctx.request_state[key] is None:  # kept whole
+                return torch.arange(len(group), device=group.slots.device)
+            alpha, roles = ctx.request_state[key]
             text = ctx.text_slots(row)
             text = text[text > int(group.slots.max())]
             if not len(text):
                 text = ctx.last_slots()[row:row + 1]
             scores = ctx.unrotated_attention(row, text, "max").amax(0)[group.slots.to(text.device)]
-            return self.quota_select(scores, [roles[int(i)] for i in group.ids.tolist()], self.alpha)
+            return self.quota_select(scores, [roles[int(i)] for i in group.ids.tolist()], alpha)
         return ctx.cached(("prunevid2", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     @staticmethod
