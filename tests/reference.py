@@ -154,7 +154,9 @@ def next_positions(lm_inputs: dict, index: torch.Tensor, policy: str) -> torch.T
     last = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
     top = rows[:, torch.arange(len(last)), last] + 1  # [R, B]
     if policy == "compact":
-        top = top - (mask.sum(1) - (index != -1).sum(1))
+        # kept real tokens: the prompt's (a stage that removed nothing records the padding slots too) and added ones
+        kept = gather_seq(mask.long(), index, 0).sum(1) + (index < -1).sum(1) if index.numel() else mask.sum(1)
+        top = top - (mask.sum(1) - kept)
     top = top[..., None]
     return top if positions.dim() == 3 else top[0]
 
@@ -226,7 +228,8 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
     return stages_reference(model, lm_inputs, [(layer, index)], policy, steps, tokens, then)
 
 
-def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, tokens=None, then=None):
+def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, tokens=None, then=None,
+                     policies=None, slice_earlier=None):
     """Decoder loop over the unpatched layers, pruned in stages: ``stages`` is ``[(layer, index[, added[,
     replaced]])]`` in order, each ``index`` ``[B, L_s]`` the original prompt positions of the slots layers >=
     ``layer`` run on (-1 padding, -2 - a: added token a, whose state and anchor position come from ``added``, the
@@ -234,23 +237,36 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
     gave those tokens (from its record). Layers before the first stage hold the full prompt; each stage layer's
     KV cache holds its stage's tokens. ``policy``: one position policy, or one per stage, where "keep" means the
     positions the tokens had in the previous stage (a gap-preserving stage after a compacting one).
+    ``policies``: per stage, a policy overriding a single ``policy`` ("original" after a "compact" ``policy``:
+    "keep"). ``slice_earlier``: per stage, whether the KV caches of the layers before it are cut to its kept tokens
+    once the prefill is done (then decoding runs those layers on the stage's tokens too).
     Same returns as ``pre_llm_reference``."""
     lm = lm_of(model)
     groups = [(0, None)] + list(stages)
-    policies = [policy] * len(stages) if isinstance(policy, str) else list(policy)
+    if policies is not None:
+        policies = ["keep" if p == "original" and policy == "compact" else (p or policy) for p in policies]
+    else:
+        policies = [policy] * len(stages) if isinstance(policy, str) else list(policy)
+    slice_earlier = [False] + list(slice_earlier or [False] * len(stages))
     masks, positions, starts, stacks = [], [], [], []
     for g, group in enumerate(groups):
         index = group[1]
-        if g > 0 and policies[g - 1] == "keep":
+        if g > 0 and policies[g - 1] == "keep" and not bool((index < -1).any()):
             prev = groups[g - 1][1]
+            if prev is None:
+                prev = torch.arange(lm_inputs["mask"].shape[1]).expand(index.shape[0], -1)
+            where = torch.full_like(index, -1)
+            for b in range(index.shape[0]):
+                slot = {int(p): j for j, p in enumerate(prev[b].tolist()) if p >= 0}
+                where[b] = torch.tensor([slot.get(int(p), -1) for p in index[b].tolist()])
             masks.append(gather_seq(lm_inputs["mask"].bool(), index, False))
-            cols = torch.stack([torch.tensor([prev[b].tolist().index(p) if p >= 0 else 0 for p in index[b].tolist()])
-                                for b in range(index.shape[0])])
-            positions.append(gather_seq(positions[-1], cols, 1))
+            positions.append(gather_seq(positions[-1], where, 1))
             stacks.append(kept_deepstack(lm_inputs, index))
             starts.append(starts[-1])
             continue
         policy = policies[g - 1] if g > 0 else None
+        if policy == "keep":  # with added tokens: numbered as "original" would
+            policy = "original"
         if index is None:
             masks.append(lm_inputs["mask"].bool())
             positions.append(_rope_rows(lm_inputs["positions"]))
@@ -270,8 +286,32 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
             starts.append(next_positions(lm_inputs, index, policy))
     cache = DynamicCache(config=lm.config)
 
+    sliced = [False]
+
     def group_of(i):
+        if sliced[0]:  # decoding after the prefill: a slicing stage covers every layer before it
+            later = [g for g, group in enumerate(groups) if slice_earlier[g] and group[0] > i]
+            if later:
+                return max(later)
         return max(g for g, group in enumerate(groups) if group[0] <= i)
+
+    def slice_caches():
+        for g, group in enumerate(groups):
+            if not slice_earlier[g]:
+                continue
+            for i in range(group[0]):
+                held = groups[group_of(i)][1]
+                B = group[1].shape[0]
+                if held is None:
+                    held = torch.arange(cache.layers[i].keys.shape[2]).expand(B, -1)
+                select = torch.zeros_like(group[1])
+                for b in range(B):
+                    slot = {int(p): j for j, p in enumerate(held[b].tolist()) if p >= 0}
+                    select[b] = torch.tensor([slot.get(int(p), 0) for p in group[1][b].tolist()])
+                layer = cache.layers[i]
+                layer.keys = torch.stack([layer.keys[b][:, select[b]] for b in range(B)])
+                layer.values = torch.stack([layer.values[b][:, select[b]] for b in range(B)])
+        sliced[0] = True
 
     def regather(hidden, prev_index, index, added, replaced=None):
         """The slots of ``index`` taken from a sequence laid out as ``prev_index`` (original positions; added
@@ -316,6 +356,7 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
 
     with torch.no_grad():
         prefill = run(lm_inputs["embeds"], positions, True)
+        slice_caches()
 
         def feed(chunk, offset):
             q = chunk.shape[1]
@@ -362,8 +403,12 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     if len(specs) > 1:
+        by_layer = {(s.stage.value, s.layer): s for s in specs}
+        done = [by_layer.get((s.stage, s.layer)) for s in record.stages]
         return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
-                                method.positions, steps, tokens, then)
+                                method.positions, steps, tokens, then,
+                                policies=[d.positions if d is not None else None for d in done],
+                                slice_earlier=[bool(d is not None and d.slice_earlier) for d in done])
     return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)
 
 

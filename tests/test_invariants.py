@@ -62,6 +62,9 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
         r = 1 - ratio if ratio is not None else min(1.0, keep / n)
         outer = max(1, math.ceil(n * r - 1e-9))
         return outer if keep is not None and keep >= n else max(1, round(outer * 0.5))
+    if method == "prunevid":  # an image is one frame of dynamic tokens: more than 14 merged into floor(n / 2)
+        alpha = min(1.0, keep / n) if keep is not None else 1 - ratio  # clusters, then floor(share * alpha), >= 1
+        return n if alpha >= 1 else max(1, math.floor((n // 2 if n > 14 else n) * alpha + 1e-9))
     if keep is not None:
         return min(keep, n)
     if method == "fastvid":  # an image is one frame: floor(n * r) tokens, at least 1

@@ -102,6 +102,16 @@ def cached_keys(cache, layer_idx: int, length: int) -> torch.Tensor | None:
     return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] == length else None
 
 
+def gather_cache_layer(cache, layer_idx: int, select: torch.Tensor) -> None:
+    """Keep, in place, the slots ``select`` ``[B, L']`` (per row, ascending or not) of layer ``layer_idx`` of a
+    ``DynamicCache`` (keys and values ``[B, H_kv, L, d]``)."""
+    layer = cache.layers[layer_idx]
+    for name in ("keys", "values"):
+        x = getattr(layer, name)
+        index = select.to(x.device)[:, None, :, None].expand(x.shape[0], x.shape[1], -1, x.shape[-1])
+        setattr(layer, name, x.gather(2, index))
+
+
 def layer_keys(cache, layer_idx: int) -> torch.Tensor:
     """Post-RoPE keys ``[B, H_kv, length, d]`` layer ``layer_idx`` holds in a ``DynamicCache``."""
     return cache.layers[layer_idx].keys
@@ -130,14 +140,22 @@ def _rotate(attn: torch.nn.Module):
     return module.apply_rotary_pos_emb
 
 
-def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
     B, L, _ = hidden.shape
     x = getattr(attn, proj)(hidden).view(B, L, -1, attn.head_dim)
     if hasattr(attn, norm):  # Qwen3: per-head RMSNorm before RoPE
         x = getattr(attn, norm)(x)
     x = x.transpose(1, 2)
-    x, _ = _rotate(attn)(x, x, cos, sin)
+    if cos is not None:
+        x, _ = _rotate(attn)(x, x, cos, sin)
     return x
+
+
+def project_unrotated(attn: torch.nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:
+    """Queries (``which="q"``, ``[B, H, L, d]``) or keys (``"k"``, ``[B, H_kv, L, d]``) as the attention module
+    computes them before the rotary embedding (Qwen3's per-head norm included). hidden: ``[B, L, D]`` (after the
+    input layernorm)."""
+    return _project(attn, f"{which}_proj", f"{which}_norm", hidden, None, None)
 
 
 def project_keys(attn: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

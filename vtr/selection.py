@@ -197,6 +197,24 @@ class SelectionContext:
                        "none" if per_head else "mean", q_positions=slots[None], dtype=self.score_dtype)
         return scores[0]
 
+    def unrotated_attention(self, row: int, queries: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+        """``[q, L]``: softmax attention of the row's tokens at slots ``queries`` over every real token of the
+        current sequence at the scoring layer, from the queries and keys BEFORE the rotary embedding and without
+        the causal mask (PruneVid's ``attn_weights_wo_pos``), reduced over heads (``"max"``, ``"mean"``), in
+        ``score_dtype`` (fp32 softmax). Only these rows are computed."""
+        attn, h, _, _ = self._attention_inputs()
+        slots = queries.to(h.device)
+        q = compat.project_unrotated(attn, "q", h[row, slots][None])
+        k = compat.project_unrotated(attn, "k", h[row:row + 1])
+        scores = kernels.reference.attention_scores(q, k, self.valid[row:row + 1].to(h.device),
+                                                    compat.attention_scaling(attn), reduce, dtype=self.score_dtype)
+        return scores[0]
+
+    @property
+    def request_state(self) -> dict:
+        """A dict that lives as long as the request: what a method's stage leaves for its later stages."""
+        return self.fwd.request.method_state
+
     def queries(self, row: int, slots: torch.Tensor) -> torch.Tensor:
         """``[H, q, d]``: post-RoPE queries of the row's tokens at ``slots`` at the scoring layer (the row's own
         positions), in ``score_dtype``."""

@@ -11,7 +11,10 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
 * ``layer`` stages at layers K1 < K2 < ...: a pre-hook on each stage layer gathers the hidden states (and inserts
   the tokens a merging stage adds); every layer gets the mask of the stage it runs in (rebuilt by transformers' own
   mask function for that cache layer), its rotary embeddings and positions. Layers before a stage keep their
-  longer sequence and KV cache.
+  longer sequence and KV cache, unless the stage is
+  ``slice_earlier`` (PruneVid): then their caches are cut to the stage's kept tokens once the prefill has filled
+  them, and later forward calls run every layer on the stage's layout. A stage may keep the positions the previous
+  one gave (``StageSpec.positions``) while the method compacts.
 * ``vision`` stage (inside CLIP towers): forward hooks on the vision layers hand the method each image's signals
   after its pruning layers and return the layer output gathered to the kept patches, so the later layers run on
   them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower
@@ -103,7 +106,8 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
             layers = compat.decoder_layers(self.lm)
             layer_stages = [s.layer for s in self.specs if s.stage is Stage.LAYER]
             if layer_stages:
-                for i in range(min(layer_stages), len(layers)):
+                first = 0 if any(s.slice_earlier for s in self.specs) else min(layer_stages)
+                for i in range(first, len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             if "attention_inputs" in self.method.needs:
                 for k in layer_stages:
@@ -307,7 +311,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
         """New tokens on a cache vtr pruned: decoding steps, a later turn's text, text prefilled in chunks.
         ``total``: the length of the input_ids a ``generate`` call resuming this cache was given."""
         past = compat.cache_length(cache)
-        logical_past = request.prompt_length + past - request.lm_input_length  # what the unpruned cache would hold
+        logical_past = request.prompt_length + past - request.cache_prompt_length  # what the unpruned cache would hold
         q_len = (ids if ids is not None else embeds).shape[1]
         kwargs = dict(kwargs)
         if total is not None and past < logical_past and q_len == total - past:
@@ -341,9 +345,10 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
                              "request's visual tokens once, in its first prefill, and needs them all there; start a "
                              "new cache with the whole conversation")
         fwd.request, fwd.cache = request, cache
-        if self.specs[0].stage in BEFORE_LM and request.layouts:
+        if request.layouts and (self.specs[0].stage in BEFORE_LM or request.cache_prompt_length != request.prompt_length):
             # transformers numbers new tokens from the layer-0 cache length (or, in generate, from positions it
-            # derived with it), which pre-LLM pruning shortened: number them from the unpruned sequence.
+            # derived with it), which pre-LLM pruning (or a stage that cut the earlier caches) shortened: number
+            # them from the unpruned sequence.
             mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
             kwargs["position_ids"] = request.continuation_positions(q_len, logical_past, mask2d)
         return args, kwargs

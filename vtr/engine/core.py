@@ -34,6 +34,7 @@ class SeqLayout:
     layer: int = 0
     stage: Stage | None = None
     policy: str | None = None  # the stage's position policy ("original" / "compact"); None: the base layout
+    earlier: bool = False  # a layer stage whose layout the KV caches of the layers before it were cut down to
 
     @property
     def length(self) -> int:
@@ -50,6 +51,7 @@ class RequestState:
     record: PrefillRecord | None = None
     added: list[list[AddedToken]] = field(default_factory=list)  # per row: tokens merging stages added, in order
     decode_state: dict = field(default_factory=dict)  # the method's kv_cache-stage state (select_decode)
+    method_state: dict = field(default_factory=dict)  # what a method's stage leaves for its later stages
     decode_spans: list | None = None  # per row: (span, [n] cache slots of its present visual tokens, [n] ids)
 
     def original_position(self, row: int, index: int) -> int:
@@ -77,6 +79,11 @@ class RequestState:
         return new if positions.dim() == 3 else new[0]
 
     @property
+    def cache_prompt_length(self) -> int:
+        """How many prompt slots the layer-0 KV cache holds (the cache length transformers reads)."""
+        return self.layout_at(0).length
+
+    @property
     def lm_input_length(self) -> int:
         first = self.layouts[0] if self.layouts else None
         return first.length if first is not None and first.stage is Stage.PRE_LLM else self.prompt_length
@@ -85,7 +92,7 @@ class RequestState:
         """The layer-stage layout decoder layer ``layer`` runs on, if any."""
         found = None
         for layout in self.layouts:
-            if layout.stage is Stage.LAYER and layout.layer <= layer:
+            if layout.stage is Stage.LAYER and (layout.layer <= layer or layout.earlier):
                 found = layout
         return found
 

@@ -33,14 +33,18 @@ class LayerStages:
             hidden = args[0] if args else kwargs["hidden_states"]
             if fwd.prefill and i in stage_at:
                 prev = request.final()
-                pruned = self._prune(fwd, stage_at[i], prev, hidden)
+                spec = stage_at[i]
+                earlier = [request.layout_at(j) for j in range(i)] if spec.slice_earlier else None
+                pruned = self._prune(fwd, spec, prev, hidden)
                 if pruned is not None:
-                    _, select, merged, added = pruned
+                    layout, select, merged, added = pruned
                     if merged:  # merged tokens enter the stage layer in their slot with their new state
                         hidden = hidden.clone()
                         for b, slots, states in merged:
                             hidden[b, slots] = states.to(hidden.dtype)
                     hidden = kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
+                    if earlier is not None:
+                        self._slice_earlier(fwd, layout, earlier, added is not None)
             active = request.active(i)
             fwd.current = active
             if active is None:
@@ -53,6 +57,25 @@ class LayerStages:
             self._substitute(fwd, i, active, hidden, kwargs)
             return args, kwargs
         return hook
+
+    def _slice_earlier(self, fwd: ForwardState, layout: SeqLayout, earlier: list, added: bool):
+        """Cut the KV caches of the layers before a ``slice_earlier`` stage (just filled by the prefill, each laid
+        out as ``earlier[j]``) down to ``layout``'s slots; from then on those layers run on ``layout`` too."""
+        if added:
+            raise RuntimeError(f"{self.method.name}: a stage that cuts the earlier KV caches cannot add tokens")
+        layout.earlier = True
+        if fwd.cache is None:
+            return
+        memo = {}
+        for j, old in enumerate(earlier):
+            if id(old) not in memo:
+                B, width = old.index.shape[0], int(old.index.max()) + 1
+                inverse = torch.zeros(B, max(width, 1), dtype=torch.long, device=old.index.device)
+                rows, slots = (old.index >= 0).nonzero(as_tuple=True)
+                inverse[rows, old.index[rows, slots]] = slots
+                index = layout.index.to(inverse.device)
+                memo[id(old)] = torch.where(index >= 0, inverse.gather(1, index.clamp(min=0)), 0)
+            compat.gather_cache_layer(fwd.cache, j, memo[id(old)])
 
     def _substitute(self, fwd: ForwardState, i: int, active: SeqLayout, hidden: torch.Tensor, kwargs: dict):
         """Give layer ``i`` the mask, rotary embeddings and positions of the pruned sequence it runs on."""

@@ -78,15 +78,16 @@ class PreLLMStage:
         if mask_in is not None:
             fwd.decode_tail = mask_in[:, request.prompt_length:].bool()
         else:
-            generated = compat.cache_length(fwd.cache) - request.lm_input_length
+            generated = compat.cache_length(fwd.cache) - request.cache_prompt_length
             B = request.base.index.shape[0]
             fwd.decode_tail = torch.ones(B, generated + q_len, dtype=torch.bool, device=request.base.index.device)
         first = request.layouts[0] if request.layouts else None
-        if first is None or first.stage is not Stage.PRE_LLM:
+        zero = request.layout_at(0)  # what the layer-0 cache holds: the pre-LLM layout, or a layer stage's that
+        if zero is request.base:     # cut the earlier caches
             return kwargs
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = torch.cat([first.mask2d, fwd.decode_tail], 1).to(
+        kwargs["attention_mask"] = torch.cat([zero.mask2d, fwd.decode_tail], 1).to(
             mask_in.dtype if mask_in is not None else torch.long)
-        if first.policy == "compact" and kwargs.get("position_ids") is not None:
+        if first.stage is Stage.PRE_LLM and first.policy == "compact" and kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = shift_positions(kwargs["position_ids"], first.shift)
         return kwargs

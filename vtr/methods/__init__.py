@@ -12,6 +12,7 @@ from .flowcut import FlowCut
 from .hiprune import HiPrune
 from .holitom import HoliTom
 from .pdrop import PyramidDrop
+from .prunevid import PruneVid
 from .sparsevlm import SparseVLM
 from .random import Random
 from .registry import REGISTRY, lookup, register
@@ -19,6 +20,7 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "HoliTom", "Merge",
-           "Method", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
+__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "HoliTom",
+           "Merge", "Method", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec",
+           "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]

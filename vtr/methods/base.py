@@ -31,10 +31,14 @@ BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 class StageSpec:
     stage: Stage
     layer: int = 0  # first decoder layer that runs on the pruned sequence (0 for pre_llm)
-    # this stage's position policy when it differs from the method's: a ``layer`` stage with "original" after a
-    # ``compact`` pre_llm stage keeps the positions its tokens had at the language model's input (HoliTom: the
-    # outer merge renumbers the sequence, the inner merge keeps gaps)
+    # this stage's position policy when it differs from the method's (None: the method's ``positions``): a ``layer``
+    # stage with "original" after a ``compact`` pre_llm stage keeps the positions its tokens had at the language
+    # model's input (HoliTom, PruneVid: the stage before the LLM renumbers the sequence, the one inside it keeps gaps)
     positions: str | None = None
+    # ``layer`` stages: also cut the KV caches of the layers before this one down to the stage's kept tokens once
+    # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
+    # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
+    slice_earlier: bool = False
 
 
 @dataclass
@@ -128,6 +132,10 @@ class Method:
     ratio: float | None = None
     keep: int | None = None
     positions: str | None = None
+    # ``layer`` stages: also cut the KV caches of the layers before this one down to the stage's kept tokens once
+    # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
+    # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
+    slice_earlier: bool = False
     scope: str = "image"
     score_dtype: str = "float32"
 

@@ -83,3 +83,15 @@ def dpc_knn(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator
         assignment[start:stop] = dist[:, centres].argmin(-1)
     assignment[centres] = torch.arange(n_clusters, device=x.device)
     return centres, assignment
+
+
+def cluster_merge(x: torch.Tensor, n_clusters: int, k: int, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """PruneVid's ``spatial_merge_tokens``: DPC-KNN centres (``dpc_knn``), every token averaged into its
+    cluster. x: ``[n, D]``. Returns ``(centres [n_clusters], means [n_clusters, D] fp32, members)``: clusters in
+    centre order (descending DPC score, as the official code emits them, not spatial order), each one's centre and
+    member indices into ``x`` (ascending; a centre is its own member, so none is empty)."""
+    centres, assignment = dpc_knn(x, n_clusters, k, generator)
+    members = [(assignment == c).nonzero().flatten() for c in range(len(centres))]
+    means = torch.stack([x[m].float().mean(0) for m in members])
+    return centres, means, members

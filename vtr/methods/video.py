@@ -134,3 +134,71 @@ def center_merge(centers: torch.Tensor, members: torch.Tensor, assign: torch.Ten
     if beta is None:
         return (centers + sums) / (n + 1)
     return torch.where(n > 0, beta * centers + (1 - beta) * sums / n.clamp(min=1), centers)
+
+
+def runs(labels) -> list[tuple[int, int]]:
+    """Maximal runs of equal consecutive labels ``[(start, end)]`` (end exclusive)."""
+    labels = [int(x) for x in labels]
+    out, start = [], 0
+    for t in range(1, len(labels) + 1):
+        if t == len(labels) or labels[t] != labels[start]:
+            out.append((start, t))
+            start = t
+    return out
+
+
+def refine_clusters(labels) -> list[int]:
+    """PruneVid's contiguity repair of frame cluster labels (``refine_clusters``; ``[T]`` ints, returns a list).
+
+    Per cluster, every run of the longest length is kept (ties: all of them) and its other runs are freed; a
+    cluster whose longest run is a single frame is freed whole. Then, left to right, each maximal stretch of freed
+    frames takes the label of the longer of its two neighbouring runs in the labels as repaired so far (a run
+    repaired earlier counts with its new label; equal lengths: the left one; one side missing: the other; none:
+    label 0). Example: ``[0,0,1,0,0,2,2,2] -> [0,0,0,0,0,2,2,2]``."""
+    labels = [int(x) for x in labels]
+    n, out = len(labels), list(labels)
+    for label in set(labels):
+        spans = [(a, b) for a, b in runs(labels) if labels[a] == label]
+        longest = max(b - a for a, b in spans)
+        for a, b in spans:
+            if longest == 1 or b - a != longest:
+                out[a:b] = [-1] * (b - a)
+    t = 0
+    while t < n:
+        if out[t] != -1:
+            t += 1
+            continue
+        start = t
+        while t < n and out[t] == -1:
+            t += 1
+        left = right = None
+        left_len = right_len = 0
+        if start > 0:
+            left, j = out[start - 1], start - 1
+            while j >= 0 and out[j] == left:
+                j -= 1
+            left_len = start - 1 - j
+        if t < n:
+            right, j = out[t], t
+            while j < n and out[j] == right:
+                j += 1
+            right_len = j - t
+        if left_len > right_len:
+            new = left
+        elif right_len > left_len:
+            new = right
+        else:
+            new = left if left is not None else right
+        out[start:t] = [0 if new is None else new] * (t - start)
+    return out
+
+
+def window_similarity(frames: torch.Tensor) -> torch.Tensor:
+    """``[N]``: PruneVid's per-location similarity of a window ``frames`` ``[W, N, D]``: the mean over ordered
+    pairs of distinct frames of the cosine similarity at that location, as ``(sum over all pairs - W) / (W (W-1))``
+    (the official formula: it takes every self-similarity as exactly 1). NaN for ``W = 1`` (no pair), which the
+    static test ``> tau`` reads as dynamic. fp32."""
+    W = frames.shape[0]
+    x = torch.nn.functional.normalize(frames.float(), dim=-1)
+    total = torch.einsum("wnd,vnd->n", x, x)
+    return (total - W) / (W * (W - 1)) if W > 1 else torch.full_like(total, float("nan"))
