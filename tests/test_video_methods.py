@@ -285,7 +285,7 @@ def test_fastvid_image_and_video_in_one_prompt(family, mode):
     check_against_reference(model, inputs, "fastvid", mode, segments=2)
     with vtr.patch(model, "fastvid", ratio=0.75, segments=2) as handle, torch.no_grad():
         model(**inputs)
-    image, _ = handle.last.layout.rows[0].spans
+    image, vid = handle.last.layout.rows[0].spans
     kept = handle.last.kept[0]
     assert ((kept >= image.offset) & (kept < image.offset + image.n)).sum() == max(1, image.n // 4)
     F, N = vid.grid[0], vid.grid[1] * vid.grid[2]
@@ -840,7 +840,7 @@ def test_holitom_image_and_video_in_one_prompt(family, mode):
     check_against_reference(model, inputs, "holitom", mode)
     with vtr.patch(model, "holitom", ratio=0.75, inner_ratio=0) as handle, torch.no_grad():
         model(**inputs)
-    image, _ = handle.last.layout.rows[0].spans
+    image, vid = handle.last.layout.rows[0].spans
     kept = handle.last.kept[0]
     assert ((kept >= image.offset) & (kept < image.offset + image.n)).sum() == math.ceil(image.n * 0.25)
 
