@@ -48,6 +48,7 @@ class RequestState:
     record: PrefillRecord | None = None
     added: list[list[AddedToken]] = field(default_factory=list)  # per row: tokens merging stages added, in order
     decode_state: dict = field(default_factory=dict)  # the method's kv_cache-stage state (select_decode)
+    method_state: dict = field(default_factory=dict)  # what a method carries from one of its stages to the next
     decode_spans: list | None = None  # per row: (span, [n] cache slots of its present visual tokens, [n] ids)
 
     def original_position(self, row: int, index: int) -> int:

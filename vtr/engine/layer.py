@@ -34,8 +34,13 @@ class LayerStages:
             if fwd.prefill and i in stage_at:
                 prev = request.final()
                 pruned = self._prune(fwd, stage_at[i], prev, hidden)
+                fwd.captures.pop(i - 1, None)  # layer i-1's attention inputs: no later stage reads them
                 if pruned is not None:
-                    _, select, _, added = pruned
+                    _, select, merged, added = pruned
+                    if merged:  # merged tokens keep their slot and enter layer i with their new state
+                        hidden = hidden.clone()
+                        for b, slots, embeds in merged:
+                            hidden[b, slots] = embeds.to(hidden.dtype)
                     hidden = kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
             active = request.active(i)
             fwd.current = active

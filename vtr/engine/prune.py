@@ -181,8 +181,9 @@ class Pruning:
         """A merge must replace distinct kept tokens with one embedding each (before the language model), or add
         tokens with one state, source list and anchor each (inside it)."""
         name = self.method.name
-        if len(merge.slots) and spec.stage is not Stage.PRE_LLM:
-            raise RuntimeError(f"{name}: replaced embeddings are only supported before the language model (pre_llm)")
+        if len(merge.slots) and spec.stage not in (Stage.PRE_LLM, Stage.LAYER):
+            raise RuntimeError(f"{name}: replaced states are only supported before the language model (pre_llm) "
+                               "and before a decoder layer (layer stages)")
         if merge.added is not None:
             if spec.stage is not Stage.LAYER:
                 raise RuntimeError(f"{name}: added tokens are only supported inside the language model (layer "

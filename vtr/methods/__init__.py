@@ -9,6 +9,7 @@ from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fastvid import FastVID
 from .flowcut import FlowCut
+from .framefusion import FrameFusion
 from .hiprune import HiPrune
 from .pdrop import PyramidDrop
 from .sparsevlm import SparseVLM
@@ -18,6 +19,6 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "Merge",
+__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "FrameFusion", "HiPrune", "Merge",
            "Method", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]

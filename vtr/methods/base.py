@@ -39,9 +39,9 @@ class Merge:
 
     keep: ``[budget]`` distinct indices into the candidates, as a plain selection.
     slots: ``[m]`` the kept tokens (a subset of ``keep``, indices into the candidates) whose language-model input
-    embedding is replaced (``pre_llm`` stage); each such token stays in its own slot and takes that slot's position
-    under the method's position policy.
-    embeds: ``[m, D]`` their new embeddings (language-model input space, the model's dtype).
+    embedding (``pre_llm`` stage) or hidden state entering the stage layer (``layer`` stages) is replaced; each
+    such token stays in its own slot and takes that slot's position under the method's position policy.
+    embeds: ``[m, D]`` their new embeddings or hidden states (the model's dtype).
     sources: ``m`` index tensors into the candidates: the tokens merged into each replaced token (itself
     included); reported in ``handle.last.merged``.
     added: ``[a, D]`` new tokens (``layer`` stages: hidden states entering the stage layer, SparseVLM's recycled
