@@ -226,13 +226,18 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
     return stages_reference(model, lm_inputs, [(layer, index)], policy, steps, tokens, then)
 
 
-def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: int, tokens=None, then=None):
+def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: int, tokens=None, then=None,
+                     post_attention=(), merged=None, layout=None):
     """Decoder loop over the unpatched layers, pruned in stages: ``stages`` is ``[(layer, index[, added])]`` in
     order, each ``index`` ``[B, L_s]`` the original prompt positions of the slots layers >= ``layer`` run on (-1
     padding, -2 - a: added token a, whose state and anchor position come from ``added``, the stage record's).
     Layers before the first stage hold the full prompt; each stage layer's KV cache holds its stage's tokens.
-    Same returns as ``pre_llm_reference``."""
+    ``post_attention``: stage layers K selected inside layer K-1 after its attention and residual add (that
+    layer's MLP runs on the stage's tokens, its attention and cache on the previous ones). ``merged``: per stage,
+    its record's merged tokens (per row, visual ids and the states they take in their slot; ``layout``: the
+    record's, to find them) or None. Same returns as ``pre_llm_reference``."""
     lm = lm_of(model)
+    merged = list(merged) if merged is not None else [None] * len(stages)
     groups = [(0, None)] + list(stages)
     masks, positions, starts, stacks = [], [], [], []
     for group in groups:
@@ -259,11 +264,16 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: i
     def group_of(i):
         return max(g for g, group in enumerate(groups) if group[0] <= i)
 
-    def regather(hidden, prev_index, index, added):
+    def regather(hidden, prev_index, index, added, merges=None):
         """The slots of ``index`` taken from a sequence laid out as ``prev_index`` (original positions; added
-        tokens new at this stage take their recorded state)."""
+        tokens new at this stage take their recorded state, merged tokens theirs)."""
         out = torch.zeros(index.shape[0], index.shape[1], hidden.shape[-1], dtype=hidden.dtype)
         for b in range(index.shape[0]):
+            if merges is not None and len(merges[b].kept):
+                hidden = hidden.clone()
+                at = {int(p): j for j, p in enumerate(prev_index[b].tolist()) if p != -1}
+                for v, state in zip(merges[b].kept.tolist(), merges[b].embeds):
+                    hidden[b, at[int(layout.rows[b].visual_positions[v])]] = state.to(hidden.dtype)
             where = {int(p): j for j, p in enumerate(prev_index[b].tolist()) if p != -1}
             states = {}
             if added is not None:
@@ -276,19 +286,29 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: i
                     out[b, j] = states[p].to(hidden.dtype)
         return out
 
+    def to_group(hidden, g):
+        prev = groups[g - 1][1]
+        if prev is None:
+            prev = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+        return regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None, merged[g - 1])
+
     def run(hidden, q_pos, prefill):
         for i, block in enumerate(lm.layers):
             g = group_of(i)
-            if prefill and g > 0 and groups[g][0] == i:
-                prev = groups[g - 1][1]
-                if prev is None:
-                    prev = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
-                hidden = regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None)
+            if prefill and g > 0 and groups[g][0] == i and i not in post_attention:
+                hidden = to_group(hidden, g)
             q = hidden.shape[1]
             cos, sin = lm.rotary_emb(hidden, q_pos[g])
-            hidden = block(hidden, attention_mask=additive_mask(masks[g], q, hidden.dtype),
-                           position_embeddings=(cos, sin), position_ids=None, past_key_values=cache,
-                           use_cache=True)
+            kwargs = dict(attention_mask=additive_mask(masks[g], q, hidden.dtype), position_embeddings=(cos, sin),
+                          position_ids=None, past_key_values=cache, use_cache=True)
+            split = prefill and i + 1 in post_attention and g + 1 < len(groups) and groups[g + 1][0] == i + 1
+            if split:  # the layer by hand: attention on this group's tokens, its MLP on the next group's
+                attended, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
+                hidden = to_group(hidden + attended, g + 1)
+                hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+                g += 1
+            else:
+                hidden = block(hidden, **kwargs)
             stack = stacks[g]
             if prefill and stack.get("deepstack_visual_embeds") and i < len(stack["deepstack_visual_embeds"]):
                 hidden = hidden.clone()
@@ -336,13 +356,18 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     if decode is not None:  # a kv_cache stage (DyCoke): the recorded per-step subsets
         return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,
                                        then)
-    lm_inputs = with_merges(lm_inputs, record)
     specs = method.stages()
+    if len(specs) > 1 and record is not None and any(s.merged is not None for s in record.stages):
+        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
+                                method.positions, steps, tokens, then,
+                                {s.layer for s in specs if s.post_attention}, [s.merged for s in record.stages],
+                                record.layout)
+    lm_inputs = with_merges(lm_inputs, record)
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     if len(specs) > 1:
         return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
-                                method.positions, steps, tokens, then)
+                                method.positions, steps, tokens, then, {s.layer for s in specs if s.post_attention})
     return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)
 
 

@@ -12,6 +12,10 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
   the tokens a merging stage adds); every layer gets the mask of the stage it runs in (rebuilt by transformers' own
   mask function for that cache layer), its rotary embeddings and positions. Layers before a stage keep their
   longer sequence and KV cache.
+* post-attention ``layer`` stages at K (FrameFusion): the selection runs inside layer K-1, on its residual stream
+  after self-attention (a pre-hook on its feed-forward norm); the engine runs that layer's MLP block on the pruned
+  sequence and the layer returns it (a forward hook). Layer K-1's attention and KV cache hold the previous layout;
+  layers >= K run as after a layer stage at K.
 * ``vision`` stage (inside CLIP towers): forward hooks on the vision layers hand the method each image's signals
   after its pruning layers and return the layer output gathered to the kept patches, so the later layers run on
   them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower
@@ -105,6 +109,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
             if layer_stages:
                 for i in range(min(layer_stages), len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            self._post_attention_hooks(reg, layers)
             if "attention_inputs" in self.method.needs:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])

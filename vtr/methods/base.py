@@ -29,8 +29,14 @@ BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 
 @dataclass(frozen=True)
 class StageSpec:
+    """stage, and layer: the first decoder layer that runs on the pruned sequence (0 for pre_llm).
+    post_attention (``layer`` stages): select inside layer ``layer - 1``, after its self-attention and residual add,
+    on that residual stream; that layer's MLP block then already runs on the pruned sequence (its attention and KV
+    cache on the previous one). Otherwise the stage selects on the hidden states entering layer ``layer``."""
+
     stage: Stage
-    layer: int = 0  # first decoder layer that runs on the pruned sequence (0 for pre_llm)
+    layer: int = 0
+    post_attention: bool = False
 
 
 @dataclass

@@ -28,8 +28,10 @@ class FrameFusion(Method):
     clamped to ``[0, 1]``. ``L``: ``cost_layers``, default the model's depth.
 
     Per video (a state per video of each batch row, fresh per request), at each call: the first on the input
-    embeddings (before decoder layer 0), then one before every later decoder layer ``K`` on the hidden states
-    entering it:
+    embeddings before decoder layer 0, then one inside every decoder layer ``K - 1`` (but the last) after its
+    self-attention and residual add, on that residual stream, before its MLP (a post-attention ``layer`` stage
+    at ``K``: layer ``K - 1``'s MLP and the later layers run on the result, its attention and KV cache on the
+    sequence before):
 
     * merging (until it finishes): chains are the video's present tokens of one spatial location (row, column of
       its frame; Qwen-VL: of its temporal slice), in frame order; ``sim[t] = cos(h_t, h_prev)`` with the previous
@@ -40,7 +42,7 @@ class FrameFusion(Method):
       equal weights: ``h_a = (h_a + sum(run)) / (|run| + 1)``; the run is removed, the anchor keeps its slot and
       position.
     * pruning (at the call after merging finished, once): keep the ``max(1, round(V * (1 - u)))`` tokens the last
-      prompt token attends to most at decoder layer ``K - 1`` (post-RoPE, softmax, mean over heads, over the
+      prompt token attends to most in that layer's attention (post-RoPE, softmax, mean over heads, over the
       current sequence; FastV's score).
 
     Images are one-frame videos (no chains: nothing merges; the pruning step runs before layer 1). OneVision's
@@ -54,13 +56,8 @@ class FrameFusion(Method):
     ``_compute_pruning_ratio``; the Qwen2 / Qwen2-VL decoder adapters).
 
     Deliberate differences from the official code:
-      * where it acts: the official merges after the attention block (and its residual add) of each layer, before
-        that layer's MLP, and prunes there with that layer's attention; vtr merges and prunes before the next
-        decoder layer (a ``layer`` stage at ``K``, signals of layer ``K - 1``). Pruning selects the same tokens
-        (the MLP is per token); a merge averages the states after layer ``K - 1``'s MLP instead of before it, so
-        layer ``K - 1``'s MLP runs on the unmerged tokens. The layer-0 merge is exact (before layer 0, on the
-        input embeddings; layer 0's KV cache holds the merged sequence). Layer ``K - 1``'s KV cache holds the
-        sequence before the merge in both;
+      * no call after the last decoder layer's attention (it could only change that layer's outputs at visual
+        slots, never the text's);
       * ``L`` is the model's depth by default (official: 28 hard-coded, wrong for other depths; ``cost_layers=28``
         reproduces it);
       * where the official code raises (merges already spent the budget, ``L * C < sum q``) ``u`` is 1; the
@@ -97,7 +94,8 @@ class FrameFusion(Method):
         if depth is None:
             raise ValueError(f"{self.name}: its stages (one before every decoder layer) are resolved at patch time "
                              "(vtr.patch)")
-        return [StageSpec(Stage.PRE_LLM, 0)] + [StageSpec(Stage.LAYER, k) for k in range(1, depth)]
+        return [StageSpec(Stage.PRE_LLM, 0)] + [StageSpec(Stage.LAYER, k, post_attention=True)
+                                                for k in range(1, depth)]
 
     # ------------------------------------------------------------------------------------------ selection
     def budget_for(self, ctx, row, group):
