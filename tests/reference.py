@@ -299,8 +299,8 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy: str, steps: i
                 hidden = to_group(hidden, g)
             q = hidden.shape[1]
             cos, sin = lm.rotary_emb(hidden, q_pos[g])
-            kwargs = dict(attention_mask=additive_mask(masks[g], q, hidden.dtype), position_embeddings=(cos, sin),
-                          position_ids=None, past_key_values=cache, use_cache=True)
+            kwargs = {"attention_mask": additive_mask(masks[g], q, hidden.dtype), "position_embeddings": (cos, sin),
+                      "position_ids": None, "past_key_values": cache, "use_cache": True}
             split = prefill and i + 1 in post_attention and g + 1 < len(groups) and groups[g + 1][0] == i + 1
             if split:  # the layer by hand: attention on this group's tokens, its MLP on the next group's
                 attended, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
@@ -357,18 +357,32 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
         return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,
                                        then)
     specs = method.stages()
-    if len(specs) > 1 and record is not None and any(s.merged is not None for s in record.stages):
-        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
-                                method.positions, steps, tokens, then,
-                                {s.layer for s in specs if s.post_attention}, [s.merged for s in record.stages],
-                                record.layout)
+    post = {s.layer for s in specs if s.post_attention}
+    if len(specs) > 1:
+        stages = _changing(record)
+        if any(s.merged is not None for s in stages):
+            return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in stages],
+                                    method.positions, steps, tokens, then, post, [s.merged for s in stages],
+                                    record.layout)
     lm_inputs = with_merges(lm_inputs, record)
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     if len(specs) > 1:
-        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
-                                method.positions, steps, tokens, then, {s.layer for s in specs if s.post_attention})
+        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in stages],
+                                method.positions, steps, tokens, then, post)
     return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)
+
+
+def _changing(record) -> list:
+    """The record's stages that changed the sequence: a stage that removed nothing reports the layout it left as it
+    was (before any stage: the unpruned one, padding slots included), and the layers after it run as before it."""
+    rows = record.layout.rows
+    out, before = [], torch.arange(rows[0].length).expand(len(rows), -1)
+    for stage in record.stages:
+        if stage.index is not None and not (stage.index.shape == before.shape and torch.equal(stage.index, before)):
+            out.append(stage)
+            before = stage.index
+    return out
 
 
 def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: int, layer: int, record,

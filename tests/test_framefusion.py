@@ -218,7 +218,7 @@ CASES = [  # family, frames, static pixel columns, ratio, similarity, ratio_lowe
 def test_on_a_model_equals_the_slow_rederivation(family, frames, static, ratio, similarity, lower):
     model, proc = tm.build(family, attn="eager")
     inputs = tm.video_inputs(family, proc, videos=[repeating_video(family, frames, static)])
-    options = dict(similarity=similarity, ratio_lower_bound=lower)
+    options = {"similarity": similarity, "ratio_lower_bound": lower}
     with vtr.patch(model, "framefusion", ratio=ratio, **options) as handle, torch.no_grad():
         logits = model(**inputs).logits[0, -1]
     record = handle.last
@@ -242,8 +242,8 @@ def test_official_28_layers_and_the_depth_default():
                 torch.no_grad():
             logits = model(**inputs).logits[0, -1]
         (span,) = handle.last.layout.rows[0].spans
-        slow_logits, alive, counts = slow_framefusion(model, R.capture_lm_inputs(model, inputs), span, 0.5, 0.9, 0.1,
-                                                      n_layers=layers)
+        slow_logits, _, counts = slow_framefusion(model, R.capture_lm_inputs(model, inputs), span, 0.5, 0.9, 0.1,
+                                                  n_layers=layers)
         assert [s.n_present[0] for s in handle.last.stages] == counts
         assert torch.allclose(logits, slow_logits, atol=1e-5)
         if layers is None:
@@ -280,7 +280,7 @@ def test_video_rows_equal_the_video_alone(family):
     model, proc = tm.build(family)
     frames = [8, 4] if family in QWEN else [6, 6]
     videos = [repeating_video(family, f, 24, seed=b) for b, f in enumerate(frames)]
-    options = dict(ratio=0.5, similarity=0.9)
+    options = {"ratio": 0.5, "similarity": 0.9}
     with vtr.patch(model, "framefusion", **options) as handle:
         kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), "forward")
         assert handle.last.merged is not None
@@ -352,3 +352,19 @@ def test_option_errors():
         FrameFusion(ratio=0.5, cost_layers=0)
     with pytest.raises(ValueError, match="resolved at patch time"):
         FrameFusion(ratio=0.5).stages()
+
+
+def test_each_anyres_tile_is_its_own_cascade():
+    """scope="crop": every LLaVA-NeXT tile is a one-frame input with its own state: sparsity 0 at the input, then
+    pruned after layer 0 to round(n_tile * (1 - u([0])))."""
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, 1)
+    with vtr.patch(model, "framefusion", ratio=0.5, scope="crop") as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    kept = handle.last.kept[0]
+    crops = span.crop.unique().tolist()
+    assert len(crops) > 1
+    for crop in crops:
+        tile = ((span.crop == crop) & ~span.newline).nonzero().flatten()
+        assert int(torch.isin(kept, tile).sum()) == max(1, round(len(tile) * (1 - required_sparsity([0.0], 0.5, 4))))
