@@ -14,7 +14,8 @@ import tiny_models as tm
 import vtr
 from test_exactness import check_against_reference
 from vtr.methods import FrameFusion
-from vtr.methods.framefusion import chain_similarity, merge_decision, merge_runs, required_sparsity
+from vtr.methods.framefusion import merge_decision, required_sparsity
+from vtr.methods.video import chain_similarity, merge_runs
 
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -218,7 +219,7 @@ CASES = [  # family, frames, static pixel columns, ratio, similarity, ratio_lowe
 def test_on_a_model_equals_the_slow_rederivation(family, frames, static, ratio, similarity, lower):
     model, proc = tm.build(family, attn="eager")
     inputs = tm.video_inputs(family, proc, videos=[repeating_video(family, frames, static)])
-    options = {"similarity": similarity, "ratio_lower_bound": lower}
+    options = {"similarity_lower_bound": similarity, "ratio_lower_bound": lower}
     with vtr.patch(model, "framefusion", ratio=ratio, **options) as handle, torch.no_grad():
         logits = model(**inputs).logits[0, -1]
     record = handle.last
@@ -238,7 +239,7 @@ def test_official_28_layers_and_the_depth_default():
     model, proc = tm.build("qwen2_vl", attn="eager")
     inputs = tm.video_inputs("qwen2_vl", proc, videos=[repeating_video("qwen2_vl", 8, 24)])
     for layers in (None, 28):
-        with vtr.patch(model, "framefusion", ratio=0.5, similarity=0.9, cost_layers=layers) as handle, \
+        with vtr.patch(model, "framefusion", ratio=0.5, similarity_lower_bound=0.9, cost_layers=layers) as handle, \
                 torch.no_grad():
             logits = model(**inputs).logits[0, -1]
         (span,) = handle.last.layout.rows[0].spans
@@ -255,12 +256,12 @@ def test_official_28_layers_and_the_depth_default():
 def test_defaults_budget_and_retention_report():
     model, proc = tm.build("qwen2_vl")
     with vtr.patch(model, "framefusion", ratio=0.7) as handle:
-        assert handle.method.similarity == 0.5 and handle.method.ratio_lower_bound == 0.1
+        assert handle.method.similarity_lower_bound == 0.5 and handle.method.ratio_lower_bound == 0.1
         assert handle.method.cost_layers is None
     model, proc = tm.build("llava_onevision")
     inputs = tm.video_inputs("llava_onevision", proc, 1)
     with vtr.patch(model, "framefusion", ratio=0.5) as handle, torch.no_grad():
-        assert handle.method.similarity == 0.6
+        assert handle.method.similarity_lower_bound == 0.6
         model(**inputs)
     record = handle.last
     assert record.nominal_retention == 0.5
@@ -280,7 +281,7 @@ def test_video_rows_equal_the_video_alone(family):
     model, proc = tm.build(family)
     frames = [8, 4] if family in QWEN else [6, 6]
     videos = [repeating_video(family, f, 24, seed=b) for b, f in enumerate(frames)]
-    options = {"ratio": 0.5, "similarity": 0.9}
+    options = {"ratio": 0.5, "similarity_lower_bound": 0.9}
     with vtr.patch(model, "framefusion", **options) as handle:
         kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), "forward")
         assert handle.last.merged is not None
@@ -319,7 +320,7 @@ def test_repeats_exactly_and_state_is_per_request():
     model, proc = tm.build("qwen2_5_vl")
     inputs = tm.video_inputs("qwen2_5_vl", proc, videos=[repeating_video("qwen2_5_vl", 8, 24)])
     runs = []
-    with vtr.patch(model, "framefusion", ratio=0.5, similarity=0.9) as handle:
+    with vtr.patch(model, "framefusion", ratio=0.5, similarity_lower_bound=0.9) as handle:
         for _ in range(2):  # the same patch twice: the second request starts a fresh cascade
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
@@ -344,8 +345,8 @@ def test_ratio_zero_is_the_unpatched_model():
 def test_option_errors():
     with pytest.raises(ValueError, match="ratio must be in"):
         FrameFusion(ratio=1.0)
-    with pytest.raises(ValueError, match="similarity must be in"):
-        FrameFusion(ratio=0.5, similarity=2.0)
+    with pytest.raises(ValueError, match="similarity_lower_bound must be in"):
+        FrameFusion(ratio=0.5, similarity_lower_bound=2.0)
     with pytest.raises(ValueError, match="ratio_lower_bound must be in"):
         FrameFusion(ratio=0.5, ratio_lower_bound=-0.1)
     with pytest.raises(ValueError, match="cost_layers must be in"):

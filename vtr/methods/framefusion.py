@@ -35,7 +35,7 @@ class FrameFusion(Method):
 
     * merging (until it finishes): chains are the video's present tokens of one spatial location (row, column of
       its frame; Qwen-VL: of its temporal slice), in frame order; ``sim[t] = cos(h_t, h_prev)`` with the previous
-      present token of its chain (``-2`` for the first). ``V`` present tokens, ``M = {t : sim[t] >= similarity}``,
+      present token of its chain (``-2`` for the first). ``V`` present tokens, ``M = {t : sim[t] >= similarity_lower_bound}``,
       ``r = |M| / V``. If ``r < u``: ``r`` joins the sparsities and merging finishes when ``r <
       ratio_lower_bound``; else ``M`` = the ``floor(u * V)`` most similar tokens and FrameFusion is done (no
       pruning). Every maximal run of members of ``M`` in a chain is averaged into the chain token just before it,
@@ -45,10 +45,10 @@ class FrameFusion(Method):
       prompt token attends to most in that layer's attention (post-RoPE, softmax, mean over heads, over the
       current sequence; FastV's score).
 
-    Images are one-frame videos (no chains: nothing merges; the pruning step runs before layer 1). OneVision's
+    Images are one-frame videos (no chains: nothing merges; the pruning step runs in layer 0, after its attention). OneVision's
     trailing newline is text (never merged or pruned), as the spec requires of a OneVision port (the official
     LLaVA-Video adapter makes row newlines a patch slot). Positions: ``original`` (official: cos/sin of the
-    survivors gathered; Qwen-VL: their 3-D positions). Defaults: ``similarity`` 0.5 on Qwen-VL (the official
+    survivors gathered; Qwen-VL: their 3-D positions). Defaults: ``similarity_lower_bound`` 0.5 on Qwen-VL (the official
     README and issue #13 for Qwen2-VL; also used for Qwen2.5-VL and Qwen3-VL, whose per-slice layout is the same),
     0.6 on LLaVA-OneVision (the official example for LLaVA-Video-7B, the same SigLIP + Qwen2 stack; the paper sets
     it to the median layer-0 similarity of the target model, which was not measured here), ``ratio_lower_bound``
@@ -74,15 +74,15 @@ class FrameFusion(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
 
-    similarity: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # None: by model
+    similarity_lower_bound: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # None: by model
     ratio_lower_bound: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
     cost_layers: int | None = field(default=None, metadata={"min": 1})  # None: the model's depth
 
     def for_model(self, family) -> FrameFusion:
         method = super().for_model(family)
-        if method.similarity is not None:
+        if method.similarity_lower_bound is not None:
             return method
-        return dataclasses.replace(method, similarity=0.5 if family.mrope else 0.6)
+        return dataclasses.replace(method, similarity_lower_bound=0.5 if family.mrope else 0.6)
 
     def for_depth(self, n_layers: int) -> FrameFusion:
         method = dataclasses.replace(self)
@@ -134,13 +134,13 @@ class FrameFusion(Method):
             scores = ctx.last_token_attention()[row, group.slots]
             return Merge(keep=torch.topk(scores, k).indices.sort().values)
         hidden = ctx.hidden[row, group.slots]
-        chain = chain_ids(group.span, group.ids) if group.span.kind == "video" else None
-        sims, prev = chain_similarity(hidden.to(ctx.score_dtype), chain)
-        members, state.merging, state.done = merge_decision(sims, u, self.similarity, self.ratio_lower_bound,
+        chain = video.chain_ids(group.span, group.ids) if group.span.kind == "video" else None
+        sims, prev = video.chain_similarity(hidden.to(ctx.score_dtype), chain)
+        members, state.merging, state.done = merge_decision(sims, u, self.similarity_lower_bound, self.ratio_lower_bound,
                                                             state.sparsities)
         if not bool(members.any()):
             return None
-        keep, anchors, embeds, sources = merge_runs(hidden, prev, members.to(device))
+        keep, anchors, embeds, sources = video.merge_runs(hidden, prev, members.to(device))
         return Merge(keep=keep, slots=anchors, embeds=embeds, sources=sources)
 
     def _cost(self, n: int) -> float:
@@ -179,32 +179,6 @@ def required_sparsity(sparsities: list, cost: float, n_layers: int) -> float:
     return max(0.0, 1 - remaining / (layers_left * q))
 
 
-def chain_ids(span, ids: torch.Tensor) -> torch.Tensor:
-    """``[c]`` the chain of each candidate (``ids``: a video's present tokens, indices within ``span``): its spatial
-    location (row, column) in its frame (Qwen-VL: temporal slice)."""
-    ids = ids.cpu()
-    row, col = span.row.cpu()[ids], span.col.cpu()[ids]
-    return row * (int(col.max()) + 1) + col
-
-
-def chain_similarity(hidden: torch.Tensor, chain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sim ``[c]``, prev ``[c]``): each token's cosine similarity with the previous token of its chain and that
-    token's index (``-2`` and ``-1`` for a chain's first token). ``hidden``: ``[c, D]`` in sequence (frame) order;
-    ``chain``: ``[c]`` chain ids (``chain_ids``; None: every token its own chain). fp32 similarities."""
-    c = hidden.shape[0]
-    sims = torch.full((c,), -2.0, dtype=torch.float32, device=hidden.device)
-    prev = torch.full((c,), -1, dtype=torch.long, device=hidden.device)
-    if chain is None or c < 2:
-        return sims, prev
-    chain = chain.to(hidden.device)
-    order = torch.argsort(chain * c + torch.arange(c, device=hidden.device))
-    follows = chain[order][1:] == chain[order][:-1]
-    after, before = order[1:][follows], order[:-1][follows]
-    prev[after] = before
-    sims[after] = video.cosine(hidden[after], hidden[before]).float()
-    return sims, prev
-
-
 def merge_decision(sims: torch.Tensor, u: float, threshold: float, lower_bound: float,
                    sparsities: list) -> tuple[torch.Tensor, bool, bool]:
     """One merging call's rule: (members ``[c]`` bool, merging goes on, FrameFusion done). Appends the merge
@@ -219,29 +193,3 @@ def merge_decision(sims: torch.Tensor, u: float, threshold: float, lower_bound: 
     members = torch.zeros_like(members)
     members[torch.topk(sims, k).indices] = True
     return members, False, True
-
-
-def merge_runs(hidden: torch.Tensor, prev: torch.Tensor, members: torch.Tensor):
-    """Average every maximal run of ``members`` along a chain into the chain token just before the run, equal
-    weights. hidden: ``[c, D]``; prev: ``[c]`` (``chain_similarity``); members: ``[c]`` bool, never a chain's first
-    token. Returns (kept ``[c - |M|]``, anchors ``[a]`` (a subset of kept), their states ``[a, D]`` fp32, and per
-    anchor the merged tokens, itself included, ascending), indices into the candidates."""
-    c = hidden.shape[0]
-    # a member points to its predecessor, others to themselves; pointer doubling reaches each run's anchor
-    anchor = torch.where(members, prev.to(members.device), torch.arange(c, device=members.device))
-    while True:
-        jumped = anchor[anchor]
-        if torch.equal(jumped, anchor):
-            break
-        anchor = jumped
-    merged = members.nonzero().flatten()
-    targets = anchor[merged]
-    anchors = targets.unique()
-    sums = hidden.float()[anchors].clone()
-    where = torch.searchsorted(anchors, targets)
-    sums.index_add_(0, where, hidden.float()[merged])
-    counts = 1 + torch.bincount(where, minlength=len(anchors)).to(sums)
-    sources = [torch.cat([a.view(1), merged[targets == a]]).sort().values for a in anchors]
-    kept = (~members).nonzero().flatten()
-    return kept, anchors, sums / counts[:, None], sources
-
