@@ -369,3 +369,26 @@ def test_each_anyres_tile_is_its_own_cascade():
     for crop in crops:
         tile = ((span.crop == crop) & ~span.newline).nonzero().flatten()
         assert int(torch.isin(kept, tile).sum()) == max(1, round(len(tile) * (1 - required_sparsity([0.0], 0.5, 4))))
+
+
+def test_hidden_states_and_attentions_follow_the_post_attention_stage():
+    """Pruned inside layer 0 after its attention: layer 0 attends over the whole prompt, its output (what layer 1
+    receives, and what output_hidden_states reports) is the pruned sequence."""
+    model, proc = tm.build("llava", attn="eager")
+    inputs = tm.image_inputs("llava", proc, 1)
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["layer1"] = (args[0] if args else kwargs["hidden_states"]).clone()
+
+    with vtr.patch(model, "framefusion", ratio=0.5) as handle, torch.no_grad():
+        hook = R.lm_of(model).layers[1].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = model(**inputs, output_hidden_states=True, output_attentions=True)
+        finally:
+            hook.remove()
+    full, pruned = inputs["input_ids"].shape[1], handle.last.index.shape[1]
+    assert [s.layer for s in handle.last.stages if s.n_present != handle.last.n_visual] == [1, 2, 3]
+    assert [h.shape[1] for h in out.hidden_states] == [full, pruned, pruned, pruned, pruned]
+    assert [a.shape[-1] for a in out.attentions] == [full, pruned, pruned, pruned]
+    assert torch.equal(out.hidden_states[1], seen["layer1"])
