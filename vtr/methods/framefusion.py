@@ -33,11 +33,11 @@ class FrameFusion(Method):
     at ``K``: layer ``K - 1``'s MLP and the later layers run on the result, its attention and KV cache on the
     sequence before):
 
-    * merging (until it finishes): chains are the video's present tokens of one spatial location (row, column of
-      its frame; Qwen-VL: of its temporal slice), in frame order; ``sim[t] = cos(h_t, h_prev)`` with the previous
-      present token of its chain (``-2`` for the first). ``V`` present tokens, ``M = {t : sim[t] >= similarity_lower_bound}``,
-      ``r = |M| / V``. If ``r < u``: ``r`` joins the sparsities and merging finishes when ``r <
-      ratio_lower_bound``; else ``M`` = the ``floor(u * V)`` most similar tokens and FrameFusion is done (no
+    * merging (until it finishes): chains are the video's present tokens of one spatial location (row, column of its
+      frame; Qwen-VL: of its temporal slice), in frame order; ``sim[t] = cos(h_t, h_prev)`` with the previous
+      present token of its chain (``-2`` for the first). ``V`` present tokens, ``M = {t : sim[t] >=
+      similarity_lower_bound}``, ``r = |M| / V``. If ``r < u``: ``r`` joins the sparsities and merging finishes when
+      ``r < ratio_lower_bound``; else ``M`` = the ``floor(u * V)`` most similar tokens and FrameFusion is done (no
       pruning). Every maximal run of members of ``M`` in a chain is averaged into the chain token just before it,
       equal weights: ``h_a = (h_a + sum(run)) / (|run| + 1)``; the run is removed, the anchor keeps its slot and
       position.
@@ -45,15 +45,15 @@ class FrameFusion(Method):
       prompt token attends to most in that layer's attention (post-RoPE, softmax, mean over heads, over the
       current sequence; FastV's score).
 
-    Images are one-frame videos (no chains: nothing merges; the pruning step runs in layer 0, after its attention). OneVision's
-    trailing newline is text (never merged or pruned), as the spec requires of a OneVision port (the official
-    LLaVA-Video adapter makes row newlines a patch slot). Positions: ``original`` (official: cos/sin of the
-    survivors gathered; Qwen-VL: their 3-D positions). Defaults: ``similarity_lower_bound`` 0.5 on Qwen-VL (the official
-    README and issue #13 for Qwen2-VL; also used for Qwen2.5-VL and Qwen3-VL, whose per-slice layout is the same),
-    0.6 on LLaVA-OneVision (the official example for LLaVA-Video-7B, the same SigLIP + Qwen2 stack; the paper sets
-    it to the median layer-0 similarity of the target model, which was not measured here), ``ratio_lower_bound``
-    0.1. Official code: ``thu-nics/FrameFusion`` (``framefusion/main.py: FrameFusion.forward``,
-    ``_compute_pruning_ratio``; the Qwen2 / Qwen2-VL decoder adapters).
+    Images are one-frame videos (no chains: nothing merges; the pruning step runs in layer 0, after its attention).
+    OneVision's trailing newline is text (never merged or pruned), as the spec requires of a OneVision port (the
+    official LLaVA-Video adapter makes row newlines a patch slot). Positions: ``original`` (official: cos/sin of the
+    survivors gathered; Qwen-VL: their 3-D positions). Defaults: ``similarity_lower_bound`` 0.5 on Qwen-VL (the
+    official README and issue #13 for Qwen2-VL; also used for Qwen2.5-VL and Qwen3-VL, whose per-slice layout is the
+    same), 0.6 on LLaVA-OneVision (the official example for LLaVA-Video-7B, the same SigLIP + Qwen2 stack; the paper
+    sets it to the median layer-0 similarity of the target model, which was not measured here),
+    ``ratio_lower_bound`` 0.1. Official code: ``thu-nics/FrameFusion`` (``framefusion/main.py:
+    FrameFusion.forward``, ``_compute_pruning_ratio``; the Qwen2 / Qwen2-VL decoder adapters).
 
     Deliberate differences from the official code:
       * no call after the last decoder layer's attention (it could only change that layer's outputs at visual
@@ -136,8 +136,8 @@ class FrameFusion(Method):
         hidden = ctx.hidden[row, group.slots]
         chain = video.chain_ids(group.span, group.ids) if group.span.kind == "video" else None
         sims, prev = video.chain_similarity(hidden.to(ctx.score_dtype), chain)
-        members, state.merging, state.done = merge_decision(sims, u, self.similarity_lower_bound, self.ratio_lower_bound,
-                                                            state.sparsities)
+        members, state.merging, state.done = merge_decision(sims, u, self.similarity_lower_bound,
+                                                            self.ratio_lower_bound, state.sparsities)
         if not bool(members.any()):
             return None
         keep, anchors, embeds, sources = video.merge_runs(hidden, prev, members.to(device))
