@@ -229,7 +229,7 @@ def layer_reference(model, lm_inputs: dict, index: torch.Tensor, layer: int, pol
 
 
 def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, tokens=None, then=None,
-                     policies=None, slice_earlier=None):
+                     policies=None, slice_earlier=None, post_attention=(), merged=None, layout=None):
     """Decoder loop over the unpatched layers, pruned in stages: ``stages`` is ``[(layer, index[, added[,
     replaced]])]`` in order, each ``index`` ``[B, L_s]`` the original prompt positions of the slots layers >=
     ``layer`` run on (-1 padding, -2 - a: added token a, whose state and anchor position come from ``added``, the
@@ -240,8 +240,12 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
     ``policies``: per stage, a policy overriding a single ``policy`` ("original" after a "compact" ``policy``:
     "keep"). ``slice_earlier``: per stage, whether the KV caches of the layers before it are cut to its kept tokens
     once the prefill is done (then decoding runs those layers on the stage's tokens too).
-    Same returns as ``pre_llm_reference``."""
+    ``post_attention``: stage layers K selected inside layer K-1 after its attention and residual add (that
+    layer's MLP runs on the stage's tokens, its attention and cache on the previous ones). ``merged``: per stage,
+    its record's merged tokens (per row, visual ids and the states they take in their slot; ``layout``: the
+    record's, to find them) or None. Same returns as ``pre_llm_reference``."""
     lm = lm_of(model)
+    merged = list(merged) if merged is not None else [None] * len(stages)
     groups = [(0, None)] + list(stages)
     if policies is not None:
         policies = ["keep" if p == "original" and policy == "compact" else (p or policy) for p in policies]
@@ -313,15 +317,20 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
                 layer.values = torch.stack([layer.values[b][:, select[b]] for b in range(B)])
         sliced[0] = True
 
-    def regather(hidden, prev_index, index, added, replaced=None):
+    def regather(hidden, prev_index, index, added, replaced=None, merges=None):
         """The slots of ``index`` taken from a sequence laid out as ``prev_index`` (original positions; added
-        tokens new at this stage take their recorded state, replaced ones their recorded new state)."""
+        tokens new at this stage take their recorded state, replaced / merged ones their recorded new state)."""
         out = torch.zeros(index.shape[0], index.shape[1], hidden.shape[-1], dtype=hidden.dtype)
         for b in range(index.shape[0]):
             if replaced is not None:
                 hidden = hidden.clone()
                 for p, state in replaced[b].items():
                     hidden[b, prev_index[b].tolist().index(p)] = state.to(hidden.dtype)
+            if merges is not None and len(merges[b].kept):
+                hidden = hidden.clone()
+                at = {int(p): j for j, p in enumerate(prev_index[b].tolist()) if p != -1}
+                for v, state in zip(merges[b].kept.tolist(), merges[b].embeds):
+                    hidden[b, at[int(layout.rows[b].visual_positions[v])]] = state.to(hidden.dtype)
             where = {int(p): j for j, p in enumerate(prev_index[b].tolist()) if p != -1}
             states = {}
             if added is not None:
@@ -334,20 +343,30 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
                     out[b, j] = states[p].to(hidden.dtype)
         return out
 
+    def to_group(hidden, g):
+        prev = groups[g - 1][1]
+        if prev is None:
+            prev = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
+        return regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None,
+                        groups[g][3] if len(groups[g]) > 3 else None, merged[g - 1])
+
     def run(hidden, q_pos, prefill):
         for i, block in enumerate(lm.layers):
             g = group_of(i)
-            if prefill and g > 0 and groups[g][0] == i:
-                prev = groups[g - 1][1]
-                if prev is None:
-                    prev = torch.arange(hidden.shape[1]).expand(hidden.shape[0], -1)
-                hidden = regather(hidden, prev, groups[g][1], groups[g][2] if len(groups[g]) > 2 else None,
-                                  groups[g][3] if len(groups[g]) > 3 else None)
+            if prefill and g > 0 and groups[g][0] == i and i not in post_attention:
+                hidden = to_group(hidden, g)
             q = hidden.shape[1]
             cos, sin = lm.rotary_emb(hidden, q_pos[g])
-            hidden = block(hidden, attention_mask=additive_mask(masks[g], q, hidden.dtype),
-                           position_embeddings=(cos, sin), position_ids=None, past_key_values=cache,
-                           use_cache=True)
+            kwargs = {"attention_mask": additive_mask(masks[g], q, hidden.dtype), "position_embeddings": (cos, sin),
+                      "position_ids": None, "past_key_values": cache, "use_cache": True}
+            split = prefill and i + 1 in post_attention and g + 1 < len(groups) and groups[g + 1][0] == i + 1
+            if split:  # the layer by hand: attention on this group's tokens, its MLP on the next group's
+                attended, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
+                hidden = to_group(hidden + attended, g + 1)
+                hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+                g += 1
+            else:
+                hidden = block(hidden, **kwargs)
             stack = stacks[g]
             if prefill and stack.get("deepstack_visual_embeds") and i < len(stack["deepstack_visual_embeds"]):
                 hidden = hidden.clone()
@@ -397,15 +416,22 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
         return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,
                                        then)
     specs = method.stages()
+    post = {s.layer for s in specs if s.post_attention}
+    if post:  # FrameFusion: merging stages selected after a layer's attention, one position policy
+        stages = _changing(record)
+        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in stages],
+                                method.positions, steps, tokens, then, post_attention=post,
+                                merged=[s.merged for s in stages], layout=record.layout)
     if len(specs) > 1 and specs[0].stage.value == "pre_llm" and any(s.merged for s in record.stages[1:]):
         return merging_stages_reference(model, method, lm_inputs, record, steps, tokens, then)
     lm_inputs = with_merges(lm_inputs, record)
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     if len(specs) > 1:
+        stages = _changing(record)
         by_layer = {(s.stage.value, s.layer): s for s in specs}
-        done = [by_layer.get((s.stage, s.layer)) for s in record.stages]
-        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in record.stages],
+        done = [by_layer.get((s.stage, s.layer)) for s in stages]
+        return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in stages],
                                 method.positions, steps, tokens, then,
                                 policies=[d.positions if d is not None else None for d in done],
                                 slice_earlier=[bool(d is not None and d.slice_earlier) for d in done])
@@ -432,6 +458,18 @@ def merging_stages_reference(model, method, lm_inputs, record, steps, tokens=Non
         own = spec.positions or method.positions
         policies.append("keep" if stage.stage == "layer" and own == "original" else own)
     return stages_reference(model, lm_inputs, stages, policies, steps, tokens, then)
+
+
+def _changing(record) -> list:
+    """The record's stages that changed the sequence: a stage that removed nothing reports the layout it left as it
+    was (before any stage: the unpruned one, padding slots included), and the layers after it run as before it."""
+    rows = record.layout.rows
+    out, before = [], torch.arange(rows[0].length).expand(len(rows), -1)
+    for stage in record.stages:
+        if stage.index is not None and not (stage.index.shape == before.shape and torch.equal(stage.index, before)):
+            out.append(stage)
+            before = stage.index
+    return out
 
 
 def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: int, layer: int, record,

@@ -65,6 +65,10 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
     if method == "prunevid":  # an image is one frame of dynamic tokens: more than 14 merged into floor(n / 2)
         alpha = min(1.0, keep / n) if keep is not None else 1 - ratio  # clusters, then floor(share * alpha), >= 1
         return n if alpha >= 1 else max(1, math.floor((n // 2 if n > 14 else n) * alpha + 1e-9))
+    if method == "framefusion":  # an image: no chains; after layer 0's attention the cost model's count
+        cost = min(1.0, keep / n) if keep is not None else 1 - ratio
+        left = 4 * cost - 1  # budget of the 3 layers after layer 0, which runs on all n
+        return n if left >= 3 else max(1, round(n * left / 3)) if left > 0 else 1
     if keep is not None:
         return min(keep, n)
     if method == "fastvid":  # an image is one frame: floor(n * r) tokens, at least 1

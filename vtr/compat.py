@@ -62,6 +62,22 @@ def input_norm(layer: torch.nn.Module) -> torch.nn.Module:
     return layer.input_layernorm
 
 
+def feed_forward_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a decoder layer applies to the residual stream after self-attention, before its MLP (its input is
+    the post-attention residual stream). Raises ``ValueError`` for a layer not built as ``h = x + attn(norm(x));
+    out = h + mlp(norm2(h))`` (Llama, Qwen2, Qwen3)."""
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if norm is None or getattr(layer, "mlp", None) is None or hasattr(layer, "post_feedforward_layernorm"):
+        raise ValueError(f"vtr: a post-attention stage needs decoder layers of the form h = x + attn(norm(x)), "
+                         f"out = h + mlp(norm2(h)); {type(layer).__name__} is not one")
+    return norm
+
+
+def feed_forward_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The second half of a decoder layer on the post-attention residual stream: ``h + mlp(norm2(h))``."""
+    return hidden + layer.mlp(feed_forward_norm(layer)(hidden))
+
+
 def final_norm(lm: torch.nn.Module) -> torch.nn.Module:
     return lm.norm
 

@@ -57,6 +57,12 @@ class SelectionContext:
             self._memo[key] = compute()
         return self._memo[key]
 
+    @property
+    def request_state(self) -> dict:
+        """A dict that lives as long as the request (fresh per request): what a multi-stage method carries from
+        one of its stages to the next (FrameFusion's merge cascade)."""
+        return self.fwd.request.method_state
+
     # ------------------------------------------------------------------------------------------- candidates
     def present(self, row: int, span: VisualSpan) -> SpanCandidates:
         """Every token of ``span`` still in the sequence; then the tokens merging stages added to it (their ids

@@ -91,6 +91,7 @@ class SyntheticContext:
         self._vision_k = rand(crops, hv, CLIP_CROP + 1, dv // hv)
         self._projector = rand(dv, widths.hidden) / dv ** 0.5
         self._memo = {}
+        self.request_state = {}  # a multi-stage method's state (FrameFusion: its first stage starts the cascade)
 
     @property
     def score_dtype(self):

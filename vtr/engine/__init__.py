@@ -15,6 +15,10 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
   ``slice_earlier`` (PruneVid): then their caches are cut to the stage's kept tokens once the prefill has filled
   them, and later forward calls run every layer on the stage's layout. A stage may keep the positions the previous
   one gave (``StageSpec.positions``) while the method compacts.
+* post-attention ``layer`` stages at K (FrameFusion): the selection runs inside layer K-1, on its residual stream
+  after self-attention (a pre-hook on its feed-forward norm); the engine runs that layer's MLP block on the pruned
+  sequence and the layer returns it (a forward hook). Layer K-1's attention and KV cache hold the previous layout;
+  layers >= K run as after a layer stage at K.
 * ``vision`` stage (inside CLIP towers): forward hooks on the vision layers hand the method each image's signals
   after its pruning layers and return the layer output gathered to the kept patches, so the later layers run on
   them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower
@@ -109,6 +113,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
                 first = 0 if any(s.slice_earlier for s in self.specs) else min(layer_stages)
                 for i in range(first, len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
+            self._post_attention_hooks(reg, layers)
             if "attention_inputs" in self.method.needs:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])

@@ -140,6 +140,8 @@ class ForwardState:
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
+    block_outputs: dict = field(default_factory=dict)  # layer -> its output, made by a post-attention stage
+    in_block: bool = False  # a post-attention stage is running a layer's MLP block itself
 
 
 def insertion_index(keep: torch.Tensor, after: list, length: int) -> torch.Tensor:

@@ -22,8 +22,60 @@ class LayerStages:
             return None
         return hook
 
+    def _post_attention_hooks(self, reg, layers) -> None:
+        """Post-attention stages at K: a pre-hook on layer K-1's feed-forward norm selects on the post-attention
+        residual stream, gathers it and runs the layer's MLP block on the pruned sequence itself; the layer's own
+        norm and MLP then get one token (negligible work) and a forward hook on the layer returns the pruned
+        block's output instead of the layer's."""
+        for spec in self.specs:
+            if spec.stage is Stage.LAYER and spec.post_attention:
+                layer = layers[spec.layer - 1]
+                norm = compat.feed_forward_norm(layer)
+                reg(norm.register_forward_pre_hook(self._post_attention_hook(spec, layer)))
+                reg(layer.register_forward_hook(self._block_output_hook(spec.layer - 1)))
+
+    def _post_attention_hook(self, spec, layer):
+        def hook(module, args):
+            fwd = self._state()
+            if fwd is None or fwd.request is None or not fwd.prefill or fwd.in_block:
+                return None
+            hidden = args[0]
+            pruned = self._prune(fwd, spec, fwd.request.final(), hidden)
+            fwd.captures.pop(spec.layer - 1, None)
+            if pruned is None:
+                return None
+            new, select, merged, added = pruned
+            hidden = self._gathered(hidden, select, merged, added)
+            fwd.in_block = True
+            try:
+                fwd.block_outputs[spec.layer - 1] = compat.feed_forward_block(layer, hidden)
+            finally:
+                fwd.in_block = False
+            fwd.current = new  # what the layer's output is laid out as (Qwen3-VL's DeepStack reads it)
+            return (args[0][:, -1:],) + tuple(args[1:])
+        return hook
+
+    def _block_output_hook(self, i: int):
+        def hook(module, args, output):
+            fwd = self._state()
+            out = fwd.block_outputs.pop(i, None) if fwd is not None else None
+            if out is None:
+                return None
+            return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+        return hook
+
+    @staticmethod
+    def _gathered(hidden, select, merged, added):
+        """The next layout's states: merged tokens take their new state in their slot, added tokens are appended,
+        then the slots of ``select`` are gathered."""
+        if merged:  # merged tokens keep their slot with their new state
+            hidden = hidden.clone()
+            for b, slots, embeds in merged:
+                hidden[b, slots] = embeds.to(hidden.dtype)
+        return kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
+
     def _layer_hook(self, i: int):
-        stage_at = {spec.layer: spec for spec in self.specs if spec.stage is Stage.LAYER}
+        stage_at = {spec.layer: spec for spec in self.specs if spec.stage is Stage.LAYER and not spec.post_attention}
 
         def hook(module, args, kwargs):
             fwd = self._state()
@@ -36,13 +88,10 @@ class LayerStages:
                 spec = stage_at[i]
                 earlier = [request.layout_at(j) for j in range(i)] if spec.slice_earlier else None
                 pruned = self._prune(fwd, spec, prev, hidden)
+                fwd.captures.pop(i - 1, None)  # layer i-1's attention inputs: no later stage reads them
                 if pruned is not None:
                     layout, select, merged, added = pruned
-                    if merged:  # merged tokens enter the stage layer in their slot with their new state
-                        hidden = hidden.clone()
-                        for b, slots, states in merged:
-                            hidden[b, slots] = states.to(hidden.dtype)
-                    hidden = kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
+                    hidden = self._gathered(hidden, select, merged, added)
                     if earlier is not None:
                         self._slice_earlier(fwd, layout, earlier, added is not None)
             active = request.active(i)

@@ -9,6 +9,7 @@ from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fastvid import FastVID
 from .flowcut import FlowCut
+from .framefusion import FrameFusion
 from .hiprune import HiPrune
 from .holitom import HoliTom
 from .pdrop import PyramidDrop
@@ -20,7 +21,7 @@ from .uniform import Uniform
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "HiPrune", "HoliTom",
-           "Merge", "Method", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec",
-           "Uniform", "VisPruner", "VisionZip", "lookup",
+__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "FrameFusion",
+           "HiPrune", "HoliTom", "Merge", "Method", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM",
+           "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
            "register"]

@@ -29,8 +29,13 @@ BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 
 @dataclass(frozen=True)
 class StageSpec:
+    """stage, and layer: the first decoder layer that runs on the pruned sequence (0 for pre_llm).
+    post_attention (``layer`` stages): select inside layer ``layer - 1``, after its self-attention and residual add,
+    on that residual stream; that layer's MLP block then already runs on the pruned sequence (its attention and KV
+    cache on the previous one). Otherwise the stage selects on the hidden states entering layer ``layer``."""
+
     stage: Stage
-    layer: int = 0  # first decoder layer that runs on the pruned sequence (0 for pre_llm)
+    layer: int = 0
     # this stage's position policy when it differs from the method's (None: the method's ``positions``): a ``layer``
     # stage with "original" after a ``compact`` pre_llm stage keeps the positions its tokens had at the language
     # model's input (HoliTom, PruneVid: the stage before the LLM renumbers the sequence, the one inside it keeps gaps)
@@ -39,6 +44,7 @@ class StageSpec:
     # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
     # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
     slice_earlier: bool = False
+    post_attention: bool = False
 
 
 @dataclass

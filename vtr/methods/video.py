@@ -1,5 +1,6 @@
-"""Video primitives shared by the video methods (FastVID, DyCoke, ...): a video's tokens as a frame table,
-frame-level temporal segmentation, per-location temporal similarity and the anchor merge. Pure functions on one
+"""Video primitives shared by the video methods (FastVID, DyCoke, FrameFusion, ...): a video's tokens as a frame
+table, frame-level temporal segmentation, per-location temporal similarity (frame pairs; chains of one location
+over time), the anchor merge and the run merge into a chain's predecessor. Pure functions on one
 video's tokens; DPC-KNN lives in ``clustering``. Specification: ``shared/research/methods_video.md`` section 4.
 
 A "frame" is what the token layout calls one (``VisualSpan.frame``): a video frame on LLaVA-OneVision, a temporal
@@ -202,3 +203,54 @@ def window_similarity(frames: torch.Tensor) -> torch.Tensor:
     x = torch.nn.functional.normalize(frames.float(), dim=-1)
     total = torch.einsum("wnd,vnd->n", x, x)
     return (total - W) / (W * (W - 1)) if W > 1 else torch.full_like(total, float("nan"))
+
+
+def chain_ids(span, ids: torch.Tensor) -> torch.Tensor:
+    """``[c]`` the chain of each candidate (``ids``: a video's present tokens, indices within ``span``): its spatial
+    location (row, column) in its frame (Qwen-VL: temporal slice)."""
+    ids = ids.cpu()
+    row, col = span.row.cpu()[ids], span.col.cpu()[ids]
+    return row * (int(col.max()) + 1) + col
+
+
+def chain_similarity(hidden: torch.Tensor, chain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sim ``[c]``, prev ``[c]``): each token's cosine similarity with the previous token of its chain and that
+    token's index (``-2`` and ``-1`` for a chain's first token). ``hidden``: ``[c, D]`` in sequence (frame) order;
+    ``chain``: ``[c]`` chain ids (``chain_ids``; None: every token its own chain). fp32 similarities."""
+    c = hidden.shape[0]
+    sims = torch.full((c,), -2.0, dtype=torch.float32, device=hidden.device)
+    prev = torch.full((c,), -1, dtype=torch.long, device=hidden.device)
+    if chain is None or c < 2:
+        return sims, prev
+    chain = chain.to(hidden.device)
+    order = torch.argsort(chain * c + torch.arange(c, device=hidden.device))
+    follows = chain[order][1:] == chain[order][:-1]
+    after, before = order[1:][follows], order[:-1][follows]
+    prev[after] = before
+    sims[after] = cosine(hidden[after], hidden[before]).float()
+    return sims, prev
+
+
+def merge_runs(hidden: torch.Tensor, prev: torch.Tensor, members: torch.Tensor):
+    """Average every maximal run of ``members`` along a chain into the chain token just before the run, equal
+    weights. hidden: ``[c, D]``; prev: ``[c]`` (``chain_similarity``); members: ``[c]`` bool, never a chain's first
+    token. Returns (kept ``[c - |M|]``, anchors ``[a]`` (a subset of kept), their states ``[a, D]`` fp32, and per
+    anchor the merged tokens, itself included, ascending), indices into the candidates."""
+    c = hidden.shape[0]
+    # a member points to its predecessor, others to themselves; pointer doubling reaches each run's anchor
+    anchor = torch.where(members, prev.to(members.device), torch.arange(c, device=members.device))
+    while True:
+        jumped = anchor[anchor]
+        if torch.equal(jumped, anchor):
+            break
+        anchor = jumped
+    merged = members.nonzero().flatten()
+    targets = anchor[merged]
+    anchors = targets.unique()
+    sums = hidden.float()[anchors].clone()
+    where = torch.searchsorted(anchors, targets)
+    sums.index_add_(0, where, hidden.float()[merged])
+    counts = 1 + torch.bincount(where, minlength=len(anchors)).to(sums)
+    sources = [torch.cat([a.view(1), merged[targets == a]]).sort().values for a in anchors]
+    kept = (~members).nonzero().flatten()
+    return kept, anchors, sums / counts[:, None], sources
