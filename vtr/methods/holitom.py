@@ -196,7 +196,7 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
     token (None: the token at ``(frame, location)`` unchanged) and ``members`` the ``(frame, location)`` pairs it
     stands for. A static token is reported at its location in the window's first frame."""
     F, N, _ = E.shape
-    static = video.location_similarities(E) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
+    static = video.location_similarity(E[:-1], E[1:]) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
     windows, saved = video.static_windows(static, max_window)
     rr = min(r * F * N / (F * N - saved), 1.0)
     out = []

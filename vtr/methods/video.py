@@ -60,8 +60,9 @@ def dynamic_segments(sims: torch.Tensor, min_segments: int, threshold: float) ->
 
 
 def location_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[N]``: cosine similarity of the tokens at the same spatial location of two frames ``[N, D]`` (DyCoke's
-    temporal comparison)."""
+    """``[..., N]``: cosine similarity of the tokens at the same spatial location of two frames ``[N, D]`` (DyCoke's
+    temporal comparison), or of two stacks of frames ``[F, N, D]`` frame by frame (HoliTom's consecutive frames:
+    ``location_similarity(E[:-1], E[1:])``, ``[F - 1, N]``)."""
     return cosine(a, b)
 
 
@@ -88,12 +89,6 @@ def embedding_signals(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     G = E.mean(1)
     A = torch.softmax(torch.einsum("fd,fnd->fn", G, E) / E.shape[-1] ** 0.5, -1)
     return G, A
-
-
-def location_similarities(E: torch.Tensor) -> torch.Tensor:
-    """``[F - 1, N]``: cosine similarity of each spatial location between consecutive frames of ``E`` ``[F, N, D]``
-    (HoliTom's per-location temporal similarity)."""
-    return cosine(E[:-1], E[1:])
 
 
 def static_windows(static: torch.Tensor, max_window: int = 1024) -> tuple[list[tuple[int, int]], int]:
