@@ -6,6 +6,7 @@ import transformers
 import tiny_models as tm
 import vtr
 from test_invariants import hook_count
+from vtr.methods import REGISTRY
 
 
 @pytest.fixture
@@ -131,3 +132,17 @@ def test_inputs_embeds_with_images_raise(llava):
     with vtr.patch(model, "dart", ratio=0.5):
         with pytest.raises(ValueError, match="needs input_ids to find the visual tokens"):
             model(inputs_embeds=embeds, **inputs)
+
+
+def test_numpy_numbers_are_options_and_bad_numbers_name_the_problem():
+    """A budget or option computed with numpy (np.float32, np.int64) is the number it holds; a string ratio, a NaN
+    and a cosine threshold outside [-1, 1] are refused naming the option."""
+    import numpy as np
+    assert vtr.HoliTom(ratio=np.float32(0.5)).ratio == 0.5 and type(vtr.DART(keep=np.int64(40)).keep) is int
+    assert type(vtr.FrameFusion(ratio=0.5, cost_layers=np.int32(28)).cost_layers) is int
+    for method, options, match in [("holitom", {"ratio": "0.5"}, "ratio must be a number in"),
+                                   ("holitom", {"ratio": 0.5, "threshold": 1.5}, r"threshold must be in \[-1.0, 1.0\]"),
+                                   ("holitom", {"ratio": 0.5, "threshold": float("nan")}, "threshold must be a number"),
+                                   ("prunevid", {"ratio": 0.5, "tau": -2.0}, r"tau must be in \[-1.0, 1.0\]")]:
+        with pytest.raises(ValueError, match=match):
+            REGISTRY[method](**options)

@@ -15,8 +15,9 @@ __version__ = "0.1.0"
 # The public names load on first use, so that `import vtr` (and every `--help` of its tools) does not import
 # torch and transformers, which take seconds.
 _SOURCES = {"Handle": "api", "handle_of": "api", "methods": "api", "patch": "api", "unpatch": "api",
-            "CDPruner": "methods", "DART": "methods", "DivPrune": "methods", "FastV": "methods",
-            "FasterVLM": "methods", "FlowCut": "methods", "HiPrune": "methods", "Merge": "methods", "Method": "methods",
+            "CDPruner": "methods", "DART": "methods", "DivPrune": "methods", "DyCoke": "methods", "FastV": "methods",
+            "FastVID": "methods", "FasterVLM": "methods", "FlowCut": "methods", "FrameFusion": "methods",
+            "HiPrune": "methods", "HoliTom": "methods", "Merge": "methods", "Method": "methods", "PruneVid": "methods",
             "PyramidDrop": "methods", "Random": "methods", "SparseVLM": "methods", "Stage": "methods",
             "Uniform": "methods", "VisPruner": "methods", "VisionZip": "methods", "register": "methods",
             "AddedToken": "report", "MergedTokens": "report", "PrefillRecord": "report", "StageRecord": "report"}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -146,6 +148,8 @@ class Method:
     score_dtype: str = "float32"
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # numpy scalars (np.float32, np.int64) as the Python numbers they hold
+            setattr(self, f.name, _plain_number(getattr(self, f.name)))
         for name in ("ratio", "keep"):
             if isinstance(getattr(self, name), bool):
                 raise ValueError(f"{self.name}: {name} must be a number, got {getattr(self, name)!r}")
@@ -153,8 +157,8 @@ class Method:
             raise ValueError(f"{self.name}: give exactly one of ratio= (fraction of visual tokens removed) and "
                              f"keep= (visual tokens kept per image), got ratio={self.ratio!r}, keep={self.keep!r}")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
-            raise ValueError(f"{self.name}: ratio must be in [0, 1) (the fraction of visual tokens removed), "
-                             f"got {self.ratio!r}")
+            raise ValueError(f"{self.name}: ratio must be a number in [0, 1) (the fraction of visual tokens "
+                             f"removed), got {self.ratio!r}")
         if self.keep is not None and not (isinstance(self.keep, int) and self.keep >= 1):
             raise ValueError(f"{self.name}: keep must be an integer >= 1 (visual tokens kept per image), "
                              f"got {self.keep!r}")
@@ -181,6 +185,8 @@ class Method:
                   bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
             if not ok:
                 raise ValueError(f"{self.name}: {f.name} must be of type {kind.__name__}, got {value!r}")
+            if kind is float and math.isnan(value):
+                raise ValueError(f"{self.name}: {f.name} must be a number, got nan")
             low, high = f.metadata.get("min"), f.metadata.get("max")
             if (low is not None and value < low) or (high is not None and value > high):
                 bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
@@ -323,3 +329,14 @@ def scale_layers(layers: tuple[int, ...], n_layers: int, depth: int = 32) -> tup
         raise ValueError(f"a {n_layers}-layer model is too shallow for {len(layers)} pruning stages; name fewer "
                          "stage layers with the layers option")
     return tuple(out)
+
+
+def _plain_number(value):
+    """A numpy (or other ``numbers``) scalar as the Python int / float it holds; anything else unchanged."""
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Number):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value

@@ -93,7 +93,8 @@ class HoliTom(Method):
     needs_whole_prompt: ClassVar[bool] = True  # the inner stage reads the prompt's last token
     layer_option: ClassVar[str] = "inner_layer"
 
-    threshold: float | None = None  # tau; None: 0.80, 0.65 when r <= 0.10
+    threshold: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # tau (cosine); None: 0.80,
+    # 0.65 when r <= 0.10
     beta: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})
     no_beta: bool = False
     max_window: int = field(default=1024, metadata={"min": 2})

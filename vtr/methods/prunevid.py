@@ -87,7 +87,7 @@ class PruneVid(Method):
     needs_whole_prompt: ClassVar[bool] = True  # stage 2 reads the text after the video
 
     temporal_segment_ratio: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})
-    tau: float = 0.8
+    tau: float = field(default=0.8, metadata={"min": -1.0, "max": 1.0})  # a cosine similarity
     cluster_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     layer: int | None = field(default=None, metadata={"min": 0})  # attention of this layer; None: by depth
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
