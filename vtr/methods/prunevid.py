@@ -50,7 +50,8 @@ class PruneVid(Method):
     retention is below ``1 - ratio``: ``handle.last`` reports the kept counts per stage (``stages``,
     ``input_retention``, ``layer_retention``) and ``nominal_retention`` (``1 - ratio``). ``ratio=0`` is the
     unpatched model (both stages keep every token; the record still lists them). ``keep=k`` instead:
-    ``alpha = min(1, k / n)`` for a video of ``n`` candidate tokens (``k >= n``: that video stays whole; otherwise fewer than ``k`` remain, stage 1 merging first).
+    ``alpha = min(1, k / n)`` for a video of ``n`` candidate tokens (``k >= n``: that video stays whole; otherwise
+    fewer than ``k`` remain, stage 1 merging first).
 
     Positions: stage 1 ``compact`` on 1-D RoPE (the official code rebuilds the sequence), each window's outputs in
     the official order in the first slots of the window; stage 2 keeps the positions stage 1 gave
