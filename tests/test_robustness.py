@@ -218,12 +218,15 @@ class BrokenLayerMerge(BrokenMerge):
     ("outside", r"broken_merge: merged slots \[16\] must be kept tokens"),
     ("shape", r"broken_merge: a merge of 1 tokens needs \[1, 64\] embeddings and as many source lists, got \(1, 3\)"),
     ("sources", r"broken_merge: a merge of 1 tokens needs .* and 0"),
-    ("layer", r"broken_merge: replaced embeddings are only supported before the language model"),
+    # merges replace hidden states at layer stages too (HoliTom, FrameFusion): checked the same way there
+    ("layer-outside", r"broken_merge: merged slots \[16\] must be kept tokens"),
+    ("layer-shape", r"broken_merge: a merge of 1 tokens needs \[1, 64\] embeddings and as many source lists, "
+                    r"got \(1, 3\)"),
 ])
 def test_the_engine_rejects_a_broken_merge(kind, match):
     model, proc = tm.build("llava")
-    base = BrokenLayerMerge if kind == "layer" else BrokenMerge
-    method = type("Broken", (base,), {"kind": kind})(ratio=0.75)
+    base = BrokenLayerMerge if kind.startswith("layer-") else BrokenMerge
+    method = type("Broken", (base,), {"kind": kind.removeprefix("layer-")})(ratio=0.75)
     with vtr.patch(model, method), torch.no_grad():
         with pytest.raises(RuntimeError, match=match):
             model(**tm.image_inputs("llava", proc, 1))

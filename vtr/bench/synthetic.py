@@ -75,7 +75,8 @@ class SyntheticContext:
         self.span = VisualSpan(kind, 0, positions, grid, crop=torch.arange(n) // CLIP_CROP)
         self.spec = method.stages()[0]
         self.engine = SimpleNamespace(method=method, family=SimpleNamespace(name=widths.family, mrope=widths.mrope),
-                                      vision_feature_layer=-2)
+                                      vision_feature_layer=-2,
+                                      stage_positions=lambda spec: spec.positions or method.positions)
         self.valid = torch.ones(1, L, dtype=torch.bool, device=device)
         self.fwd = SimpleNamespace(request=SimpleNamespace(base=SimpleNamespace(mask2d=self.valid),
                                                            record=SimpleNamespace(n_layers=widths.layers)))
