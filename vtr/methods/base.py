@@ -157,7 +157,7 @@ class Method:
             raise ValueError(f"{self.name}: give exactly one of ratio= (fraction of visual tokens removed) and "
                              f"keep= (visual tokens kept per image), got ratio={self.ratio!r}, keep={self.keep!r}")
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio < 1):
-            raise ValueError(f"{self.name}: ratio must be a number in [0, 1) (the fraction of visual tokens "
+            raise ValueError(f"{self.name}: ratio must be in [0, 1) (the fraction of visual tokens "
                              f"removed), got {self.ratio!r}")
         if self.keep is not None and not (isinstance(self.keep, int) and self.keep >= 1):
             raise ValueError(f"{self.name}: keep must be an integer >= 1 (visual tokens kept per image), "
