@@ -39,6 +39,15 @@ def assert_close(a, b):
     assert a.shape == b.shape and (a - b).abs().max() <= TOL
 
 
+def assert_rows_equal_alone(model, batch, alones, mode):
+    """Each row of ``batch`` keeps the same tokens and gives the same outputs as ``alones[row]`` run by itself."""
+    kept, outputs = run(model, batch, mode)
+    for b, alone in enumerate(alones):
+        kept_alone, outputs_alone = run(model, alone, mode)
+        assert torch.equal(kept[b], kept_alone[0])
+        assert_close(outputs[b], outputs_alone[0])
+
+
 def batch_cases():
     for method in METHODS:
         for family in tm.FAMILIES:

@@ -292,6 +292,12 @@ def test_fastvid_image_and_video_in_one_prompt(family, mode):
     assert ((kept >= vid.offset) & (kept < vid.offset + vid.n)).sum() == F * (N // 4)
 
 
+def _alone(family, proc, videos):
+    """The two videos of a batch-2 video prompt, each in its own prompt (the second row's prompt is the long one)."""
+    return [tm.video_inputs(family, proc, videos=[videos[0]]),
+            _with_text(family, proc, tm._prompt(family, 1, long=True, video=True), videos[1])]
+
+
 @pytest.mark.parametrize("family", QWEN + ("llava_onevision",))
 @pytest.mark.parametrize("mode", ["forward", "generate"])
 def test_fastvid_video_rows_equal_the_video_alone(family, mode):
@@ -303,16 +309,8 @@ def test_fastvid_video_rows_equal_the_video_alone(family, mode):
     size = (64, 48) if family in QWEN else (32, 32)
     videos = [tm.random_video(f, *size, seed=b) for b, f in enumerate(frames)]
     with vtr.patch(model, "fastvid", ratio=0.5, segments=2):
-        kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), mode)
-        for b in range(2):
-            alone = tm.video_inputs(family, proc, videos=[videos[b]])
-            if b == 1:  # the second row's prompt is the long one
-                text = tm._prompt(family, 1, long=True, video=True)
-                alone = tm.video_inputs(family, proc, videos=[videos[b]])
-                alone = _with_text(family, proc, text, videos[b])
-            kept_alone, outputs_alone = TR.run(model, alone, mode)
-            assert torch.equal(kept[b], kept_alone[0])
-            TR.assert_close(outputs[b], outputs_alone[0])
+        TR.assert_rows_equal_alone(model, tm.video_inputs(family, proc, videos=videos), _alone(family, proc, videos),
+                                   mode)
 
 
 def _with_text(family, proc, text, frames):
@@ -822,14 +820,8 @@ def test_holitom_video_rows_equal_the_video_alone(family, mode):
     size = (64, 48) if family in QWEN else (32, 32)
     videos = [tm.random_video(f, *size, seed=b) for b, f in enumerate(frames)]
     with vtr.patch(model, "holitom", ratio=0.5):
-        kept, outputs = TR.run(model, tm.video_inputs(family, proc, videos=videos), mode)
-        for b in range(2):
-            alone = tm.video_inputs(family, proc, videos=[videos[b]])
-            if b == 1:
-                alone = _with_text(family, proc, tm._prompt(family, 1, long=True, video=True), videos[b])
-            kept_alone, outputs_alone = TR.run(model, alone, mode)
-            assert torch.equal(kept[b], kept_alone[0])
-            TR.assert_close(outputs[b], outputs_alone[0])
+        TR.assert_rows_equal_alone(model, tm.video_inputs(family, proc, videos=videos), _alone(family, proc, videos),
+                                   mode)
 
 
 @pytest.mark.parametrize("family", QWEN)
