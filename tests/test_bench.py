@@ -327,6 +327,17 @@ def test_synthetic_context_runs_every_registered_method_at_video_size():
         assert 0 < result["kept"] < 1200, result
 
 
+def test_synthetic_context_gives_holitom_its_onevision_tower_signal():
+    """On LLaVA-OneVision widths HoliTom reads the SigLIP received attention of every frame (its official signal),
+    which the stand-in computes per frame and pools like the features."""
+    from vtr.bench.synthetic import Widths, measure, resolve
+    widths = Widths(hidden=32, heads=4, kv_heads=2, head_dim=8, layers=28, vision_hidden=32, vision_heads=4,
+                    family="llava_onevision", mrope=False)
+    assert resolve("holitom", 0.75, widths).attention == "vision"
+    result = measure("holitom", 0.75, widths, 3, 196)
+    assert "error" not in result and 0 < result["kept"] < 3 * 196, result
+
+
 def test_bench_video_input(tmp_path, capsys):
     from vtr.bench import models, speed
     with pytest.raises(ValueError, match="FRAMESxTOKENS"):

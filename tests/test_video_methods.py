@@ -128,13 +128,16 @@ def test_fastvid_qwen_budgets_remainders_clamps_and_duplicates():
 
 
 # ------------------------------------------------------------------------------ FastVID slow re-derivation
-def slow_fastvid(E, r, variant, c=8, tau=0.9, tau_ig=0.95, d=0.4, p=4, beta=0.6, k=4, seed=0):
+def slow_fastvid(E, r, variant, c=8, tau=0.9, tau_ig=0.95, d=0.4, p=4, beta=0.6, k=4, seed=0, signals=None):
     """FastVID on one video ``E`` [F, N, D], one line per line of the notes' pseudocode (section 2.1), loops only.
+    ``signals``: (G [F, C], A [F, N]) from the vision side (None: the embedding fallback).
     Returns (kept token ids as f * N + n, {target id: merged embedding}, {target id: sorted source ids})."""
     F, N, D = E.shape
     gen = torch.Generator().manual_seed(seed)
     G = [E[f].mean(0) for f in range(F)]
     A = [torch.softmax(torch.stack([G[f] @ E[f, n] for n in range(N)]) / math.sqrt(D), 0) for f in range(F)]
+    if signals is not None:
+        G, A = list(signals[0].float()), list(signals[1].float())
 
     def cos(a, b):
         return float(a @ b / (a.norm() * b.norm()))
@@ -356,6 +359,76 @@ def test_fastvid_on_a_model_equals_the_slow_rederivation(family, variant):
     if variant == "qwen":
         assert not bool((span.frame[got] == 0).any())  # the duplicate slice got nothing (its share went elsewhere)
     check_against_reference(model, inputs, "fastvid", "generate", **options)
+
+
+def siglip_head_signals_by_hand(siglip, model, pixel_values_videos):
+    """FastVID's OneVision signals written out: the tower's feature-layer output of each frame, SigLIP's
+    post_layernorm, the head's pooled output (G) and its probe's softmax attention over the patches from the
+    multi-head attention's own projections, mean over heads, bilinear-pooled like the features (A)."""
+    tower, vm = model.model.vision_tower, getattr(siglip, "vision_model", siglip)
+    with torch.no_grad():
+        x = vm.post_layernorm(tower(pixel_values_videos.flatten(0, 1), output_hidden_states=True).hidden_states[-1])
+        G = vm.head(x)
+        mha = vm.head.attention
+        (wq, wk, _), (bq, bk, _) = mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)
+        n, P, D = x.shape
+        H = mha.num_heads
+        q = (vm.head.probe[0, 0] @ wq.T + bq).view(H, D // H)
+        k = (x @ wk.T + bk).view(n, P, H, D // H)
+        A = torch.softmax(torch.einsum("hd,nphd->nhp", q, k) / math.sqrt(D // H), -1).mean(1)
+    side = math.isqrt(P)
+    A = torch.nn.functional.interpolate(A.view(n, 1, side, side), size=(-(-side // 2),) * 2, mode="bilinear")
+    return G, A.flatten(1)
+
+
+def test_fastvid_onevision_with_the_siglip_head_uses_the_official_signals():
+    """Passing SigLIP's attention-pooling head: the kept tokens and merges equal the slow re-derivation fed the
+    head's pooled output and probe attention (computed by hand from the frames), and differ from the fallback's."""
+    import reference as R
+    from transformers import SiglipVisionModel
+    model, proc = tm.build("llava_onevision")
+    torch.manual_seed(5)
+    siglip = SiglipVisionModel(model.config.vision_config.__class__(**{**model.config.vision_config.to_dict(),
+                                                                       "vision_use_head": True})).eval()
+    frames = tm.random_video(6, 32, 32, seed=3)
+    inputs = tm.video_inputs("llava_onevision", proc, videos=[frames])
+    options = dict(segments=2, threshold=0.0, anchor_stride=2)
+    r = 0.75
+    with vtr.patch(model, "fastvid", ratio=1 - r, siglip_head=siglip, **options) as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    candidates = (~span.newline).nonzero().flatten()
+    F = int(span.frame[candidates].max()) + 1
+    E = R.capture_lm_inputs(model, inputs)["embeds"][0, span.positions[candidates]].view(F, -1, model.config
+                                                                                         .text_config.hidden_size)
+    signals = siglip_head_signals_by_hand(siglip, model, inputs["pixel_values_videos"])
+    kept, merged, _ = slow_fastvid(E.float(), r, "ov", c=2, tau=0.0, p=2, signals=signals)
+    got = sorted(set(handle.last.kept[0].tolist()) - set(span.newline.nonzero().flatten().tolist()))
+    assert got == sorted(candidates[torch.tensor(sorted(kept))].tolist())
+    record = handle.last.merged[0]
+    for k, e in zip(record.kept.tolist(), record.embeds):
+        assert torch.allclose(e.float(), merged[int((candidates == k).nonzero())], atol=1e-5)
+    fallback, _, _ = slow_fastvid(E.float(), r, "ov", c=2, tau=0.0, p=2)
+    assert sorted(fallback) != sorted(kept), "the head's signals decide nothing in this video"
+    check_against_reference(model, inputs, "fastvid", "forward", siglip_head=siglip, **options)
+
+
+def test_video_tower_signal_options_are_checked():
+    model, _ = tm.build("qwen2_vl")
+    with pytest.raises(ValueError, match="attention='vision' reads the SigLIP tower's attention"):
+        vtr.patch(model, "holitom", ratio=0.5, attention="vision")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        HoliTom(ratio=0.5, attention="siglip")
+    with pytest.raises(ValueError, match="expected a SigLIP vision model with its attention-pooling head"):
+        FastVID(ratio=0.5, siglip_head=torch.nn.Linear(2, 2))
+    onevision, _ = tm.build("llava_onevision")
+    with pytest.raises(ValueError, match="siglip_head gives the signals of LLaVA-OneVision's SigLIP tower"):
+        vtr.patch(model, "fastvid", ratio=0.5, siglip_head=onevision.model.vision_tower)
+    assert vtr.handle_of(model) is None
+    with vtr.patch(model, "holitom", ratio=0.5) as handle:  # auto: the fallback where no tower signal exists
+        assert handle.method.attention == "embedding"
+    with vtr.patch(onevision, "holitom", ratio=0.5) as handle:
+        assert handle.method.attention == "vision"
 
 
 def test_fastvid_on_images_is_the_one_frame_rule():
@@ -678,12 +751,13 @@ def test_holitom_inner_merge_matches_the_loop(seed):
         assert torch.allclose(replaced.get(j, hidden[j]), states[j], atol=1e-6)
 
 
-def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024):
+def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None):
     """Section 2.5's outer stage, one line per pseudocode line: the window outputs in OneVision order as
-    ``[(frame, location, vector)]``."""
+    ``[(frame, location, vector)]``. ``A`` ``[F, N]``: the attention signal (None: the embedding fallback)."""
     F, N, D = E.shape
     g = torch.Generator().manual_seed(seed)
-    A = torch.softmax(torch.einsum("fd,fnd->fn", E.mean(1), E) / D ** 0.5, -1)
+    if A is None:
+        A = torch.softmax(torch.einsum("fd,fnd->fn", E.mean(1), E) / D ** 0.5, -1)
     sim = [[float(video.cosine(E[t, n], E[t + 1, n])) for n in range(N)] for t in range(F - 1)]
 
     def static_count(s, e):
@@ -760,9 +834,31 @@ def test_holitom_tau_default_and_budgets():
     assert (s, e) == (0, 3) and len(entries) == 4  # r' = 1: every static location is its own centre
 
 
+def siglip_received_by_hand(model, pixel_values_videos):
+    """HoliTom's OneVision signal written out: the input of the tower's last layer (``hidden_states[-2]``), its
+    layer norm, eager softmax(q k^T * scale) per head, mean over heads and queries, then the 27x27 -> 14x14
+    bilinear pooling of the features (here side -> ceil(side / 2)), per frame: ``[F, N]``."""
+    tower = model.model.vision_tower
+    pixels = pixel_values_videos.flatten(0, 1)
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states[-2]
+        layer = getattr(tower, "vision_model", tower).encoder.layers[-1]
+        attn = layer.self_attn
+        x = layer.layer_norm1(hidden)
+        n, P, _ = x.shape
+        q = attn.q_proj(x).view(n, P, attn.num_heads, -1).transpose(1, 2).float()
+        k = attn.k_proj(x).view(n, P, attn.num_heads, -1).transpose(1, 2).float()
+        received = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, -1).mean(1).mean(1)  # [frames, P]
+    side = math.isqrt(P)
+    pooled = torch.nn.functional.interpolate(received.view(n, 1, side, side), size=(-(-side // 2),) * 2,
+                                             mode="bilinear")
+    return pooled.flatten(1)
+
+
 def test_holitom_on_onevision_emits_the_official_window_order():
     """On LLaVA-OneVision (compact positions) the language model receives each window's static centres, then
-    each frame's dynamic tokens, exactly as the slow re-derivation on its input embeddings orders them."""
+    each frame's dynamic tokens, exactly as the slow re-derivation on its input embeddings orders them, with
+    the official signal: the SigLIP tower's last-layer received attention, pooled like the features."""
     import reference as R
     model, proc = tm.build("llava_onevision")
     frames = tm.random_video(6, 32, 32, seed=3)
@@ -777,8 +873,11 @@ def test_holitom_on_onevision_emits_the_official_window_order():
     table = (~span.newline).nonzero().flatten()
     F = int(span.frame[table].max()) + 1
     E = lm_inputs["embeds"][0, span.positions[table]].float().view(F, -1, lm_inputs["embeds"].shape[-1])
-    slow, windows, _ = slow_holitom(E, r, HoliTom(ratio=1 - r).tau)
+    A = siglip_received_by_hand(model, inputs["pixel_values_videos"])
+    slow, windows, _ = slow_holitom(E, r, HoliTom(ratio=1 - r).tau, A=A)
     assert any(e > s for s, e in windows), "the video has no static window"
+    fallback, _, _ = slow_holitom(E, r, HoliTom(ratio=1 - r).tau)
+    assert [(f, n) for f, n, _ in fallback] != [(f, n) for f, n, _ in slow], "the signal decides nothing here"
     # a window's static centres come before its first frame's dynamic tokens above them (not raster order)
     assert [(f, n) for f, n, _ in slow] != sorted((f, n) for f, n, _ in slow)
     stage = record.stages[0]

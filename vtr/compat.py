@@ -262,6 +262,57 @@ def processor_without_video(cls, **kwargs):
 # ``self_attn`` (``q_proj``/``k_proj``/``num_heads``/``head_dim``/``scale``), whose output tuple starts with the
 # hidden states; ``get_image_features`` (on the base model) runs the tower, keyword ``image_sizes`` for anyres.
 IMAGE_FEATURES = "get_image_features"
+VIDEO_FEATURES = "get_video_features"  # LLaVA-OneVision: the frames through the tower, the projector, 2x2 pooling
+
+
+def video_pixels(function, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The ``[videos, frames, C, H, W]`` pixels a ``get_video_features`` call receives (``pixel_values_videos``
+    from transformers 5.2x on, ``pixel_values`` before)."""
+    for name in ("pixel_values_videos", "pixel_values"):
+        value = call_argument(function, args, kwargs, name)
+        if value is not None:
+            return value
+    return None
+
+
+def pool_video_frames(model: torch.nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """LLaVA-OneVision's own pooling of video frames (``apply_pooling``: bilinear, ``side -> ceil(side / 2)``) on
+    any per-patch quantity: ``[F, side * side, k]`` -> ``[F, ceil(side / 2) ** 2, k]``, raster order. Signals of the
+    vision tower (attention, scores) are pooled exactly as the features the language model receives."""
+    base = base_model(model)
+    if not hasattr(base, "apply_pooling"):
+        raise ValueError(f"vtr: {type(model).__name__} does not pool video frames (LLaVA-OneVision does)")
+    return base.apply_pooling(values)
+
+
+def siglip_pooling_signals(siglip: torch.nn.Module, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP's attention-pooling ("MAP") head applied to vision-tower outputs, as FastVID's LLaVA-OneVision code does
+    (``post_layernorm``, then the head with its probe query): ``(pooled [F, D_v], probe attention [F, P])``, the
+    attention mean over heads (``nn.MultiheadAttention``'s default), fp32.
+
+    siglip: a ``SiglipVisionModel`` / ``SiglipModel`` / ``SiglipVisionTransformer`` with its head
+    (``google/siglip-so400m-patch14-384``; the ``-hf`` LLaVA-OneVision checkpoints drop it); features: ``[F, P, D_v]``
+    the tower outputs of ``F`` frames. Raises ``ValueError`` when the module has no head."""
+    vision = vision_pooling_module(siglip)
+    param = next(vision.parameters())
+    x = vision.post_layernorm(features.to(param.device, param.dtype))
+    head = vision.head
+    probe = head.probe.expand(x.shape[0], -1, -1)
+    _, weights = head.attention(probe, x, x, need_weights=True, average_attn_weights=True)
+    return head(x).float().to(features.device), weights[:, 0].float().to(features.device)
+
+
+def vision_pooling_module(siglip) -> torch.nn.Module:
+    """The SigLIP vision transformer holding ``post_layernorm`` and the attention-pooling ``head``; ``ValueError``
+    naming what is missing otherwise."""
+    vision = getattr(siglip, "vision_model", siglip)
+    head = getattr(vision, "head", None)
+    if not isinstance(vision, torch.nn.Module) or head is None or not hasattr(head, "probe") \
+            or not hasattr(vision, "post_layernorm"):
+        raise ValueError("vtr: expected a SigLIP vision model with its attention-pooling head and post_layernorm "
+                         "(SiglipVisionModel.from_pretrained('google/siglip-so400m-patch14-384'), built with "
+                         f"vision_use_head=True), got {type(siglip).__name__}")
+    return vision
 
 
 def vision_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -206,6 +206,21 @@ class SyntheticContext:
     def project_visual(self, features):
         return (features.float() @ self._projector).to(self.hidden.dtype)
 
+    def video_received_attention(self, row, span, layer=None):
+        """HoliTom's OneVision signal: per frame, the attention each of the ``(2 side)^2`` tower patches receives
+        (every query of the frame, one frame at a time), pooled to the frame's tokens."""
+        if ("video_received", layer) not in self._memo:
+            frames, side = int(span.frame.max()) + 1, math.isqrt(self.n // (int(span.frame.max()) + 1))
+            g = torch.Generator().manual_seed(self._seed + 1)
+            hv, d = self.w.vision_heads, self.w.vision_hidden // self.w.vision_heads
+            out = []
+            for _ in range(frames):
+                q, k = (torch.randn(1, hv, 4 * side * side, d, generator=g).to(self.hidden.device) for _ in "qk")
+                received = kernels.attention_scores(q, k, None, d ** -0.5, "mean")[0].mean(0)
+                out.append(torch.nn.functional.avg_pool2d(received.view(1, 2 * side, 2 * side), 2).flatten())
+            self._memo["video_received", layer] = torch.stack(out)
+        return self._memo["video_received", layer]
+
 
 def resolve(name: str, ratio: float, widths: Widths):
     """The method with its model- and depth-dependent defaults resolved (CDPruner: relevance from the language

@@ -136,6 +136,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
         compat.unshadow_method(self.lm, "_deepstack_process")
         compat.unshadow_method(self.model, "generate")
         compat.unshadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES)
+        compat.unshadow_method(compat.base_model(self.model), compat.VIDEO_FEATURES)
         self._vision.clear()
 
     def close(self) -> None:

@@ -110,7 +110,7 @@ class RequestState:
 
 @dataclass
 class VisionCall:
-    """One ``get_image_features`` call: its anyres image sizes (LLaVA-NeXT) or image grids (Qwen-VL) and, per
+    """One ``get_image_features`` (or ``get_video_features``) call: its anyres image sizes (LLaVA-NeXT) or image grids (Qwen-VL) and, per
     captured vision layer, [attention module, attention input, layer output] (``[n_crops, N, D_v]`` each; Qwen-VL:
     ``[S, D_v]`` patches in the tower's order) and the attention call's other arguments (``extras``)."""
 
@@ -119,6 +119,8 @@ class VisionCall:
     layers: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
     stage: object = None  # the vision stage's state (``vtr.engine.vision.VisionStageState``) while it prunes
+    frames: int | None = None  # a ``get_video_features`` call (LLaVA-OneVision): frames per video
+    video: "VisionCall | None" = None  # the same forward's video call, beside its image call
 
 
 @dataclass

@@ -60,13 +60,33 @@ class VisionSignals:
                 reg(layer.register_forward_hook(self._stage_output(i)))
             reg(compat.vision_tower(self.model).register_forward_hook(self._stage_tower_output))
         compat.shadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES, self._encode_images)
+        if wanted and self.family.name == "llava_onevision":  # frame signals of videos (HoliTom, FastVID)
+            compat.shadow_method(compat.base_model(self.model), compat.VIDEO_FEATURES, self._encode_videos)
 
     def _encode_images(self, original, *args, **kwargs):
         sizes = compat.call_argument(original, args, kwargs, "image_sizes")
         call = VisionCall(image_sizes=sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes,
                           grid_thw=compat.call_argument(original, args, kwargs, "image_grid_thw"))
-        self._vision[threading.get_ident()] = call
+        me = threading.get_ident()
+        earlier = self._vision.get(me)
+        call.video = earlier.video if earlier is not None else None
+        self._vision[me] = call
         return original(*args, **kwargs)
+
+    def _encode_videos(self, original, *args, **kwargs):
+        """The frames of all videos of the call go through the tower as one batch (video after video); their
+        captured signals are kept in a call of their own, beside the image call of the same forward."""
+        pixels = compat.video_pixels(original, args, kwargs)
+        me = threading.get_ident()
+        images = self._vision.get(me)
+        call = VisionCall(image_sizes=None, frames=int(pixels.shape[1]) if pixels is not None else None)
+        self._vision[me] = call
+        try:
+            return original(*args, **kwargs)
+        finally:
+            images = images if images is not None else VisionCall(image_sizes=None)
+            images.video = call
+            self._vision[me] = images
 
     def _vision_input(self, i: int):
         def hook(module, args, kwargs):
@@ -88,7 +108,7 @@ class VisionSignals:
         """This encoding's stage state, created at its first layer (the crops of each image from the call's image
         sizes; one crop per image without them)."""
         call = self._vision.get(threading.get_ident())
-        if call is None:
+        if call is None or call.frames is not None:  # the stage prunes images; video frames pass whole
             return None
         if call.stage is None:
             C, N = hidden.shape[:2]

@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 
 from . import video
+from .. import compat
 from .base import Merge, Method, Stage
 from .clustering import dpc_scores
 from .registry import register
@@ -54,11 +55,15 @@ class FastVID(Method):
     Deliberate differences from the official code:
       * signals: the official ``G_f``/``A_f`` come from SigLIP's post-layernorm and attention-pooling (MAP) head on
         OneVision, which Hugging Face's ``-hf`` checkpoints do not contain, and from the last ViT block's
-        mean-query attention on Qwen2.5-VL. Both are replaced by the same documented fallback on every model:
+        mean-query attention on Qwen2.5-VL. Without them vtr uses the same documented fallback on every model:
         ``G_f`` = the mean of the frame's language-model input embeddings (exactly the official Qwen2.5-VL
         descriptor) and ``A_f`` = softmax over the frame's tokens of ``<mean(E_f), E_f,n> / sqrt(D)`` (the
         Qwen2.5-VL mean-query rule applied to the language model's inputs instead of the ViT's queries and keys).
-        Passing the SigLIP head is not supported yet;
+        On LLaVA-OneVision videos the official signals are used when the head is passed: ``siglip_head=`` a SigLIP
+        vision model with its ``post_layernorm`` and attention-pooling head (``SiglipVisionModel.from_pretrained(
+        "google/siglip-so400m-patch14-384")``, as the official code loads them), applied to each frame's
+        feature-layer output (the official 26-layer features): ``G_f`` the pooled output, ``A_f`` the probe's
+        attention (mean over heads) pooled to the frame's tokens like the features (``apply_pooling``);
       * DPC-KNN in fp64 (official: fp32) with the density noise drawn from a generator seeded with ``seed``, fresh
         per video (reproducible, independent of the batch);
       * a video with fewer frames than ``segments`` gets one segment per frame (official: needs F >= c); a
@@ -81,13 +86,23 @@ class FastVID(Method):
     anchor_weight: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # beta
     dpc_k: int = field(default=4, metadata={"min": 1})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    siglip_head: torch.nn.Module | None = field(default=None, repr=False)  # OneVision: G and A from SigLIP's head
 
     def _check_options(self) -> None:
         super()._check_options()
         if self.variant not in (None, "ov", "qwen"):
             raise ValueError(f"{self.name}: variant must be 'ov' or 'qwen', got {self.variant!r}")
+        if self.siglip_head is not None:
+            compat.vision_pooling_module(self.siglip_head)  # ValueError naming what it lacks
+
+    @property
+    def needs(self) -> frozenset:
+        return frozenset({"vision"}) if self.siglip_head is not None else frozenset()
 
     def for_model(self, family) -> FastVID:
+        if self.siglip_head is not None and family.name != "llava_onevision":
+            raise ValueError(f"{self.name}: siglip_head gives the signals of LLaVA-OneVision's SigLIP tower; "
+                             f"{family.name} has another vision tower")
         method = super().for_model(family)
         variant = method.variant or ("qwen" if family.mrope else "ov")
         threshold = method.threshold if method.threshold is not None else (0.84 if variant == "qwen" else 0.9)
@@ -113,10 +128,17 @@ class FastVID(Method):
     def plan(self, ctx, row, group):
         """(keep ``[k]``, merged targets ``[m]``, their embeddings ``[m, D]``, their sources): indices into the
         group, computed once per stage."""
-        return ctx.cached(("fastvid", row, group.span.index, int(group.slots[0]), len(group)),  # a tile: its own
-                          lambda: self.reduce(ctx.hidden[row, group.slots], video.frame_table(group.span, group.ids,
-                                                                                               self.name),
-                                              self._retention(len(group))))
+        def compute():
+            table = video.frame_table(group.span, group.ids, self.name)
+            signals = None
+            if self.siglip_head is not None and group.span.kind == "video":
+                signals = ctx.video_pooling_head(row, group.span, self.siglip_head)
+                if signals[1].shape != table.shape:
+                    raise RuntimeError(f"{self.name}: the SigLIP head's attention covers {tuple(signals[1].shape)} "
+                                       f"frame tokens, the video's candidates {tuple(table.shape)}")
+            return self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(group)), signals)
+        # keyed by the group's first slot too: a tile (scope="crop") is planned on its own
+        return ctx.cached(("fastvid", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     def _retention(self, n: int) -> float:
         return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
@@ -126,14 +148,15 @@ class FastVID(Method):
         """The fallback signals from the frames' input embeddings ``E`` ``[F, N, D]``: ``(G [F, D], A [F, N])``."""
         return video.embedding_signals(E)
 
-    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float):
+    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, signals=None):
         """FastVID on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout, ``r``
-        retention. Returns (keep, targets, merged embeddings, sources), indices into the candidates."""
+        retention, ``signals`` ``(G [F, C], A [F, N])`` (None: the embedding fallback). Returns (keep, targets,
+        merged embeddings, sources), indices into the candidates."""
         device = embeds.device
         table = table.to(device)
         E = embeds.float()[table]  # [F, N, D]
         N = E.shape[1]
-        G, A = self.signals(E)
+        G, A = self.signals(E) if signals is None else (signals[0].float().to(device), signals[1].float().to(device))
         sims = video.adjacent_similarity(G)
         variant, threshold = self.resolved
         segments = video.dynamic_segments(sims, self.segments, threshold)

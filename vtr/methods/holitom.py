@@ -13,6 +13,7 @@ from .clustering import dpc_knn
 from .registry import register
 
 OFFICIAL_DEPTH = 28  # LLaVA-OneVision-7B's Qwen2-7B, where the official inner layer is 18
+ATTENTION_SIGNALS = ("auto", "vision", "embedding")
 
 
 @register
@@ -58,10 +59,14 @@ class HoliTom(Method):
     ``get_static_dynamic_features``, ``merge_tokens_by_clustering``; ``holitom/modeling_qwen2.py``).
 
     Deliberate differences from the official code:
-      * attention signal: the official ``A`` is SigLIP's last-layer attention received per token (mean over heads
-        and queries, pooled like the features); vtr does not read the vision tower's attention for video frames,
-        so ``A`` is FastVID's documented fallback (``video.embedding_signals``: softmax over the frame's tokens of
-        ``<mean(X_f), X_f,n> / sqrt(D)``), on every model;
+      * attention signal ``A`` (option ``attention``): on LLaVA-OneVision videos, as the official code, SigLIP's
+        received attention at the tower's last layer (layer 26 of the head-less tower, the HF tower's last; mean
+        over heads and over the frame's queries), pooled like the features (``apply_pooling``), computed from that
+        layer's captured input (the tower keeps its attention backend). Elsewhere (Qwen-VL, for which there is no
+        official code; images, which the official code does not prune; ``attention="embedding"``) FastVID's
+        documented fallback from the language model's input embeddings (``video.embedding_signals``: softmax over
+        the frame's tokens of ``<mean(X_f), X_f,n> / sqrt(D)``). ``"auto"`` (default) picks the official signal
+        where it exists;
       * order under ``positions="compact"``: the window's tokens take the window's first slots in the official
         order (static centres, then each frame's dynamic tokens), so ``handle.last.stages[0].kept`` names those
         slots and ``handle.last.stages[0].merged`` lists, for each, the tokens it stands for (itself when it moved
@@ -88,7 +93,6 @@ class HoliTom(Method):
                               "tokens, then an inner-LLM merge")
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "compact"
-    needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     newline_candidates: ClassVar[bool] = True  # the inner stage's span counts OneVision's newline (official)
     needs_whole_prompt: ClassVar[bool] = True  # the inner stage reads the prompt's last token
     layer_option: ClassVar[str] = "inner_layer"
@@ -101,11 +105,28 @@ class HoliTom(Method):
     inner_layer: int | None = None  # K; None: 18 of 28 layers, scaled
     inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    attention: str = "auto"  # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
 
     def __post_init__(self):
         super().__post_init__()
         if self.scope != "image":
             raise ValueError(f"{self.name}: scope must be 'image' (its budget is per video)")
+        if self.attention not in ATTENTION_SIGNALS:
+            raise ValueError(f"{self.name}: attention must be one of {ATTENTION_SIGNALS}, got {self.attention!r}")
+
+    @property
+    def needs(self) -> frozenset:
+        return frozenset({"attention_inputs", "vision"} if self.attention == "vision" else {"attention_inputs"})
+
+    def for_model(self, family) -> HoliTom:
+        method = super().for_model(family)
+        onevision = family.name == "llava_onevision"
+        if method.attention == "vision" and not onevision:
+            raise ValueError(f"{self.name}: attention='vision' reads the SigLIP tower's attention to LLaVA-OneVision's "
+                             f"video frames; {family.name} has none (use 'embedding' or 'auto')")
+        if method.attention == "auto":
+            method = dataclasses.replace(method, attention="vision" if onevision else "embedding")
+        return method
 
     def _inner(self) -> bool:
         return self.inner_ratio > 0 and self.ratio != 0
@@ -152,19 +173,27 @@ class HoliTom(Method):
             newline = group.span.newline[group.ids.to(group.span.newline.device)].cpu()
             frames = (~newline).nonzero().flatten()
             table = frames[video.frame_table(group.span, group.ids[frames], self.name)]  # [F, N] into the group
+            A = None
+            if self.attention == "vision" and group.span.kind == "video":
+                A = ctx.video_received_attention(row, group.span)
+                if A.shape != table.shape:
+                    raise RuntimeError(f"{self.name}: the video's tower signals cover {tuple(A.shape)} frame tokens, "
+                                       f"its candidates {tuple(table.shape)}")
             merge = self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(frames)),
-                                ctx.engine.stage_positions(ctx.spec) == "compact")
+                                ctx.engine.stage_positions(ctx.spec) == "compact", A)
             extra = newline.nonzero().flatten().to(merge.keep.device)
             return dataclasses.replace(merge, keep=torch.cat([merge.keep, extra]),
                                        embeds=merge.embeds.to(ctx.hidden.dtype))
         return ctx.cached(("holitom", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
-    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, compact: bool) -> Merge:
+    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, compact: bool,
+               A: torch.Tensor | None = None) -> Merge:
         """The outer stage on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout
-        (indices into ``embeds``), ``r`` retention. ``compact``: the window's tokens take its first slots in the
-        official order; else each its own slot. Returns a ``Merge`` (indices into the candidates, fp32 embeds)."""
+        (indices into ``embeds``), ``r`` retention, ``A`` ``[F, N]`` the attention signal (None: the embedding
+        fallback). ``compact``: the window's tokens take its first slots in the official order; else each its own
+        slot. Returns a ``Merge`` (indices into the candidates, fp32 embeds)."""
         E = embeds.float()[table.to(embeds.device)]  # [F, N, D]
-        _, A = video.embedding_signals(E)
+        A = video.embedding_signals(E)[1] if A is None else A.float().to(E.device)
         windows = outer_windows(E, A, r, self.tau, None if self.no_beta else self.beta, self.max_window,
                                 torch.Generator().manual_seed(self.seed))
         table = table.cpu()
