@@ -137,7 +137,8 @@ def slow_fastvid(E, r, variant, c=8, tau=0.9, tau_ig=0.95, d=0.4, p=4, beta=0.6,
     G = [E[f].mean(0) for f in range(F)]
     A = [torch.softmax(torch.stack([G[f] @ E[f, n] for n in range(N)]) / math.sqrt(D), 0) for f in range(F)]
     if signals is not None:
-        G, A = list(signals[0].float()), list(signals[1].float())
+        G = G if signals[0] is None else list(signals[0].float())
+        A = list(signals[1].float())
 
     def cos(a, b):
         return float(a @ b / (a.norm() * b.norm()))
@@ -225,7 +226,7 @@ def test_fastvid_matches_the_slow_rederivation(variant, r, c, seed):
 def test_fastvid_structured_video_segments_and_non_partition():
     """The synthetic video's cuts are found; with the OneVision rule a token can feed two anchors' targets."""
     E = structured_video(F=10, N=16, D=8, seed=0)
-    G, _ = FastVID.signals(E)
+    G, _ = video.embedding_signals(E)
     segments = video.dynamic_segments(video.adjacent_similarity(G), 3, 0.9)
     assert (4, 7) in segments or any(a <= 4 < b and b <= 7 for a, b in segments)
     assert all(not (a < 4 < b) and not (a < 7 < b) for a, b in segments)  # never across a scene cut
@@ -238,7 +239,7 @@ def test_fastvid_structured_video_segments_and_non_partition():
 def test_fastvid_qwen_duplicate_frames_get_no_tokens():
     E = structured_video(F=4, N=16, D=8, seed=0)
     E[1] = E[0]  # frames 0, 1 (and 2, see structured_video) are equal: only the last of the run gets tokens
-    G, _ = FastVID.signals(E)
+    G, _ = video.embedding_signals(E)
     sims = video.adjacent_similarity(G)
     assert sims[0] > 0.95 and sims[1] > 0.95 and sims[2] < 0.95  # frame 3 differs (same scene, noise)
     method = FastVID(ratio=0.5, variant="qwen", segments=1, threshold=-1.0)
@@ -330,6 +331,10 @@ def test_fastvid_on_a_model_equals_the_slow_rederivation(family, variant):
     import reference as R
     model, proc = tm.build(family)
     qwen = family in QWEN
+    if qwen:  # a peaked salience in the last ViT block (random tiny weights give a near-uniform one)
+        with torch.no_grad():
+            qkv = model.model.visual.blocks[-1].attn.qkv
+            qkv.weight[:qkv.out_features // 3] *= 30
     frames = tm.random_video(12 if qwen else 6, *((64, 48) if qwen else (32, 32)), seed=3)
     if qwen:
         frames[2:4] = frames[0:2]  # slice 1 == slice 0
@@ -345,7 +350,10 @@ def test_fastvid_on_a_model_equals_the_slow_rederivation(family, variant):
     F = int(span.frame[candidates].max()) + 1
     N = len(candidates) // F
     E = R.capture_lm_inputs(model, inputs)["embeds"][0, span.positions[candidates]].view(F, N, -1)
-    kept, merged, sources = slow_fastvid(E.float(), r, variant, c=1, tau=0.0, p=2)
+    signals = (None, qwen_salience_by_hand(model, inputs)) if qwen else None  # the last ViT block's salience
+    kept, merged, sources = slow_fastvid(E.float(), r, variant, c=1, tau=0.0, p=2, signals=signals)
+    if qwen:
+        assert sorted(slow_fastvid(E.float(), r, variant, c=1, tau=0.0, p=2)[0]) != sorted(kept)
     got = handle.last.kept[0]
     assert sorted(candidates[torch.tensor(sorted(kept))].tolist()) == \
         sorted(set(got.tolist()) - set(span.newline.nonzero().flatten().tolist()))
@@ -414,6 +422,7 @@ def test_fastvid_onevision_with_the_siglip_head_uses_the_official_signals():
 
 
 def test_video_tower_signal_options_are_checked():
+    from transformers import SiglipVisionModel
     model, _ = tm.build("qwen2_vl")
     with pytest.raises(ValueError, match="attention='vision' reads the SigLIP tower's attention"):
         vtr.patch(model, "holitom", ratio=0.5, attention="vision")
@@ -424,11 +433,62 @@ def test_video_tower_signal_options_are_checked():
     onevision, _ = tm.build("llava_onevision")
     with pytest.raises(ValueError, match="siglip_head gives the signals of LLaVA-OneVision's SigLIP tower"):
         vtr.patch(model, "fastvid", ratio=0.5, siglip_head=onevision.model.vision_tower)
-    assert vtr.handle_of(model) is None
-    with vtr.patch(model, "holitom", ratio=0.5) as handle:  # auto: the fallback where no tower signal exists
-        assert handle.method.attention == "embedding"
-    with vtr.patch(onevision, "holitom", ratio=0.5) as handle:
-        assert handle.method.attention == "vision"
+    with pytest.raises(ValueError, match="signals='vision' needs siglip_head="):
+        vtr.patch(onevision, "fastvid", ratio=0.5, signals="vision")
+    qwen3, _ = tm.build("qwen3_vl")
+    with pytest.raises(ValueError, match="signals='vision' needs the Qwen2/2.5-VL vision transformer's video"):
+        vtr.patch(qwen3, "fastvid", ratio=0.5, signals="vision")
+    with pytest.raises(ValueError, match="signals must be 'auto', 'vision' or 'embedding'"):
+        FastVID(ratio=0.5, signals="siglip")
+    assert vtr.handle_of(model) is None and vtr.handle_of(onevision) is None and vtr.handle_of(qwen3) is None
+    # auto: the official signal where vtr can compute it, else the fallback
+    for m, method, option, expected in [(model, "holitom", "attention", "embedding"),
+                                        (onevision, "holitom", "attention", "vision"),
+                                        (model, "fastvid", "signals", "vision"),
+                                        (qwen3, "fastvid", "signals", "embedding"),
+                                        (onevision, "fastvid", "signals", "embedding")]:
+        with vtr.patch(m, method, ratio=0.5) as handle:
+            assert getattr(handle.method, option) == expected, (method, type(m).__name__)
+    head = SiglipVisionModel(onevision.config.vision_config)
+    with vtr.patch(onevision, "fastvid", ratio=0.5, siglip_head=head) as handle:
+        assert handle.method.signals == "vision"
+
+
+def qwen_salience_by_hand(model, inputs):
+    """FastVID's Qwen2.5-VL salience written out from the unpatched model: the last vision block's attention input
+    (hooked), its q/k after the vision RoPE, and per temporal slice and head the softmax over merge units of the
+    mean query against each unit's mean key (4 consecutive patches), mean over heads; units put back in raster
+    order from the window order. Returns ``[t, N]``."""
+    import sys
+    from vtr import compat
+    block = model.model.visual.blocks[-1]
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(x=kwargs.get("hidden_states", args[0] if args else None), cu=kwargs["cu_seqlens"],
+                    pe=kwargs["position_embeddings"])
+    handle = block.attn.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        handle.remove()
+        attn, x = block.attn, seen["x"]
+        S, H = x.shape[0], attn.num_heads
+        q, k, _ = attn.qkv(x).reshape(S, 3, H, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *seen["pe"])
+    d = q.shape[-1]
+    out = []
+    bounds = seen["cu"].tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        heads = []
+        for h in range(H):
+            query = q[a:b, h].float().mean(0)
+            keys = torch.stack([k[a + 4 * u:a + 4 * u + 4, h].float().mean(0) for u in range((b - a) // 4)])
+            heads.append(torch.softmax(keys @ query / math.sqrt(d), 0))
+        out.append(torch.stack(heads).mean(0))
+    tower_order = torch.cat(out)
+    raster = torch.empty_like(tower_order)
+    raster[compat.qwen_unit_order(model, inputs["video_grid_thw"])] = tower_order
+    return raster.view(len(out), -1)
 
 
 def test_fastvid_on_images_is_the_one_frame_rule():
@@ -751,7 +811,7 @@ def test_holitom_inner_merge_matches_the_loop(seed):
         assert torch.allclose(replaced.get(j, hidden[j]), states[j], atol=1e-6)
 
 
-def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None):
+def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None, context=0.0):
     """Section 2.5's outer stage, one line per pseudocode line: the window outputs in OneVision order as
     ``[(frame, location, vector)]``. ``A`` ``[F, N]``: the attention signal (None: the embedding fallback)."""
     F, N, D = E.shape
@@ -793,9 +853,27 @@ def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None):
                 v = X[c] if not groups[c] else beta * X[c] + (1 - beta) * X[groups[c]].mean(0)
                 out.append((s, omega[c], v))
         count = math.ceil(len(dynamic) * rr)
+        dominant = round(count * (1 - context))
         for t in range(s, e + 1):
-            ranked = sorted(dynamic, key=lambda n: -float(A[t, n]))[:count]
+            if count == 0:
+                break
+            ranked = sorted(dynamic, key=lambda n: -float(A[t, n]))[:dominant]
             out.extend((t, n, E[t, n]) for n in sorted(ranked))
+            if count > dominant:  # D > 0: density peaks of the rest, merged like the static centres
+                rest = [n for n in dynamic if n not in ranked]
+                X = torch.stack([E[t, n] for n in rest])
+                m = count - dominant
+                noise = torch.rand(len(rest), generator=g).double() * 1e-6
+                score = brute_dpc(X.double(), min(7, m), noise)
+                centres = sorted(sorted(range(len(rest)), key=lambda i: -score[i])[:m])
+                dist = torch.cdist(X.double(), X.double()) / D ** 0.5
+                groups = {c: [] for c in centres}
+                for i in range(len(rest)):
+                    if i not in groups:
+                        groups[min(centres, key=lambda c: float(dist[i, c]))].append(i)
+                for c in centres:
+                    v = X[c] if not groups[c] else beta * X[c] + (1 - beta) * X[groups[c]].mean(0)
+                    out.append((t, rest[c], v))
     return out, windows, rr
 
 
@@ -808,13 +886,17 @@ def holitom_video(F=8, N=16, D=8, seed=0):
     return E
 
 
-@pytest.mark.parametrize("r,seed", [(0.25, 0), (0.1, 1), (0.5, 2), (0.25, 3)])
-def test_holitom_outer_matches_the_slow_rederivation(r, seed):
+@pytest.mark.parametrize("r,seed,context", [(0.25, 0, 0.0), (0.1, 1, 0.0), (0.5, 2, 0.0), (0.25, 3, 0.0),
+                                            (0.5, 0, 0.5), (0.25, 1, 0.4), (0.5, 2, 1.0)])
+def test_holitom_outer_matches_the_slow_rederivation(r, seed, context):
     E = holitom_video(seed=seed)
     method = HoliTom(ratio=1 - r, seed=seed)
     A = video.embedding_signals(E)[1]
-    windows = holitom.outer_windows(E, A, r, method.tau, 0.6, 1024, torch.Generator().manual_seed(seed))
-    slow, slow_windows, rr = slow_holitom(E, r, method.tau, seed=seed)
+    windows = holitom.outer_windows(E, A, r, method.tau, 0.6, 1024, torch.Generator().manual_seed(seed), context)
+    slow, slow_windows, rr = slow_holitom(E, r, method.tau, seed=seed, context=context)
+    if context:  # the contextual tokens are merged density peaks, not the attended tokens of D = 0
+        plain = slow_holitom(E, r, method.tau, seed=seed)[0]
+        assert [(f, n) for f, n, _ in slow] != [(f, n) for f, n, _ in plain]
     assert [w for w, _ in windows] == slow_windows and any(e > s for s, e in slow_windows)
     fast = [(f, n, E[f, n] if v is None else v) for _, entries in windows for f, n, v, _ in entries]
     assert [(f, n) for f, n, _ in fast] == [(f, n) for f, n, _ in slow]
@@ -822,6 +904,24 @@ def test_holitom_outer_matches_the_slow_rederivation(r, seed):
     # the re-inflated count: about r * F * N tokens, never more than per-window rounding allows
     F, N = E.shape[:2]
     assert rr >= r and abs(len(fast) - r * F * N) <= len(slow_windows) * 2
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_holitom_contextual_share_runs_exactly_on_models(family):
+    """D > 0: the contextual tokens (merged density peaks) reach the language model as recorded, under both
+    position policies' models, prefill and decode against the reference."""
+    model, proc = tm.build(family)
+    frames = tm.random_video(6 if family == "llava_onevision" else 8, *((32, 32) if family == "llava_onevision"
+                                                                       else (64, 48)), seed=2)
+    inputs = tm.video_inputs(family, proc, videos=[frames])
+    with vtr.patch(model, "holitom", ratio=0.5, context_share=0.5, inner_ratio=0) as handle, torch.no_grad():
+        model(**inputs)
+    plain = vtr.patch(model, "holitom", ratio=0.5, inner_ratio=0)
+    with plain, torch.no_grad():
+        model(**inputs)
+    assert handle.last.kept[0].tolist() != plain.last.kept[0].tolist() or \
+        len(handle.last.merged[0].kept) != len(plain.last.merged[0].kept)
+    check_against_reference(model, inputs, "holitom", "generate", context_share=0.5)
 
 
 def test_holitom_tau_default_and_budgets():

@@ -265,6 +265,15 @@ IMAGE_FEATURES = "get_image_features"
 VIDEO_FEATURES = "get_video_features"  # LLaVA-OneVision: the frames through the tower, the projector, 2x2 pooling
 
 
+def has_own_video_encoding(model: torch.nn.Module) -> bool:
+    """Whether the model encodes videos by its own ``get_video_features`` (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL),
+    not through ``get_image_features`` (Qwen3-VL), so that video frames' tower signals can be told from images'."""
+    base = base_model(model)
+    if not hasattr(base, VIDEO_FEATURES):
+        return False
+    return IMAGE_FEATURES not in inspect.getsource(type(base).get_video_features)
+
+
 def video_pixels(function, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The ``[videos, frames, C, H, W]`` pixels a ``get_video_features`` call receives (``pixel_values_videos``
     from transformers 5.2x on, ``pixel_values`` before)."""
@@ -506,6 +515,30 @@ def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: 
             probs = logits.softmax(-1, dtype=torch.float32).to(dtype)
             received[start:stop] += probs.mean(0).sum(0).float()
     return received
+
+
+def qwen_mean_query_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                              unit: int) -> torch.Tensor:
+    """``[U]``: FastVID's Qwen2.5-VL salience from one vision block, per attention segment (a temporal slice in the
+    full-attention blocks): the softmax over the segment's merge units of ``q_mean . k_unit * scale``, ``q_mean`` the
+    mean of the segment's queries and ``k_unit`` the mean of each merge unit's ``unit`` keys (both after the vision
+    RoPE), mean over heads; merge units in the tower's order.
+
+    hidden: ``[S, D]`` the block's attention input (after ``norm1``); extra: its ``cu_seqlens`` and
+    ``position_embeddings``."""
+    S = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = extra["position_embeddings"]
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [H, S, d]
+    bounds = extra["cu_seqlens"].tolist()
+    out = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        query = q[:, start:stop].mean(1, keepdim=True)  # [H, 1, d]
+        keys = k[:, start:stop].reshape(k.shape[0], (stop - start) // unit, unit, -1).mean(2)  # [H, u, d]
+        logits = torch.matmul(query, keys.transpose(-1, -2)) * attn.scaling
+        out.append(logits.softmax(-1, dtype=torch.float32).to(dtype)[:, 0].mean(0).float())
+    return torch.cat(out)
 
 
 def qwen_unit_order(model: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:

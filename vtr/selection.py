@@ -445,21 +445,52 @@ class SelectionContext:
     # ``[F, N]`` entries line up with the frame's ``N`` pooled tokens in raster order (``video.frame_table``).
     def video_frames(self, row: int, span: VisualSpan) -> torch.Tensor:
         """``[F]``: the vision-tower inputs (frames) of the video ``span`` of ``row`` in the call's video batch."""
-        call = self.fwd.vision.video if self.fwd.vision is not None else None
-        if span.kind != "video" or call is None or call.frames is None or not call.layers:
-            raise RuntimeError(f"{self.engine.method.name}: no vision-tower signals were captured for this video; "
-                               "its frames must be encoded by the model in the same call (pass "
-                               "pixel_values_videos to forward() or generate(), not precomputed features)")
+        call = self._video_call(span)
+        if call.frames is None:
+            raise ValueError(f"vtr: {self.engine.method.name}: this model's videos are not a stack of tower frames")
+        k, _ = self._video_number(row, span)
+        return torch.arange(k * call.frames, (k + 1) * call.frames)
+
+    def _video_number(self, row: int, span: VisualSpan) -> tuple[int, int]:
+        """(ordinal of the video among the call's videos, rows in order; visual tokens of the videos before it)."""
         if "videos" not in self._memo:
-            order, k = {}, 0
+            numbers, k, first = {}, 0, 0
             for b, layout_row in enumerate(self.layout.rows):
                 for s in layout_row.spans:
                     if s.kind == "video":
-                        order[b, s.index, int(s.positions[0])] = k
-                        k += 1
-            self._memo["videos"] = order
-        k = self._memo["videos"][row, span.index, int(span.positions[0])]
-        return torch.arange(k * call.frames, (k + 1) * call.frames)
+                        numbers[b, s.index, int(s.positions[0])] = (k, first)
+                        k, first = k + 1, first + s.n
+            self._memo["videos"] = numbers
+        return self._memo["videos"][row, span.index, int(span.positions[0])]
+
+    def _video_call(self, span: VisualSpan):
+        call = self.fwd.vision.video if self.fwd.vision is not None else None
+        if span.kind != "video" or call is None or not call.layers:
+            raise RuntimeError(f"{self.engine.method.name}: no vision-tower signals were captured for this video; "
+                               "its frames must be encoded by the model in the same call (pass "
+                               "pixel_values_videos to forward() or generate(), not precomputed features)")
+        return call
+
+    def video_mean_query_attention(self, row: int, span: VisualSpan, layer: int | None = None) -> torch.Tensor:
+        """Qwen-VL: ``[t, N]`` FastVID's Qwen2.5-VL salience of each merged token of the video, per temporal slice
+        (``compat.qwen_mean_query_attention`` at a vision block, default the last), in raster order."""
+        call = self._video_call(span)
+        attn, hidden, _ = self._video_layer(layer)
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        key = ("video_mean_query", layer)
+        if key not in self._memo:
+            unit = compat.qwen_merge_unit(self.engine.model)
+            per_unit = compat.qwen_mean_query_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden),
+                                                        unit)
+            order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
+            salience = torch.empty_like(per_unit)
+            salience[order] = per_unit  # from the tower's (window) order to merged-token order
+            self._memo[key] = salience.cpu()
+        _, first = self._video_number(row, span)
+        salience = self._memo[key][first:first + span.n]
+        if len(salience) != span.n:
+            raise RuntimeError("vtr: the vision call encoded fewer merged video tokens than the prompt holds")
+        return salience.view(int(span.frame.max()) + 1, -1)
 
     def _video_layer(self, layer: int | None):
         call = self.fwd.vision.video

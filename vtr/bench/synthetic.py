@@ -206,6 +206,22 @@ class SyntheticContext:
     def project_visual(self, features):
         return (features.float() @ self._projector).to(self.hidden.dtype)
 
+    def video_mean_query_attention(self, row, span, layer=None):
+        """FastVID's Qwen2.5-VL salience: per temporal slice, the mean of its ``4 N`` patch queries against each
+        merge unit's mean key, softmax over the ``N`` units, mean over heads."""
+        if ("video_mean_query", layer) not in self._memo:
+            frames = int(span.frame.max()) + 1
+            per_frame = self.n // frames
+            g = torch.Generator().manual_seed(self._seed + 2)
+            hv, d = self.w.vision_heads, self.w.vision_hidden // self.w.vision_heads
+            out = []
+            for _ in range(frames):
+                q, k = (torch.randn(hv, 4 * per_frame, d, generator=g).to(self.hidden.device) for _ in "qk")
+                logits = torch.einsum("hd,hud->hu", q.mean(1), k.view(hv, per_frame, 4, d).mean(2)) * d ** -0.5
+                out.append(logits.softmax(-1).mean(0))
+            self._memo["video_mean_query", layer] = torch.stack(out)
+        return self._memo["video_mean_query", layer]
+
     def video_received_attention(self, row, span, layer=None):
         """HoliTom's OneVision signal: per frame, the attention each of the ``(2 side)^2`` tower patches receives
         (every query of the frame, one frame at a time), pooled to the frame's tokens."""

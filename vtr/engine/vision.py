@@ -60,7 +60,7 @@ class VisionSignals:
                 reg(layer.register_forward_hook(self._stage_output(i)))
             reg(compat.vision_tower(self.model).register_forward_hook(self._stage_tower_output))
         compat.shadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES, self._encode_images)
-        if wanted and self.family.name == "llava_onevision":  # frame signals of videos (HoliTom, FastVID)
+        if wanted and compat.has_own_video_encoding(self.model):  # frame signals of videos (HoliTom, FastVID)
             compat.shadow_method(compat.base_model(self.model), compat.VIDEO_FEATURES, self._encode_videos)
 
     def _encode_images(self, original, *args, **kwargs):
@@ -79,7 +79,9 @@ class VisionSignals:
         pixels = compat.video_pixels(original, args, kwargs)
         me = threading.get_ident()
         images = self._vision.get(me)
-        call = VisionCall(image_sizes=None, frames=int(pixels.shape[1]) if pixels is not None else None)
+        call = VisionCall(image_sizes=None, kind="video",
+                          grid_thw=compat.call_argument(original, args, kwargs, "video_grid_thw"),
+                          frames=int(pixels.shape[1]) if pixels is not None and pixels.dim() == 5 else None)
         self._vision[me] = call
         try:
             return original(*args, **kwargs)
@@ -108,7 +110,7 @@ class VisionSignals:
         """This encoding's stage state, created at its first layer (the crops of each image from the call's image
         sizes; one crop per image without them)."""
         call = self._vision.get(threading.get_ident())
-        if call is None or call.frames is not None:  # the stage prunes images; video frames pass whole
+        if call is None or call.kind == "video":  # the stage prunes images; video frames pass whole
             return None
         if call.stage is None:
             C, N = hidden.shape[:2]

@@ -53,17 +53,22 @@ class FastVID(Method):
     ``Qwen2_5_VLForConditionalGeneration.forward``).
 
     Deliberate differences from the official code:
-      * signals: the official ``G_f``/``A_f`` come from SigLIP's post-layernorm and attention-pooling (MAP) head on
-        OneVision, which Hugging Face's ``-hf`` checkpoints do not contain, and from the last ViT block's
-        mean-query attention on Qwen2.5-VL. Without them vtr uses the same documented fallback on every model:
-        ``G_f`` = the mean of the frame's language-model input embeddings (exactly the official Qwen2.5-VL
-        descriptor) and ``A_f`` = softmax over the frame's tokens of ``<mean(E_f), E_f,n> / sqrt(D)`` (the
-        Qwen2.5-VL mean-query rule applied to the language model's inputs instead of the ViT's queries and keys).
-        On LLaVA-OneVision videos the official signals are used when the head is passed: ``siglip_head=`` a SigLIP
-        vision model with its ``post_layernorm`` and attention-pooling head (``SiglipVisionModel.from_pretrained(
-        "google/siglip-so400m-patch14-384")``, as the official code loads them), applied to each frame's
+      * signals (option ``signals``; ``"auto"``, the default, takes the official ones wherever vtr can compute
+        them): on Qwen2.5-VL videos, as the official code, ``A_f`` is the last ViT block's salience (per temporal
+        slice: the mean query over the slice's patches against each 2x2 merge unit's mean key, both after the
+        vision RoPE, softmax over the slice's units, mean over heads; computed from that block's captured input,
+        in fp32 unless ``score_dtype="model"``, where the official code computes it in bf16 inside its
+        FlashAttention call) and ``G_f`` the mean of the slice's merged embeddings; Qwen2-VL by the same rule (no
+        official code). On LLaVA-OneVision videos the official ``G_f`` / ``A_f`` come from SigLIP's
+        ``post_layernorm`` and attention-pooling (MAP) head, which the ``-hf`` checkpoints lack: pass
+        ``siglip_head=`` a SigLIP vision model holding them (``SiglipVisionModel.from_pretrained(
+        "google/siglip-so400m-patch14-384")``, which the official code loads too); they run on each frame's
         feature-layer output (the official 26-layer features): ``G_f`` the pooled output, ``A_f`` the probe's
-        attention (mean over heads) pooled to the frame's tokens like the features (``apply_pooling``);
+        attention (mean over heads) pooled to the frame's tokens like the features (``apply_pooling``). Elsewhere
+        (OneVision without the head, Qwen3-VL, images, ``signals="embedding"``) the documented fallback:
+        ``G_f`` = the mean of the frame's language-model input embeddings (the official Qwen2.5-VL descriptor) and
+        ``A_f`` = softmax over the frame's tokens of ``<mean(E_f), E_f,n> / sqrt(D)`` (the Qwen2.5-VL mean-query
+        rule applied to the language model's inputs);
       * DPC-KNN in fp64 (official: fp32) with the density noise drawn from a generator seeded with ``seed``, fresh
         per video (reproducible, independent of the batch);
       * a video with fewer frames than ``segments`` gets one segment per frame (official: needs F >= c); a
@@ -86,24 +91,36 @@ class FastVID(Method):
     anchor_weight: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # beta
     dpc_k: int = field(default=4, metadata={"min": 1})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    signals: str = "auto"  # G and A: "vision" (the official ones), "embedding" (fallback), "auto"
     siglip_head: torch.nn.Module | None = field(default=None, repr=False)  # OneVision: G and A from SigLIP's head
 
     def _check_options(self) -> None:
         super()._check_options()
         if self.variant not in (None, "ov", "qwen"):
             raise ValueError(f"{self.name}: variant must be 'ov' or 'qwen', got {self.variant!r}")
+        if self.signals not in ("auto", "vision", "embedding"):
+            raise ValueError(f"{self.name}: signals must be 'auto', 'vision' or 'embedding', got {self.signals!r}")
         if self.siglip_head is not None:
             compat.vision_pooling_module(self.siglip_head)  # ValueError naming what it lacks
 
     @property
     def needs(self) -> frozenset:
-        return frozenset({"vision"}) if self.siglip_head is not None else frozenset()
+        return frozenset({"vision"}) if self.signals == "vision" else frozenset()
 
     def for_model(self, family) -> FastVID:
-        if self.siglip_head is not None and family.name != "llava_onevision":
+        onevision = family.name == "llava_onevision"
+        if self.siglip_head is not None and not onevision:
             raise ValueError(f"{self.name}: siglip_head gives the signals of LLaVA-OneVision's SigLIP tower; "
                              f"{family.name} has another vision tower")
+        # Qwen2-VL / Qwen2.5-VL: the last ViT block's mean-query attention; OneVision: the SigLIP head, if given
+        available = family.name == "qwen2_vl" or (onevision and self.siglip_head is not None)
+        if self.signals == "vision" and not available:
+            raise ValueError(f"{self.name}: signals='vision' needs " + (
+                "siglip_head= (the SigLIP attention-pooling head, absent from the -hf LLaVA-OneVision checkpoints)"
+                if onevision else f"the Qwen2/2.5-VL vision transformer's video encoding; {family.name} has none"))
         method = super().for_model(family)
+        if method.signals == "auto":
+            method = dataclasses.replace(method, signals="vision" if available else "embedding")
         variant = method.variant or ("qwen" if family.mrope else "ov")
         threshold = method.threshold if method.threshold is not None else (0.84 if variant == "qwen" else 0.9)
         return dataclasses.replace(method, variant=variant, threshold=threshold)
@@ -131,10 +148,11 @@ class FastVID(Method):
         def compute():
             table = video.frame_table(group.span, group.ids, self.name)
             signals = None
-            if self.siglip_head is not None and group.span.kind == "video":
-                signals = ctx.video_pooling_head(row, group.span, self.siglip_head)
+            if self.signals == "vision" and group.span.kind == "video":
+                signals = ctx.video_pooling_head(row, group.span, self.siglip_head) if self.siglip_head is not None \
+                    else (None, ctx.video_mean_query_attention(row, group.span))
                 if signals[1].shape != table.shape:
-                    raise RuntimeError(f"{self.name}: the SigLIP head's attention covers {tuple(signals[1].shape)} "
+                    raise RuntimeError(f"{self.name}: the vision tower's salience covers {tuple(signals[1].shape)} "
                                        f"frame tokens, the video's candidates {tuple(table.shape)}")
             return self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(group)), signals)
         # keyed by the group's first slot too: a tile (scope="crop") is planned on its own
@@ -143,20 +161,18 @@ class FastVID(Method):
     def _retention(self, n: int) -> float:
         return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
 
-    @staticmethod
-    def signals(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fallback signals from the frames' input embeddings ``E`` ``[F, N, D]``: ``(G [F, D], A [F, N])``."""
-        return video.embedding_signals(E)
-
     def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, signals=None):
         """FastVID on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout, ``r``
-        retention, ``signals`` ``(G [F, C], A [F, N])`` (None: the embedding fallback). Returns (keep, targets,
-        merged embeddings, sources), indices into the candidates."""
+        retention, ``signals`` ``(G [F, C], A [F, N])`` from the vision side (None, or a None entry: the embedding
+        fallback's). Returns (keep, targets, merged embeddings, sources), indices into the candidates."""
         device = embeds.device
         table = table.to(device)
         E = embeds.float()[table]  # [F, N, D]
         N = E.shape[1]
-        G, A = self.signals(E) if signals is None else (signals[0].float().to(device), signals[1].float().to(device))
+        G, A = video.embedding_signals(E)
+        if signals is not None:
+            G = G if signals[0] is None else signals[0].float().to(device)
+            A = A if signals[1] is None else signals[1].float().to(device)
         sims = video.adjacent_similarity(G)
         variant, threshold = self.resolved
         segments = video.dynamic_segments(sims, self.segments, threshold)

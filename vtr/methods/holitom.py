@@ -76,8 +76,13 @@ class HoliTom(Method):
       * the inner stage is on by default (official: only when the ``HOLITOM_k`` / ``HOLITOM_r`` environment
         variables are set; the paper's headline numbers use it); ``inner_ratio=0`` turns it off;
       * ``ratio=0`` keeps every token at both stages (the unpatched model);
-      * the contextual share ``D`` of dynamic tokens is 0 (the official default; other values are not
-        implemented); no LLaVA-Video ("grid" newline) order, which HF has no class for;
+      * the contextual share ``D`` (``context_share``, default 0 as the official scripts): each frame keeps the top
+        ``round(ceil(n_dyn r') (1 - D))`` dynamic tokens by ``A`` and merges the rest into ``ceil(n_dyn r')`` minus
+        that many DPC-KNN centres (k = ``min(7, m)``, location order, merged like the static centres, emitted after
+        the frame's attended tokens). The official ``D > 0`` path fails before emitting anything (its position
+        bookkeeping ``pos.masked_select(mask.unsqueeze(-1))`` broadcasts to the wrong shape), so this follows its
+        evident intent; its density noise comes from the video's seeded generator, frame by frame;
+      * no LLaVA-Video ("grid" newline) order, which HF has no class for;
       * inner stage: ``handle.last.merged`` lists the kept tokens and the visual tokens averaged into each (not
         expanded through the outer merges); the last token's attention is computed from layer
         ``inner_layer - 1``'s inputs with its causal mask (official: an eager re-run of that layer);
@@ -105,6 +110,7 @@ class HoliTom(Method):
     inner_layer: int | None = None  # K; None: 18 of 28 layers, scaled
     inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    context_share: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # D
     attention: str = "auto"  # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
 
     def __post_init__(self):
@@ -195,7 +201,7 @@ class HoliTom(Method):
         E = embeds.float()[table.to(embeds.device)]  # [F, N, D]
         A = video.embedding_signals(E)[1] if A is None else A.float().to(E.device)
         windows = outer_windows(E, A, r, self.tau, None if self.no_beta else self.beta, self.max_window,
-                                torch.Generator().manual_seed(self.seed))
+                                torch.Generator().manual_seed(self.seed), self.context_share)
         table = table.cpu()
         keep, slots, states, sources = [], [], [], []
         for (s, e), entries in windows:
@@ -218,8 +224,9 @@ class HoliTom(Method):
 
 
 def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: float | None, max_window: int,
-                  generator: torch.Generator | None = None) -> list:
-    """HoliTom's outer stage on one video's tokens ``E`` ``[F, N, D]`` with attention ``A`` ``[F, N]``.
+                  generator: torch.Generator | None = None, context: float = 0.0) -> list:
+    """HoliTom's outer stage on one video's tokens ``E`` ``[F, N, D]`` with attention ``A`` ``[F, N]``; ``context``
+    the contextual share ``D`` of each frame's dynamic budget (``merge_tokens_by_attention_density``).
 
     Returns ``[((start, end), entries)]`` per window in frame order, ``entries`` the window's output tokens in the
     official OneVision order, each ``(frame, location, state, members)``: ``state`` ``[D]`` the merged static
@@ -251,13 +258,36 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
                 entries.append((s, int(places[c]), merged[j], members))
         dynamic = (~omega).nonzero().flatten()
         count = math.ceil(len(dynamic) * rr - 1e-9)  # an exact product is not rounded up by float error
+        dominant = round(count * (1 - context))
         for t in range(s, e + 1):
             if count == 0:
                 break
-            top = dynamic[torch.topk(A[t, dynamic], count).indices].sort().values
+            top = dynamic[torch.topk(A[t, dynamic], dominant).indices].sort().values
             entries.extend((t, int(n), None, [(t, int(n))]) for n in top)
+            if count > dominant:
+                entries.extend(contextual_tokens(E[t], dynamic[~torch.isin(dynamic, top)], count - dominant, beta,
+                                                 generator, t))
         out.append(((s, e), entries))
     return out
+
+
+def contextual_tokens(X: torch.Tensor, rest: torch.Tensor, m: int, beta: float | None,
+                      generator: torch.Generator | None, frame: int) -> list:
+    """A frame's contextual tokens (HoliTom with ``D > 0``): ``m`` DPC-KNN centres (k = ``min(7, m)``) among the
+    dynamic tokens ``rest`` ``[n]`` (locations, ascending) the attention did not keep, in location order, each
+    merged with the tokens nearest to it like the static centres. X: ``[N, D]`` the frame's tokens. Returns
+    entries ``(frame, location, state, members)``."""
+    tokens = X[rest]
+    centres, assign = dpc_knn(tokens, m, min(7, m), generator)
+    order = torch.argsort(centres)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    centres, assign = centres[order], rank[assign]
+    is_centre = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+    is_centre[centres] = True
+    merged = video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
+    return [(frame, int(rest[c]), merged[j], [(frame, int(n)) for n in rest[assign == j].tolist()])
+            for j, c in enumerate(centres.tolist())]
 
 
 def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int) -> Merge:
