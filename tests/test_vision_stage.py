@@ -145,13 +145,16 @@ def model_family(model):
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_later_vision_layers_run_on_fewer_tokens(family):
     """Hook every CLIP layer's input: from the layer after the last pruning layer on, each crop holds its target
-    + [CLS]; the projector's input still has the whole grid (pruned slots zero)."""
+    + [CLS]; the projector's input holds the target patches of each crop ([CLS] dropped by the feature selection)."""
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 1)
     layers = compat.vision_layers(model)
     seen = {}
     hooks = [layer.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].shape[1]))
              for i, layer in enumerate(layers)]
+    first = next(compat.projector(model).children())  # inside the projector: what it really computes on
+    hooks.append(first.register_forward_pre_hook(lambda m, args: seen.__setitem__("projector",
+                                                                                   tuple(args[0].shape[:2]))))
     try:
         record, method, _ = patched(model, inputs, ratio=0.75)
     finally:
@@ -163,6 +166,7 @@ def test_later_vision_layers_run_on_fewer_tokens(family):
     target = method.vision_target(span.n, 1 if family == "llava" else 3)
     assert seen[0] == n * n + 1
     assert all(seen[i] == target + 1 for i in range(F, len(layers)))
+    assert seen["projector"] == (record.vision_tokens[F - 1].shape[0], target)
     assert max(record.vision_tokens) == F - 1
     assert (record.vision_tokens[F - 1] >= 0).sum(1).tolist() == [target + 1] * record.vision_tokens[F - 1].shape[0]
 

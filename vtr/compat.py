@@ -444,6 +444,11 @@ def vision_padding_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -
     return mask[:, None, None, :].expand(-1, 1, width, width)
 
 
+def projector(model: torch.nn.Module) -> torch.nn.Module:
+    """The multimodal projector (LLaVA family: a per-token MLP on ``[n_crops, P, D_v]`` features)."""
+    return model.model.multi_modal_projector
+
+
 def project_visual(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
     """The multimodal projector applied to vision features ``[..., D_v]`` -> ``[..., D]`` (per token)."""
     return model.model.multi_modal_projector(features)

@@ -28,6 +28,7 @@ class VisionStageState:
     history: dict = field(default_factory=dict)
     outputs: list = field(default_factory=list)
     seconds: float = 0.0
+    projected: object = None  # the projector's gather (order, valid, width) while it runs; True once it ran
 
     def survived(self) -> torch.Tensor:
         """``[C, full]`` bool: the tokens of each crop still present."""
@@ -59,6 +60,8 @@ class VisionSignals:
                 reg(layer.register_forward_pre_hook(self._stage_mask(i), with_kwargs=True))
                 reg(layer.register_forward_hook(self._stage_output(i)))
             reg(compat.vision_tower(self.model).register_forward_hook(self._stage_tower_output))
+            reg(compat.projector(self.model).register_forward_pre_hook(self._stage_projector_input))
+            reg(compat.projector(self.model).register_forward_hook(self._stage_projector_output))
         compat.shadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES, self._encode_images)
         if wanted and compat.has_own_video_encoding(self.model):  # frame signals of videos (HoliTom, FastVID)
             compat.shadow_method(compat.base_model(self.model), compat.VIDEO_FEATURES, self._encode_videos)
@@ -239,6 +242,34 @@ class VisionSignals:
             raise RuntimeError(f"{name}: vision_step() returned invalid patch indices (each row must hold distinct "
                                f"indices in [0, {image.n_patches}))")
         return chosen
+
+    def _stage_projector_input(self, module, args):
+        """The projector (a per-token MLP) runs on the kept patches only: each crop's survivors gathered to the
+        front (crops right-padded to the longest), scattered back to the full grid by ``_stage_projector_output``
+        so that the model's anyres packing runs unchanged. Once per image encoding."""
+        call = self._vision.get(threading.get_ident())
+        stage = call.stage if call is not None else None
+        features = args[0] if args else None
+        if stage is None or not stage.history or stage.projected is not None or not isinstance(features, torch.Tensor) \
+                or features.dim() != 3 or features.shape[0] != stage.tokens.shape[0] \
+                or not 0 <= stage.full - features.shape[1] <= 1:
+            return None
+        alive = stage.survived()[:, stage.full - features.shape[1]:]  # [C, P]; the [CLS] column dropped if it was
+        counts = alive.sum(1)
+        width = int(counts.max())
+        order = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :width]  # survivors first, in order
+        stage.projected = (order, torch.arange(width, device=order.device) < counts[:, None], features.shape[1])
+        return (torch.gather(features, 1, order[..., None].expand(-1, -1, features.shape[2])),) + tuple(args[1:])
+
+    def _stage_projector_output(self, module, args, output):
+        call = self._vision.get(threading.get_ident())
+        stage = call.stage if call is not None else None
+        if stage is None or not isinstance(stage.projected, tuple):
+            return None
+        order, valid, width = stage.projected
+        stage.projected = True  # done: later projector calls (a method's own projections) pass through
+        out = output.new_zeros(output.shape[0], width, output.shape[2])
+        return out.scatter_(1, order[..., None].expand(-1, -1, output.shape[2]), output * valid[..., None])
 
     def _stage_tower_output(self, module, args, output):
         """The tower's outputs back at full length (pruned tokens zero), so that the model's own feature selection,
