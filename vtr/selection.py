@@ -394,6 +394,28 @@ class SelectionContext:
         crop, index = self.vision_sources(row, tokens)
         return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
+    def vision_global_attention(self, row: int, tokens: SpanCandidates, threshold: float,
+                                layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the attention each candidate's patch gets from its crop's "global" tokens at a vision layer
+        (VFlowOpt's importance): per crop, ``A`` = softmax attention mean over heads ``[N, N]``, ``received`` =
+        ``A`` averaged over the queries, global tokens ``G = {j: received_j > threshold * mean(received)}``, and
+        the score is ``A[G].mean(0)``; a crop without any global token scores by ``received`` (``A`` averaged
+        over every query) instead of NaN. Computed crop by crop (one ``[H, N, N]`` at a time). CLIP / SigLIP
+        towers only."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("global", layer, float(threshold))
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            maps = []
+            for h in hidden:
+                A = compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0].mean(0)  # [N, N]
+                received = A.mean(0)
+                chosen = received > threshold * received.mean()
+                maps.append(A[chosen].mean(0) if bool(chosen.any()) else received)
+            self._memo[key] = torch.stack(maps)  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
     def vision_grid(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Where each candidate lies on its grid: ``(grid, cell, width, cells)``: ``[c]`` the grid it belongs to (a
         crop; the image on Qwen-VL), ``[c]`` its raster cell in that grid, the grid's width and its number of cells
