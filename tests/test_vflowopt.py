@@ -192,3 +192,36 @@ def test_bad_options_are_refused_at_patch_time():
     llava, _ = tm.build("llava")
     with pytest.raises(ValueError, match="vflowopt does not support LlavaForConditionalGeneration"):
         vtr.patch(llava, "vflowopt", ratio=0.5)
+
+
+def search_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "vflowopt_search.py"
+    spec = importlib.util.spec_from_file_location("vflowopt_search", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_search_space_and_solved_last_ratio():
+    """The official bounds at 25 % ((0.25, 0.375), (0.2 / 0.375, 1)) and its solved last ratio
+    ``((28 T - r_v 9 - r_v r_1 9) / 10) / (r_v r_1)``."""
+    search = search_module()
+    (vit, first, t, m) = search.bounds(0.25)
+    assert vit == (0.25, 0.375) and first == (0.2 / 0.375, 1.0) and t == (0.0, 50.0) and m == (3.0, 24.0)
+    r_v, r_1 = 0.3, 0.8
+    official = min(1.0, ((28 * 0.25 - r_v * 9 - r_v * r_1 * 9) / 10) / (r_v * r_1))
+    assert abs(search.last_ratio(0.25, r_v, r_1, V.OFFICIAL_LAYERS, V.OFFICIAL_DEPTH) - official) < 1e-12
+
+
+def test_search_runs_on_the_tiny_model(tmp_path, capsys):
+    pytest.importorskip("skopt")
+    import json
+    result = search_module().main(["--tiny", "--calls", "3", "--tiny-prompts", "1", "--out",
+                                   str(tmp_path / "search.json")])
+    assert len(result["history"]) == 3 and all(0 < h["similarity_sum"] <= 1 + 1e-5 for h in result["history"])
+    best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert best == result["best"]["options"]
+    model, _ = tm.build("llava_onevision")
+    vtr.patch(model, "vflowopt", **best).remove()  # the result is a valid option set
