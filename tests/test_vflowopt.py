@@ -40,7 +40,8 @@ def packed_importance(model, inputs, t):
         attentions = model.model.vision_tower(pixels, output_attentions=True).attentions[-1]  # the feature layer
     maps = torch.stack([slow_importance(a, t) for a in attentions])[..., None].double()  # [crops, N, 1]
     packed, _ = model.model.pack_image_features(list(torch.split(maps, counts)), inputs["image_sizes"],
-                                                image_newline=torch.ones(1).double())
+                                                image_newline=torch.ones(1).double(),
+                                                vision_aspect_ratio=model.config.vision_aspect_ratio)
     return [p[:, 0].float() for p in packed]
 
 
@@ -80,14 +81,26 @@ def slow_llm_stage(kept, importance, ratio):
     return [i for i in kept if i not in low]
 
 
+def build(resized: bool, attn: str = "eager"):
+    """The tiny OneVision model; ``resized``: ``anyres_max_1``, so that every anyres grid (up to 8 x 8 on its
+    4 x 4 tower) is resized to the base grid's area after unpadding."""
+    model, proc = tm.build("llava_onevision", attn=attn)
+    if resized:
+        model.config.vision_aspect_ratio = proc.vision_aspect_ratio = "anyres_max_1"
+    return model, proc
+
+
+@pytest.mark.parametrize("resized", [False, True], ids=["grid", "resized-grid"])
 @pytest.mark.parametrize("options", [dict(ratio=0.9), dict(ratio=0.75, t=1.5, m=1.7), dict(ratio=0.5, t=2.0),
                                      dict(ratio=0.6, t=1.2, m=1.4), dict(keep=30, t=1.5, m=2.0),
                                      dict(ratio=0.75, t=1e6, m=1.5)],
                          ids=["preset10", "preset25-t-m", "preset50", "solved", "keep", "no-global-token"])
-def test_vflowopt_matches_the_slow_derivation(options):
-    """Batch of 2 with different image sizes (different grids and anyres layouts)."""
-    model, proc = tm.build("llava_onevision", attn="eager")
-    sharpen(model)
+def test_vflowopt_matches_the_slow_derivation(options, resized):
+    """Batch of 2 with different image sizes (different grids and anyres layouts); ``resized``: the anyres grid
+    shrunk after unpadding (``anyres_max_1`` on the tiny tower, as ``anyres_max_9`` does to large images on the
+    7B model), the importance map resized with it."""
+    model, proc = build(resized)
+    sharpen(model, 6.0)  # far from uniform, yet no saturated (tied) probabilities
     inputs = tm.image_inputs("llava_onevision", proc, 2, "single")
     with vtr.patch(model, "vflowopt", **options) as handle:
         with torch.no_grad():
@@ -105,7 +118,13 @@ def test_vflowopt_matches_the_slow_derivation(options):
         m = options.get("m", preset[2] * side / 27)
         importance = packed_importance(model, inputs, t)[b]
         assert len(importance) == L
+        if resized:
+            assert int(span.row[span.frame == 1].max()) + 1 < 8 or int(span.col.max()) < 8
         vit, llm = method.schedule(L, record.n_layers)
+        if options.get("keep", 0) >= L:  # a keep naming every token keeps them all, at every stage
+            for stage in record.stages:
+                assert stage.kept[b].tolist() == [span.offset + i for i in range(L)]
+            continue
         width = int(span.col.max())  # the newline column's index
         embeds = lm["embeds"][b, span.positions]
         kept, merged = slow_plan(importance, embeds, side, width, vit, m)
@@ -140,6 +159,23 @@ def test_presets_and_schedule():
     assert V.solve_schedule(0.9, layers, depth) == (0.9, (1.0, 1.0))  # only the vision stage can keep 90 %
     vit, llm = V.solve_schedule(0.3, layers, depth, llm=(1.0, 0.5))
     assert llm == (1.0, 0.5) and abs(V.layer_average(vit, llm, layers, depth) - 0.3) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_resized_grids_match_the_reference_and_their_rows_alone(mode):
+    """The exactness and batch-vs-alone checks of the test matrices on grids anyres_max resizes."""
+    from test_exactness import check_against_reference
+    from test_requests import run, assert_close
+    model, proc = build(True)
+    inputs = tm.image_inputs("llava_onevision", proc, 2, "single")
+    check_against_reference(model, inputs, "vflowopt", mode, t=1.5, m=1.5)
+    with vtr.patch(model, "vflowopt", ratio=0.75, t=1.5, m=1.5):
+        kept, outputs = run(model, inputs, mode)
+        for b in range(2):
+            kept_alone, outputs_alone = run(model, tm.image_inputs("llava_onevision", proc, 2, "single", rows=[b]),
+                                            mode)
+            assert torch.equal(kept[b], kept_alone[0])
+            assert_close(outputs[b], outputs_alone[0])
 
 
 def test_ratio_zero_is_the_identity():

@@ -224,6 +224,20 @@ def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
     return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
 
 
+def pack_onevision_values(model, values: torch.Tensor, image_size, newline: float) -> torch.Tensor:
+    """``[n]``: one number per language-model token of a LLaVA-OneVision image, from ``values`` ``[c, N]`` given per
+    token of each of the image's vision-tower inputs (base crop first; [CLS] included under the "default"
+    strategy), laid out by the model's own feature packing: the base grid, then the tiles stitched, unpadded and
+    (``anyres_max``) bilinearly resized, ``newline`` in every newline slot. fp32."""
+    if vision_feature_strategy(model) == "default":
+        values = values[:, 1:]
+    packed, _ = model.model.pack_image_features(
+        [values.float()[..., None]], torch.as_tensor([list(image_size)]),
+        image_newline=torch.full((1,), float(newline), device=values.device),
+        vision_aspect_ratio=model.config.vision_aspect_ratio)
+    return packed[0][:, 0] if isinstance(packed, (list, tuple)) else packed[:, 0]
+
+
 def anyres_patch_count(config, image_size) -> int:
     """Vision-encoder inputs (base image + tiles) LLaVA-NeXT / OneVision make of an image of ``image_size``."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches

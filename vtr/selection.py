@@ -395,13 +395,15 @@ class SelectionContext:
         return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
     def vision_global_attention(self, row: int, tokens: SpanCandidates, threshold: float,
-                                layer: int | None = None) -> torch.Tensor:
+                                layer: int | None = None, newline: float = 1.0) -> torch.Tensor:
         """``[c]``: the attention each candidate's patch gets from its crop's "global" tokens at a vision layer
         (VFlowOpt's importance): per crop, ``A`` = softmax attention mean over heads ``[N, N]``, ``received`` =
         ``A`` averaged over the queries, global tokens ``G = {j: received_j > threshold * mean(received)}``, and
         the score is ``A[G].mean(0)``; a crop without any global token scores by ``received`` (``A`` averaged
         over every query) instead of NaN. Computed crop by crop (one ``[H, N, N]`` at a time). CLIP / SigLIP
-        towers only."""
+        towers only. LLaVA-OneVision: the crop maps are laid out over the image as the model packs its features
+        (unpadded, bilinearly resized with the grid under ``anyres_max``), ``newline`` for newline tokens, as
+        VFlowOpt's official code packs its map; elsewhere read at each candidate's patch (no newlines)."""
         attn, hidden, _ = self._vision_layer(layer)
         key = ("global", layer, float(threshold))
         if key not in self._memo:
@@ -413,6 +415,12 @@ class SelectionContext:
                 chosen = received > threshold * received.mean()
                 maps.append(A[chosen].mean(0) if bool(chosen.any()) else received)
             self._memo[key] = torch.stack(maps)  # [n_crops, N]
+        first, size = self._image_crops()[row, tokens.span.index]
+        count = self.engine.family.crops_per_image(self.engine.model, size)
+        packed = self.engine.family.pack_crop_values(self.engine.model, self._memo[key][first:first + count], size,
+                                                     newline)
+        if packed is not None:  # OneVision: follows the grid through anyres_max's resize, newlines included
+            return packed[tokens.ids.to(packed.device)].to(self._memo[key].dtype)
         crop, index = self.vision_sources(row, tokens)
         return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
 

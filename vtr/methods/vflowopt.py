@@ -108,7 +108,8 @@ class VFlowOpt(Method):
     exceeds 1 the vision stage alone keeps ``R`` (see ``solve_schedule``). ``t``, ``m``, ``vit_keep``,
     ``llm_keep`` ("r1,r2") override the preset (``benchmarks/vflowopt_search.py`` searches them as the official
     ``llava_ov_opt_all.py`` does). ``m`` defaults to the preset's scaled to the tower's grid (``m * side / 27``:
-    unchanged on SigLIP-384). ``ratio=0`` keeps everything at every stage.
+    unchanged on SigLIP-384). ``ratio=0``, or a ``keep`` of at least the image's ``L`` tokens, keeps everything at
+    every stage.
 
     Errors: ``ValueError`` for a model other than LLaVA-OneVision (``vtr.patch``), a video, ``scope="crop"``, an
     ``llm_keep`` whose count differs from the stage layers, a ``vision_layer`` the tower lacks.
@@ -129,9 +130,6 @@ class VFlowOpt(Method):
         vision layer is the tower's feature layer whatever its depth;
       * the patch-entropy term ``alpha_v`` is not implemented (every released preset sets it to 0; a non-zero
         value is refused);
-      * anyres grids that transformers resizes after unpadding (images whose unpadded grid exceeds
-        ``anyres_max_9``'s area by 10 %) are refused (official: the importance map is resized bilinearly
-        alongside), as for every vision-signal method in vtr;
       * the LLM stages drop by a stable ascending sort (official: ``torch.sort``, unstable on ties); the
         non-cache FastV-style path of ``forward_illava`` (training) is not implemented;
       * scores and merges in fp32 (official: the same, attention cast to fp32; ``score_dtype="model"``
@@ -251,14 +249,11 @@ class VFlowOpt(Method):
     def plan(self, ctx, row, group) -> Merge:
         def compute():
             span, ids = group.span, group.ids.cpu()
-            newline = span.newline.cpu()[ids]
-            patches = (~newline).nonzero().flatten()
-            importance, side = torch.ones(len(group), dtype=torch.float32), 1
-            if len(patches):
-                tiles = group.subset(~newline.to(group.slots.device))
-                importance[patches] = ctx.vision_global_attention(row, tiles, self.threshold(span.n),
-                                                                  self.vision_layer).float().cpu()
-                side = ctx.vision_grid(row, tiles)[2]
+            # newline tokens: importance 1 (official), far above any attention share
+            importance = ctx.vision_global_attention(row, group, self.threshold(span.n), self.vision_layer,
+                                                     newline=1.0).float().cpu()
+            base = (span.frame == 0).cpu() & ~span.newline.cpu()
+            side = int(span.col.cpu()[base].max()) + 1  # the base grid is side x side
             full = torch.ones(span.n, dtype=torch.float32)
             full[ids] = importance
             ctx.request_state.setdefault(self.name, {})[row, span.offset] = full
