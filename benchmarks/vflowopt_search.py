@@ -10,7 +10,7 @@ result's ``options`` are passed to ``vtr.patch(model, "vflowopt", **options)``.
 Search space (official bounds, written there for a 25 % target, generalised to ``--target T``): the vision keep
 ratio in ``[T, min(1, 1.5 T)]``, the first LLM stage's keep ratio in ``[0.8 T / min(1, 1.5 T), 1]``, the
 global-token threshold ``t`` in ``[0, 50]``, the bucket side ``m`` in ``[3, 24]`` (scaled by ``side / 27`` on
-towers whose grid is not SigLIP-384's 27 x 27). The last LLM ratio is solved so that the layer-averaged retention
+towers whose grid is not SigLIP-384's 27 x 27), the patch-entropy weight ``alpha_v`` in ``[-1, 1]``. The last LLM ratio is solved so that the layer-averaged retention
 is ``T`` (official: ``min(1, ...)``; here also at least 1e-6). Optimiser: ``skopt.Optimizer`` with 27 random
 initial points (fewer when ``--calls`` is smaller) and seed 42, ask / tell, points clipped to the bounds, as the
 official loop.
@@ -23,9 +23,8 @@ Calibration prompts (``--prompts``): a JSON-lines file of ``{"image": path, "tex
 search used LLaVA-OneVision training data (its ``opt_data`` task). ``--tiny``: random images on the tiny test
 model.
 
-Differences from the official search: the patch-entropy weight ``alpha_v`` (official range [-1, 1]) is not
-searched (vtr does not implement the term; every released preset has 0); one prefill per prompt (official: a
-``generate`` call whose first step's hidden state it reads, the same state).
+Differences from the official search: one prefill per prompt (official: a ``generate`` call whose first step's
+hidden state it reads, the same state); the bounds generalised to other targets as above.
 """
 from __future__ import annotations
 
@@ -44,12 +43,13 @@ from vtr.methods.base import scale_layers
 
 BOUNDS_M = (3.0, 24.0)
 BOUNDS_T = (0.0, 50.0)
+BOUNDS_ALPHA = (-1.0, 1.0)
 
 
 def bounds(target: float) -> list[tuple[float, float]]:
-    """(vision ratio, first LLM ratio, t, m) bounds for a layer-averaged retention ``target``."""
+    """(vision ratio, first LLM ratio, t, m, alpha_v) bounds for a layer-averaged retention ``target``."""
     vit_high = min(1.0, 1.5 * target)
-    return [(target, vit_high), (min(1.0, 0.8 * target / vit_high), 1.0), BOUNDS_T, BOUNDS_M]
+    return [(target, vit_high), (min(1.0, 0.8 * target / vit_high), 1.0), BOUNDS_T, BOUNDS_M, BOUNDS_ALPHA]
 
 
 def last_ratio(target: float, vit: float, first: float, layers: tuple[int, ...], n_layers: int) -> float:
@@ -135,14 +135,14 @@ def main(argv=None) -> dict:
     scale = compat.vision_grid_side(model) / V.OFFICIAL_SIDE
     space = bounds(args.target)
     space[3] = (space[3][0] * scale, space[3][1] * scale)
-    names = ["vit_keep", "llm_keep_1", "t", "m"]
+    names = ["vit_keep", "llm_keep_1", "t", "m", "alpha_v"]
     optimizer = Optimizer([Real(lo, hi, name=n) for (lo, hi), n in zip(space, names)], random_state=args.seed,
                           n_initial_points=min(27, args.calls))
     history, best = [], None
     for call in range(args.calls):
         point = [min(max(float(x), lo), hi) for x, (lo, hi) in zip(optimizer.ask(), space)]
-        vit, first, t, m = point
-        options = dict(ratio=1 - args.target, vit_keep=vit, t=t, m=m,
+        vit, first, t, m, alpha_v = point
+        options = dict(ratio=1 - args.target, vit_keep=vit, t=t, m=m, alpha_v=alpha_v,
                        llm_keep=f"{first!r},{last_ratio(args.target, vit, first, layers, n_layers)!r}")
         score = objective(model, batches, references, options)
         if not math.isfinite(score):

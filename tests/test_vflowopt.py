@@ -29,7 +29,29 @@ def slow_importance(attention: torch.Tensor, t: float) -> torch.Tensor:
     return torch.stack([A[g] for g in chosen]).mean(0)
 
 
-def packed_importance(model, inputs, t):
+def slow_entropy(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """``[n_crops, P]`` per-patch pixel entropy, loop by loop from the official
+    ``calculate_patch_entropy_vectorized``: x * 255 cast to uint8 (truncation, negative values wrapped), grey =
+    0.3333-weighted channel sum rounded, 256-bin histogram, -sum p log2(p + 1e-10)."""
+    out = []
+    for crop in pixels:
+        H, W = crop.shape[1] // size, crop.shape[2] // size
+        row = []
+        for i in range(H):
+            for j in range(W):
+                patch = crop[:, i * size:(i + 1) * size, j * size:(j + 1) * size].float()
+                as_uint8 = (patch * 255).to(torch.uint8).float()  # the official cast (CPU: wraps negatives)
+                grey = (as_uint8 * torch.tensor([0.3333, 0.3333, 0.3333]).view(3, 1, 1)).sum(0).round().long()
+                counts = {}
+                for v in grey.flatten().tolist():
+                    counts[v] = counts.get(v, 0) + 1
+                total = grey.numel()
+                row.append(-sum((c / total) * math.log2(c / total + 1e-10) for c in counts.values()))
+        out.append(torch.tensor(row))
+    return torch.stack(out)
+
+
+def packed_importance(model, inputs, t, alpha_v=0.0):
     """Per image: ``[L]`` importance in the language model's token order (base grid, then the unpadded anyres grid
     with importance 1 in its newline column), packed by transformers' own feature packing as the official code
     unpads its attention map alongside the features."""
@@ -38,7 +60,10 @@ def packed_importance(model, inputs, t):
     pixels = torch.cat([p[:n] for p, n in zip(pixels, counts)])
     with torch.no_grad():
         attentions = model.model.vision_tower(pixels, output_attentions=True).attentions[-1]  # the feature layer
-    maps = torch.stack([slow_importance(a, t) for a in attentions])[..., None].double()  # [crops, N, 1]
+    maps = torch.stack([slow_importance(a, t) for a in attentions])  # [crops, N]
+    if alpha_v:
+        maps = maps + alpha_v * slow_entropy(pixels, model.config.vision_config.patch_size).softmax(-1)
+    maps = maps[..., None].double()
     packed, _ = model.model.pack_image_features(list(torch.split(maps, counts)), inputs["image_sizes"],
                                                 image_newline=torch.ones(1).double(),
                                                 vision_aspect_ratio=model.config.vision_aspect_ratio)
@@ -93,8 +118,10 @@ def build(resized: bool, attn: str = "eager"):
 @pytest.mark.parametrize("resized", [False, True], ids=["grid", "resized-grid"])
 @pytest.mark.parametrize("options", [dict(ratio=0.9), dict(ratio=0.75, t=1.5, m=1.7), dict(ratio=0.5, t=2.0),
                                      dict(ratio=0.6, t=1.2, m=1.4), dict(keep=30, t=1.5, m=2.0),
-                                     dict(ratio=0.75, t=1e6, m=1.5)],
-                         ids=["preset10", "preset25-t-m", "preset50", "solved", "keep", "no-global-token"])
+                                     dict(ratio=0.75, t=1e6, m=1.5), dict(ratio=0.75, t=1.5, m=1.5, alpha_v=0.6),
+                                     dict(ratio=0.5, t=1.2, m=1.5, alpha_v=-0.8)],
+                         ids=["preset10", "preset25-t-m", "preset50", "solved", "keep", "no-global-token",
+                              "entropy", "negative-entropy"])
 def test_vflowopt_matches_the_slow_derivation(options, resized):
     """Batch of 2 with different image sizes (different grids and anyres layouts); ``resized``: the anyres grid
     shrunk after unpadding (``anyres_max_1`` on the tiny tower, as ``anyres_max_9`` does to large images on the
@@ -116,7 +143,7 @@ def test_vflowopt_matches_the_slow_derivation(options, resized):
         preset = V.PRESETS[min(V.PRESETS, key=lambda p: abs(p - retention))]
         t = options.get("t", preset[0])
         m = options.get("m", preset[2] * side / 27)
-        importance = packed_importance(model, inputs, t)[b]
+        importance = packed_importance(model, inputs, t, options.get("alpha_v", 0.0))[b]
         assert len(importance) == L
         if resized:
             assert int(span.row[span.frame == 1].max()) + 1 < 8 or int(span.col.max()) < 8
@@ -168,7 +195,7 @@ def test_resized_grids_match_the_reference_and_their_rows_alone(mode):
     from test_requests import run, assert_close
     model, proc = build(True)
     inputs = tm.image_inputs("llava_onevision", proc, 2, "single")
-    check_against_reference(model, inputs, "vflowopt", mode, t=1.5, m=1.5)
+    check_against_reference(model, inputs, "vflowopt", mode, t=1.5, m=1.5, alpha_v=0.5)
     with vtr.patch(model, "vflowopt", ratio=0.75, t=1.5, m=1.5):
         kept, outputs = run(model, inputs, mode)
         for b in range(2):
@@ -207,7 +234,7 @@ def test_text_tokens_are_never_dropped_and_counts_are_reported():
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(ratio=0.5, alpha_v=0.5), "alpha_v .* not implemented"),
+    (dict(ratio=0.5, alpha_v=1.5), r"alpha_v must be in \[-1.0, 1.0\]"),
     (dict(ratio=0.5, scope="crop"), "scope must be 'image'"),
     (dict(ratio=0.5, llm_keep="1.0,x"), "llm_keep must be comma-separated"),
     (dict(ratio=0.5, llm_keep="1.0,1.5"), r"llm_keep ratios must be in \(0, 1\]"),
@@ -244,8 +271,9 @@ def test_search_space_and_solved_last_ratio():
     """The official bounds at 25 % ((0.25, 0.375), (0.2 / 0.375, 1)) and its solved last ratio
     ``((28 T - r_v 9 - r_v r_1 9) / 10) / (r_v r_1)``."""
     search = search_module()
-    (vit, first, t, m) = search.bounds(0.25)
+    (vit, first, t, m, alpha_v) = search.bounds(0.25)
     assert vit == (0.25, 0.375) and first == (0.2 / 0.375, 1.0) and t == (0.0, 50.0) and m == (3.0, 24.0)
+    assert alpha_v == (-1.0, 1.0)
     r_v, r_1 = 0.3, 0.8
     official = min(1.0, ((28 * 0.25 - r_v * 9 - r_v * r_1 * 9) / 10) / (r_v * r_1))
     assert abs(search.last_ratio(0.25, r_v, r_1, V.OFFICIAL_LAYERS, V.OFFICIAL_DEPTH) - official) < 1e-12

@@ -119,6 +119,7 @@ class VisionCall:
     layers: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
     stage: object = None  # the vision stage's state (``vtr.engine.vision.VisionStageState``) while it prunes
+    pixel_values: torch.Tensor | None = None  # the call's pixel input, as passed (VFlowOpt's patch entropy)
 
 
 @dataclass

@@ -84,8 +84,10 @@ class VFlowOpt(Method):
     Vision signal (``vision_layer``, default the feature layer: official layer 25 of the 26-layer SigLIP tower
     HF's LLaVA-OneVision runs, the last one; on other depths the tower's feature layer too): per crop, ``A`` =
     softmax attention mean over heads ``[N, N]`` (fp32), ``received = A.mean(0)``, global tokens ``G = {j:
-    received_j > t * mean(received)}``, importance ``A[G].mean(0)`` (a probability-like score, unitless); newline
-    tokens get importance 1 (official).
+    received_j > t * mean(received)}``, importance ``A[G].mean(0)`` (a probability-like score, unitless) plus
+    ``alpha_v * softmax(E)``, ``E`` the crop's per-patch pixel entropy in bits (``alpha_v=0`` in every released
+    preset, the default); newline tokens get importance 1 (official). The crop maps are laid out over the image
+    as OneVision packs its features (unpadded, and bilinearly resized with the grid under ``anyres_max``).
 
     Before the LLM, per image of ``L`` tokens (base grid + unpadded anyres grid with its newline column):
     ``drop = round(L * (1 - r_vit))``, ``extra = int(L / m**2)``; the ``drop + extra`` least important tokens
@@ -128,8 +130,9 @@ class VFlowOpt(Method):
         path only; multi-image prompts and base-only images are left whole);
       * ``m`` scaled to the tower's grid and the LLM stage layers to the model's depth (tiny test models); the
         vision layer is the tower's feature layer whatever its depth;
-      * the patch-entropy term ``alpha_v`` is not implemented (every released preset sets it to 0; a non-zero
-        value is refused);
+      * the patch-entropy term (``alpha_v``, 0 in every released preset): pixels cast to integers in fp32 and
+        wrapped modulo 256 explicitly (official: ``(x * 255).to(uint8)`` in the pixel dtype, whose wrap of
+        negative values is the CPU's behaviour, not guaranteed on GPU); the tower's patch size (official: 14);
       * the LLM stages drop by a stable ascending sort (official: ``torch.sort``, unstable on ties); the
         non-cache FastV-style path of ``forward_illava`` (training) is not implemented;
       * scores and merges in fp32 (official: the same, attention cast to fp32; ``score_dtype="model"``
@@ -160,9 +163,6 @@ class VFlowOpt(Method):
         super().__post_init__()
         if self.scope != "image":
             raise ValueError(f"{self.name}: scope must be 'image' (its budget and merge groups are per image)")
-        if self.alpha_v != 0:
-            raise ValueError(f"{self.name}: alpha_v (the patch-entropy term) is not implemented; the released "
-                             "presets set it to 0")
         self.llm_ratios()
 
     # ------------------------------------------------------------------------------------------- schedule
@@ -251,7 +251,7 @@ class VFlowOpt(Method):
             span, ids = group.span, group.ids.cpu()
             # newline tokens: importance 1 (official), far above any attention share
             importance = ctx.vision_global_attention(row, group, self.threshold(span.n), self.vision_layer,
-                                                     newline=1.0).float().cpu()
+                                                     newline=1.0, entropy_weight=self.alpha_v).float().cpu()
             base = (span.frame == 0).cpu() & ~span.newline.cpu()
             side = int(span.col.cpu()[base].max()) + 1  # the base grid is side x side
             full = torch.ones(span.n, dtype=torch.float32)
