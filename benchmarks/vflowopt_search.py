@@ -10,8 +10,9 @@ result's ``options`` are passed to ``vtr.patch(model, "vflowopt", **options)``.
 Search space (official bounds, written there for a 25 % target, generalised to ``--target T``): the vision keep
 ratio in ``[T, min(1, 1.5 T)]``, the first LLM stage's keep ratio in ``[0.8 T / min(1, 1.5 T), 1]``, the
 global-token threshold ``t`` in ``[0, 50]``, the bucket side ``m`` in ``[3, 24]`` (scaled by ``side / 27`` on
-towers whose grid is not SigLIP-384's 27 x 27), the patch-entropy weight ``alpha_v`` in ``[-1, 1]``. The last LLM ratio is solved so that the layer-averaged retention
-is ``T`` (official: ``min(1, ...)``; here also at least 1e-6). Optimiser: ``skopt.Optimizer`` with 27 random
+towers whose grid is not SigLIP-384's 27 x 27), the patch-entropy weight ``alpha_v`` in ``[-1, 1]``. The last
+LLM ratio is solved so that the layer-averaged retention is ``T`` (official: ``min(1, ...)``; here also at least
+1e-6). Optimiser: ``skopt.Optimizer`` with 27 random
 initial points (fewer when ``--calls`` is smaller) and seed 42, ask / tell, points clipped to the bounds, as the
 official loop.
 

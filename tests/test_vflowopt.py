@@ -6,13 +6,13 @@ picks; plus the schedule rule, the presets and the errors."""
 import math
 
 import pytest
-import torch
-
 import reference as R
 import tiny_models as tm
-import vtr
+import torch
 from test_methods import crops_per_image
 from test_vision_stage import sharpen
+
+import vtr
 from vtr.methods import vflowopt as V
 
 
@@ -129,9 +129,8 @@ def test_vflowopt_matches_the_slow_derivation(options, resized):
     model, proc = build(resized)
     sharpen(model, 6.0)  # far from uniform, yet no saturated (tied) probabilities
     inputs = tm.image_inputs("llava_onevision", proc, 2, "single")
-    with vtr.patch(model, "vflowopt", **options) as handle:
-        with torch.no_grad():
-            model(**inputs)
+    with vtr.patch(model, "vflowopt", **options) as handle, torch.no_grad():
+        model(**inputs)
     record, method = handle.last, handle.method
     side = model.config.vision_config.image_size // model.config.vision_config.patch_size
     lm = R.capture_lm_inputs(model, inputs)
@@ -192,7 +191,7 @@ def test_presets_and_schedule():
 def test_resized_grids_match_the_reference_and_their_rows_alone(mode):
     """The exactness and batch-vs-alone checks of the test matrices on grids anyres_max resizes."""
     from test_exactness import check_against_reference
-    from test_requests import run, assert_close
+    from test_requests import assert_close, run
     model, proc = build(True)
     inputs = tm.image_inputs("llava_onevision", proc, 2, "single")
     check_against_reference(model, inputs, "vflowopt", mode, t=1.5, m=1.5, alpha_v=0.5)

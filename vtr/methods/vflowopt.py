@@ -94,8 +94,8 @@ class VFlowOpt(Method):
     (stable ascending sort) are bucketed by ``(grid, floor(row / m), floor(col / m))`` on their own grid (the base
     grid, or the anyres grid including its newline column); each bucket's importance-weighted mean of the
     language-model input embeddings (weights normalised to sum 1, fp32) replaces its most important member, which
-    is kept (ties: the first in the sort). Kept: ``L - drop - extra + buckets`` tokens, compact positions (the
-    official packs them). ``handle.last.merged`` lists each bucket.
+    is kept (ties: the first in the sort). Kept: ``L - min(L, drop + extra) + buckets`` tokens, compact positions
+    (the official packs them). ``handle.last.merged`` lists each bucket.
 
     At decoder layers ``layers`` (official 9 and 18 of 28; the same fractions of other depths) stage ``s`` keeps
     ``n - round(n * (1 - r_s))`` of the image's ``n`` present tokens (at least 1), the most important by the
@@ -110,8 +110,9 @@ class VFlowOpt(Method):
     exceeds 1 the vision stage alone keeps ``R`` (see ``solve_schedule``). ``t``, ``m``, ``vit_keep``,
     ``llm_keep`` ("r1,r2") override the preset (``benchmarks/vflowopt_search.py`` searches them as the official
     ``llava_ov_opt_all.py`` does). ``m`` defaults to the preset's scaled to the tower's grid (``m * side / 27``:
-    unchanged on SigLIP-384). ``ratio=0``, or a ``keep`` of at least the image's ``L`` tokens, keeps everything at
-    every stage.
+    unchanged on SigLIP-384). ``layers`` ("9,18" style) names other stage layers (then give ``llm_keep``),
+    ``vision_layer`` (0-based) another vision layer. ``ratio=0``, or a ``keep`` of at least the image's ``L``
+    tokens, keeps everything at every stage.
 
     Errors: ``ValueError`` for a model other than LLaVA-OneVision (``vtr.patch``), a video, ``scope="crop"``, an
     ``llm_keep`` whose count differs from the stage layers, a ``vision_layer`` the tower lacks.
@@ -133,8 +134,9 @@ class VFlowOpt(Method):
       * the patch-entropy term (``alpha_v``, 0 in every released preset): pixels cast to integers in fp32 and
         wrapped modulo 256 explicitly (official: ``(x * 255).to(uint8)`` in the pixel dtype, whose wrap of
         negative values is the CPU's behaviour, not guaranteed on GPU); the tower's patch size (official: 14);
-      * the LLM stages drop by a stable ascending sort (official: ``torch.sort``, unstable on ties); the
-        non-cache FastV-style path of ``forward_illava`` (training) is not implemented;
+      * the least important tokens (before the LLM and at the LLM stages) by a stable ascending sort, ties to
+        the earlier token (official: ``torch.sort``, unstable on ties); the non-cache FastV-style path of
+        ``forward_illava`` (training) is not implemented;
       * scores and merges in fp32 (official: the same, attention cast to fp32; ``score_dtype="model"``
         computes the attention in the tower's dtype).
     """
