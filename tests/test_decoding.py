@@ -48,8 +48,9 @@ def test_manual_forward_loop(method, family, batch):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_sampling_matches_the_reference(method):
-    model, proc = tm.build("llava")
-    inputs = tm.image_inputs("llava", proc, 2)
+    family = tm.family_for(method, "llava")
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
     with vtr.patch(model, method, ratio=0.75) as handle:
         torch.manual_seed(7)
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=True, top_k=20, return_dict_in_generate=True,

@@ -19,7 +19,8 @@ _SOURCES = {"Handle": "api", "handle_of": "api", "methods": "api", "patch": "api
             "FastVID": "methods", "FasterVLM": "methods", "FlowCut": "methods", "FrameFusion": "methods",
             "HiPrune": "methods", "HoliTom": "methods", "Merge": "methods", "Method": "methods", "PruneVid": "methods",
             "PyramidDrop": "methods", "Random": "methods", "SparseVLM": "methods", "Stage": "methods",
-            "Uniform": "methods", "VisPruner": "methods", "VisionZip": "methods", "register": "methods",
+            "Uniform": "methods", "VFlowOpt": "methods", "VisPruner": "methods", "VisionZip": "methods",
+            "register": "methods",
             "AddedToken": "report", "MergedTokens": "report", "PrefillRecord": "report", "StageRecord": "report"}
 
 __all__ = sorted(_SOURCES)

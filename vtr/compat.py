@@ -224,6 +224,29 @@ def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
     return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
 
 
+def tower_pixels(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+    """``[n_crops, 3, H, W]``: the crops ``get_image_features`` hands the vision tower, from its ``pixel_values``
+    (anyres models: ``[n_images, max_crops, 3, H, W]`` padded with empty crops, which it strips)."""
+    if pixel_values.dim() == 4:
+        return pixel_values
+    counts = [anyres_patch_count(model.config, size) for size in image_sizes]
+    return torch.cat([p[:n] for p, n in zip(pixel_values, counts)])
+
+
+def pack_onevision_values(model, values: torch.Tensor, image_size, newline: float) -> torch.Tensor:
+    """``[n]``: one number per language-model token of a LLaVA-OneVision image, from ``values`` ``[c, N]`` given per
+    token of each of the image's vision-tower inputs (base crop first; [CLS] included under the "default"
+    strategy), laid out by the model's own feature packing: the base grid, then the tiles stitched, unpadded and
+    (``anyres_max``) bilinearly resized, ``newline`` in every newline slot. fp32."""
+    if vision_feature_strategy(model) == "default":
+        values = values[:, 1:]
+    packed, _ = model.model.pack_image_features(
+        [values.float()[..., None]], torch.as_tensor([list(image_size)]),
+        image_newline=torch.full((1,), float(newline), device=values.device),
+        vision_aspect_ratio=model.config.vision_aspect_ratio)
+    return packed[0][:, 0] if isinstance(packed, (list, tuple)) else packed[:, 0]
+
+
 def anyres_patch_count(config, image_size) -> int:
     """Vision-encoder inputs (base image + tiles) LLaVA-NeXT / OneVision make of an image of ``image_size``."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -363,6 +386,11 @@ def vision_grid_side(model: torch.nn.Module) -> int:
     """Patches per row of one square vision-tower input."""
     vision = model.config.vision_config
     return vision.image_size // vision.patch_size
+
+
+def vision_patch_size(model: torch.nn.Module) -> int:
+    """Pixels per side of one vision-tower patch."""
+    return model.config.vision_config.patch_size
 
 
 def vision_feature_strategy(model: torch.nn.Module) -> str:

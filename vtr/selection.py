@@ -394,6 +394,67 @@ class SelectionContext:
         crop, index = self.vision_sources(row, tokens)
         return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
+    def vision_global_attention(self, row: int, tokens: SpanCandidates, threshold: float,
+                                layer: int | None = None, newline: float = 1.0,
+                                entropy_weight: float = 0.0) -> torch.Tensor:
+        """``[c]``: the attention each candidate's patch gets from its crop's "global" tokens at a vision layer
+        (VFlowOpt's importance): per crop, ``A`` = softmax attention mean over heads ``[N, N]``, ``received`` =
+        ``A`` averaged over the queries, global tokens ``G = {j: received_j > threshold * mean(received)}``, and
+        the score is ``A[G].mean(0)``; a crop without any global token scores by ``received`` (``A`` averaged
+        over every query) instead of NaN. Computed crop by crop (one ``[H, N, N]`` at a time). CLIP / SigLIP
+        towers only. LLaVA-OneVision: the crop maps are laid out over the image as the model packs its features
+        (unpadded, bilinearly resized with the grid under ``anyres_max``), ``newline`` for newline tokens, as
+        VFlowOpt's official code packs its map; elsewhere read at each candidate's patch (no newlines).
+        ``entropy_weight`` (VFlowOpt's ``alpha_v``): plus that times the softmax over the crop's patches of their
+        pixel entropy (``vision_patch_entropy``)."""
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("global", layer, float(threshold), float(entropy_weight))
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            maps = []
+            for h in hidden:
+                A = compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0].mean(0)  # [N, N]
+                received = A.mean(0)
+                chosen = received > threshold * received.mean()
+                maps.append(A[chosen].mean(0) if bool(chosen.any()) else received)
+            maps = torch.stack(maps)  # [n_crops, N]
+            if entropy_weight:
+                entropy = self.vision_patch_entropy().to(maps.device)  # [n_crops, P]
+                maps[:, maps.shape[1] - entropy.shape[1]:] += entropy_weight * entropy.softmax(-1).to(maps.dtype)
+            self._memo[key] = maps
+        first, size = self._image_crops()[row, tokens.span.index]
+        count = self.engine.family.crops_per_image(self.engine.model, size)
+        packed = self.engine.family.pack_crop_values(self.engine.model, self._memo[key][first:first + count], size,
+                                                     newline)
+        if packed is not None:  # OneVision: follows the grid through anyres_max's resize, newlines included
+            return packed[tokens.ids.to(packed.device)].to(self._memo[key].dtype)
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_patch_entropy(self) -> torch.Tensor:
+        """``[n_crops, P]``: Shannon entropy (bits) of each patch's pixels, per vision-tower input, patches in
+        raster order (VFlowOpt's ``calculate_patch_entropy_vectorized``): the tower's pixel tensor (normalised,
+        about [-1, 1] for SigLIP) times 255 truncated to integers and wrapped modulo 256 (the official cast to
+        uint8, which wraps negative values on CPU), grey = the channels weighted 0.3333 each and rounded, a
+        256-bin histogram per patch, ``-sum p log2(p + 1e-10)``. fp32."""
+        if "entropy" not in self._memo:
+            call = self.fwd.vision
+            if call is None or call.pixel_values is None:
+                raise RuntimeError(f"{self.engine.method.name}: the pixel entropy needs the images' pixels, encoded "
+                                   "by the model in the same call (pass pixel_values, not precomputed features)")
+            pixels = compat.tower_pixels(self.engine.model, call.pixel_values, call.image_sizes).float()
+            size = compat.vision_patch_size(self.engine.model)
+            C = pixels.shape[1]
+            patches = pixels.unfold(2, size, size).unfold(3, size, size)  # [n, C, h, w, size, size]
+            n, _, h, w = patches.shape[:4]
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * h * w, C, size * size)
+            values = (patches * 255).to(torch.int64).remainder(256).float()
+            grey = (values * torch.full((1, C, 1), 0.3333)).sum(1).round().long()  # [n h w, size^2]
+            hist = torch.zeros(len(grey), 256).scatter_add_(1, grey, torch.ones_like(grey, dtype=torch.float32))
+            p = hist / hist.sum(1, keepdim=True)
+            self._memo["entropy"] = (-(p * torch.log2(p + 1e-10)).sum(1)).view(n, h * w)
+        return self._memo["entropy"]
+
     def vision_grid(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Where each candidate lies on its grid: ``(grid, cell, width, cells)``: ``[c]`` the grid it belongs to (a
         crop; the image on Qwen-VL), ``[c]`` its raster cell in that grid, the grid's width and its number of cells

@@ -194,6 +194,18 @@ class SyntheticContext:
         crop, index = self.vision_sources(row, tokens)
         return self._memo["received", layer][crop, index]
 
+    def vision_global_attention(self, row, tokens, threshold, layer=None, newline=1.0, entropy_weight=0.0):
+        if ("global", threshold) not in self._memo:  # one crop's [N, N] at a time; no pixels here (weight ignored)
+            maps = []
+            for c in range(len(self._vision_q)):
+                A = self._vision_rows(slice(None), slice(c, c + 1))[0]
+                received = A.mean(0)
+                chosen = received > threshold * received.mean()
+                maps.append(A[chosen].mean(0) if bool(chosen.any()) else received)
+            self._memo["global", threshold] = torch.stack(maps)
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo["global", threshold][crop, index]
+
     def vision_features(self, row, tokens, layer=None):
         crop, index = self.vision_sources(row, tokens)
         return self._vision_hidden[crop, index]

@@ -110,9 +110,10 @@ class RequestState:
 
 @dataclass
 class VisionCall:
-    """One ``get_image_features`` (or ``get_video_features``) call: its anyres image sizes (LLaVA-NeXT) or image grids (Qwen-VL) and, per
-    captured vision layer, [attention module, attention input, layer output] (``[n_crops, N, D_v]`` each; Qwen-VL:
-    ``[S, D_v]`` patches in the tower's order) and the attention call's other arguments (``extras``)."""
+    """One ``get_image_features`` (or ``get_video_features``) call: its anyres image sizes (LLaVA-NeXT) or image
+    grids (Qwen-VL) and, per captured vision layer, [attention module, attention input, layer output]
+    (``[n_crops, N, D_v]`` each; Qwen-VL: ``[S, D_v]`` patches in the tower's order) and the attention call's other
+    arguments (``extras``)."""
 
     image_sizes: list | None
     grid_thw: torch.Tensor | None = None
@@ -122,6 +123,7 @@ class VisionCall:
     kind: str = "image"  # "video": a ``get_video_features`` call
     frames: int | None = None  # LLaVA-OneVision videos: frames per video (every video of a call has as many)
     video: "VisionCall | None" = None  # the same forward's video call, beside its image call
+    pixel_values: torch.Tensor | None = None  # the call's pixel input, as passed (VFlowOpt's patch entropy)
 
 
 @dataclass

@@ -69,7 +69,8 @@ class VisionSignals:
     def _encode_images(self, original, *args, **kwargs):
         sizes = compat.call_argument(original, args, kwargs, "image_sizes")
         call = VisionCall(image_sizes=sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes,
-                          grid_thw=compat.call_argument(original, args, kwargs, "image_grid_thw"))
+                          grid_thw=compat.call_argument(original, args, kwargs, "image_grid_thw"),
+                          pixel_values=compat.call_argument(original, args, kwargs, "pixel_values"))
         me = threading.get_ident()
         earlier = self._vision.get(me)
         call.video = earlier.video if earlier is not None else None

@@ -18,10 +18,11 @@ from .sparsevlm import SparseVLM
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
+from .vflowopt import VFlowOpt
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 __all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "FrameFusion",
            "HiPrune", "HoliTom", "Merge", "Method", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM",
-           "Stage", "StageSpec", "Uniform", "VisPruner", "VisionZip", "lookup",
+           "Stage", "StageSpec", "Uniform", "VFlowOpt", "VisPruner", "VisionZip", "lookup",
            "register"]

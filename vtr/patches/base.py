@@ -44,6 +44,12 @@ class Family:
         ``image_size``: the image's (height, width) as passed to ``get_image_features`` (anyres models)."""
         raise ValueError(f"vtr: vision-tower signals are not available for {self.name} models")
 
+    def pack_crop_values(self, model, values: torch.Tensor, image_size, newline: float) -> torch.Tensor | None:
+        """``[n]``: numbers given per token of each vision-tower input of an image (``values`` ``[c, N]``) laid out
+        over the image's ``n`` language-model tokens as the model packs its features (``newline`` in newline
+        slots), or None where the family traces tokens to patches instead (``vision_patches``)."""
+        return None
+
     def image_token_count(self, model, image_size) -> int:
         """Visual tokens an image of ``image_size`` (anyres models; None otherwise) gets in the prompt."""
         raise ValueError(f"vtr: the vision stage is not available for {self.name} models")

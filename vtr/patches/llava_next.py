@@ -83,6 +83,11 @@ class LlavaOnevisionFamily(LlavaNextFamily):
     name = "llava_onevision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
 
+    def pack_crop_values(self, model, values: torch.Tensor, image_size, newline: float) -> torch.Tensor:
+        """``[n]``: per-crop numbers ``[c, N]`` laid out over the image's ``n`` tokens as its features are (resized
+        with them where ``anyres_max`` shrinks the grid; ``newline`` in the newline slots)."""
+        return compat.pack_onevision_values(model, values, image_size, newline)
+
     def _videos(self, model, inputs, ids, row):
         """Each video: frames of ``pooled x pooled`` tokens (raster order), then one newline token."""
         config = model.config
