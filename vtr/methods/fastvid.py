@@ -204,7 +204,7 @@ class FastVID(Method):
                 flat = torch.cat([table[g, idx] for g, idx in member_frames])
                 vectors = torch.cat([E[g, idx] for g, idx in member_frames])
                 t_vec = E[f, chosen]
-                sim = video.cosine(vectors[:, None], t_vec[None])  # [M, C]
+                sim = video.cosine_matrix(vectors, t_vec)  # [M, C]
                 assign = sim.argmax(1)
                 own = {int(table[f, t]): j for j, t in enumerate(chosen.tolist())}
                 for m, idx in enumerate(flat.tolist()):  # a target joins itself (cosine ties cannot move it)

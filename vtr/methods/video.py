@@ -36,6 +36,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
 
 
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[M, C]``: cosine similarity of every row of ``a`` ``[M, D]`` with every row of ``b`` ``[C, D]``, as one
+    matrix product of the normalised rows (no ``[M, C, D]`` intermediate), fp32; zero vectors give 0."""
+    a = a.float() / a.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    b = b.float() / b.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return a @ b.T
+
+
 def adjacent_similarity(g: torch.Tensor) -> torch.Tensor:
     """``[F - 1]``: cosine similarity of consecutive frame descriptors ``g`` ``[F, C]``."""
     return cosine(g[:-1], g[1:])
