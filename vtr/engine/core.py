@@ -118,7 +118,8 @@ class VisionCall:
     grid_thw: torch.Tensor | None = None
     layers: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
-    stage: object = None  # the vision stage's state (``vtr.engine.vision.VisionStageState``) while it prunes
+    stage: object = None  # the vision stage's state (``vision.VisionStageState``, ``qwen_vision.QwenStageState``)
+    encoding: bool = False  # inside ``get_image_features`` (a Qwen-VL tower call outside it encodes videos)
 
 
 @dataclass

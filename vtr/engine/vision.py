@@ -51,7 +51,9 @@ class VisionSignals:
             reg(compat.vision_self_attention(layers[i]).register_forward_pre_hook(self._vision_input(i),
                                                                                    with_kwargs=True))
             reg(layers[i].register_forward_hook(self._vision_output(i)))
-        if self.vision_stage_layers:
+        if self.vision_stage_layers and compat.is_qwen_tower(self.model):
+            self._attach_qwen_stage(reg)
+        elif self.vision_stage_layers:
             for i, layer in enumerate(layers):
                 if i in self.vision_stage_layers:  # the tower's own q/k/v projections, kept for the scores
                     for name, module in compat.vision_projections(compat.vision_self_attention(layer)).items():
@@ -66,7 +68,11 @@ class VisionSignals:
         call = VisionCall(image_sizes=sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes,
                           grid_thw=compat.call_argument(original, args, kwargs, "image_grid_thw"))
         self._vision[threading.get_ident()] = call
-        return original(*args, **kwargs)
+        call.encoding = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            call.encoding = False
 
     def _vision_input(self, i: int):
         def hook(module, args, kwargs):
