@@ -91,16 +91,16 @@ class QwenVisionStage:
         reg(tower.register_forward_hook(self._qwen_tower_output))
 
     def _qwen_stage(self) -> QwenStageState | None:
+        """The stage state of the image encoding running now (None in a video tower call, which runs untouched)."""
         call = self._vision.get(threading.get_ident())
-        return call.stage if call is not None and isinstance(call.stage, QwenStageState) else None
+        if call is None or not call.encoding or not isinstance(call.stage, QwenStageState):
+            return None
+        return call.stage
 
     def _qwen_tower_pre(self, module, args, kwargs):
-        """A new stage state for an image encoding (``get_image_features``; video calls are not pruned)."""
+        """A new stage state for an image encoding (``get_image_features``)."""
         call = self._vision.get(threading.get_ident())
-        if call is None:
-            return None
-        call.stage = None
-        if not call.encoding:
+        if call is None or not call.encoding:
             return None
         grid = compat.qwen_grid_argument(args, kwargs)
         unit = compat.qwen_merge_unit(self.model)
