@@ -302,3 +302,54 @@ def test_videos_are_refused():
         with pytest.raises(ValueError, match="flowcut prunes images inside the vision tower; this prompt holds a "
                                              "video"):
             model(**tm.video_inputs("qwen2_vl", proc, 1))
+
+
+@pytest.mark.parametrize("family", QWEN)
+@pytest.mark.parametrize("budget", [{"keep": 5}, {"ratio": 0.8}])
+def test_layer_one_stage_matches_the_slow_loop(family, budget):
+    """Notes 9.4, the Qwen variant: at decoder layer 1 the last prompt token's query (per head, after M-RoPE) over
+    the image's keys and its value over the image's values, ``softmax(. / sqrt(d))`` in fp32, each mean over heads,
+    scored ``(a + s) * ||mean_h v_j||_1`` WITHOUT the normalisation of the LLaVA code (``compute_score_llm``); the top
+    T go on from layer 2. Layer 1's attention inputs are taken from the patched run (their equality with the
+    reference's is the exactness tests' business)."""
+    model, proc = build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    attn = R.lm_of(model).layers[1].self_attn
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault("x", (kwargs.get("hidden_states", args[0] if args else None), kwargs["position_embeddings"]))
+
+    with vtr.patch(model, "flowcut", **budget) as handle:
+        h = attn.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            h.remove()
+    record, method = handle.last, handle.method
+    x, (cos, sin) = seen["x"]
+    L, d = x.shape[1], attn.head_dim
+    with torch.no_grad():
+        q, k = attn.q_proj(x).view(1, L, -1, d), attn.k_proj(x).view(1, L, -1, d)
+        if hasattr(attn, "q_norm"):  # Qwen3-VL normalises each head's query and key before M-RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj(x).view(1, L, -1, d).transpose(1, 2)[0]
+        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = q[0].float(), k[0].float()
+    v = v.float()
+    H, group = q.shape[0], q.shape[0] // k.shape[0]
+    span = record.layout.rows[0].spans[0]
+    order = record.stages[0].index[0].tolist()
+    image = [j for j, p in enumerate(order) if p in set(span.positions.tolist())]
+    rel = torch.stack([torch.softmax(q[h, -1] @ k[h // group, image].T / math.sqrt(d), -1) for h in range(H)]).mean(0)
+    sem = torch.stack([torch.softmax(v[h // group, -1] @ v[h // group, image].T / math.sqrt(d), -1)
+                       for h in range(H)]).mean(0)
+    vnorm = torch.stack([v[h // group, image] for h in range(H)]).mean(0).abs().sum(-1)
+    score = (rel + sem) * vnorm
+    target = method.budget(span.n)
+    assert len(image) > target
+    where = {int(p): i for i, p in enumerate(span.positions)}
+    expected = sorted(where[order[image[j]]] for j in torch.topk(score, target).indices.tolist())
+    assert record.stages[1].layer == 2 and record.stages[1].kept[0].tolist() == expected
