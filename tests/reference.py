@@ -520,6 +520,8 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
     if record is not None and record.vision_tokens:  # the unpatched tower run on the kept patches
         lm_inputs = lm_inputs["again"](record.vision_tokens)
+    if record is not None and record.layout is not None:  # adjacent images (LLaVA) are one run of placeholders
+        lm_inputs = dict(lm_inputs, spans=[[s.positions.tolist() for s in row.spans] for row in record.layout.rows])
     decode = method.decode_stage()
     if decode is not None:  # a kv_cache stage (DyCoke): the recorded per-step subsets
         return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,

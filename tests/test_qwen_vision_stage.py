@@ -353,3 +353,11 @@ def test_layer_one_stage_matches_the_slow_loop(family, budget):
     where = {int(p): i for i, p in enumerate(span.positions)}
     expected = sorted(where[order[image[j]]] for j in torch.topk(score, target).indices.tolist())
     assert record.stages[1].layer == 2 and record.stages[1].kept[0].tolist() == expected
+
+
+@pytest.mark.parametrize("family,method", [("qwen2_5_vl", "divprune"), ("llava", "divprune"), ("llava_next", "flowcut")])
+def test_span_prefix_for_other_stages_before_the_language_model(family, method):
+    """The policy is the engine's: any pre-LLM (or vision) stage may use it, on 1-D RoPE models too."""
+    model, proc = tm.build(family)
+    check_against_reference(model, tm.image_inputs(family, proc, 2, "multi"), method, "generate",
+                            positions="span_prefix")

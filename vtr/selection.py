@@ -530,8 +530,9 @@ class VisionImage:
 
 class VisionStageContext:
     """The signals of one vision layer for a ``vision`` stage, computed for the rows a method asks for from the
-    query, key and value projections the layer itself computed (``[C, W, H * d]``, right-padded crops), so the tower
-    keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
+    query, key and value projections the layer itself computed (``[C, W, H * d]``, right-padded crops; Qwen-VL: the
+    block's fused ``qkv`` output ``[S, 3 * H * d]`` of the packed rows, rotated with the rows' rotary embedding), so
+    the tower keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
 
     def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict, rotary=None):
         self.engine, self.attn, self.projections = engine, attn, projections
