@@ -355,7 +355,8 @@ def test_layer_one_stage_matches_the_slow_loop(family, budget):
     assert record.stages[1].layer == 2 and record.stages[1].kept[0].tolist() == expected
 
 
-@pytest.mark.parametrize("family,method", [("qwen2_5_vl", "divprune"), ("llava", "divprune"), ("llava_next", "flowcut")])
+@pytest.mark.parametrize("family,method", [("qwen2_5_vl", "divprune"), ("llava", "divprune"),
+                                           ("llava_next", "flowcut")])
 def test_span_prefix_for_other_stages_before_the_language_model(family, method):
     """The policy is the engine's: any pre-LLM (or vision) stage may use it, on 1-D RoPE models too."""
     model, proc = tm.build(family)

@@ -563,7 +563,8 @@ class VisionStageContext:
         key = ("rows", image.crops.start, rows.start, rows.stop)
         if key not in self._memo:
             q = self._heads("q", image)[:, :, rows]
-            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * compat.vision_attention_scale(self.attn)
+            scale = compat.vision_attention_scale(self.attn)
+            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * scale
             self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype)
         return self._memo[key]
 
@@ -581,6 +582,7 @@ class VisionStageContext:
         key = ("global", image.crops.start)
         if key not in self._memo:
             q = self._heads("q", image).mean(2, keepdim=True)  # [c, H, 1, d]
-            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * compat.vision_attention_scale(self.attn)
+            scale = compat.vision_attention_scale(self.attn)
+            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * scale
             self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype).mean(1)[:, 0]
         return self._memo[key]
