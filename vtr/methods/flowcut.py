@@ -68,7 +68,8 @@ class FlowCut(Method):
     sqrt(d))`` over its values, mean over heads, combined as above with ``||mean_h v_j||_1``) and the top ``target``
     go on from layer 2 (``llm_layer``); positions compacted, as the official Llama code does.
 
-    Options: ``llm_layer`` (None: 2 on LLaVA-NeXT, none on LLaVA-1.5; 0 turns the language-model stage off).
+    Options: ``llm_layer`` (None: 2 on LLaVA-NeXT and Qwen-VL, none on LLaVA-1.5; 0 turns the language-model stage
+    off).
 
     Deliberate differences from the official code:
 
