@@ -30,7 +30,9 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
     the unpatched model then projects those features. ``seen["again"](vision_tokens)`` captures again so."""
     seen = {}
     tower_hook = None
-    if vision_tokens:
+    if vision_tokens and compat.is_qwen_tower(model):
+        tower_hook = QwenTowerReference(model, vision_tokens)
+    elif vision_tokens:
         tower = model.model.vision_tower
         feature = compat.vision_feature_layer(model)
 
@@ -61,6 +63,7 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
         if tower_hook is not None:
             tower_hook.remove()
     seen["again"] = lambda tokens: capture_lm_inputs(model, inputs, generate, tokens)
+    seen["spans"] = visual_runs(model, inputs["input_ids"])
     B, L, _ = seen["embeds"].shape
     if seen["mask"] is None:
         seen["mask"] = torch.ones(B, L, dtype=torch.long)
@@ -91,6 +94,99 @@ def vision_reference(tower, pixels: torch.Tensor, vision_tokens: dict, feature: 
     return out
 
 
+class QwenTowerReference:
+    """While registered, a Qwen-VL tower's merged features (and Qwen3-VL's DeepStack features) are replaced by
+    those of its unpatched blocks run by hand on the kept rows: after each pruning block ``i`` of ``vision_tokens``
+    (``[1, S']`` original rows kept, tower order) only those rows go on, each later block given, for every attention
+    segment it had (its own ``cu_seqlens``: images, or Qwen2.5-VL windows), the kept rows of that segment and the
+    kept rows' rotary (cos, sin); the mergers read the rows at full length with pruned rows zero."""
+
+    def __init__(self, model, vision_tokens: dict):
+        self.model, self.tokens, self.calls = model, vision_tokens, {}
+        visual = model.model.visual
+        self.handles = [block.register_forward_pre_hook(self._block(i), with_kwargs=True)
+                        for i, block in enumerate(visual.blocks)]
+        self.handles.append(visual.register_forward_hook(self._replace, with_kwargs=True))
+
+    def _block(self, i):
+        def hook(module, args, kwargs):
+            self.calls[i] = (args[0] if args else kwargs["hidden_states"], dict(kwargs))
+        return hook
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def _replace(self, module, args, kwargs, output):
+        visual = module
+        hidden, _ = self.calls[0]
+        S = hidden.shape[0]
+        rows = list(range(S))
+        indexes = list(getattr(visual, "deepstack_visual_indexes", None) or [])
+        deep = []
+
+        def full(h):
+            out = h.new_zeros(S, h.shape[-1])
+            out[rows] = h
+            return out
+
+        with torch.no_grad():
+            for i, block in enumerate(visual.blocks):
+                kw = self.calls[i][1]
+                bounds = kw["cu_seqlens"].tolist()
+                cu = [0]
+                for a, b in zip(bounds[:-1], bounds[1:]):
+                    count = sum(1 for r in rows if a <= r < b)
+                    if count:
+                        cu.append(cu[-1] + count)
+                cos, sin = kw["position_embeddings"]
+                extra = {k: v for k, v in kw.items() if k not in ("cu_seqlens", "position_embeddings", "max_seqlen")}
+                hidden = block(hidden, cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                               position_embeddings=(cos[rows], sin[rows]), **extra)
+                if i in self.tokens:
+                    where = {r: j for j, r in enumerate(rows)}
+                    kept = self.tokens[i][0].tolist()
+                    hidden = hidden[[where[r] for r in kept]]
+                    rows = kept
+                if i in indexes:
+                    deep.append(visual.deepstack_merger_list[indexes.index(i)](full(hidden)))
+            merged = visual.merger(full(hidden))
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        order = compat.qwen_unit_order(self.model, grid)  # tower (window) order -> merged-token order
+        raster = torch.empty_like(merged)
+        raster[order] = merged
+        output.pooler_output = raster
+        if deep:
+            output.deepstack_features = []
+            for d in deep:
+                r = torch.empty_like(d)
+                r[order] = d
+                output.deepstack_features.append(r)
+        return output
+
+
+def visual_runs(model, ids: torch.Tensor) -> list:
+    """Per row, the prompt positions of each run of consecutive image (or video) placeholders: the visual spans,
+    found without vtr's layout."""
+    config = model.config
+    visual = [getattr(config, name, None) for name in ("image_token_id", "video_token_id", "image_token_index",
+                                                        "video_token_index")]
+    flags = torch.isin(ids, torch.tensor([v for v in visual if v is not None]))
+    runs = []
+    for b in range(ids.shape[0]):
+        row, current = [], []
+        for j, flag in enumerate(flags[b].tolist()):
+            if flag:
+                current.append(j)
+            elif current:
+                row.append(current)
+                current = []
+        if current:
+            row.append(current)
+        runs.append(row)
+    return runs
+
+
 def gather_seq(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
     """``x[..., b, index[b, i], ...]`` along the sequence dim of ``[B, L]``, ``[B, L, D]`` or ``[R, B, L]``."""
     if x.dim() == 3 and x.shape[1] == index.shape[0] and x.shape[2] != index.shape[0] and x.shape[0] in (3, 4):
@@ -104,10 +200,21 @@ def gather_seq(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
     return torch.stack(out)
 
 
-def pruned_positions(positions: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, policy: str) -> torch.Tensor:
-    """Positions of the kept slots: original (gathered) or compact (minus the removed real tokens before each)."""
+def pruned_positions(positions: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, policy: str,
+                     spans: list | None = None) -> torch.Tensor:
+    """Positions of the kept slots: original (gathered), compact (minus the removed real tokens before each) or
+    span_prefix (the kept tokens of each visual span, ``spans[b]`` lists of prompt positions, take the span's first
+    positions in order; the others their own)."""
     kept = gather_seq(positions, index, 1)
     if policy == "original":
+        return kept
+    if policy == "span_prefix":
+        kept = kept.clone()
+        for b in range(index.shape[0]):
+            for run in spans[b]:
+                members = set(run)
+                slots = [j for j, p in enumerate(index[b].tolist()) if p in members]
+                kept[..., b, slots] = positions[..., b, run[:len(slots)]]
         return kept
     B, L = mask.shape
     present = torch.zeros(B, L, dtype=torch.bool)
@@ -181,7 +288,7 @@ def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, 
     called directly, since the top-level model only makes DeepStack features from pixels."""
     embeds = gather_seq(lm_inputs["embeds"], index, 0.0)
     mask = gather_seq(lm_inputs["mask"], index, 0)
-    positions = pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy)
+    positions = pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy, lm_inputs.get("spans"))
     cache = DynamicCache(config=lm_of(model).config)
     deepstack = kept_deepstack(lm_inputs, index)
 
@@ -248,7 +355,8 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
     merged = list(merged) if merged is not None else [None] * len(stages)
     groups = [(0, None)] + list(stages)
     if policies is not None:
-        policies = ["keep" if p == "original" and policy == "compact" else (p or policy) for p in policies]
+        policies = ["keep" if p == "original" and policy in ("compact", "span_prefix") else (p or policy)
+                    for p in policies]
     else:
         policies = [policy] * len(stages) if isinstance(policy, str) else list(policy)
     slice_earlier = [False] + list(slice_earlier or [False] * len(stages))
@@ -279,7 +387,8 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
             starts.append(next_positions(lm_inputs, torch.zeros(0), "original"))
         elif not bool((index < -1).any()):
             masks.append(gather_seq(lm_inputs["mask"].bool(), index, False))
-            positions.append(_rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy)))
+            positions.append(_rope_rows(pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy,
+                                                         lm_inputs.get("spans"))))
             stacks.append(kept_deepstack(lm_inputs, index))
             starts.append(next_positions(lm_inputs, index, policy))
         else:  # with tokens a merging stage added (index -2 - a)
@@ -411,6 +520,8 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
     if record is not None and record.vision_tokens:  # the unpatched tower run on the kept patches
         lm_inputs = lm_inputs["again"](record.vision_tokens)
+    if record is not None and record.layout is not None:  # adjacent images (LLaVA) are one run of placeholders
+        lm_inputs = dict(lm_inputs, spans=[[s.positions.tolist() for s in row.spans] for row in record.layout.rows])
     decode = method.decode_stage()
     if decode is not None:  # a kv_cache stage (DyCoke): the recorded per-step subsets
         return decode_subset_reference(model, lm_inputs, index, method.positions, steps, decode.layer, record, tokens,

@@ -10,7 +10,7 @@ import torch
 from . import compat
 from .engine import Engine
 from .methods import Method, Stage, lookup
-from .methods.base import IMPLEMENTED_STAGES
+from .methods.base import BEFORE_LM, IMPLEMENTED_STAGES
 from .methods.registry import REGISTRY
 from .patches import family_of
 from .report import PrefillRecord
@@ -147,7 +147,9 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
         if not layers:
             raise ValueError(f"{method.name}: this vision tower has no layer below its feature layer {feature} to "
                              "prune after (the projector reads the first layer's output)")
-        if any(not 0 <= i < feature for i in layers):
+        # Qwen-VL: the official code also prunes after the last block, whose output the merger reads
+        limit = feature + 1 if compat.is_qwen_tower(model) else feature
+        if any(not 0 <= i < limit for i in layers):
             raise ValueError(f"{method.name}: vision-stage layers {list(layers)} must lie below the feature layer "
                              f"{feature} of this vision tower")
     lm = compat.text_model(model)
@@ -169,6 +171,10 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
                              f"{n_layers}-layer model, got {decode.layer}")
         if any(s.stage is Stage.LAYER for s in method.stages()):
             raise NotImplementedError(f"{method.name}: a kv_cache stage after layer stages is not implemented")
+    for spec in method.stages():
+        if (spec.positions or method.positions) == "span_prefix" and spec.stage not in BEFORE_LM:
+            raise ValueError(f"{method.name}: positions='span_prefix' is defined for stages before the language "
+                             f"model; its {spec.stage.value} stage at layer {spec.layer} would need it inside it")
     if method.positions == "compact" and family.mrope:
         raise ValueError(f"{method.name}: positions='compact' is not defined for {type(model).__name__}, whose "
                          "M-RoPE gives visual tokens 3-D grid positions; use positions='original' (kept tokens keep "

@@ -438,8 +438,16 @@ def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.
 # the tower's ``BaseModelOutputWithPooling`` (``last_hidden_state``, ``hidden_states``) is rewritten at the tower.
 def vision_projections(attn: torch.nn.Module) -> dict:
     """The attention module's query, key and value projections (``q``/``k``/``v``): their outputs ``[n, N, H * d]``
-    (bias included, queries not yet scaled) are what the attention runs on."""
+    (bias included, queries not yet scaled) are what the attention runs on. Qwen-VL: its fused ``qkv`` projection
+    (``[S, 3 * H * d]``, see ``qwen_vision_heads``)."""
+    if hasattr(attn, "qkv"):
+        return {"qkv": attn.qkv}
     return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
+
+
+def vision_attention_scale(attn: torch.nn.Module) -> float:
+    """The factor the attention logits are scaled by (``head_dim ** -0.5``)."""
+    return attn.scaling if hasattr(attn, "scaling") else attn.scale
 
 
 def vision_heads(attn: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
@@ -454,7 +462,9 @@ def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def vision_has_cls(model: torch.nn.Module) -> bool:
-    """Whether token 0 of every vision-tower sequence is a [CLS] token (CLIP: yes; SigLIP: no)."""
+    """Whether token 0 of every vision-tower sequence is a [CLS] token (CLIP: yes; SigLIP, Qwen-VL: no)."""
+    if is_qwen_tower(model):
+        return False
     tower = vision_tower(model)
     tower = getattr(tower, "vision_model", tower)
     return hasattr(getattr(tower, "embeddings", None), "class_embedding")
@@ -590,3 +600,58 @@ def qwen_unit_order(model: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Ten
 def qwen_merge_unit(model: torch.nn.Module) -> int:
     """Patches per merged token (4 for the 2x2 merger)."""
     return model.model.visual.spatial_merge_size ** 2
+
+
+# The ``vision`` stage on Qwen-VL towers: the blocks run on one packed ``[S, D]`` sequence (images one after the
+# other; Qwen2.5-VL: each image's merge units in window order), given ``cu_seqlens`` (per image frame, or per window
+# in Qwen2.5-VL's window-attention blocks), ``max_seqlen`` and the rotary ``position_embeddings`` as keyword
+# arguments; the merger (and Qwen3-VL's DeepStack mergers) concatenate 4 consecutive rows.
+def is_qwen_tower(model: torch.nn.Module) -> bool:
+    return getattr(model.model, "visual", None) is not None
+
+
+def qwen_tower(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model.visual
+
+
+def qwen_mergers(model: torch.nn.Module) -> list:
+    """The modules that read the tower's rows 4 at a time: the patch merger, then Qwen3-VL's DeepStack mergers."""
+    visual = model.model.visual
+    return [visual.merger] + list(getattr(visual, "deepstack_merger_list", None) or [])
+
+
+def qwen_window_blocks(model: torch.nn.Module) -> set:
+    """Blocks that attend within windows (Qwen2.5-VL: those not in ``fullatt_block_indexes``); empty otherwise."""
+    visual = model.model.visual
+    if not hasattr(visual, "window_size"):
+        return set()
+    return set(range(len(visual.blocks))) - set(visual.fullatt_block_indexes)
+
+
+def qwen_grid_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tower call's ``grid_thw`` (``[n, 3]``: frames, patch rows, patch columns of each image)."""
+    return kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
+
+
+def qwen_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
+    """``[F + 1]`` int32 boundaries of the full-attention segments (one per image frame), in tower rows."""
+    seqlens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+    return torch.nn.functional.pad(seqlens.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def qwen_window_seqlens(model: torch.nn.Module, grid_thw: torch.Tensor) -> torch.Tensor:
+    """``[W + 1]`` int32 boundaries of Qwen2.5-VL's attention windows, in tower rows (window order)."""
+    visual = model.model.visual
+    if hasattr(visual, "get_window_index"):  # older releases
+        return torch.as_tensor(visual.get_window_index(grid_thw)[1], dtype=torch.int32)
+    from transformers.vision_utils import get_vision_window_index
+    return get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)[1]
+
+
+def qwen_vision_heads(attn: torch.nn.Module, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``(q, k, v)``, each ``[H, n, d]``: a Qwen-VL vision attention's fused projection output ``[n, 3 * H * d]`` split
+    into heads, queries and keys rotated by the rows' rotary ``cos``/``sin`` (``[n, d]``), as the block does."""
+    n = qkv.shape[0]
+    q, k, v = qkv.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)

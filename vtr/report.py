@@ -98,7 +98,9 @@ class PrefillRecord:
     layout: TokenLayout | None = field(default=None, repr=False)
     n_layers: int = 0
     # vision stage: vision layer -> [C, W] the original token index ([CLS] = 0, -1 padding) of each tower input's
-    # tokens after that layer pruned (inputs in the tower's batch order: images, LLaVA-NeXT crops)
+    # tokens after that layer pruned (inputs in the tower's batch order: images, LLaVA-NeXT crops); Qwen-VL towers:
+    # block -> [1, S'] the original row (the call's images packed in order; Qwen2.5-VL: window order) of every kept
+    # row, whole 2x2 merge units
     vision_tokens: dict | None = field(default=None, repr=False)
     nominal_retention: float | None = None
     decode_steps: list = field(default_factory=list)

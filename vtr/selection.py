@@ -648,7 +648,12 @@ class VisionImage:
     engine always keeps. target: patches per crop the stage must end with (``Method.vision_target``). layer: the
     vision layer that just ran; feature_layer: the layer whose output the projector reads. state: per image and
     request, kept by the method between layers (e.g. cumulative scores, which the method gathers itself when it
-    prunes)."""
+    prunes).
+
+    Qwen-VL towers (one packed sequence, no [CLS]): crops is the image's number in the call (one "crop"), n its
+    current patches, ``rows`` their range in the tower's current sequence (Qwen2.5-VL: in window order), ``unit``
+    the patches of one 2x2 merge unit (4, one language token): the engine keeps or drops whole units, so
+    ``vision_step`` returns unit indices and ``target`` (patches) is a multiple of ``unit``."""
 
     crops: slice
     n: int
@@ -657,6 +662,8 @@ class VisionImage:
     layer: int
     feature_layer: int
     state: dict
+    unit: int = 1
+    rows: slice | None = None
 
     @property
     def n_crops(self) -> int:
@@ -666,23 +673,38 @@ class VisionImage:
     def n_patches(self) -> int:
         return self.n - int(self.cls)
 
+    @property
+    def n_units(self) -> int:
+        """Current merge units (Qwen-VL); the patches elsewhere."""
+        return self.n_patches // self.unit
+
 
 class VisionStageContext:
     """The signals of one vision layer for a ``vision`` stage, computed for the rows a method asks for from the
-    query, key and value projections the layer itself computed (``[C, W, H * d]``, right-padded crops), so the tower
-    keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
+    query, key and value projections the layer itself computed (``[C, W, H * d]``, right-padded crops; Qwen-VL: the
+    block's fused ``qkv`` output ``[S, 3 * H * d]`` of the packed rows, rotated with the rows' rotary embedding), so
+    the tower keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
 
-    def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict):
+    def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict, rotary=None):
         self.engine, self.attn, self.projections = engine, attn, projections
+        self.rotary = rotary  # Qwen-VL: (cos, sin) ``[S, d]`` of the current rows, which the block rotated q, k by
         self._memo = {}
 
     @property
     def score_dtype(self) -> torch.dtype:
-        dtype = self.projections["k"].dtype
+        dtype = next(iter(self.projections.values())).dtype
         return dtype if self.engine.method.score_dtype == "model" else torch.float32
 
     def _heads(self, name: str, image: VisionImage) -> torch.Tensor:
-        """``[c, H, n, d]``: this image's crops (all holding ``n`` real tokens) of one projection."""
+        """``[c, H, n, d]``: this image's crops (all holding ``n`` real tokens) of one projection (Qwen-VL: ``c = 1``,
+        queries and keys after the rotary embedding, as the block attends with them)."""
+        if "qkv" in self.projections:
+            key = ("qwen", image.crops.start)
+            if key not in self._memo:
+                cos, sin = (t[image.rows] for t in self.rotary)
+                heads = compat.qwen_vision_heads(self.attn, self.projections["qkv"][image.rows], cos, sin)
+                self._memo[key] = dict(zip("qkv", (h[None].to(self.score_dtype).contiguous() for h in heads)))
+            return self._memo[key][name]
         heads = compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n])
         return heads.to(self.score_dtype).contiguous()  # reductions over a transposed view are slow on CPU
 
@@ -692,7 +714,8 @@ class VisionStageContext:
         key = ("rows", image.crops.start, rows.start, rows.stop)
         if key not in self._memo:
             q = self._heads("q", image)[:, :, rows]
-            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * self.attn.scale
+            scale = compat.vision_attention_scale(self.attn)
+            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * scale
             self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype)
         return self._memo[key]
 
@@ -701,4 +724,16 @@ class VisionStageContext:
         key = ("values", image.crops.start)
         if key not in self._memo:
             self._memo[key] = self._heads("v", image)
+        return self._memo[key]
+
+    def global_query_attention(self, image: VisionImage) -> torch.Tensor:
+        """``[c, n]``: softmax attention (fp32 softmax, scaled logits) of a "global" query, the mean of the crop's
+        ``n`` current queries per head, over its tokens, mean over heads (FlowCut's Qwen-VL score: the tower has no
+        [CLS] token)."""
+        key = ("global", image.crops.start)
+        if key not in self._memo:
+            q = self._heads("q", image).mean(2, keepdim=True)  # [c, H, 1, d]
+            scale = compat.vision_attention_scale(self.attn)
+            logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * scale
+            self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype).mean(1)[:, 0]
         return self._memo[key]

@@ -24,7 +24,9 @@ Mechanics (all through forward pre-hooks; no transformers forward function is re
   them (crops of different lengths right-padded, with a key mask given to every later layer); a hook on the tower
   puts its outputs back on the full grid (pruned slots zero) so the model's feature selection, projector and anyres
   packing run unchanged, and the language model's pre-hook then removes the placeholders of the pruned patches as
-  a ``pre_llm`` stage would. ``layer`` stages may follow it.
+  a ``pre_llm`` stage would. ``layer`` stages may follow it. Qwen-VL towers (``qwen_vision``): whole 2x2 merge
+  units are kept, later blocks get the kept rows' ``cu_seqlens`` (windows too) and rotary embeddings, and the
+  mergers' inputs are put back at full length.
 * Decoding and continuations (any number of new tokens on a pruned cache): the 2-D mask of the pruned layers is
   the pruned prompt mask followed by the new tokens' columns; positions follow the method's policy (``original``:
   the unpruned numbering; ``compact``: minus the tokens removed).
@@ -58,13 +60,14 @@ from .kv_cache import KVCacheStage
 from .layer import LayerStages
 from .pre_llm import PreLLMStage
 from .prune import Pruning
+from .qwen_vision import QwenVisionStage
 from .vision import VisionSignals
 
 __all__ = ["Engine", "ForwardState", "RequestState", "SeqLayout", "VisionCall", "deepstack_inputs",
            "insertion_index", "shift_positions"]
 
 
-class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, Pruning):
+class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionStage, Pruning):
     """Installs the hooks for one (model, method) pair and performs the surgery. Created by ``vtr.patch``. Each
     stage's surgery lives in its own module (``pre_llm``, ``layer``, ``kv_cache``, ``vision``, ``prune``) over ``core``."""
 

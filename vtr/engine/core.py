@@ -119,7 +119,8 @@ class VisionCall:
     grid_thw: torch.Tensor | None = None
     layers: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
-    stage: object = None  # the vision stage's state (``vtr.engine.vision.VisionStageState``) while it prunes
+    stage: object = None  # the vision stage's state (``vision.VisionStageState``, ``qwen_vision.QwenStageState``)
+    encoding: bool = False  # inside ``get_image_features`` (a Qwen-VL tower call outside it encodes videos)
     kind: str = "image"  # "video": a ``get_video_features`` call
     frames: int | None = None  # LLaVA-OneVision videos: frames per video (every video of a call has as many)
     video: "VisionCall | None" = None  # the same forward's video call, beside its image call

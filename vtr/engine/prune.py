@@ -100,6 +100,8 @@ class Pruning:
                 else:
                     before = removed.long().cumsum(1) - removed.long()
                     new_positions = new_positions - kernels.gather_rows(before.unsqueeze(-1), select).squeeze(-1)
+            elif self.stage_positions(spec) == "span_prefix":
+                new_positions = self._span_prefix(fwd, prev, select, new_positions)
             if spec.stage in BEFORE_LM:  # the pruned sequence becomes the language model's input
                 new_local = torch.arange(select.shape[1], device=select.device).expand(select.shape[0], -1)
             else:
@@ -119,6 +121,22 @@ class Pruning:
         finally:
             record.selection_seconds += clock(hidden) - start
 
+    @staticmethod
+    def _span_prefix(fwd: ForwardState, prev: SeqLayout, select: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """``positions`` (``[B, L']`` or ``[R, B, L']``, gathered from ``prev``) with the kept tokens of each visual
+        span given the first positions its tokens held in ``prev``, in order (the ``span_prefix`` policy)."""
+        positions = positions.clone()
+        index = kernels.gather_rows(prev.index.unsqueeze(-1), select, -1).squeeze(-1)
+        for b, row in enumerate(fwd.layout.rows):
+            for span in row.spans:
+                members = span.positions.to(index.device)
+                kept = torch.isin(index[b], members)
+                held = torch.isin(prev.index[b], members).to(prev.positions.device)
+                k = int(kept.sum())
+                positions[..., b, kept.to(positions.device)] = prev.positions[..., b, held][..., :k].to(positions)
+        return positions
+
     def stage_positions(self, spec: StageSpec) -> str:
         """The position policy of one stage: its own (``StageSpec.positions``) or the method's."""
         return spec.positions or self.method.positions
@@ -129,12 +147,18 @@ class Pruning:
         counts them (``newline_candidates``), those of the high-resolution grid, which its anyres code drops
         (FlowCut's LLaVA-NeXT code stitches the kept tile tokens without newlines)."""
         span = present.span
+        if span.kind not in self.method.visual_kinds:
+            raise ValueError(f"vtr: {self.method.name} prunes images inside the vision tower; this prompt holds a "
+                             f"{span.kind}")
         if span.kind != "image" or self.method.ratio == 0:  # ratio 0: the identity, newlines included
             return torch.ones(len(present), dtype=torch.bool)
         stage = fwd.vision.stage if fwd.vision is not None else None
         if stage is None:
             raise RuntimeError(f"{self.method.name}: the images of this prefill were not encoded by the patched model "
                                "in this call (pass pixel_values to forward() or generate(), not features)")
+        if self.family.mrope:  # Qwen-VL: a language token is one merge unit of the tower
+            alive = stage.survived_tokens()
+            return alive[ctx.vision_units(row, present).to(alive.device)].cpu()
         ids = present.ids.cpu()
         newline = span.newline[ids.to(span.newline.device)].cpu()
         survivors = torch.ones(len(present), dtype=torch.bool)

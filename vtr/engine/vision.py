@@ -52,7 +52,9 @@ class VisionSignals:
             reg(compat.vision_self_attention(layers[i]).register_forward_pre_hook(self._vision_input(i),
                                                                                    with_kwargs=True))
             reg(layers[i].register_forward_hook(self._vision_output(i)))
-        if self.vision_stage_layers:
+        if self.vision_stage_layers and compat.is_qwen_tower(self.model):
+            self._attach_qwen_stage(reg)
+        elif self.vision_stage_layers:
             for i, layer in enumerate(layers):
                 if i in self.vision_stage_layers:  # the tower's own q/k/v projections, kept for the scores
                     for name, module in compat.vision_projections(compat.vision_self_attention(layer)).items():
@@ -75,7 +77,11 @@ class VisionSignals:
         earlier = self._vision.get(me)
         call.video = earlier.video if earlier is not None else None
         self._vision[me] = call
-        return original(*args, **kwargs)
+        call.encoding = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            call.encoding = False
 
     def _encode_videos(self, original, *args, **kwargs):
         """The frames of all videos of the call go through the tower as one batch (video after video); their

@@ -78,7 +78,7 @@ class Merge:
     added_anchors: torch.Tensor | None = None
 
 
-POSITION_POLICIES = ("original", "compact")
+POSITION_POLICIES = ("original", "compact", "span_prefix")
 SCORE_DTYPES = ("float32", "model")
 
 
@@ -89,7 +89,10 @@ class Method:
     Budget: exactly one of ``ratio`` (fraction of each image's visual tokens removed, in [0, 1)) and ``keep``
     (visual tokens kept per image, >= 1). ``ratio=0`` keeps every token for every method.
     positions: ``"original"`` (kept tokens keep their RoPE positions, decoding continues after the unpruned length)
-    or ``"compact"`` (positions renumbered without the pruned tokens, decoding continues after the pruned length).
+    or ``"compact"`` (positions renumbered without the pruned tokens, decoding continues after the pruned length)
+    or ``"span_prefix"`` (stages before the language model only: the kept tokens of each image or video take the
+    first positions of its original span, in order, as FlowCut's Qwen-VL code gives the shortened image span; every
+    other token keeps its position and decoding continues after the unpruned length).
     ``None`` takes the method's default, which is what its official code does: ``default_positions`` on models with
     1-D RoPE, ``original`` on M-RoPE models (Qwen-VL), where kept visual tokens keep their 3-D grid positions.
 
@@ -236,7 +239,8 @@ class Method:
     def vision_target(self, n_tokens: int, n_crops: int) -> int:
         """Vision stage: the patches each tower input (crop) of an image keeps once the stage is done, given the
         image's visual token count in the prompt (``n_tokens``, newlines included) and its number of crops. The
-        engine checks that every crop ends with exactly this many ([CLS] not counted)."""
+        engine checks that every crop ends with exactly this many ([CLS] not counted). Qwen-VL towers (one crop per
+        image): counted in merge units (language tokens, 4 patches each), which the engine keeps whole."""
         raise NotImplementedError
 
     def vision_step(self, ctx, image) -> torch.Tensor | None:
@@ -244,7 +248,9 @@ class Method:
         (``vtr.selection.VisionStageContext``) and the image's state (``vtr.selection.VisionImage``: its crops, their
         current patch count, the target, a per-request ``state`` dict the method may keep scores in). Returns
         ``[n_crops, k]`` indices into each crop's current patches ([CLS] excluded: the engine keeps it) to keep, the
-        same ``k`` for every crop of the image, or None to keep them all."""
+        same ``k`` for every crop of the image, or None to keep them all. Qwen-VL towers (``image.unit`` > 1):
+        ``[1, k]`` indices into the image's current merge units (``image.n_units``; unit ``u`` is the current
+        patches ``u * unit`` to ``u * unit + unit - 1``)."""
         raise NotImplementedError
 
     def supports(self, model_class: str) -> bool:

@@ -12,12 +12,15 @@ from .base import Method, Stage, StageSpec
 from .registry import register
 
 
-def flowcut_score(cls_attention: torch.Tensor, semantic: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def flowcut_score(cls_attention: torch.Tensor, semantic: torch.Tensor, values: torch.Tensor,
+                  normalise: bool = True) -> torch.Tensor:
     """FlowCut's ``compute_score``: ``(a / sum a + s / sum s) * ||v||_1``. cls_attention, semantic: ``[..., n]``;
-    values: ``[..., n, d]`` (mean over heads). Returns ``[..., n]``."""
-    relation = cls_attention / cls_attention.sum(-1, keepdim=True)
-    similarity = semantic / semantic.sum(-1, keepdim=True)
-    return (relation + similarity) * values.abs().sum(-1)
+    values: ``[..., n, d]`` (mean over heads). Returns ``[..., n]``. ``normalise=False``: ``(a + s) * ||v||_1``, the
+    Qwen code's ``compute_score_llm`` (it computes the normalised terms and then adds the raw ones)."""
+    if normalise:
+        cls_attention = cls_attention / cls_attention.sum(-1, keepdim=True)
+        semantic = semantic / semantic.sum(-1, keepdim=True)
+    return (cls_attention + semantic) * values.abs().sum(-1)
 
 
 def adaptive_prune_count(cls_attention: torch.Tensor, remaining: int, target: int) -> int:
@@ -29,6 +32,15 @@ def adaptive_prune_count(cls_attention: torch.Tensor, remaining: int, target: in
     ratio = -(prob * torch.log(prob)).sum(-1) / math.log(n)
     counts = (n - target) / remaining ** 0.5 * (1 - ratio ** 2)
     return int(counts.max().round())
+
+
+def qwen_prune_count(attention: torch.Tensor, remaining: int, target: int) -> int:
+    """FlowCut's Qwen ``adaptive_prune_ratio``: patches to drop at a pruning block, ``round((N - target) /
+    sqrt(remaining) * (1 - (H / log N) ** 2))``, ``H = -sum a log(a + 1e-7)`` the entropy of the global query's
+    attention ``a`` (``[1, N]``, already a distribution: not renormalised) over the ``N`` current patches."""
+    n = attention.shape[-1]
+    ratio = -(attention * torch.log(attention + 1e-7)).sum(-1) / math.log(n)
+    return int(((n - target) / remaining ** 0.5 * (1 - ratio ** 2)).max().round())
 
 
 @register
@@ -56,7 +68,8 @@ class FlowCut(Method):
     sqrt(d))`` over its values, mean over heads, combined as above with ``||mean_h v_j||_1``) and the top ``target``
     go on from layer 2 (``llm_layer``); positions compacted, as the official Llama code does.
 
-    Options: ``llm_layer`` (None: 2 on LLaVA-NeXT, none on LLaVA-1.5; 0 turns the language-model stage off).
+    Options: ``llm_layer`` (None: 2 on LLaVA-NeXT and Qwen-VL, none on LLaVA-1.5; 0 turns the language-model stage
+    off).
 
     Deliberate differences from the official code:
 
@@ -78,9 +91,37 @@ class FlowCut(Method):
       NeXT checkpoints) the [CLS] token is kept beside the target patches, where the official ``cls_patch`` mode
       counts it among them.
 
-    Not supported: Qwen2/2.5/3-VL (the official Qwen code: a mean-query "global" score on the 2x2 merge groups,
-    window ``cu_seqlens`` and rotary positions of the kept patches) and LLaVA-OneVision (SigLIP has no [CLS]): refused
-    with a ``ValueError``. Images only.
+    Qwen2-VL (``FlowCut_Qwen/modeling_qwen2_vl_flowcut.py``, ``utils_flowcut.py``, ``main.py``; the README says it
+    applies to Qwen2.5-VL as well; Qwen2.5-VL and Qwen3-VL follow the same rule here). ``flowcut(model, T)`` sets
+    the tower's target to ``2 T`` merged tokens, i.e. ``8 T`` patches. After every block ``i`` of the ``L``-block
+    tower while the image holds more than its target, with ``rpl = L - i - 1`` (the last block included, since the
+    merger reads its output): the tower has no [CLS], so a "global" query, the mean over the image's patches of the
+    block's queries (after the rotary embedding, per head), attends to its keys, ``a = mean_h softmax(q_g k /
+    sqrt(d))`` (fp32 softmax), and each patch scores ``S_j = a_j * ||mean_h v_j||_1`` (``compute_score_vit``; the
+    official mean value is computed but unused); ``C = (C + S) / 2`` as above. At even ``rpl`` the image keeps
+    ``max(n - P, target)`` patches, ``P = round((n - target) / sqrt(rpl) * (1 - (H(a) / log n)^2))`` (``H`` with
+    ``log(a + 1e-7)``; ``rpl = 0``: exactly the target). The language model then gets the kept tokens, the image's
+    span shortened and given the FIRST positions of its original span (``positions="span_prefix"``, the default
+    here; ``positions="original"`` gives the kept tokens their own (t, h, w) M-RoPE positions instead), and at
+    decoder layer 1 the last prompt token scores the image's tokens as on LLaVA-NeXT but with ``compute_score_llm``'s
+    unnormalised ``(a + s) * ||v||_1`` (the official inconsistency, followed: ``a`` and ``s`` are softmaxes averaged
+    over heads, so the normalisation changes them by rounding only); the top ``T`` go on from layer 2 with the
+    positions they had (``llm_layer``, default 2; with ``llm_layer=0`` the tower keeps ``T`` merged tokens).
+
+    Deliberate differences on Qwen-VL:
+
+    * whole 2x2 merge units are kept or dropped (a unit scores the sum of its 4 patches' scores; the image keeps
+      ``ceil(max(n - P, target) / 4)`` units): the official code keeps single patches and its merger then
+      concatenates any 4 consecutive kept patches into one language token, mixing patches from different places;
+    * per image: the official code takes one global query, one ``topk`` and one budget over the whole packed tower
+      sequence of a call (every image of a prompt; batch size 1 only) and, in the language model, one span from the
+      first image token to the last (text between images dropped);
+    * the tower keeps its attention backend (the scores come from the block's own captured ``qkv`` projection; fp32
+      unless ``score_dtype="model"``), its later blocks run on the kept rows with rebuilt ``cu_seqlens`` (Qwen2.5-VL
+      windows too) and rotary embeddings; Qwen3-VL's DeepStack features are taken of the kept units.
+
+    Not supported: LLaVA-OneVision (SigLIP has no [CLS] token and the official code no rule for it): refused with a
+    ``ValueError``. Images only: a prompt with a video raises.
     """
 
     name: ClassVar[str] = "flowcut"
@@ -89,15 +130,18 @@ class FlowCut(Method):
     stage: ClassVar[Stage] = Stage.VISION
     default_positions: ClassVar[str] = "compact"
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
-    model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+    model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                                                "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                                                "Qwen3VLForConditionalGeneration")
     unsupported_reason: ClassVar[str] = ("vtr implements FlowCut's vision stage for CLIP towers with a [CLS] token "
-                                         "(LLaVA-1.5, LLaVA-NeXT); its Qwen2-VL variant and other towers are not "
-                                         "implemented yet.")
+                                         "(LLaVA-1.5, LLaVA-NeXT) and for the Qwen2/2.5/3-VL vision transformers; "
+                                         "other towers (SigLIP) have no official rule.")
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     newline_candidates: ClassVar[bool] = True  # the anyres code drops the tile newlines; the LM stage scores all
     needs_whole_prompt: ClassVar[bool] = True  # the LLaVA-NeXT stage reads the prompt's last token
 
     llm_layer: int | None = dataclasses.field(default=None, metadata={"min": 0})
+    _qwen: ClassVar[bool] = False  # set per instance by for_model: the Qwen-VL rule
 
     def __post_init__(self):
         super().__post_init__()
@@ -105,24 +149,35 @@ class FlowCut(Method):
             raise ValueError(f"{self.name}: scope must be 'image' (its budget is per image)")
 
     def for_model(self, family) -> "FlowCut":
-        method = super().for_model(family)
+        method = self
+        if method.positions is None and family.mrope:  # the official Qwen code's span positions
+            method = dataclasses.replace(method, positions="span_prefix")
+        method = dataclasses.replace(super(FlowCut, method).for_model(family))
         if method.llm_layer is None:
-            method = dataclasses.replace(method, llm_layer=2 if family.name == "llava_next" else 0)
+            method = dataclasses.replace(method, llm_layer=2 if family.name == "llava_next" or family.mrope else 0)
+        method._qwen = family.mrope
         return method
 
     def stages(self) -> list[StageSpec]:
         specs = [StageSpec(Stage.VISION, 0)]
-        return specs + [StageSpec(Stage.LAYER, self.llm_layer)] if self.llm_layer else specs
+        # span_prefix: the layer stage keeps the positions the tokens got at the language model's input
+        layer = StageSpec(Stage.LAYER, self.llm_layer,
+                          positions="original" if self.positions == "span_prefix" else None)
+        return specs + [layer] if self.llm_layer else specs
 
     # ------------------------------------------------------------------------------------------ vision stage
     def vision_stage_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
-        return tuple(range(feature_layer))
+        return tuple(range(feature_layer + 1 if self._qwen else feature_layer))
 
     def vision_target(self, n_tokens: int, n_crops: int) -> int:
         target = self.budget(n_tokens)
+        if self._qwen:  # merge units: 2 T, the language model's layer-1 stage keeps T of them
+            return min(n_tokens, 2 * target) if self.llm_layer else target
         return max(1, target // 2) if self.llm_layer else target
 
     def vision_step(self, ctx, image) -> torch.Tensor | None:
+        if image.unit > 1:
+            return self._qwen_step(ctx, image)
         cls = ctx.attention_rows(image, slice(0, 1))[:, :, 0, 1:].mean(1)  # [c, N]
         values = ctx.values(image)  # [c, H, n, d]
         semantic = (values[:, :, :1] @ values.transpose(-1, -2)).softmax(-1)[:, :, 0].mean(1)[:, 1:]
@@ -135,6 +190,22 @@ class FlowCut(Method):
             return None
         prune = adaptive_prune_count(cls, remaining, image.target) if remaining else image.n
         keep = max(image.n - prune, image.target + 1) - 1
+        chosen = cumulative.topk(keep, dim=1).indices.sort(1).values
+        image.state["scores"] = cumulative.gather(1, chosen)
+        return chosen
+
+    def _qwen_step(self, ctx, image) -> torch.Tensor | None:
+        attention = ctx.global_query_attention(image)  # [1, n]
+        score = attention * ctx.values(image).mean(1).abs().sum(-1)  # compute_score_vit
+        score = score.view(1, -1, image.unit).sum(-1)  # per merge unit
+        cumulative = image.state.get("scores")
+        cumulative = score if cumulative is None else 0.5 * cumulative + 0.5 * score
+        image.state["scores"] = cumulative
+        remaining = image.feature_layer - image.layer  # the official rpl: blocks after this one
+        if remaining % 2:
+            return None
+        prune = qwen_prune_count(attention, remaining, image.target) if remaining else image.n
+        keep = -(-max(image.n - prune, image.target) // image.unit)
         chosen = cumulative.topk(keep, dim=1).indices.sort(1).values
         image.state["scores"] = cumulative.gather(1, chosen)
         return chosen
@@ -156,5 +227,5 @@ class FlowCut(Method):
         scale = 1 / math.sqrt(q.shape[-1])
         relation = (q @ k.transpose(-1, -2) * scale).softmax(-1, dtype=torch.float32).to(q.dtype)[:, 0].mean(0)
         semantic = (v_query @ v.transpose(-1, -2) * scale).softmax(-1, dtype=torch.float32).to(q.dtype)[:, 0]
-        score = flowcut_score(relation, semantic.mean(0), v.mean(0))
+        score = flowcut_score(relation, semantic.mean(0), v.mean(0), normalise=not self._qwen)
         return score.topk(budget).indices
