@@ -77,6 +77,8 @@ def test_later_blocks_run_on_the_kept_merge_units(family):
     blocks = compat.vision_layers(model)
     with vtr.patch(model, "flowcut", ratio=0.75) as handle:  # hooked after vtr's own pre-hooks
         hooks = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        hooks += [m.register_forward_pre_hook(lambda m, args, j=j: seen.__setitem__(("merger", j), args[0].shape[0]))
+                  for j, m in enumerate(compat.qwen_mergers(model))]
         try:
             with torch.no_grad():
                 model(**inputs)
@@ -104,6 +106,12 @@ def test_later_blocks_run_on_the_kept_merge_units(family):
             expected = [0] + [int(((rows >= a) & (rows < b)).sum()) for a, b in zip(bounds[:-1], bounds[1:])]
             expected = torch.tensor(expected).cumsum(0).unique_consecutive()
             assert torch.equal(cu.long(), expected), (i, cu, expected)
+    # the patch merger (and Qwen3-VL's DeepStack mergers, which read earlier blocks) run on the kept rows only
+    final = history[pruning[-1]][0]
+    assert seen["merger", 0] == len(final) < S
+    for j, layer in enumerate(getattr(model.model.visual, "deepstack_visual_indexes", None) or []):
+        before = [k for k in pruning if k < layer + 1]
+        assert seen["merger", j + 1] == (len(history[before[-1]][0]) if before else S)
     # every image ends with 2 T merge units (T its budget), T kept from decoder layer 2 on
     vision, llm = record.stages
     assert (vision.stage, llm.stage, llm.layer) == ("vision", "layer", 2)

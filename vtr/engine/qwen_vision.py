@@ -11,10 +11,11 @@ consecutive rows, one language token) and the later blocks run on the kept rows:
   order), ``max_seqlen`` by their longest segment and ``position_embeddings`` by the kept rows' rotary (cos, sin);
   empty segments are dropped. Attention stays packed, so images that keep different counts need no padding and
   every attention backend (FlashAttention-2 included) runs unchanged;
-* pre-hooks on the patch merger and on Qwen3-VL's DeepStack mergers put their input back at full length (pruned
-  rows zero), so the merger's groups of 4 rows, Qwen2.5-VL's reverse window permutation and the placeholder count
-  are unchanged; the language model's pre-hook then removes the pruned units' tokens (and their DeepStack
-  features) as the CLIP stage's tokens are removed (``Pruning._vision_survivors``).
+* the patch merger and Qwen3-VL's DeepStack mergers run on the kept rows (whole units: their groups of 4 rows are
+  intact); forward hooks put their outputs back at full length (pruned units zero), so Qwen2.5-VL's reverse window
+  permutation and the placeholder count are unchanged; the language model's pre-hook then removes the pruned
+  units' tokens (and their DeepStack features) as the CLIP stage's tokens are removed
+  (``Pruning._vision_survivors``).
 
 Only the images of ``get_image_features`` are pruned; a video tower call runs untouched.
 """
@@ -87,7 +88,7 @@ class QwenVisionStage:
                 reg(module.register_forward_hook(self._stage_projection(i, "qkv")))
                 reg(layer.register_forward_hook(self._qwen_block_output(i)))
         for merger in compat.qwen_mergers(self.model):
-            reg(merger.register_forward_pre_hook(self._qwen_full_length))
+            reg(merger.register_forward_hook(self._qwen_merged_full_length))
         reg(tower.register_forward_hook(self._qwen_tower_output))
 
     def _qwen_stage(self) -> QwenStageState | None:
@@ -218,8 +219,19 @@ class QwenVisionStage:
                                f"[0, {n}) expected)")
         return chosen
 
+    def _qwen_merged_full_length(self, module, args, output):
+        """A merger's output (one row per kept unit) at full length, pruned units zero."""
+        stage = self._qwen_stage()
+        if stage is None or not stage.pruned or not isinstance(output, torch.Tensor) \
+                or output.shape[0] != len(stage.rows) // stage.unit:
+            return None
+        units = stage.rows.view(-1, stage.unit)[:, 0].to(output.device) // stage.unit
+        full = output.new_zeros(stage.full // stage.unit, *output.shape[1:])
+        full[units] = output
+        return full
+
     def _qwen_full_length(self, module, args):
-        """The merger's (or a DeepStack merger's) input at full length, pruned rows zero."""
+        """Per-row hidden states (the tower's last hidden state) at full length, pruned rows zero."""
         stage = self._qwen_stage()
         if stage is None or not stage.pruned:
             return None

@@ -82,8 +82,6 @@ class FlowCut(Method):
     * the tower keeps its attention backend: the [CLS] row's attention and the value similarities are computed from
       the query, key and value projections each layer computed itself (captured; fp32 unless
       ``score_dtype="model"``; the official code computes them in fp16 inside a patched eager attention);
-    * the projector runs on the whole grid (pruned slots hold zeros, which are then dropped), so that the model's
-      own feature selection and anyres packing run unchanged: the extra projector work is per token and small;
     * at least one patch per crop on LLaVA-NeXT (``floor(target / 2)`` would be 0 for ``target = 1``);
     * a ``ratio`` budget is taken of the image's own token count (LLaVA-NeXT: base grid and unpadded tiles with their
       newlines), where the official code takes one ``target_num`` for every image;
