@@ -94,6 +94,17 @@ def vision_reference(tower, pixels: torch.Tensor, vision_tokens: dict, feature: 
     return out
 
 
+def kept_boundaries(bounds: list, rows: list) -> list:
+    """Attention-segment boundaries (``cu_seqlens``) of the kept ``rows`` (original tower rows): per original
+    segment ``[a, b)`` the number of kept rows in it, cumulated, empty segments dropped."""
+    cu = [0]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        count = sum(1 for r in rows if a <= r < b)
+        if count:
+            cu.append(cu[-1] + count)
+    return cu
+
+
 class QwenTowerReference:
     """While registered, a Qwen-VL tower's merged features (and Qwen3-VL's DeepStack features) are replaced by
     those of its unpatched blocks run by hand on the kept rows: after each pruning block ``i`` of ``vision_tokens``
@@ -133,12 +144,7 @@ class QwenTowerReference:
         with torch.no_grad():
             for i, block in enumerate(visual.blocks):
                 kw = self.calls[i][1]
-                bounds = kw["cu_seqlens"].tolist()
-                cu = [0]
-                for a, b in zip(bounds[:-1], bounds[1:]):
-                    count = sum(1 for r in rows if a <= r < b)
-                    if count:
-                        cu.append(cu[-1] + count)
+                cu = kept_boundaries(kw["cu_seqlens"].tolist(), rows)
                 cos, sin = kw["position_embeddings"]
                 extra = {k: v for k, v in kw.items() if k not in ("cu_seqlens", "position_embeddings", "max_seqlen")}
                 hidden = block(hidden, cu_seqlens=torch.tensor(cu, dtype=torch.int32),

@@ -182,12 +182,7 @@ def slow_flowcut_qwen(model, inputs, targets: list) -> dict:
         for i, block in enumerate(visual.blocks):
             kw = calls[i][1]
             rows = [r for image in images for r in image]
-            bounds = kw["cu_seqlens"].tolist()
-            cu = [0]
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                count = sum(1 for r in rows if a <= r < b)
-                if count:
-                    cu.append(cu[-1] + count)
+            cu = R.kept_boundaries(kw["cu_seqlens"].tolist(), rows)
             cos, sin = (t[rows] for t in kw["position_embeddings"])
             x = block.norm1(hidden)
             attn = block.attn

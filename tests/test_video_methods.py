@@ -841,17 +841,7 @@ def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None, context=0
         m = round(len(omega) * rr)
         if m > 0:
             X = torch.stack([E[s:e + 1, n].mean(0) for n in omega])
-            noise = torch.rand(len(omega), generator=g).double() * 1e-6  # drawn as dpc_scores draws it
-            score = brute_dpc(X.double(), min(7, m), noise)
-            centres = sorted(sorted(range(len(omega)), key=lambda i: -score[i])[:m])
-            dist = torch.cdist(X.double(), X.double()) / D ** 0.5
-            groups = {c: [] for c in centres}
-            for i in range(len(omega)):
-                if i not in groups:
-                    groups[min(centres, key=lambda c: float(dist[i, c]))].append(i)
-            for c in centres:
-                v = X[c] if not groups[c] else beta * X[c] + (1 - beta) * X[groups[c]].mean(0)
-                out.append((s, omega[c], v))
+            out.extend((s, omega[c], v) for c, v in slow_centres(X, m, beta, g))
         count = math.ceil(len(dynamic) * rr)
         dominant = round(count * (1 - context))
         for t in range(s, e + 1):
@@ -862,19 +852,23 @@ def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None, context=0
             if count > dominant:  # D > 0: density peaks of the rest, merged like the static centres
                 rest = [n for n in dynamic if n not in ranked]
                 X = torch.stack([E[t, n] for n in rest])
-                m = count - dominant
-                noise = torch.rand(len(rest), generator=g).double() * 1e-6
-                score = brute_dpc(X.double(), min(7, m), noise)
-                centres = sorted(sorted(range(len(rest)), key=lambda i: -score[i])[:m])
-                dist = torch.cdist(X.double(), X.double()) / D ** 0.5
-                groups = {c: [] for c in centres}
-                for i in range(len(rest)):
-                    if i not in groups:
-                        groups[min(centres, key=lambda c: float(dist[i, c]))].append(i)
-                for c in centres:
-                    v = X[c] if not groups[c] else beta * X[c] + (1 - beta) * X[groups[c]].mean(0)
-                    out.append((t, rest[c], v))
+                out.extend((t, rest[c], v) for c, v in slow_centres(X, count - dominant, beta, g))
     return out, windows, rr
+
+
+def slow_centres(X, m, beta, g):
+    """Section 2.5's density merge of ``X`` [n, D]: the m best DPC scores (k = min(7, m), noise drawn as
+    dpc_scores draws it) in index order, every other token to its nearest centre, ``beta * centre + (1 - beta) *
+    mean(members)``. Returns [(centre index, merged vector)]."""
+    noise = torch.rand(len(X), generator=g).double() * 1e-6
+    score = brute_dpc(X.double(), min(7, m), noise)
+    centres = sorted(sorted(range(len(X)), key=lambda i: -score[i])[:m])
+    dist = torch.cdist(X.double(), X.double()) / X.shape[1] ** 0.5
+    groups = {c: [] for c in centres}
+    for i in range(len(X)):
+        if i not in groups:
+            groups[min(centres, key=lambda c: float(dist[i, c]))].append(i)
+    return [(c, X[c] if not groups[c] else beta * X[c] + (1 - beta) * X[groups[c]].mean(0)) for c in centres]
 
 
 def holitom_video(F=8, N=16, D=8, seed=0):

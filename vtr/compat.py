@@ -536,6 +536,13 @@ def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) 
 # ``model.model.visual.blocks[i].attn`` with ``qkv``/``num_heads``/``scaling``, called with ``cu_seqlens`` (packed
 # images or windows) and ``position_embeddings``; ``apply_rotary_pos_emb_vision`` in the attention's own file;
 # Qwen2.5-VL orders its merge units by window (``get_vision_window_index``).
+def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype):
+    """A Qwen-VL vision block's queries and keys ``[H, S, d]`` for its attention input ``hidden`` ``[S, D]``, after
+    the vision RoPE of the call's ``position_embeddings``."""
+    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden), *extra["position_embeddings"])
+    return q.to(dtype), k.to(dtype)
+
+
 def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
                             chunk: int = 1024) -> torch.Tensor:
     """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed
@@ -544,13 +551,9 @@ def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: 
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``), in the tower's (window) order; extra: the
     attention call's ``cu_seqlens`` and ``position_embeddings``."""
-    S = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = extra["position_embeddings"]
-    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [H, S, d]
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
-    received = torch.zeros(S, dtype=torch.float32, device=hidden.device)
+    received = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         keys = k[:, start:stop]
         for first in range(start, stop, chunk):
@@ -569,11 +572,7 @@ def qwen_mean_query_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``); extra: its ``cu_seqlens`` and
     ``position_embeddings``."""
-    S = hidden.shape[0]
-    q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = extra["position_embeddings"]
-    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q, k = q.transpose(0, 1).to(dtype), k.transpose(0, 1).to(dtype)  # [H, S, d]
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     out = []
     for start, stop in zip(bounds[:-1], bounds[1:]):

@@ -243,15 +243,7 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
         places = omega.nonzero().flatten()
         m = round(len(places) * rr)
         if m > 0:
-            tokens = E[s:e + 1, places].mean(0)  # [|Omega|, D]
-            centres, assign = dpc_knn(tokens, m, min(7, m), generator)
-            order = torch.argsort(centres)
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(len(order), device=order.device)
-            centres, assign = centres[order], rank[assign]
-            is_centre = torch.zeros(len(places), dtype=torch.bool, device=places.device)
-            is_centre[centres] = True
-            merged = video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
+            centres, assign, merged = density_merge(E[s:e + 1, places].mean(0), m, beta, generator)
             for j, c in enumerate(centres.tolist()):
                 locations = places[(assign == j)].tolist()
                 members = [(g, n) for n in locations for g in range(s, e + 1)]
@@ -277,17 +269,24 @@ def contextual_tokens(X: torch.Tensor, rest: torch.Tensor, m: int, beta: float |
     dynamic tokens ``rest`` ``[n]`` (locations, ascending) the attention did not keep, in location order, each
     merged with the tokens nearest to it like the static centres. X: ``[N, D]`` the frame's tokens. Returns
     entries ``(frame, location, state, members)``."""
-    tokens = X[rest]
+    centres, assign, merged = density_merge(X[rest], m, beta, generator)
+    return [(frame, int(rest[c]), merged[j], [(frame, int(n)) for n in rest[assign == j].tolist()])
+            for j, c in enumerate(centres.tolist())]
+
+
+def density_merge(tokens: torch.Tensor, m: int, beta: float | None, generator: torch.Generator | None):
+    """HoliTom's ``cluster_dpc_knn`` + ``merge_tokens_by_clustering`` on ``tokens`` ``[n, D]``: ``m`` DPC-KNN centres
+    (k = ``min(7, m)``) in index order, every other token joined to its nearest centre, each centre merged with its
+    members (``video.center_merge``). Returns (centres ``[m]``, each token's centre ``[n]`` (an index into
+    centres), merged centres ``[m, D]`` fp32)."""
     centres, assign = dpc_knn(tokens, m, min(7, m), generator)
     order = torch.argsort(centres)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order), device=order.device)
     centres, assign = centres[order], rank[assign]
-    is_centre = torch.zeros(len(rest), dtype=torch.bool, device=rest.device)
+    is_centre = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
     is_centre[centres] = True
-    merged = video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
-    return [(frame, int(rest[c]), merged[j], [(frame, int(n)) for n in rest[assign == j].tolist()])
-            for j, c in enumerate(centres.tolist())]
+    return centres, assign, video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
 
 
 def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int) -> Merge:
