@@ -288,3 +288,15 @@ def test_search_runs_on_the_tiny_model(tmp_path, capsys):
     assert best == result["best"]["options"]
     model, _ = tm.build("llava_onevision")
     vtr.patch(model, "vflowopt", **best).remove()  # the result is a valid option set
+
+
+def test_videos_are_refused_naming_the_cause():
+    """VFlowOpt prunes images: a video prompt gets a ValueError saying so (not a missing-signal message), and the
+    patched model still serves images."""
+    model, proc = tm.build("llava_onevision")
+    with vtr.patch(model, "vflowopt", ratio=0.9) as handle, torch.no_grad():
+        with pytest.raises(ValueError, match="vflowopt prunes images with vision-tower signals; this prompt holds a "
+                                             "video"):
+            model(**tm.video_inputs("llava_onevision", proc))
+        model(**tm.image_inputs("llava_onevision", proc, 1))
+        assert handle.last.n_kept[0] < handle.last.n_visual[0]

@@ -438,6 +438,13 @@ def test_video_tower_signal_options_are_checked():
     qwen3, _ = tm.build("qwen3_vl")
     with pytest.raises(ValueError, match="signals='vision' needs the Qwen2/2.5-VL vision transformer's video"):
         vtr.patch(qwen3, "fastvid", ratio=0.5, signals="vision")
+    # a head of another width: refused, naming the option, at the first forward (the model is left unpatched)
+    wide = onevision.config.vision_config.__class__(**{**onevision.config.vision_config.to_dict(),
+                                                       "vision_use_head": True, "hidden_size": 48})
+    videos = tm.video_inputs("llava_onevision", tm.build("llava_onevision")[1])
+    with vtr.patch(onevision, "fastvid", ratio=0.5, siglip_head=SiglipVisionModel(wide)):
+        with pytest.raises(ValueError, match="siglip_head is 48 wide, this model's vision tower 32"):
+            onevision(**videos)
     with pytest.raises(ValueError, match="signals must be 'auto', 'vision' or 'embedding'"):
         FastVID(ratio=0.5, signals="siglip")
     assert vtr.handle_of(model) is None and vtr.handle_of(onevision) is None and vtr.handle_of(qwen3) is None

@@ -326,6 +326,11 @@ def siglip_pooling_signals(siglip: torch.nn.Module, features: torch.Tensor) -> t
     (``google/siglip-so400m-patch14-384``; the ``-hf`` LLaVA-OneVision checkpoints drop it); features: ``[F, P, D_v]``
     the tower outputs of ``F`` frames. Raises ``ValueError`` when the module has no head."""
     vision = vision_pooling_module(siglip)
+    width = vision.post_layernorm.normalized_shape[-1]
+    if width != features.shape[-1]:
+        raise ValueError(f"vtr: siglip_head is {width} wide, this model's vision tower {features.shape[-1]}: pass "
+                         "the SigLIP checkpoint the tower comes from (google/siglip-so400m-patch14-384 for "
+                         "LLaVA-OneVision)")
     param = next(vision.parameters())
     x = vision.post_layernorm(features.to(param.device, param.dtype))
     head = vision.head

@@ -314,10 +314,7 @@ class SelectionContext:
     def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crop, index)``, each ``[c]``: the vision-tower input (all images' crops in input order) and the token
         index in its sequence ([CLS] included) that made each candidate. Images only; newline tokens have none."""
-        span = tokens.span
-        if span.kind != "image":
-            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
-                             f"holds a {span.kind}")
+        span = self._image_only(tokens).span
         key = ("sources", row, span.index)
         if key not in self._memo:
             first, size = self._image_crops()[row, span.index]
@@ -329,6 +326,14 @@ class SelectionContext:
         if bool((index < 0).any()):
             raise RuntimeError(f"{self.engine.method.name}: newline tokens have no vision-tower patch")
         return crop, index
+
+    def _image_only(self, tokens: SpanCandidates) -> SpanCandidates:
+        """``tokens``, or a ``ValueError`` naming the method when they are not an image's (before any signal is
+        looked for: a video's frames have no image signals, which is not the user's mistake to fix elsewhere)."""
+        if tokens.span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {tokens.span.kind}")
+        return tokens
 
     def _image_crops(self) -> dict:
         """(row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
@@ -348,6 +353,7 @@ class SelectionContext:
     def vision_cls_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c]``: the softmax attention the [CLS] query (token 0 of each crop) pays each candidate's patch at a
         vision layer (default: the feature layer, CLIP's ``attentions[-2]`` on LLaVA), mean over heads."""
+        self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
         key = ("cls", layer)
         if key not in self._memo:
@@ -359,12 +365,14 @@ class SelectionContext:
     def vision_features(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c, D_v]``: each candidate's hidden state at the output of a vision layer (default: the feature
         layer, i.e. what the projector reads)."""
+        self._image_only(tokens)
         _, _, output = self._vision_layer(layer)
         crop, index = self.vision_sources(row, tokens)
         return output[crop.to(output.device), index.to(output.device)]
 
     def vision_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
+        self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
         key = ("keys", layer)
         if key not in self._memo:
@@ -385,6 +393,7 @@ class SelectionContext:
         if self.engine.family.mrope:
             units = self.vision_units(row, tokens)
             return self._qwen_received(layer)[units]
+        self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
         key = ("received", layer)
         if key not in self._memo:
@@ -407,6 +416,7 @@ class SelectionContext:
         VFlowOpt's official code packs its map; elsewhere read at each candidate's patch (no newlines).
         ``entropy_weight`` (VFlowOpt's ``alpha_v``): plus that times the softmax over the crop's patches of their
         pixel entropy (``vision_patch_entropy``)."""
+        self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
         key = ("global", layer, float(threshold), float(entropy_weight))
         if key not in self._memo:

@@ -117,7 +117,7 @@ class FastVID(Method):
         if self.signals == "vision" and not available:
             raise ValueError(f"{self.name}: signals='vision' needs " + (
                 "siglip_head= (the SigLIP attention-pooling head, absent from the -hf LLaVA-OneVision checkpoints)"
-                if onevision else f"the Qwen2/2.5-VL vision transformer's video encoding; {family.name} has none"))
+                if onevision else "the Qwen2/2.5-VL vision transformer's video encoding, which this model lacks"))
         method = super().for_model(family)
         if method.signals == "auto":
             method = dataclasses.replace(method, signals="vision" if available else "embedding")

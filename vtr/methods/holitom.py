@@ -129,7 +129,7 @@ class HoliTom(Method):
         onevision = family.name == "llava_onevision"
         if method.attention == "vision" and not onevision:
             raise ValueError(f"{self.name}: attention='vision' reads the SigLIP tower's attention to LLaVA-OneVision's "
-                             f"video frames; {family.name} has none (use 'embedding' or 'auto')")
+                             "video frames; this model is not LLaVA-OneVision (use 'embedding' or 'auto')")
         if method.attention == "auto":
             method = dataclasses.replace(method, attention="vision" if onevision else "embedding")
         return method
