@@ -57,6 +57,16 @@ def build(family, attn="eager"):
     return sharpen(model), proc
 
 
+def run_with_hooks(model, inputs, hooks):
+    """One forward without gradients, then the hooks removed (also when it raises)."""
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def patched(model, inputs, **options):
     with vtr.patch(model, "flowcut", **options) as handle, torch.no_grad():
         logits = model(**inputs).logits
@@ -79,12 +89,7 @@ def test_later_blocks_run_on_the_kept_merge_units(family):
         hooks = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
         hooks += [m.register_forward_pre_hook(lambda m, args, j=j: seen.__setitem__(("merger", j), args[0].shape[0]))
                   for j, m in enumerate(compat.qwen_mergers(model))]
-        try:
-            with torch.no_grad():
-                model(**inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_with_hooks(model, inputs, hooks)
     record, method = handle.last, handle.method
     history = record.vision_tokens
     pruning = sorted(history)
@@ -163,13 +168,8 @@ def slow_flowcut_qwen(model, inputs, targets: list) -> dict:
             calls.setdefault(i, (args[0], dict(kwargs)))
         return hook
 
-    hooks = [b.register_forward_pre_hook(capture(i), with_kwargs=True) for i, b in enumerate(visual.blocks)]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, inputs, [b.register_forward_pre_hook(capture(i), with_kwargs=True)
+                                   for i, b in enumerate(visual.blocks)])
     grid = inputs["image_grid_thw"]
     sizes = grid.prod(-1).tolist()
     images = [list(range(sum(sizes[:k]), sum(sizes[:k + 1]))) for k in range(len(sizes))]
