@@ -12,7 +12,7 @@ import torch
 
 from .layout import VisualSpan
 from .methods import Method, Stage, lookup
-from .selection import SpanCandidates
+from .signals import SpanCandidates
 
 
 def servable_reason(method: Method) -> str | None:

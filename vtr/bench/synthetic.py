@@ -23,7 +23,7 @@ from .. import kernels
 from ..layout import VisualSpan
 from ..methods import lookup
 from ..methods.base import Stage
-from ..selection import SpanCandidates
+from ..signals import SpanCandidates
 
 CLIP_CROP = 576  # patches of one CLIP-336 crop (LLaVA); [CLS] is token 0 of each crop
 PREFIX, SUFFIX = 16, 48  # text tokens before and after the visual span

@@ -9,7 +9,7 @@ import torch
 from .. import kernels
 from ..methods.base import BEFORE_LM, Merge, Stage, StageSpec
 from ..report import AddedToken, MergedTokens, StageRecord
-from ..selection import SelectionContext
+from ..signals import SelectionContext
 from .core import ForwardState, RequestState, SeqLayout, clock, insertion_index
 
 

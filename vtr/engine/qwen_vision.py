@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import compat
-from ..selection import VisionImage, VisionStageContext
+from ..signals import VisionImage, VisionStageContext
 from .core import clock
 
 

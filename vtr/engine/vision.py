@@ -10,7 +10,7 @@ import torch
 
 from .. import compat
 from ..methods.base import Stage
-from ..selection import VisionImage, VisionStageContext
+from ..signals import VisionImage, VisionStageContext
 from .core import VisionCall, clock
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..selection import SelectionContext, SpanCandidates
+    from ..signals import SelectionContext, SpanCandidates
 
 
 class Stage(str, Enum):
@@ -245,7 +245,7 @@ class Method:
 
     def vision_step(self, ctx, image) -> torch.Tensor | None:
         """Vision stage: called once per image after each of ``vision_stage_layers``, with that layer's signals
-        (``vtr.selection.VisionStageContext``) and the image's state (``vtr.selection.VisionImage``: its crops, their
+        (``vtr.signals.VisionStageContext``) and the image's state (``vtr.signals.VisionImage``: its crops, their
         current patch count, the target, a per-request ``state`` dict the method may keep scores in). Returns
         ``[n_crops, k]`` indices into each crop's current patches ([CLS] excluded: the engine keeps it) to keep, the
         same ``k`` for every crop of the image, or None to keep them all. Qwen-VL towers (``image.unit`` > 1):

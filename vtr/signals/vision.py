@@ -1,0 +1,222 @@
+"""Signals of the vision tower for images, read from the inputs and outputs of the vision layers a
+``needs={"vision"}`` method names, captured while the images were encoded; only the attention rows a method asks
+for are computed (the tower keeps SDPA / FlashAttention)."""
+from __future__ import annotations
+
+import torch
+
+from .. import compat
+from .core import ContextBase, SpanCandidates
+
+
+class TowerSignals(ContextBase):
+    """Image signals of the vision tower (FasterVLM, VisionZip, VisPruner, HiPrune, CDPruner, VFlowOpt...)."""
+
+    def _vision_layer(self, layer: int | None):
+        call = self.fwd.vision
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        if call is None or layer not in call.layers or call.layers[layer][2] is None:
+            raise RuntimeError(f"{self.engine.method.name}: no vision-tower signals of layer {layer} were captured "
+                               "for this prefill; the images must be encoded by the model itself in the same call "
+                               "(pass pixel_values to forward() or generate(), not precomputed features)")
+        return call.layers[layer]
+
+    def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(crop, index)``, each ``[c]``: the vision-tower input (all images' crops in input order) and the token
+        index in its sequence ([CLS] included) that made each candidate. Images only; newline tokens have none."""
+        span = self._image_only(tokens).span
+        key = ("sources", row, span.index)
+        if key not in self._memo:
+            first, size = self._image_crops()[row, span.index]
+            crop, index = self.engine.family.vision_patches(self.engine.model, span, size)
+            self._memo[key] = (crop + first).masked_fill(crop < 0, -1), index
+        crop, index = self._memo[key]
+        ids = tokens.ids.cpu()
+        crop, index = crop[ids], index[ids]
+        if bool((index < 0).any()):
+            raise RuntimeError(f"{self.engine.method.name}: newline tokens have no vision-tower patch")
+        return crop, index
+
+    def _image_only(self, tokens: SpanCandidates) -> SpanCandidates:
+        """``tokens``, or a ``ValueError`` naming the method when they are not an image's (before any signal is
+        looked for: a video's frames have no image signals, which is not the user's mistake to fix elsewhere)."""
+        if tokens.span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {tokens.span.kind}")
+        return tokens
+
+    def _image_crops(self) -> dict:
+        """(row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
+        if "crops" not in self._memo:
+            sizes = self.fwd.vision.image_sizes if self.fwd.vision is not None else None
+            crops, first, k = {}, 0, 0
+            for b, row in enumerate(self.layout.rows):
+                for span in row.spans:
+                    if span.kind == "image":
+                        size = sizes[k] if sizes is not None else None
+                        crops[b, span.index] = (first, size)
+                        first += self.engine.family.crops_per_image(self.engine.model, size)
+                        k += 1
+            self._memo["crops"] = crops
+        return self._memo["crops"]
+
+    def vision_cls_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the softmax attention the [CLS] query (token 0 of each crop) pays each candidate's patch at a
+        vision layer (default: the feature layer, CLIP's ``attentions[-2]`` on LLaVA), mean over heads."""
+        self._image_only(tokens)
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("cls", layer)
+        if key not in self._memo:
+            probs = compat.vision_attention_rows(attn, hidden, slice(0, 1), self._vision_dtype(hidden))
+            self._memo[key] = probs.mean(1)[:, 0]  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_features(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, D_v]``: each candidate's hidden state at the output of a vision layer (default: the feature
+        layer, i.e. what the projector reads)."""
+        self._image_only(tokens)
+        _, _, output = self._vision_layer(layer)
+        crop, index = self.vision_sources(row, tokens)
+        return output[crop.to(output.device), index.to(output.device)]
+
+    def vision_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
+        self._image_only(tokens)
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("keys", layer)
+        if key not in self._memo:
+            self._memo[key] = compat.vision_head_mean_keys(attn, hidden)  # [n_crops, N, d]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
+        return compat.project_visual(self.engine.model, features).to(self.hidden.dtype)
+
+    def vision_received_attention(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the softmax attention each candidate's patch receives at a vision layer, mean over heads and
+        over every query of its crop ([CLS] included) ("global attention"), computed crop by crop so that one
+        crop's ``[H, N, N]`` probabilities are held at a time. Qwen-VL (no [CLS]; a merged token stands for a 2x2
+        merge unit): summed over the queries of each patch's attention segment (its image, or its window in
+        window-attention blocks), then averaged over the unit's patches, as HiPrune's Qwen2.5-VL code does."""
+        if self.engine.family.mrope:
+            units = self.vision_units(row, tokens)
+            return self._qwen_received(layer)[units]
+        self._image_only(tokens)
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("received", layer)
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            self._memo[key] = torch.stack([compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0]
+                                           .mean(0).mean(0) for h in hidden])  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_global_attention(self, row: int, tokens: SpanCandidates, threshold: float,
+                                layer: int | None = None, newline: float = 1.0,
+                                entropy_weight: float = 0.0) -> torch.Tensor:
+        """``[c]``: the attention each candidate's patch gets from its crop's "global" tokens at a vision layer
+        (VFlowOpt's importance): per crop, ``A`` = softmax attention mean over heads ``[N, N]``, ``received`` =
+        ``A`` averaged over the queries, global tokens ``G = {j: received_j > threshold * mean(received)}``, and
+        the score is ``A[G].mean(0)``; a crop without any global token scores by ``received`` (``A`` averaged
+        over every query) instead of NaN. Computed crop by crop (one ``[H, N, N]`` at a time). CLIP / SigLIP
+        towers only. LLaVA-OneVision: the crop maps are laid out over the image as the model packs its features
+        (unpadded, bilinearly resized with the grid under ``anyres_max``), ``newline`` for newline tokens, as
+        VFlowOpt's official code packs its map; elsewhere read at each candidate's patch (no newlines).
+        ``entropy_weight`` (VFlowOpt's ``alpha_v``): plus that times the softmax over the crop's patches of their
+        pixel entropy (``vision_patch_entropy``)."""
+        self._image_only(tokens)
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("global", layer, float(threshold), float(entropy_weight))
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            maps = []
+            for h in hidden:
+                A = compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0].mean(0)  # [N, N]
+                received = A.mean(0)
+                chosen = received > threshold * received.mean()
+                maps.append(A[chosen].mean(0) if bool(chosen.any()) else received)
+            maps = torch.stack(maps)  # [n_crops, N]
+            if entropy_weight:
+                entropy = self.vision_patch_entropy().to(maps.device)  # [n_crops, P]
+                maps[:, maps.shape[1] - entropy.shape[1]:] += entropy_weight * entropy.softmax(-1).to(maps.dtype)
+            self._memo[key] = maps
+        first, size = self._image_crops()[row, tokens.span.index]
+        count = self.engine.family.crops_per_image(self.engine.model, size)
+        packed = self.engine.family.pack_crop_values(self.engine.model, self._memo[key][first:first + count], size,
+                                                     newline)
+        if packed is not None:  # OneVision: follows the grid through anyres_max's resize, newlines included
+            return packed[tokens.ids.to(packed.device)].to(self._memo[key].dtype)
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_patch_entropy(self) -> torch.Tensor:
+        """``[n_crops, P]``: Shannon entropy (bits) of each patch's pixels, per vision-tower input, patches in
+        raster order (VFlowOpt's ``calculate_patch_entropy_vectorized``): the tower's pixel tensor (normalised,
+        about [-1, 1] for SigLIP) times 255 truncated to integers and wrapped modulo 256 (the official cast to
+        uint8, which wraps negative values on CPU), grey = the channels weighted 0.3333 each and rounded, a
+        256-bin histogram per patch, ``-sum p log2(p + 1e-10)``. fp32."""
+        if "entropy" not in self._memo:
+            call = self.fwd.vision
+            if call is None or call.pixel_values is None:
+                raise RuntimeError(f"{self.engine.method.name}: the pixel entropy needs the images' pixels, encoded "
+                                   "by the model in the same call (pass pixel_values, not precomputed features)")
+            pixels = compat.tower_pixels(self.engine.model, call.pixel_values, call.image_sizes).float()
+            size = compat.vision_patch_size(self.engine.model)
+            C = pixels.shape[1]
+            patches = pixels.unfold(2, size, size).unfold(3, size, size)  # [n, C, h, w, size, size]
+            n, _, h, w = patches.shape[:4]
+            patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(n * h * w, C, size * size)
+            values = (patches * 255).to(torch.int64).remainder(256).float()
+            grey = (values * torch.full((1, C, 1), 0.3333)).sum(1).round().long()  # [n h w, size^2]
+            hist = torch.zeros(len(grey), 256).scatter_add_(1, grey, torch.ones_like(grey, dtype=torch.float32))
+            p = hist / hist.sum(1, keepdim=True)
+            self._memo["entropy"] = (-(p * torch.log2(p + 1e-10)).sum(1)).view(n, h * w)
+        return self._memo["entropy"]
+
+    def vision_grid(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Where each candidate lies on its grid: ``(grid, cell, width, cells)``: ``[c]`` the grid it belongs to (a
+        crop; the image on Qwen-VL), ``[c]`` its raster cell in that grid, the grid's width and its number of cells
+        (CLIP: the crop's patch grid, 24 x 24 at 336 px; Qwen-VL: the image's merged-token grid)."""
+        if self.engine.family.mrope:
+            grid = tokens.span.grid
+            if grid is None or grid[0] != 1:
+                raise ValueError(f"vtr: {self.engine.method.name} needs the merged-token grid of a single image")
+            ids = tokens.ids.cpu()
+            return torch.zeros_like(ids), ids, grid[2], tokens.span.n
+        crop, index = self.vision_sources(row, tokens)
+        side = compat.vision_grid_side(self.engine.model)
+        return crop, index - 1, side, side * side  # CLIP's [CLS] is token 0, patch p is token p + 1
+
+    def vision_units(self, row: int, tokens: SpanCandidates) -> torch.Tensor:
+        """Qwen-VL: ``[c]`` each candidate's merged token in the vision call's merged-token order (all images of
+        the call, in input order)."""
+        if tokens.span.kind != "image":
+            raise ValueError(f"vtr: {self.engine.method.name} prunes images with vision-tower signals; this prompt "
+                             f"holds a {tokens.span.kind}")
+        if "units" not in self._memo:
+            first, units = 0, {}
+            for b, layout_row in enumerate(self.layout.rows):
+                for span in layout_row.spans:
+                    if span.kind == "image":
+                        units[b, span.index] = first
+                        first += span.n
+            self._memo["units"] = units
+        return self._memo["units"][row, tokens.span.index] + tokens.ids.cpu()
+
+    def _qwen_received(self, layer: int | None) -> torch.Tensor:
+        """``[U]`` received attention per merged token of the whole vision call (see vision_received_attention)."""
+        attn, hidden, _ = self._vision_layer(layer)
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        key = ("received", layer)
+        if key not in self._memo:
+            call = self.fwd.vision
+            patches = compat.qwen_received_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden))
+            per_unit = patches.view(-1, compat.qwen_merge_unit(self.engine.model)).mean(-1)
+            order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
+            received = torch.empty_like(per_unit)
+            received[order] = per_unit  # from the tower's (window) order to merged-token order
+            self._memo[key] = received.cpu()
+        return self._memo[key]
+
