@@ -74,8 +74,8 @@ class PyramidDrop(Method):
     needs_whole_prompt: ClassVar[bool] = True
     newline_candidates: ClassVar[bool] = True
     layers: str = ""
-    """Stage layers, comma separated ("8,16,24"); "" takes the official 8,16,24 for 32 layers, at the same fractions
-    of other depths."""
+    """Stage layers, comma separated; "" resolves at patch time to the official 8,16,24 (at the same fractions of
+    other depths) when the budget keeps at least the official schedule's average, else (and with keep) to 2,8,16."""
     lam: float | None = dataclasses.field(default=None, metadata={"min": 1e-9, "max": 1.0})
     """Keep ratio per stage (stage s keeps N * lam**s); None solves it from ratio / keep as a layer-averaged budget."""
 
