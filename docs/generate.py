@@ -273,3 +273,19 @@ def vllm_matrix_md() -> str:
         lines.append(f"| {MODELS[model][0]} (`{model}`){inputs} | " + " | ".join(cells[m] for m in servable)
                      + " | refused |")
     return "\n".join(lines) + "\n"
+
+
+def support_short_md() -> str:
+    """The README's short support table: per model class, its inputs and which methods ``vtr.patch`` refuses or
+    runs on images only (from ``support_matrix``)."""
+    videos = video_model_classes()
+    lines = ["| model | inputs | methods |", "|---|---|---|"]
+    for model, cells in support_matrix().items():
+        refused = [m for m, c in cells.items() if c == "-"]
+        images = [m for m, c in cells.items() if c == "images"]
+        text = f"all {len(cells)}" if not refused else f"all but {', '.join(refused)}"
+        if images:
+            text += f" ({', '.join(images)}: images only)"
+        label = MODELS[model][0]
+        lines.append(f"| {label} | {'images, videos' if model in videos else 'images'} | {text} |")
+    return "\n".join(lines) + "\n"
