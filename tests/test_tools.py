@@ -109,8 +109,9 @@ def test_a_checkpoint_is_estimated_from_its_config(small_machine, tmp_path, monk
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     monkeypatch.setattr(models, "available_memory", lambda device: 10**5)
+    tm.random_image(32, 32).save(tmp_path / "cat.png")  # the image exists: what is refused is the model's size
     with pytest.raises(SystemExit) as exit_:
-        overlay.main(["--model", str(tmp_path), "--image", "unused.png", "--device", "cpu"])
+        overlay.main(["--model", str(tmp_path), "--image", str(tmp_path / "cat.png"), "--device", "cpu"])
     assert exit_.value.code == 2
     assert "Nothing was built" in capsys.readouterr().err
 
