@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
 import transformers
 
-import tiny_models as tm
 import vtr
 
 ROOT = Path(__file__).resolve().parent.parent
