@@ -457,14 +457,26 @@ def test_cdpruner_matches_official_selection(family, batch, variant, budget):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, batch, variant)
     record = patched_forward(model, inputs, "cdpruner", **budget)
+    expected, segments = cdpruner_clip_official(model, proc, inputs, record, budget)
+    assert [k.tolist() for k in record.kept] == expected
+    assert segments > 1  # the instruction spans several text-tower segments
+
+
+def cdpruner_clip_official(model, proc, inputs, record, budget, per_crop=False):
+    """Transcription of CDPruner's official encode_images with CLIP relevance, per image of each row: relevance
+    = -mean cos(visual_projection(post_layernorm(hidden[-2])), CLIP text embeds of the instruction in 77-token
+    (here 6-token) segments), min-max normalised over the image's candidates (all its crops: the official code
+    normalises over every crop it encodes); kernel diag(r) S diag(r) of the projected features; greedy DPP over
+    the image, or (``per_crop``) one DPP per crop with the crop's own budget. Returns (kept ids per row, text
+    segments)."""
     clip, clip_tok = tm.tiny_clip("")
     _, hidden_states = vision_tower_outputs(model, inputs)
     embeds = R.capture_lm_inputs(model, inputs)["embeds"]
-    patches = image_patches(record, model, inputs)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
-    for b, row in enumerate(record.layout.rows):
+    kept_rows = []
+    for b, row in enumerate(image_patches(record, model, inputs)):
         expected = []
-        for span, cand, crop, patch in patches[b]:
+        for span, cand, crop, patch in row:
             after = [int(t) for i, t in enumerate(ids[b]) if i > int(span.positions.max()) and real[b, i]
                      and int(t) != model.config.image_token_id]
             text = proc.tokenizer.decode(after, skip_special_tokens=True).strip()
@@ -476,19 +488,37 @@ def test_cdpruner_matches_official_selection(family, batch, variant, budget):
                 text_embeds = clip.get_text_features(**segments).pooler_output
                 image_embeds = clip.visual_projection(
                     model.model.vision_tower.post_layernorm(hidden_states[-2][crop, patch]).float())
-            features = embeds[b, span.positions[cand]]
-            unit = features / features.norm(dim=-1, keepdim=True)
-            similarity = unit.float() @ unit.float().T
             image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
             text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
             relevance = (-(image_embeds @ text_embeds.T)).mean(-1)
             relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
-            kernel = relevance[:, None] * similarity * relevance[None, :]
-            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
-            kept = dpp_official(kernel, min(T, len(cand)))
-            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
-        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
-    assert len(segments["input_ids"]) > 1  # the instruction spans several text-tower segments
+            groups = [crop == c for c in crop.unique().tolist()] if per_crop else [torch.ones_like(crop).bool()]
+            for members in groups:
+                where = members.nonzero().flatten()
+                features = embeds[b, span.positions[cand[where]]]
+                unit = features / features.norm(dim=-1, keepdim=True)
+                similarity = unit.float() @ unit.float().T
+                r = relevance[where]
+                kernel = r[:, None] * similarity * r[None, :]
+                T = budget["keep"] if "keep" in budget else round(len(where) * (1 - budget["ratio"]))
+                picks = dpp_official(kernel, min(T, len(where)))
+                expected.append(span.offset + cand[where[picks]])
+            expected.append(span.offset + span.newline.nonzero().flatten())
+        kept_rows.append(torch.cat(expected).sort().values.tolist())
+    return kept_rows, len(segments["input_ids"])
+
+
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.75})])
+def test_cdpruner_per_crop_normalises_relevance_over_the_image(batch, variant, budget):
+    """LLaVA-NeXT with scope="crop" (the official per-crop budget): the official code min-max normalises the
+    relevance over all crops of the image at once, then runs one DPP per crop."""
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", scope="crop", **budget)
+    expected, _ = cdpruner_clip_official(model, proc, inputs, record, budget, per_crop=True)
+    assert [k.tolist() for k in record.kept] == expected
+    crops = [len(crop.unique()) for row in image_patches(record, model, inputs) for _, _, crop, _ in row]
+    assert min(crops) > 1  # every image has tiles besides its base image
 
 
 def test_cdpruner_relevance_changes_the_selection():

@@ -40,8 +40,8 @@ class CDPruner(Method):
     relevance (pure diversity); in between the kernel uses ``exp(a * r)`` with ``a = w / (2 (1 - w))``, the
     quality weighting of the DPP literature, as OpenVINO GenAI's reference kernel does. ``split_threshold``
     (OpenVINO GenAI's ``CDPRUNER_SPLIT_THRESHOLD``; 0 = off, the default and the paper's algorithm): an image with
-    more candidates splits them in token order into two halves, each with its own relevance normalisation, kernel
-    and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token counts (the DPP costs ``O(N T^2)``).
+    more candidates splits them in token order into two halves, each with its own relevance normalisation (under
+    ``scope="crop"``: the image's), kernel and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token counts (the DPP costs ``O(N T^2)``).
 
     Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (official:
     ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models, ``original`` on M-RoPE (as every pre-LLM
@@ -59,8 +59,11 @@ class CDPruner(Method):
         serves a row per pick); the greedy DPP's own Cholesky rows remain, O(N T) (``greedy_dpp``; a failed
         allocation raises a ``MemoryError`` naming ``split_threshold``); the same picks unless gains differ only in
         their last bits (past the kernel's rank they are rounding noise in any implementation);
-      * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
-        (``scope="crop"``: per tile, as the official per-crop budget);
+      * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget and one DPP per
+        image (``scope="crop"``: one DPP per tile with its own budget, as the official per-crop budget, on relevance
+        min-max normalised over all tiles of the image, as the official code normalises over every crop it
+        encodes; the normalisation covers the tokens unpadding keeps, the official one also the padding patches
+        it removes afterwards);
       * against OpenVINO GenAI (``"embeddings"``): the paper's min-max formula (OpenVINO: ``(r - min) / (max - min +
         1e-6)``); the exact keep count (OpenVINO rounds it up to an even number for its OpenCL kernel); the
         ``exp`` kernel for ``0 < relevance_weight < 1`` (OpenVINO's CPU path; its compiled-graph path blends the
@@ -101,31 +104,56 @@ class CDPruner(Method):
 
     def select(self, ctx, row, span, budget):
         features = torch.nn.functional.normalize(ctx.hidden[row, span.slots].float(), dim=-1)
+        relevance = raw = None
+        if self.scope == "crop":  # one DPP per tile, relevance min-max normalised over all tiles (official)
+            ids, image = ctx.cached(("cdpruner", row, span.span.offset), lambda: self._image_relevance(ctx, row, span))
+            if image is not None:
+                relevance = image[torch.searchsorted(ids, span.ids.to(ids.device))]
+        else:
+            raw = self._raw_relevance(ctx, row, span, features)
+        if self.split_threshold and len(span) > self.split_threshold:
+            half = len(span) // 2
+            first = self._select(features[:half], _part(relevance, 0, half), _part(raw, 0, half), budget // 2)
+            second = self._select(features[half:], _part(relevance, half, None), _part(raw, half, None),
+                                  budget - budget // 2)
+            return torch.cat([first, second + half])
+        return self._select(features, relevance, raw, budget)
+
+    def _raw_relevance(self, ctx, row, tokens, features=None) -> torch.Tensor | None:
+        """``[c]``: the tokens' relevance to the instruction before min-max normalisation (None without text)."""
         if self.relevance == "clip":
-            text = ctx.instruction_embeddings(row, span)
-            image = ctx.clip_image_embeddings(row, span) if text is not None else None
+            text = ctx.instruction_embeddings(row, tokens)
+            image = ctx.clip_image_embeddings(row, tokens) if text is not None else None
             negate = True
         else:
             text = ctx.prompt_text_embedding(row)
             text = text[None] if text is not None else None
-            image, negate = features, False
-        if self.split_threshold and len(span) > self.split_threshold:
-            half = len(span) // 2
-            first = self._select(features[:half], image[:half] if image is not None else None, text, negate,
-                                 budget // 2)
-            second = self._select(features[half:], image[half:] if image is not None else None, text, negate,
-                                  budget - budget // 2)
-            return torch.cat([first, second + half])
-        return self._select(features, image, text, negate, budget)
+            image = features if features is not None else ctx.hidden[row, tokens.slots]
+            negate = False
+        if text is None:
+            return None
+        return mean_similarity(torch.nn.functional.normalize(image.float(), dim=-1),
+                               torch.nn.functional.normalize(text.float(), dim=-1), negate)
 
-    def _select(self, features, image, text, negate, budget):
-        relevance = torch.ones(len(features), device=features.device)
-        if text is not None:
-            relevance = instruction_relevance(torch.nn.functional.normalize(image.float(), dim=-1),
-                                              torch.nn.functional.normalize(text.float(), dim=-1), negate)
+    def _image_relevance(self, ctx, row, tile):
+        """(ascending span ids ``[c]``, relevance ``[c]`` or None) over every candidate of ``tile``'s image."""
+        present = ctx.present(row, tile.span)
+        whole = present.subset(ctx.eligible(present))
+        raw = self._raw_relevance(ctx, row, whole)
+        return whole.ids, (minmax(raw) if raw is not None else None)
+
+    def _select(self, features, relevance, raw, budget):
+        """One DPP over unit ``features`` ``[c, D]``, with relevance already normalised (``relevance``) or
+        normalised over these tokens (``raw``), or uniform when both are None."""
+        if relevance is None:
+            relevance = minmax(raw) if raw is not None else torch.ones(len(features), device=features.device)
         if len(features) <= BLOCK_ROWS:  # an image: the dense kernel is one block, computed as the official code
             return greedy_dpp(conditional_kernel(features @ features.T, relevance, self.relevance_weight), budget)
         return greedy_dpp(ConditionalKernel(features, quality(relevance, self.relevance_weight)), budget)
+
+
+def _part(values, start, stop):
+    return values[start:stop] if values is not None else None
 
 
 def quality(relevance: torch.Tensor, weight: float) -> torch.Tensor:
@@ -182,15 +210,20 @@ class _DenseKernel:
         return self.kernel[j]
 
 
-def instruction_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
+def mean_similarity(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
     """``[c]``: the mean cosine similarity of each unit image embedding ``[c, C]`` to the unit text embeddings
-    ``[M, C]`` (negated for CLIP features, the authors' choice), min-max normalised (all ones when constant)."""
+    ``[M, C]``, negated for CLIP features (the authors' choice)."""
     relevance = (image @ text.to(image.device).T).mean(-1)
-    relevance = -relevance if negate else relevance
+    return -relevance if negate else relevance
+
+
+def minmax(relevance: torch.Tensor) -> torch.Tensor:
+    """CDPruner's min-max normalisation ``(r - min + 1e-6) / (max - min)``; all ones when ``r`` is constant."""
     spread = relevance.max() - relevance.min()
     if not bool(spread > 0):
         return torch.ones_like(relevance)
     return (relevance - relevance.min() + 1e-6) / spread
+
 
 
 def greedy_dpp(kernel, k: int) -> torch.Tensor:
