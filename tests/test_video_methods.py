@@ -556,6 +556,44 @@ def test_dycoke_ttm_matches_the_slow_rederivation_and_counts(F, N, n_keep):
         assert ((kept >= 6 * N).sum()) == N
 
 
+def official_frame_keep(ratio, N):
+    """Transcription of the official dycole_ttm count: merging_ratio = 1 - dycoke_k; int(merging_ratio * N)."""
+    merging_ratio = 1 - ratio
+    return int(merging_ratio * N)
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.8, 0.9, 0.5, 0.75])
+@pytest.mark.parametrize("N", [10, 50, 100, 196, 169, 30])
+def test_dycoke_frame_keep_is_the_official_float_arithmetic(ratio, N):
+    """Frame sizes that are multiples of 10 at ratio 0.8 / 0.9 are where exact arithmetic and the official
+    floating-point count differ (1 - 0.8 = 0.19999999999999996: 19 of 100, not 20)."""
+    assert DyCoke(ratio=ratio).frame_keep(N, 4 * N) == official_frame_keep(ratio, N)
+    assert DyCoke(ratio=0.8).frame_keep(100, 400) == 19 and DyCoke(ratio=0.9).frame_keep(100, 400) == 9
+
+
+@pytest.mark.parametrize("F,N,keep", [(1, 22, 15), (1, 44, 30), (3, 50, 27), (4, 10, 40)])
+def test_dycoke_frame_keep_with_keep_is_exact(F, N, keep):
+    """keep: floor(keep * N / n) in integers, where (keep / n) * N in floating point lands just below."""
+    assert DyCoke(keep=keep).frame_keep(N, F * N) == keep * N // (F * N)
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.8, 0.9])
+def test_dycoke_on_a_model_keeps_the_official_count_per_frame(ratio):
+    """Qwen2-VL, 5 temporal slices of 10 x 5 = 50 tokens: slices 1, 3 (against 0, 2) and 2 (against 0) keep
+    int((1 - ratio) * 50) tokens each (9 at 0.8, 4 at 0.9), the slow TTM's choice; 0 and 4 stay whole."""
+    import reference as R
+    model, proc = tm.build("qwen2_vl")
+    inputs = tm.video_inputs("qwen2_vl", proc, videos=[tm.random_video(10, 40, 80)])
+    with vtr.patch(model, "dycoke", ratio=ratio) as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    assert span.n == 250
+    E = R.capture_lm_inputs(model, inputs)["embeds"][0, span.positions].view(5, 50, -1)
+    n_keep = official_frame_keep(ratio, 50)
+    assert handle.last.kept[0].tolist() == [span.offset + i for i in slow_ttm(E, n_keep)]
+    assert handle.last.n_kept == [2 * 50 + 3 * n_keep]
+
+
 def test_dycoke_kv_rule():
     """Section 6.2 KV simulator: the first step prunes; a stable step (cos >= 0.9) uses the full cache (official)
     or the previous subset; kept = top floor(n (1 - P)); the state is the request's."""
@@ -572,6 +610,8 @@ def test_dycoke_kv_rule():
     m.select_decode(state, 0, _FakeSpan, a)
     assert sorted(m.select_decode(state, 0, _FakeSpan, a * 1.01).tolist()) == [3, 6]
     assert DyCoke(ratio=0.0).select_decode({}, 0, _FakeSpan, a) is None  # ratio 0: nothing
+    ten = torch.arange(10.0)  # official int(10 * (1 - 0.8)) = int(1.9999999999999996) = 1
+    assert DyCoke(ratio=0.5, kv_ratio=0.8).select_decode({}, 0, _FakeSpan, ten).tolist() == [9]
 
 
 class _FakeSpan:
@@ -607,10 +647,10 @@ def test_dycoke_each_decode_step_equals_attention_restricted_to_its_subset(famil
     _, dense, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, full,
                                          tokens=out.sequences[:, -5:])
     assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-4
-    # kept per step: floor(n * (1 - kv_ratio)) of the video's tokens present in the cache
+    # kept per step: int(n * (1 - kv_ratio)) of the video's tokens present in the cache (official arithmetic)
     for b, row in enumerate(record.layout.rows):
         n = len(record.kept[b]) - int(row.spans[0].newline.sum())
-        assert len(record.decode_steps[0][b]) == max(1, math.floor(n * 0.4 + 1e-9))
+        assert len(record.decode_steps[0][b]) == max(1, int(n * (1 - 0.6)))
 
 
 def test_dycoke_state_does_not_leak_between_requests():
