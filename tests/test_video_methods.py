@@ -880,7 +880,9 @@ def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None, context=0
     while i >= 0:
         windows.insert(0, (i - choice[i] + 1, i))
         i -= choice[i]
-    rr = min(r * F * N / (F * N - dp[F - 1]), 1)
+    retain_ratio = r  # official: retain_ratio = min(retain_ratio / ((total_tokens - total_reduced) / total_tokens), 1)
+    total_tokens, total_reduced = F * N, dp[F - 1]
+    rr = min(retain_ratio / ((total_tokens - total_reduced) / total_tokens), 1)
     out = []
     for s, e in windows:
         omega = [n for n in range(N) if e > s and all(sim[t][n] > tau for t in range(s, e))]
@@ -963,6 +965,55 @@ def test_holitom_contextual_share_runs_exactly_on_models(family):
     assert handle.last.kept[0].tolist() != plain.last.kept[0].tolist() or \
         len(handle.last.merged[0].kept) != len(plain.last.merged[0].kept)
     check_against_reference(model, inputs, "holitom", "generate", context_share=0.5)
+
+
+@pytest.mark.parametrize("N,static,r", [(10, 4, 0.3), (5, 2, 0.6), (11, 10, 0.3), (14, 4, 0.6), (15, 10, 0.4),
+                                         (35, 21, 0.1), (30, 20, 0.2)])
+def test_holitom_counts_follow_the_official_float_arithmetic(N, static, r):
+    """Two frames whose first ``static`` locations repeat (one window saving ``static`` tokens): the window keeps
+    round(static * r') merged static tokens and ceil((N - static) * r') dynamic ones per frame, with the official
+    r' = min(r / ((T - saved) / T), 1) and no tolerance; at these sizes r * T / (T - saved) (the order vtr used)
+    rounds one of the counts the other way."""
+    g = torch.Generator().manual_seed(N)
+    first = torch.randn(N, 8, generator=g)
+    E = torch.stack([first, torch.cat([first[:static], -first[static:]])])  # dynamic locations: cosine -1
+    windows = holitom.outer_windows(E, torch.rand(2, N, generator=g), r, 0.8, 0.6, 1024,
+                                    torch.Generator().manual_seed(0))
+    (((s, e), entries),) = windows
+    assert (s, e) == (0, 1)
+    T, saved = 2 * N, static
+    rr = min(r / ((T - saved) / T), 1)
+    merged = sum(1 for _, n, state, _ in entries if state is not None)
+    dynamic = [f for f, n, state, _ in entries if state is None]
+    assert merged == round(static * rr)
+    assert dynamic.count(0) == dynamic.count(1) == math.ceil((N - static) * rr)
+    exact = r * T / (T - saved)  # the other order differs in a count here
+    assert (round(static * exact), math.ceil((N - static) * exact - 1e-9)) != (merged, dynamic.count(0))
+
+
+@pytest.mark.parametrize("ratio,N,static", [(0.9, 15, 10), (0.7, 10, 4), (0.7, 28, 8), (0.85, 15, 3)])
+def test_holitom_ratio_is_the_official_retain_ratio_in_decimal(ratio, N, static):
+    """ratio is 1 - RETAIN_RATIO in decimal: ratio=0.9 is RETAIN_RATIO=0.1, the float 0.1 (1 - 0.9 is
+    0.09999999999999998), ratio=0.7 is 0.3 (not 0.30000000000000004). With the official counts
+    round(static * r') and ceil(dynamic * r') (r' = RETAIN_RATIO / ((T - saved) / T)), these two-frame videos keep
+    another number of tokens than 1 - ratio would."""
+    assert HoliTom(ratio=0.9)._retention(100) == 0.1 and HoliTom(ratio=0.7)._retention(100) == 0.3
+    assert HoliTom(ratio=0.75)._retention(100) == 0.25 and HoliTom(ratio=0.9).nominal_retention == 0.1
+    assert HoliTom(keep=10)._retention(40) == 0.25
+    retain_ratio = {0.9: 0.1, 0.7: 0.3, 0.85: 0.15}[ratio]  # os.environ["RETAIN_RATIO"] as the scripts set it
+    T, saved = 2 * N, static
+    retain = min(retain_ratio / ((T - saved) / T), 1)
+    official = (round(static * retain), math.ceil((N - static) * retain))
+    g = torch.Generator().manual_seed(N)
+    first = torch.randn(N, 8, generator=g)
+    E = torch.stack([first, torch.cat([first[:static], -first[static:]])])
+    (((_, _), entries),) = holitom.outer_windows(E, torch.rand(2, N, generator=g), HoliTom(ratio=ratio)._retention(T),
+                                                 0.8, 0.6, 1024, torch.Generator().manual_seed(0))
+    merged = sum(1 for _, _, state, _ in entries if state is not None)
+    assert (merged, sum(1 for f, _, state, _ in entries if state is None and f == 0)) == official
+    r = 1 - ratio  # the float vtr used: another count
+    old = min(r * T / (T - saved), 1)
+    assert (round(static * old), math.ceil((N - static) * old - 1e-9)) != official
 
 
 def test_holitom_tau_default_and_budgets():

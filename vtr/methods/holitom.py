@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -25,14 +26,16 @@ class HoliTom(Method):
     last prompt token attends to least are averaged into their most similar kept tokens.
 
     Outer stage, per video of ``F`` frames (Qwen-VL: temporal slices) of ``N`` tokens ``X`` ``[F, N, D]`` (the
-    language model's input embeddings), retention ``r = 1 - ratio`` (``keep / n`` with ``keep``):
+    language model's input embeddings), retention ``r = 1 - ratio`` (the official ``RETAIN_RATIO``, taken in
+    decimal: ``ratio=0.9`` is the float ``0.1``; ``keep / n`` with ``keep``):
 
     1. ``sim[t, n] = cos(X[t, n], X[t + 1, n])``; location ``n`` is static between ``t`` and ``t + 1`` when
        ``sim > threshold`` (tau, default 0.80; 0.65 when ``r <= 0.10``, the official scripts' pairing).
     2. Windows by dynamic programming (``video.static_windows``, at most ``max_window`` frames): the segmentation
        of the frames that saves the most tokens, ``|Omega| * (e - s)`` for a window ``[s, e]`` whose locations
        ``Omega`` are static across all of it; ties keep the shorter window. ``total`` = tokens saved.
-    3. ``r' = min(r * F * N / (F * N - total), 1)``.
+    3. ``r' = min(r / ((F * N - total) / (F * N)), 1)``, in this floating-point order (the official one; ``r * F *
+       N / (F * N - total)`` can round a count below the other way).
     4. Per window: the static tokens are the means over its frames of the ``Omega`` locations; ``m =
        round(|Omega| * r')`` of them are DPC-KNN centres (k = ``min(7, m)``, itself included, in index order),
        every other static token joins its nearest centre (DPC distance) and a centre becomes ``beta * centre +
@@ -86,10 +89,10 @@ class HoliTom(Method):
       * inner stage: ``handle.last.merged`` lists the kept tokens and the visual tokens averaged into each (not
         expanded through the outer merges); the last token's attention is computed from layer
         ``inner_layer - 1``'s inputs with its causal mask (official: an eager re-run of that layer);
-      * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; Python ``round`` (half to
-        even) as the official ``round``; ``ceil`` with a 1e-9 tolerance (an exact ``n * r'`` is not rounded up by
-        float error); at least one token per video at each stage; ``keep`` of at least the video's token count
-        keeps everything at both stages;
+      * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; the counts in the official
+        floating-point arithmetic (Python ``round``, half to even, and ``math.ceil`` of the float products, so
+        ``ceil(30 * 0.1)`` is 4); at least one token per video at each stage; ``keep`` of at least the video's
+        token count keeps everything at both stages;
       * batched (each row its own selection), several videos and images per prompt (official: batch 1, one video).
     """
 
@@ -156,7 +159,17 @@ class HoliTom(Method):
         return 0.65 if self.ratio is not None and 1 - self.ratio <= 0.10 + 1e-9 else 0.80
 
     def _retention(self, n: int) -> float:
-        return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
+        """``r``: the official ``RETAIN_RATIO`` that ``ratio`` names, ``1 - ratio`` in decimal (``ratio=0.9`` is
+        ``RETAIN_RATIO=0.1``, the float ``0.1``, where ``1 - 0.9`` is ``0.09999999999999998``); ``keep / n`` with
+        ``keep``."""
+        if self.ratio is None:
+            return min(1.0, self.keep / n)
+        return float(Decimal(1) - Decimal(repr(self.ratio)))
+
+    @property
+    def nominal_retention(self) -> float | None:
+        """``r``, the official ``RETAIN_RATIO`` (None for ``keep``)."""
+        return self._retention(1) if self.ratio is not None else None
 
     def budget_for(self, ctx, row, group):
         if self.ratio == 0 or len(group) == 0:
@@ -235,7 +248,8 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
     F, N, _ = E.shape
     static = video.location_similarity(E[:-1], E[1:]) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
     windows, saved = video.static_windows(static, max_window)
-    rr = min(r * F * N / (F * N - saved), 1.0)
+    total = F * N
+    rr = min(r / ((total - saved) / total), 1)  # the official expression, in its floating-point order
     out = []
     for s, e in windows:
         omega = static[s:e].all(0) if e > s else torch.zeros(N, dtype=torch.bool, device=E.device)
@@ -249,7 +263,7 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
                 members = [(g, n) for n in locations for g in range(s, e + 1)]
                 entries.append((s, int(places[c]), merged[j], members))
         dynamic = (~omega).nonzero().flatten()
-        count = math.ceil(len(dynamic) * rr - 1e-9)  # an exact product is not rounded up by float error
+        count = math.ceil(len(dynamic) * rr)
         dominant = round(count * (1 - context))
         for t in range(s, e + 1):
             if count == 0:
