@@ -515,6 +515,23 @@ def angles_video(angles):
     return torch.stack([a.cos(), a.sin()], -1).view(-1, 2).float()
 
 
+def test_video_similarities_in_the_model_dtype_are_the_official_calls():
+    """score_dtype="model": the video primitives compute in that dtype, cosines with torch's cosine_similarity as
+    the official code calls it (DyCoke, HoliTom, PruneVid, FrameFusion); fp32 by default."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g)
+    bf = torch.bfloat16
+    expected = torch.nn.functional.cosine_similarity(a.to(bf), b.to(bf), dim=-1)
+    got = video.location_similarity(a, b, bf)
+    assert got.dtype == bf and torch.equal(got, expected)
+    assert video.location_similarity(a, b).dtype == torch.float32
+    assert video.window_similarity(a, bf).dtype == bf and video.cosine_matrix(a[0], b[0], bf).dtype == bf
+    G, A = video.embedding_signals(a, bf)
+    assert G.dtype == A.dtype == bf
+    sims, _ = video.chain_similarity(a[0], torch.arange(16) % 4, bf)
+    assert sims.dtype == bf
+
+
 def test_dycoke_ttm_hand_case():
     """Section 6.2: F = 6, N = 4, n_keep = 2: frames 0 and 4 whole; 1, 3, 5 pruned against their left neighbour,
     2 against frame 0 (original features); each keeps its 2 least similar tokens."""

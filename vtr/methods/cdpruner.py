@@ -41,7 +41,8 @@ class CDPruner(Method):
     quality weighting of the DPP literature, as OpenVINO GenAI's reference kernel does. ``split_threshold``
     (OpenVINO GenAI's ``CDPRUNER_SPLIT_THRESHOLD``; 0 = off, the default and the paper's algorithm): an image with
     more candidates splits them in token order into two halves, each with its own relevance normalisation (under
-    ``scope="crop"``: the image's), kernel and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token counts (the DPP costs ``O(N T^2)``).
+    ``scope="crop"``: the image's), kernel and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token
+    counts (the DPP costs ``O(N T^2)``).
 
     Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (official:
     ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models, ``original`` on M-RoPE (as every pre-LLM
@@ -54,7 +55,8 @@ class CDPruner(Method):
         needs text;
       * relevance is normalised per image (official: over all images of the batch at once, which would make a
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
-      * features are normalised in fp32 (official: in the model dtype, then cast to fp32);
+      * features are normalised in fp32 (official: in the model dtype, then cast to fp32, as ``score_dtype="model"``
+        does; the relevance likewise in the model dtype; the similarities and the DPP are fp32 either way);
       * memory: above 1024 candidates the N x N similarity and kernel matrices are never held (``ConditionalKernel``
         serves a row per pick); the greedy DPP's own Cholesky rows remain, O(N T) (``greedy_dpp``; a failed
         allocation raises a ``MemoryError`` naming ``split_threshold``); the same picks unless gains differ only in
@@ -103,7 +105,8 @@ class CDPruner(Method):
         return method
 
     def select(self, ctx, row, span, budget):
-        features = torch.nn.functional.normalize(ctx.hidden[row, span.slots].float(), dim=-1)
+        # official: normalised in the model dtype, then cast to fp32 (score_dtype="model"); similarities in fp32
+        features = torch.nn.functional.normalize(ctx.hidden[row, span.slots].to(ctx.score_dtype), dim=-1).float()
         relevance = raw = None
         if self.scope == "crop":  # one DPP per tile, relevance min-max normalised over all tiles (official)
             ids, image = ctx.cached(("cdpruner", row, span.span.offset), lambda: self._image_relevance(ctx, row, span))
@@ -120,7 +123,8 @@ class CDPruner(Method):
         return self._select(features, relevance, raw, budget)
 
     def _raw_relevance(self, ctx, row, tokens, features=None) -> torch.Tensor | None:
-        """``[c]``: the tokens' relevance to the instruction before min-max normalisation (None without text)."""
+        """``[c]``: the tokens' relevance to the instruction before min-max normalisation (None without text), in
+        ``score_dtype`` (official: the towers' dtype)."""
         if self.relevance == "clip":
             text = ctx.instruction_embeddings(row, tokens)
             image = ctx.clip_image_embeddings(row, tokens) if text is not None else None
@@ -132,21 +136,22 @@ class CDPruner(Method):
             negate = False
         if text is None:
             return None
-        return mean_similarity(torch.nn.functional.normalize(image.float(), dim=-1),
-                               torch.nn.functional.normalize(text.float(), dim=-1), negate)
+        dtype = ctx.score_dtype
+        return mean_similarity(torch.nn.functional.normalize(image.to(dtype), dim=-1),
+                               torch.nn.functional.normalize(text.to(dtype), dim=-1), negate)
 
     def _image_relevance(self, ctx, row, tile):
         """(ascending span ids ``[c]``, relevance ``[c]`` or None) over every candidate of ``tile``'s image."""
         present = ctx.present(row, tile.span)
         whole = present.subset(ctx.eligible(present))
         raw = self._raw_relevance(ctx, row, whole)
-        return whole.ids, (minmax(raw) if raw is not None else None)
+        return whole.ids, (minmax(raw).float() if raw is not None else None)
 
     def _select(self, features, relevance, raw, budget):
         """One DPP over unit ``features`` ``[c, D]``, with relevance already normalised (``relevance``) or
         normalised over these tokens (``raw``), or uniform when both are None."""
         if relevance is None:
-            relevance = minmax(raw) if raw is not None else torch.ones(len(features), device=features.device)
+            relevance = minmax(raw).float() if raw is not None else torch.ones(len(features), device=features.device)
         if len(features) <= BLOCK_ROWS:  # an image: the dense kernel is one block, computed as the official code
             return greedy_dpp(conditional_kernel(features @ features.T, relevance, self.relevance_weight), budget)
         return greedy_dpp(ConditionalKernel(features, quality(relevance, self.relevance_weight)), budget)

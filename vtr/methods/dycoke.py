@@ -54,7 +54,10 @@ class DyCoke(Method):
         to the whole cache; under beam search the similarity state stays with its batch row when beams are
         reordered;
       * the subset is applied as a key mask on the full cache (official: the cache gathered at ``kv_index``): the
-        same attention, without the memory saving.
+        same attention, without the memory saving;
+      * similarities and the KV stage's attention in fp32 (official: the model dtype; ``score_dtype="model"``
+        computes them in it, with torch's ``cosine_similarity``; the official first pass L2-normalises the tokens
+        before that call too, which changes only rounding).
     """
 
     name: ClassVar[str] = "dycoke"
@@ -100,7 +103,8 @@ class DyCoke(Method):
     def plan(self, ctx, row, group):
         def compute():
             table = video.frame_table(group.span, group.ids, self.name)
-            return self.ttm(ctx.hidden[row, group.slots], table, self.frame_keep(table.shape[1], len(group)))
+            return self.ttm(ctx.hidden[row, group.slots], table, self.frame_keep(table.shape[1], len(group)),
+                            ctx.score_dtype)
         return ctx.cached(("dycoke", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     def frame_keep(self, N: int, n: int) -> int:
@@ -112,16 +116,17 @@ class DyCoke(Method):
         return min(self.keep, n) * N // n
 
     @staticmethod
-    def ttm(embeds: torch.Tensor, table: torch.Tensor, n_keep: int) -> torch.Tensor:
+    def ttm(embeds: torch.Tensor, table: torch.Tensor, n_keep: int, dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
         """Kept candidates (indices into ``embeds`` ``[c, D]``, ascending) of one video laid out as ``table``
-        ``[F, N]``."""
+        ``[F, N]``; similarities in ``dtype``."""
         table = table.to(embeds.device)
         E = embeds[table]
         F = E.shape[0]
         kept = {f: table[f] for f in range(F)}
 
         def prune(ref, f):
-            sim = video.location_similarity(E[ref], E[f])
+            sim = video.location_similarity(E[ref], E[f], dtype)
             kept[f] = table[f, torch.topk(sim, n_keep, largest=False).indices]
 
         for i in range(0, F - 1, 2):
@@ -138,7 +143,7 @@ class DyCoke(Method):
         previous = state.get(key)
         state[key] = scores
         if previous is not None and len(previous) == len(scores) and \
-                float(video.cosine(scores, previous)) >= self.similarity:
+                float(video.cosine(scores, previous, scores.dtype)) >= self.similarity:
             return None if self.stable == "full" else state.get((key, "kept"))
         kept = torch.topk(scores, max(1, int(len(scores) * (1 - P)))).indices  # official: int(n * (1 - P))
         state[(key, "kept")] = kept

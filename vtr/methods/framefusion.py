@@ -68,6 +68,8 @@ class FrameFusion(Method):
         pruning step keeps at least one token (official: ``round`` may keep none);
       * batched (a state per video of each row; official: batch 1, one state for the sequence); several videos
         and images per prompt, each its own cascade; merges averaged in fp32 (official: the model's dtype);
+        similarities and the pruning attention in fp32 (official: the model's dtype; ``score_dtype="model"``
+        computes them in it);
       * the pruning step's attention is causal for every query, also in a padded batch (official Qwen2-VL: causal
         when transformers drops the mask of an unpadded prompt, the usual case; with a mask its ``num=4`` rows are
         computed without one and see the tokens after them); Qwen2.5-VL and Qwen3-VL, which the official code does
@@ -145,7 +147,7 @@ class FrameFusion(Method):
             return Merge(keep=torch.topk(scores, k).indices.sort().values)
         hidden = ctx.hidden[row, group.slots]
         chain = video.chain_ids(group.span, group.ids) if group.span.kind == "video" else None
-        sims, prev = video.chain_similarity(hidden.to(ctx.score_dtype), chain)
+        sims, prev = video.chain_similarity(hidden, chain, ctx.score_dtype)
         members, state.merging, state.done = merge_decision(sims, u, self.similarity_lower_bound,
                                                             self.ratio_lower_bound, state.sparsities)
         if not bool(members.any()):

@@ -89,6 +89,8 @@ class HoliTom(Method):
       * inner stage: ``handle.last.merged`` lists the kept tokens and the visual tokens averaged into each (not
         expanded through the outer merges); the last token's attention is computed from layer
         ``inner_layer - 1``'s inputs with its causal mask (official: an eager re-run of that layer);
+      * temporal similarities, the embedding fallback's attention, the inner stage's attention and similarities in
+        fp32 (official: the model dtype; ``score_dtype="model"`` computes them in it; merges stay fp32);
       * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; the counts in the official
         floating-point arithmetic (Python ``round``, half to even, and ``math.ceil`` of the float products, so
         ``ceil(30 * 0.1)`` is 4); at least one token per video at each stage; ``keep`` of at least the video's
@@ -183,7 +185,7 @@ class HoliTom(Method):
     def select(self, ctx, row, group, budget):
         if ctx.spec.stage is Stage.LAYER:
             scores = ctx.last_token_attention()[row, group.slots.to(ctx.hidden.device)]
-            merge = inner_merge(ctx.hidden[row, group.slots], scores, budget)
+            merge = inner_merge(ctx.hidden[row, group.slots], scores, budget, ctx.score_dtype)
             return dataclasses.replace(merge, embeds=merge.embeds.to(ctx.hidden.dtype))
         return self.plan(ctx, row, group)
 
@@ -199,22 +201,23 @@ class HoliTom(Method):
                     raise RuntimeError(f"{self.name}: the video's tower signals cover {tuple(A.shape)} frame tokens, "
                                        f"its candidates {tuple(table.shape)}")
             merge = self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(frames)),
-                                ctx.engine.stage_positions(ctx.spec) == "compact", A)
+                                ctx.engine.stage_positions(ctx.spec) == "compact", A, ctx.score_dtype)
             extra = newline.nonzero().flatten().to(merge.keep.device)
             return dataclasses.replace(merge, keep=torch.cat([merge.keep, extra]),
                                        embeds=merge.embeds.to(ctx.hidden.dtype))
         return ctx.cached(("holitom", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, compact: bool,
-               A: torch.Tensor | None = None) -> Merge:
+               A: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Merge:
         """The outer stage on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout
         (indices into ``embeds``), ``r`` retention, ``A`` ``[F, N]`` the attention signal (None: the embedding
-        fallback). ``compact``: the window's tokens take its first slots in the official order; else each its own
-        slot. Returns a ``Merge`` (indices into the candidates, fp32 embeds)."""
+        fallback), ``dtype`` of the scores and similarities. ``compact``: the window's tokens take its first slots
+        in the official order; else each its own slot. Returns a ``Merge`` (indices into the candidates, fp32
+        embeds)."""
         E = embeds.float()[table.to(embeds.device)]  # [F, N, D]
-        A = video.embedding_signals(E)[1] if A is None else A.float().to(E.device)
+        A = video.embedding_signals(embeds[table.to(embeds.device)], dtype)[1] if A is None else A.to(E.device)
         windows = outer_windows(E, A, r, self.tau, None if self.no_beta else self.beta, self.max_window,
-                                torch.Generator().manual_seed(self.seed), self.context_share)
+                                torch.Generator().manual_seed(self.seed), self.context_share, dtype)
         table = table.cpu()
         keep, slots, states, sources = [], [], [], []
         for (s, e), entries in windows:
@@ -237,16 +240,18 @@ class HoliTom(Method):
 
 
 def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: float | None, max_window: int,
-                  generator: torch.Generator | None = None, context: float = 0.0) -> list:
+                  generator: torch.Generator | None = None, context: float = 0.0,
+                  dtype: torch.dtype = torch.float32) -> list:
     """HoliTom's outer stage on one video's tokens ``E`` ``[F, N, D]`` with attention ``A`` ``[F, N]``; ``context``
-    the contextual share ``D`` of each frame's dynamic budget (``merge_tokens_by_attention_density``).
+    the contextual share ``D`` of each frame's dynamic budget (``merge_tokens_by_attention_density``); ``dtype``
+    of the temporal similarities (merges in fp32, DPC-KNN in fp64).
 
     Returns ``[((start, end), entries)]`` per window in frame order, ``entries`` the window's output tokens in the
     official OneVision order, each ``(frame, location, state, members)``: ``state`` ``[D]`` the merged static
     token (None: the token at ``(frame, location)`` unchanged) and ``members`` the ``(frame, location)`` pairs it
     stands for. A static token is reported at its location in the window's first frame."""
     F, N, _ = E.shape
-    static = video.location_similarity(E[:-1], E[1:]) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
+    static = video.location_similarity(E[:-1], E[1:], dtype) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
     windows, saved = video.static_windows(static, max_window)
     total = F * N
     rr = min(r / ((total - saved) / total), 1)  # the official expression, in its floating-point order
@@ -303,17 +308,19 @@ def density_merge(tokens: torch.Tensor, m: int, beta: float | None, generator: t
     return centres, assign, video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
 
 
-def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int) -> Merge:
+def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int, dtype: torch.dtype = torch.float32
+                ) -> Merge:
     """HoliTom's inner-LLM merge of one video's present tokens: ``hidden`` ``[n, D]`` (sequence order), ``scores``
     ``[n]`` the last token's attention. The top ``budget`` by score stay; every other token, in sequence order, is
-    averaged into the kept token of highest cosine similarity (similarities of the original states, computed once):
-    ``h_j <- (h_j + h_i) / 2``. Returns a ``Merge`` (fp32 states of the kept tokens that received any)."""
-    top = torch.topk(scores.float(), budget).indices.sort().values
+    averaged into the kept token of highest cosine similarity (similarities of the original states, computed once,
+    in ``dtype``): ``h_j <- (h_j + h_i) / 2``. Returns a ``Merge`` (fp32 states of the kept tokens that received
+    any)."""
+    top = torch.topk(scores, budget).indices.sort().values
     rest = torch.ones(len(hidden), dtype=torch.bool, device=hidden.device)
     rest[top] = False
     rest = rest.nonzero().flatten()
     h = hidden.float()
-    unit = torch.nn.functional.normalize(h, dim=-1)
+    unit = torch.nn.functional.normalize(hidden.to(dtype), dim=-1)
     nearest = (unit[rest] @ unit[top].T).argmax(1).tolist() if len(rest) else []  # [R, T]: no [R, T, D] tensor
     states = h[top].clone()
     members: dict[int, list[int]] = {}
