@@ -1,6 +1,7 @@
 """Each method selects what its paper's official code selects, checked against plain transcriptions of the
 research specification (shared/research/methods_image.md) run on signals read from the unpatched model."""
 import random
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 import torch
@@ -588,6 +589,79 @@ def test_cdpruner_with_language_model_embeddings_matches_openvino(family, option
     weight = options.get("relevance_weight", 1.0)
     expected = cdpruner_embeddings_reference(model, inputs, record, budget, weight, options.get("split_threshold", 0))
     assert [k.tolist() for k in record.kept] == expected
+
+
+def cdpruner_openvino_reference(model, inputs, record, budget, weight=0.5, split=1):
+    """OpenVINO GenAI's default CDPruner, transcribed from its compiled graph (conditional_kernel.cpp:
+    create_conditional_kernel_model) and cdpruner.cpp: per image, keep T = std::round(n * (1 - ratio)); with more
+    than ``split`` tokens, two halves in token order keeping T / 2 and T - T / 2, each its own graph: v = x /
+    sqrt(|x|^2 + 1e-6), t likewise (mean input embedding of the text outside the vision regions), r = mean(v t^T),
+    r = (r - min) / (max - min + 1e-6), S = v v^T, kernel = S * (1 - w) + ((r_i * S) * r_j) * w; greedy DPP."""
+    embeds = R.capture_lm_inputs(model, inputs)["embeds"]
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    framing = {model.config.image_token_id, getattr(model.config, "vision_start_token_id", -1),
+               getattr(model.config, "vision_end_token_id", -1)}
+    eps, w = 1e-6, torch.tensor(weight, dtype=torch.float32)
+    kept = []
+    for b, row in enumerate(record.layout.rows):
+        visual = {int(p) for span in row.spans for p in span.positions}
+        text = [i for i in range(ids.shape[1]) if real[b, i] and i not in visual and int(ids[b, i]) not in framing]
+        t = embeds[b, text].float().mean(0, keepdim=True)
+        t = t / torch.sqrt((t * t).sum(-1, keepdim=True) + eps)
+        expected = []
+        for span in row.spans:
+            cand = (~span.newline).nonzero().flatten()
+            x = embeds[b, span.positions[cand]].float()
+            n = len(cand)
+            if "keep" in budget:
+                T = min(budget["keep"], n)
+            else:
+                T = int(Decimal(n * (1 - budget["ratio"])).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            parts = [(0, n, T)] if not (split and n > split) else [(0, n // 2, T // 2), (n // 2, n, T - T // 2)]
+            picks = []
+            for start, stop, k in parts:
+                v = x[start:stop] / torch.sqrt((x[start:stop] * x[start:stop]).sum(-1, keepdim=True) + eps)
+                r = (v @ t.T).mean(-1)
+                r = (r - r.min()) / (r.max() - r.min() + eps)
+                S = v @ v.T
+                kernel = S * (1 - w) + ((r[:, None] * S) * r[None, :]) * w
+                picks += [start + p for p in dpp_official(kernel, k)]
+            expected += [span.offset + cand[sorted(picks)], span.offset + span.newline.nonzero().flatten()]
+        kept.append(torch.cat(expected).sort().values.tolist())
+    return kept
+
+
+@pytest.mark.parametrize("family,options", [
+    ("qwen2_vl", {}), ("qwen2_5_vl", {}), ("qwen3_vl", {}), ("llava_onevision", {}),
+    ("qwen2_vl", {"relevance_weight": 0.8, "split_threshold": 0}), ("qwen2_vl", {"relevance_weight": 0.0}),
+    ("llava_onevision", {"relevance_weight": 1.0, "split_threshold": 30}),
+])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.75}),
+                                                  (2, "multi", {"ratio": 0.5})])
+def test_cdpruner_openvino_kernel_matches_openvino_default(family, options, batch, variant, budget):
+    """kernel="openvino": OpenVINO GenAI's default graph (weight 0.5, split threshold 1 unless given), on the
+    language model's embeddings of the instruction, against a transcription of its code."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", kernel="openvino", **budget, **options)
+    expected = cdpruner_openvino_reference(model, inputs, record, budget, options.get("relevance_weight", 0.5),
+                                           options.get("split_threshold", 1))
+    assert [k.tolist() for k in record.kept] == expected
+
+
+def test_cdpruner_kernel_defaults_and_openvino_rounding():
+    paper, openvino = vtr.CDPruner(ratio=0.5), vtr.CDPruner(ratio=0.5, kernel="openvino")
+    assert (paper.relevance_weight, paper.split_threshold) == (1.0, 0)
+    assert (openvino.relevance_weight, openvino.split_threshold) == (0.5, 1)
+    assert paper.budget(25) == 12 and openvino.budget(25) == 13  # Python round vs std::round (half away from 0)
+    assert vtr.CDPruner(keep=7, kernel="openvino").budget(25) == 7
+    with pytest.raises(ValueError, match=r"kernel must be one of \('paper', 'openvino'\)"):
+        vtr.CDPruner(ratio=0.5, kernel="exp")
+    # the paper kernel with 0 < w < 1 is OpenVINO's fallback path: exp(a r) quality, a = w / (2 (1 - w))
+    from vtr.methods.cdpruner import blended_kernel, conditional_kernel
+    S, r = torch.eye(3) + 0.1, torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(conditional_kernel(S, r, 0.5), torch.exp(0.5 * r)[:, None] * S * torch.exp(0.5 * r))
+    assert torch.allclose(blended_kernel(S, r, 0.5), 0.5 * S + 0.5 * r[:, None] * S * r[None, :])
 
 
 def test_cdpruner_clip_relevance_needs_a_clip_tower():
