@@ -379,6 +379,33 @@ def test_vispruner_matches_official_selection(family, batch, variant, budget, im
         assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
 
 
+def vispruner_official_round(unit, residual_indices, diverse_token_num):
+    """One round of VisPruner's official duplicate removal, its tensor code as written (batch 1)."""
+    B, R = 1, residual_indices.shape[1]
+    r = min(8, R - diverse_token_num)
+    residual_tokens = unit[torch.arange(B).unsqueeze(-1).expand(-1, R), residual_indices]
+    a, b = residual_tokens[..., ::2, :], residual_tokens[..., 1::2, :]
+    scores = (a @ b.transpose(-1, -2)).max(dim=-1).values
+    distinct_indices = scores.argsort(dim=-1, descending=True)[:, r:]
+    return torch.cat([residual_indices[..., ::2][torch.arange(B).unsqueeze(-1).expand(-1, R // 2 - r),
+                                                 distinct_indices], residual_indices[..., 1::2]], dim=-1)
+
+
+def test_vispruner_decides_where_the_official_code_is_undefined():
+    """What vtr decides and its docstring lists: a round that must drop more tokens than group A holds (here R =
+    10 residual tokens for 2 diverse ones: r = 8 > |A| = 5) raises in the official code; vtr drops all of A and
+    goes on, ending at exactly T_div. Ties (equal scores) go to the lower index, where the official argsort is
+    unstable."""
+    from vtr.methods.vispruner import remove_duplicates
+    unit = F.normalize(torch.randn(1, 12, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with pytest.raises(RuntimeError):
+        vispruner_official_round(unit, torch.arange(10)[None], 2)
+    assert vispruner_official_round(unit, torch.arange(12)[None], 8).shape == (1, 8)  # a defined round
+    assert remove_duplicates(unit[0], torch.arange(10), 2).tolist() == [3, 7]  # B [1,3,5,7,9], then B of that
+    same = F.normalize(torch.ones(12, 4), dim=-1)  # every A token equally duplicated: the lowest indices drop
+    assert remove_duplicates(same, torch.arange(12), 8).tolist() == [8, 10, 1, 3, 5, 7, 9, 11]
+
+
 def hiprune_official(shallow, deep, crop, patch, budget, alpha, side, cells=None):
     """Transcription of HiPrune's encode_images for one image's candidates: anchors = top round(T * alpha / 5) of
     the object layer's global attention, buffers = anchor patches -1, +1, -side, +side in the same crop (clamped
