@@ -59,10 +59,10 @@ class CDPruner(Method):
     ``scope="crop"``: the image's), kernel and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token
     counts (the DPP costs ``O(N T^2)``).
 
-    Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (official:
-    ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models, ``original`` on M-RoPE (as every pre-LLM
-    method). Images only (OpenVINO GenAI prunes Qwen2-VL images only; on Qwen3-VL it also prunes videos, which vtr
-    does not).
+    Keep count per image: ``round(n * (1 - ratio))`` (``kernel="openvino"``: halves rounded away from zero) or
+    ``min(keep, n)``, at least 1 (official: ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models,
+    ``original`` on M-RoPE (as every pre-LLM method). Images only (OpenVINO GenAI prunes Qwen2-VL images only; on
+    Qwen3-VL it also prunes videos, which vtr does not).
 
     Deliberate differences from the official code:
       * the instruction (``"clip"``): the official evaluation passes the benchmark question (answer-format suffix
@@ -73,10 +73,11 @@ class CDPruner(Method):
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
       * features are normalised in fp32 (official: in the model dtype, then cast to fp32, as ``score_dtype="model"``
         does; the relevance likewise in the model dtype; the similarities and the DPP are fp32 either way);
-      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held (``ConditionalKernel``
-        serves a row per pick); the greedy DPP's own Cholesky rows remain, O(N T) (``greedy_dpp``; a failed
-        allocation raises a ``MemoryError`` naming ``split_threshold``); the same picks unless gains differ only in
-        their last bits (past the kernel's rank they are rounding noise in any implementation);
+      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held
+        (``ConditionalKernel``, ``BlendedKernel`` serve a row per pick); the greedy DPP's own Cholesky rows remain,
+        O(N T) (``greedy_dpp``; a failed allocation raises a ``MemoryError`` naming ``split_threshold``); the same
+        picks unless gains differ only in their last bits (past the kernel's rank they are rounding noise in any
+        implementation);
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget and one DPP per
         image (``scope="crop"``: one DPP per tile with its own budget, as the official per-crop budget, on relevance
         min-max normalised over all tiles of the image, as the official code normalises over every crop it
