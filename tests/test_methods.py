@@ -659,12 +659,11 @@ def cdpruner_openvino_reference(model, inputs, record, budget, weight=0.5, split
 
 
 @pytest.mark.parametrize("family,options", [
-    ("qwen2_vl", {}), ("qwen2_5_vl", {}), ("qwen3_vl", {}), ("llava_onevision", {}),
-    ("qwen2_vl", {"relevance_weight": 0.8, "split_threshold": 0}), ("qwen2_vl", {"relevance_weight": 0.0}),
+    ("qwen2_vl", {}), ("qwen3_vl", {}), ("llava_onevision", {}),
+    ("qwen2_5_vl", {"relevance_weight": 0.8, "split_threshold": 0}),
     ("llava_onevision", {"relevance_weight": 1.0, "split_threshold": 30}),
 ])
-@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.75}),
-                                                  (2, "multi", {"ratio": 0.5})])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.5})])
 def test_cdpruner_openvino_kernel_matches_openvino_default(family, options, batch, variant, budget):
     """kernel="openvino": OpenVINO GenAI's default graph (weight 0.5, split threshold 1 unless given), on the
     language model's embeddings of the instruction, against a transcription of its code."""
