@@ -257,17 +257,48 @@ def shadow_method(obj, name: str, wrapper) -> None:
     """Route ``obj.name(...)`` through ``wrapper(original, ...)`` by shadowing the bound method on the instance.
 
     Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
-    (``language_model._deepstack_process``) and ``generate`` (a request in flight, with a ``finally`` that also runs on
-    ``KeyboardInterrupt``). ``unshadow_method`` removes the instance attribute, restoring the class's method."""
+    (``language_model._deepstack_process``), ``generate`` (a request in flight, with a ``finally`` that also runs on
+    ``KeyboardInterrupt``) and ``forward`` (torch skips always-call forward hooks when a ``BaseException`` other than
+    ``Exception`` ends the call, and for every exception while compiling). An instance attribute already there
+    (accelerate's device hooks set ``module.forward``) is what the wrapper calls, and ``unshadow_method`` puts it
+    back; otherwise it removes the instance attribute, restoring the class's method."""
     original = getattr(obj, name)
     shadow = functools.partial(wrapper, original)
     functools.update_wrapper(shadow, original)  # generate() reads get_image_features' signature to call it
+    shadow.__dict__["_vtr_previous"] = vars(obj).get(name, _ABSENT)
     setattr(obj, name, shadow)
+
+
+_ABSENT = object()
 
 
 def unshadow_method(obj, name: str) -> None:
     if name in vars(obj):
-        delattr(obj, name)
+        previous = getattr(vars(obj)[name], "_vtr_previous", _ABSENT)
+        if previous is _ABSENT:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, previous)
+
+
+def refuse_cache(cache, message: str) -> None:
+    """Make every later use of ``cache`` (a ``DynamicCache``) to run a model raise ``ValueError(message)``: its
+    ``update`` (every attention layer writes through it) and ``get_mask_sizes`` (every mask is sized by it) are
+    shadowed on the instance, so the unpatched model, or any other code, fails before computing anything on it.
+    Copies (``copy.deepcopy``) carry the refusal; reading the cache (``get_seq_length``, its tensors) still works."""
+    refusal = functools.partial(_refused_cache, message)
+    for name in ("update", "get_mask_sizes"):
+        setattr(cache, name, refusal)
+    cache._vtr_refusal = message
+
+
+def cache_refusal(cache) -> str | None:
+    """The message ``refuse_cache`` gave ``cache``, if any."""
+    return getattr(cache, "_vtr_refusal", None)
+
+
+def _refused_cache(message: str, *args, **kwargs):
+    raise ValueError(message)
 
 
 def processor_without_video(cls, **kwargs):

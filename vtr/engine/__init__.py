@@ -128,6 +128,8 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             if self.family.deepstack and layer_stages:
                 compat.shadow_method(self.lm, "_deepstack_process", self._deepstack)
             compat.shadow_method(self.model, "generate", self._generate)
+            compat.shadow_method(self.model, "forward", self._guarded_forward)
+            compat.shadow_method(compat.base_model(self.model), "forward", self._guarded_forward)
         except Exception:
             self.detach()
             raise
@@ -138,6 +140,8 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self._handles.clear()
         compat.unshadow_method(self.lm, "_deepstack_process")
         compat.unshadow_method(self.model, "generate")
+        compat.unshadow_method(self.model, "forward")
+        compat.unshadow_method(compat.base_model(self.model), "forward")
         compat.unshadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES)
         compat.unshadow_method(compat.base_model(self.model), compat.VIDEO_FEATURES)
         self._vision.clear()
@@ -156,6 +160,21 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             self._closing = True
             self._idle.wait_for(lambda: not self._states and not +self._generating)
             self.detach()
+            self._refuse_pruned_caches()
+
+    def _refuse_pruned_caches(self) -> None:
+        """Every live KV cache this patch pruned is made to refuse further use: its layers hold the pruned sequence,
+        whose masks and positions only this patch knew, so the unpatched model (or a new patch, which did not prune
+        it) would continue it silently wrong. Caches whose request removed nothing stay usable."""
+        message = (f"vtr: this KV cache was pruned by vtr.patch(model, {self.method.name!r}, ...), which has since "
+                   "been removed (handle.remove(), or the end of its with-block). Its layers hold the pruned "
+                   "sequence, whose attention masks and positions only that patch knew, so neither the unpatched "
+                   "model nor a new patch can continue it. Continue the conversation while the patch is in place, "
+                   "or start a new cache with the whole conversation.")
+        pruned = [cache for cache, request in self._requests.items() if request.layouts]  # under self._lock
+        self._requests.clear()
+        for cache in pruned:
+            compat.refuse_cache(cache, message)
 
     def __reduce_ex__(self, protocol):
         # Hooks and shadowed methods of a patched model point here; copying them would share one engine (and its
@@ -200,6 +219,26 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                     self._resumed.pop(me, None)
                     self._vision.pop(me, None)
                 self._idle.notify_all()
+
+    def _guarded_forward(self, original, *args, **kwargs):
+        """The model's (and the base model's) ``forward`` while patched: whatever ends it with an exception (Ctrl-C,
+        ``SystemExit``, or any exception under ``torch.compile``, where torch runs no always-call hook), this
+        thread's in-flight state is cleared, so that ``remove()`` does not wait for it forever."""
+        try:
+            return original(*args, **kwargs)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """Forget the forward call in flight in this thread (one that ended by an exception)."""
+        me = threading.get_ident()
+        with self._idle:
+            self._states.pop(me, None)
+            if not self._generating[me]:
+                self._vision.pop(me, None)
+                self._resumed.pop(me, None)
+            self._idle.notify_all()
 
     def _state(self) -> ForwardState | None:
         return self._states.get(threading.get_ident())
@@ -277,6 +316,9 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         past = compat.cache_length(cache)
         visual = self.family.has_visual_inputs(kwargs)
         resumed = self._resumed.pop(threading.get_ident(), None)  # only a generate's first forward may use it
+        refusal = compat.cache_refusal(cache) if cache is not None else None
+        if refusal is not None:
+            raise ValueError(refusal)
         if past == 0:
             return self._prefill_inputs(fwd, ids, embeds, cache, visual, kwargs)
         with self._lock:
