@@ -18,11 +18,13 @@ from test_invariants import hook_count
 METHODS = tm.matrix_methods()
 FAMILIES = ("llava", "qwen2_vl")
 # Interrupts and torch.compile (the slowest cases of the suite: about 13 and 20 s each) run every method on one of
-# FAMILIES by default (Qwen2-VL where the method supports it), compiled with aot_eager only (dynamo's tracing of the
+# FAMILIES by default (Qwen2-VL where the method supports it, else the first family it supports), compiled with aot_eager only (dynamo's tracing of the
 # hooks plus AOT autograd's functionalization; the plain "eager" backend traces the same graph); VTR_TEST_FULL=1
 # runs both families and both backends.
-ONE_FAMILY = tm.method_family(METHODS, FAMILIES) if tm.full_matrices() else \
-    [p for m in METHODS for p in tm.method_family([m], ("qwen2_vl",) if tm.supports(m, "qwen2_vl") else FAMILIES)[:1]]
+# A method that supports neither (VFlowOpt: LLaVA-OneVision only) runs on the first family it supports.
+ONE_FAMILY = [p for m in METHODS for p in (
+    tm.method_family([m], FAMILIES) if tm.full_matrices() and tm.method_family([m], FAMILIES) else
+    tm.method_family([m], [tm.family_for(m, "qwen2_vl")]))]
 
 
 def greedy(model, inputs, steps=4):
@@ -59,6 +61,83 @@ def test_interrupt_leaves_the_patch_working(method, family, call):
         assert all(torch.equal(a, b) for a, b in zip(handle.last.kept, kept))
         assert torch.equal(greedy(model, inputs), before)
     assert hook_count(model) == hooks and "generate" not in vars(model)
+
+
+def interrupted_worker(model, run, inputs, exception, release: threading.Event, ended: list):
+    """A thread whose call ``run(**inputs)`` is ended by ``exception`` at decoder layer 2; the thread then stays
+    alive until ``release`` (as a pool's worker does; its thread id is not reused by another thread meanwhile)."""
+    def stop(module, args):
+        raise exception
+
+    def work():
+        hook = model.model.language_model.layers[2].register_forward_pre_hook(stop)
+        try:
+            with torch.no_grad():
+                run(**inputs)
+        except BaseException as e:
+            ended.append(type(e))
+        finally:
+            hook.remove()
+            release.wait(60)
+
+    before = len(ended)
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while len(ended) == before and thread.is_alive():
+        thread.join(0.05)
+    return thread
+
+
+def removes_promptly(handle) -> bool:
+    remover = threading.Thread(target=handle.remove, daemon=True)
+    remover.start()
+    remover.join(30)
+    return not remover.is_alive() and not handle.active
+
+
+@pytest.mark.parametrize("call", ["forward", "base_forward"])
+@pytest.mark.parametrize("method,family", ONE_FAMILY)
+def test_remove_after_another_threads_forward_ended_by_system_exit(method, family, call):
+    """A plain forward (the model's, or the base model's) in another thread ended by SystemExit: torch runs no
+    always-call hook for it, yet remove() returns at once and restores the model."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    hooks = hook_count(model)
+    handle = vtr.patch(model, method, ratio=0.5)
+    release, ended = threading.Event(), []
+    worker = interrupted_worker(model, model if call == "forward" else model.model, inputs, SystemExit, release,
+                                ended)
+    try:
+        assert ended == [SystemExit]
+        assert removes_promptly(handle) and hook_count(model) == hooks
+    finally:
+        release.set()
+        worker.join(10)
+    assert {"forward", "generate"}.isdisjoint(vars(model)) and "forward" not in vars(model.model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_remove_after_keyboard_interrupts_in_other_threads():
+    """KeyboardInterrupt in other threads' forward and generate: remove() does not wait for either."""
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    handle = vtr.patch(model, "divprune", ratio=0.5)
+    release, ended = threading.Event(), []
+    runs = [(model, KeyboardInterrupt), (model.generate, KeyboardInterrupt)]
+    workers = []
+    try:
+        for i, (run, exception) in enumerate(runs):
+            workers.append(interrupted_worker(model, run, inputs, exception, release, ended))
+            assert len(ended) == i + 1
+        assert ended == [KeyboardInterrupt, KeyboardInterrupt]
+        assert removes_promptly(handle)
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(10)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"] if tm.full_matrices() else ["aot_eager"])

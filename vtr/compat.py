@@ -259,7 +259,7 @@ def shadow_method(obj, name: str, wrapper) -> None:
     Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
     (``language_model._deepstack_process``), ``generate`` (a request in flight, with a ``finally`` that also runs on
     ``KeyboardInterrupt``) and ``forward`` (torch skips always-call forward hooks when a ``BaseException`` other than
-    ``Exception`` ends the call, and for every exception while compiling). An instance attribute already there
+    ``Exception`` ends the call). An instance attribute already there
     (accelerate's device hooks set ``module.forward``) is what the wrapper calls, and ``unshadow_method`` puts it
     back; otherwise it removes the instance attribute, restoring the class's method."""
     original = getattr(obj, name)

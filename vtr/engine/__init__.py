@@ -221,9 +221,9 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                 self._idle.notify_all()
 
     def _guarded_forward(self, original, *args, **kwargs):
-        """The model's (and the base model's) ``forward`` while patched: whatever ends it with an exception (Ctrl-C,
-        ``SystemExit``, or any exception under ``torch.compile``, where torch runs no always-call hook), this
-        thread's in-flight state is cleared, so that ``remove()`` does not wait for it forever."""
+        """The model's (and the base model's) ``forward`` while patched: whatever exception ends it, this thread's
+        in-flight state is cleared, so that ``remove()`` does not wait for it forever. Torch runs no always-call
+        forward hook when a ``BaseException`` that is not an ``Exception`` (Ctrl-C, ``SystemExit``) ends the call."""
         try:
             return original(*args, **kwargs)
         except BaseException:

@@ -29,7 +29,9 @@ IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.LAYER)
 BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 
 
-@dataclass(frozen=True)
+# Not frozen: torch.compile cannot rebuild a frozen dataclass instance made in traced code after a graph break
+# (methods read their stage list while selecting); hashable and compared by value all the same.
+@dataclass(unsafe_hash=True)
 class StageSpec:
     """stage, and layer: the first decoder layer that runs on the pruned sequence (0 for pre_llm).
     post_attention (``layer`` stages): select inside layer ``layer - 1``, after its self-attention and residual add,
