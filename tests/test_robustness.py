@@ -18,10 +18,10 @@ from test_invariants import hook_count
 METHODS = tm.matrix_methods()
 FAMILIES = ("llava", "qwen2_vl")
 # Interrupts and torch.compile (the slowest cases of the suite: about 13 and 20 s each) run every method on one of
-# FAMILIES by default (Qwen2-VL where the method supports it, else the first family it supports), compiled with aot_eager only (dynamo's tracing of the
+# FAMILIES by default (Qwen2-VL where the method supports it), compiled with aot_eager only (dynamo's tracing of the
 # hooks plus AOT autograd's functionalization; the plain "eager" backend traces the same graph); VTR_TEST_FULL=1
-# runs both families and both backends.
-# A method that supports neither (VFlowOpt: LLaVA-OneVision only) runs on the first family it supports.
+# runs both families and both backends. A method that supports neither (VFlowOpt: LLaVA-OneVision only) runs on
+# the first family it supports.
 ONE_FAMILY = [p for m in METHODS for p in (
     tm.method_family([m], FAMILIES) if tm.full_matrices() and tm.method_family([m], FAMILIES) else
     tm.method_family([m], [tm.family_for(m, "qwen2_vl")]))]
