@@ -2,10 +2,12 @@
 patch while a request is in flight, generate without a cache, a method's broken selection, bad options, copies
 and saving."""
 import copy
+import dataclasses
 import io
 import logging
 import pickle
 import threading
+import typing
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import transformers
 import tiny_models as tm
 import vtr
 from test_invariants import hook_count
+from vtr.methods import REGISTRY
 
 METHODS = tm.matrix_methods()
 FAMILIES = ("llava", "qwen2_vl")
@@ -362,12 +365,53 @@ def test_the_engine_rejects_broken_added_tokens(kind, match):
     ("random", dict(ratio=0.5, seed=1.5), r"random: seed must be of type int, got 1.5"),
     ("random", dict(ratio=0.5, seed="7"), r"random: seed must be of type int, got '7'"),
     ("divprune", dict(ratio="0.5"), r"divprune: ratio must be in \[0, 1\)"),
+    ("divprune", dict(ratio=0.5, slice_earlier="yes"), r"divprune: slice_earlier must be of type bool, got 'yes'"),
+    ("fastv", dict(ratio=0.5, slice_earlier=2), r"fastv: slice_earlier must be of type bool, got 2"),
+    ("sparsevlm", dict(ratio=0.5, seed=-1), r"sparsevlm: seed must be in \[0, 4294967295\], got -1"),
+    ("dycoke", dict(ratio=0.5, similarity=float("inf")), r"dycoke: similarity must be a finite number, got inf"),
+    ("fastvid", dict(ratio=0.5, threshold=float("-inf")), r"fastvid: threshold must be a finite number, got -inf"),
+    ("fastvid", dict(ratio=0.5, ignore_threshold=float("nan")), r"fastvid: ignore_threshold must be a finite number"),
+    ("vflowopt", dict(ratio=0.5, t=float("inf")), r"vflowopt: t must be a finite number, got inf"),
+    ("vflowopt", dict(ratio=0.5, m=float("inf")), r"vflowopt: m must be a finite number, got inf"),
+    ("hiprune", dict(ratio=0.5, alpha=float("inf")), r"hiprune: alpha must be a finite number, got inf"),
+    ("divprune", dict(ratio=0.5, scope="tile"), r"divprune: scope must be one of \('image', 'crop'\), got 'tile'"),
+    ("sparsevlm", dict(ratio=0.5, version="3"), r"sparsevlm: version must be one of \('1.5', '2.0'\), got '3'"),
 ])
 def test_options_are_validated_when_patching(method, options, match):
     model, _ = tm.build("llava")
     with pytest.raises(ValueError, match=match):
         vtr.patch(model, method, **options)
     assert hook_count(model) == 0 and vtr.handle_of(model) is None
+
+
+def bad_values(method_cls, option):
+    """Values of the wrong kind for one option (by its type and metadata), each of which must be refused."""
+    hints = typing.get_type_hints(method_cls)
+    kind = next((t for t in typing.get_args(hints[option.name]) if t is not type(None)), hints[option.name])
+    bad = {bool: ["yes", 2, None], int: [1.5, True, "3"], float: [float("inf"), float("nan"), True, "0.5"],
+           str: [3, True]}.get(kind, [])
+    if option.default is None:
+        bad = [v for v in bad if v is not None]
+    if kind in (int, float):
+        low, high = option.metadata.get("min"), option.metadata.get("max")
+        bad += ([low - 1] if low is not None else []) + ([high + 1] if high is not None else [])
+    if "choices" in option.metadata:
+        bad.append("no-such-choice")
+    return bad
+
+
+@pytest.mark.parametrize("method", sorted(vtr.methods()))
+def test_every_option_of_every_method_refuses_values_of_the_wrong_kind(method):
+    """One rule per option type (Method._check_options): each option of each method, the common ones included,
+    refuses a value of the wrong type, a non-finite float, a number out of its range and a string outside its
+    choices, naming the option."""
+    cls = REGISTRY[method]
+    for option in dataclasses.fields(cls):
+        if option.name in ("ratio", "keep") or option.name == "siglip_head":  # the budget; a module
+            continue
+        for value in bad_values(cls, option):
+            with pytest.raises(ValueError, match=rf"{method}: {option.name} must be"):
+                cls(ratio=0.5, **{option.name: value})
 
 
 @pytest.mark.parametrize("method,match", [

@@ -83,6 +83,13 @@ class Merge:
 POSITION_POLICIES = ("original", "compact", "span_prefix")
 SCORE_DTYPES = ("float32", "model")
 
+SEED = {"min": 0, "max": 2 ** 32 - 1}  # field metadata of a seed option (a torch.Generator seed)
+
+
+def choices(*allowed) -> dict:
+    """Field metadata of a ``str`` option that takes one of ``allowed``."""
+    return {"choices": allowed}
+
 
 @dataclass
 class Method:
@@ -114,7 +121,8 @@ class Method:
     returns a ``Merge``.
 
     Subclasses set the class attributes, add their options as fields (annotated ``int``, ``float``, ``bool`` or
-    ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers), and implement ``select``.
+    ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers, ``metadata=choices(...)`` lists a string's
+    values; ``_check_options`` checks them all), and implement ``select``.
     """
 
     name: ClassVar[str] = ""
@@ -144,13 +152,13 @@ class Method:
 
     ratio: float | None = None
     keep: int | None = None
-    positions: str | None = None
+    positions: str | None = field(default=None, metadata=choices(*POSITION_POLICIES))
     # ``layer`` stages: also cut the KV caches of the layers before this one down to the stage's kept tokens once
     # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
     # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
     slice_earlier: bool = False
-    scope: str = "image"
-    score_dtype: str = "float32"
+    scope: str = field(default="image", metadata=choices("image", "crop"))
+    score_dtype: str = field(default="float32", metadata=choices(*SCORE_DTYPES))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # numpy scalars (np.float32, np.int64) as the Python numbers they hold
@@ -167,19 +175,17 @@ class Method:
         if self.keep is not None and not (isinstance(self.keep, int) and self.keep >= 1):
             raise ValueError(f"{self.name}: keep must be an integer >= 1 (visual tokens kept per image), "
                              f"got {self.keep!r}")
-        if self.positions is not None and self.positions not in POSITION_POLICIES:
-            raise ValueError(f"{self.name}: positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
-        if self.scope not in ("image", "crop"):
-            raise ValueError(f"{self.name}: scope must be 'image' or 'crop', got {self.scope!r}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ValueError(f"{self.name}: score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         self._check_options()
 
     def _check_options(self) -> None:
-        """Type and range of the method's own options (the fields a subclass adds), checked at construction."""
+        """Every option but the budget, checked at construction by one rule per option type: ``bool`` options take
+        ``True`` / ``False`` only; ``int`` options integers (not booleans); ``float`` options finite real numbers
+        (not booleans, nan or inf); ``str`` options strings, one of ``metadata["choices"]`` when given; numbers
+        within ``metadata["min"]`` / ``["max"]`` (``SEED``: a seed's range). An option annotated ``X | None`` may
+        be left ``None`` (resolved per model) where its default is. Raises ``ValueError`` naming the option."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            if f.name in {g.name for g in dataclasses.fields(Method)}:
+            if f.name in ("ratio", "keep"):  # checked above, with the budget's own messages
                 continue
             value, kind = getattr(self, f.name), hints.get(f.name)
             if value is None and f.default is None:  # an optional option left unset
@@ -190,8 +196,11 @@ class Method:
                   bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
             if not ok:
                 raise ValueError(f"{self.name}: {f.name} must be of type {kind.__name__}, got {value!r}")
-            if kind is float and math.isnan(value):
-                raise ValueError(f"{self.name}: {f.name} must be a number, got nan")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"{self.name}: {f.name} must be a finite number, got {value!r}")
+            allowed = f.metadata.get("choices")
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{self.name}: {f.name} must be one of {allowed}, got {value!r}")
             low, high = f.metadata.get("min"), f.metadata.get("max")
             if (low is not None and value < low) or (high is not None and value > high):
                 bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"

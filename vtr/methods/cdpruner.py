@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from ..kernels.reference import BLOCK_ROWS, row_blocks, row_products
-from .base import Method, Stage
+from .base import Method, Stage, choices
 from .registry import register
 
 
@@ -72,16 +72,11 @@ class CDPruner(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs_whole_prompt: ClassVar[bool] = True
-    relevance: str = "auto"
+    relevance: str = field(default="auto", metadata=choices("auto", "clip", "embeddings"))
     relevance_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
     split_threshold: int = field(default=0, metadata={"min": 0})
     clip: str = "openai/clip-vit-large-patch14-336"
     tokenizer: str = ""
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.relevance not in ("auto", "clip", "embeddings"):
-            raise ValueError(f"cdpruner: relevance must be 'auto', 'clip' or 'embeddings', got {self.relevance!r}")
 
     @property
     def needs(self) -> frozenset:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Method, Stage, StageSpec
+from .base import Method, Stage, StageSpec, choices
 from .registry import register
 
 
@@ -64,13 +64,8 @@ class DyCoke(Method):
 
     kv_ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 0.999999})
     layer: int | None = None  # L: layers >= L use the pruned cache; None: 3 (range checked at patch time)
-    similarity: float = 0.9
-    stable: str = "full"
-
-    def _check_options(self) -> None:
-        super()._check_options()
-        if self.stable not in ("full", "previous"):
-            raise ValueError(f"{self.name}: stable must be 'full' or 'previous', got {self.stable!r}")
+    similarity: float = 0.9  # above 1: no step is stable (every step selects)
+    stable: str = field(default="full", metadata=choices("full", "previous"))
 
     def stages(self) -> list[StageSpec]:
         return [StageSpec(Stage.PRE_LLM, 0)]

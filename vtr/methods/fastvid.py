@@ -9,7 +9,7 @@ import torch
 
 from . import video
 from .. import compat
-from .base import Merge, Method, Stage
+from .base import SEED, Merge, Method, Stage, choices
 from .clustering import dpc_scores
 from .registry import register
 
@@ -82,7 +82,7 @@ class FastVID(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "original"
 
-    variant: str | None = None  # "ov" or "qwen"; None: by model
+    variant: str | None = field(default=None, metadata=choices("ov", "qwen"))  # None: by model
     segments: int = field(default=8, metadata={"min": 1})  # c
     threshold: float | None = None  # tau; None: 0.9 ("ov") or 0.84 ("qwen")
     ignore_threshold: float = 0.95  # tau_ig ("qwen")
@@ -90,16 +90,13 @@ class FastVID(Method):
     anchor_stride: int = field(default=4, metadata={"min": 1})  # p
     anchor_weight: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # beta
     dpc_k: int = field(default=4, metadata={"min": 1})
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
-    signals: str = "auto"  # G and A: "vision" (the official ones), "embedding" (fallback), "auto"
+    seed: int = field(default=0, metadata=SEED)
+    # G and A: "vision" (the official ones), "embedding" (fallback), "auto"
+    signals: str = field(default="auto", metadata=choices("auto", "vision", "embedding"))
     siglip_head: torch.nn.Module | None = field(default=None, repr=False)  # OneVision: G and A from SigLIP's head
 
     def _check_options(self) -> None:
         super()._check_options()
-        if self.variant not in (None, "ov", "qwen"):
-            raise ValueError(f"{self.name}: variant must be 'ov' or 'qwen', got {self.variant!r}")
-        if self.signals not in ("auto", "vision", "embedding"):
-            raise ValueError(f"{self.name}: signals must be 'auto', 'vision' or 'embedding', got {self.signals!r}")
         if self.siglip_head is not None:
             compat.vision_pooling_module(self.siglip_head)  # ValueError naming what it lacks
 

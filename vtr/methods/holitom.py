@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Merge, Method, Stage, StageSpec, scale_layers
+from .base import SEED, Merge, Method, Stage, StageSpec, choices, scale_layers
 from .clustering import dpc_knn
 from .registry import register
 
@@ -109,16 +109,15 @@ class HoliTom(Method):
     max_window: int = field(default=1024, metadata={"min": 2})
     inner_layer: int | None = None  # K; None: 18 of 28 layers, scaled
     inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
     context_share: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # D
-    attention: str = "auto"  # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
+    # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
+    attention: str = field(default="auto", metadata=choices(*ATTENTION_SIGNALS))
 
     def __post_init__(self):
         super().__post_init__()
         if self.scope != "image":
             raise ValueError(f"{self.name}: scope must be 'image' (its budget is per video)")
-        if self.attention not in ATTENTION_SIGNALS:
-            raise ValueError(f"{self.name}: attention must be one of {ATTENTION_SIGNALS}, got {self.attention!r}")
 
     @property
     def needs(self) -> frozenset:

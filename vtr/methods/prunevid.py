@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Merge, Method, Stage, StageSpec
+from .base import SEED, Merge, Method, Stage, StageSpec
 from .clustering import cluster_merge, dpc_knn
 from .registry import register
 
@@ -91,7 +91,7 @@ class PruneVid(Method):
     tau: float = field(default=0.8, metadata={"min": -1.0, "max": 1.0})  # a cosine similarity
     cluster_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
     layer: int | None = field(default=None, metadata={"min": 0})  # attention of this layer; None: by depth
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
 
     def alpha(self, n: int) -> float:
         """Stage 2's keep share for a video of ``n`` candidate tokens: ``1 - ratio``, or ``min(1, keep / n)``."""

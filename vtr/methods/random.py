@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Stage
+from .base import SEED, Method, Stage
 from .registry import register
 
 
@@ -22,7 +22,7 @@ class Random(Method):
     name: ClassVar[str] = "random"
     summary: ClassVar[str] = "seeded random subset of each image's tokens (baseline), before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
 
     def select(self, ctx, row, span, budget):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + len(span))

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Merge, Method, Stage, layer_list, scale_layers
+from .base import SEED, Merge, Method, Stage, choices, layer_list, scale_layers
 from .clustering import dpc_knn
 from .registry import register
 
@@ -91,14 +91,12 @@ class SparseVLM(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
     newline_candidates: ClassVar[bool] = True  # the official code prunes the whole visual span
-    version: str = "1.5"
+    version: str = dataclasses.field(default="1.5", metadata=choices(*COUNTS))
     layers: str = ""
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata=SEED)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.version not in COUNTS:
-            raise ValueError(f"sparsevlm: version must be one of {sorted(COUNTS)}, got {self.version!r}")
         if self.scope != "image":
             raise ValueError("sparsevlm: scope must be 'image' (its counts are per image)")
 
