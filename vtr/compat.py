@@ -224,6 +224,13 @@ def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
     return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
 
 
+def anyres_max_width(config, side: int) -> int:
+    """The most tokens one row of an anyres image's high-resolution grid can hold: the widest grid of tiles
+    (``image_grid_pinpoints``) times ``side`` patches; unpadding and OneVision's ``anyres_max`` only narrow it."""
+    tile = config.vision_config.image_size
+    return max(int(width) // tile for _, width in config.image_grid_pinpoints) * side
+
+
 def tower_pixels(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
     """``[n_crops, 3, H, W]``: the crops ``get_image_features`` hands the vision tower, from its ``pixel_values``
     (anyres models: ``[n_images, max_crops, 3, H, W]`` padded with empty crops, which it strips)."""
@@ -299,6 +306,20 @@ def cache_refusal(cache) -> str | None:
 
 def _refused_cache(message: str, *args, **kwargs):
     raise ValueError(message)
+
+
+# ``generate`` (transformers >= 5.2x) encodes a batch's images and videos once, before it repeats each row for beam
+# search or several return sequences, and repeats each row's encodings with it (``_expand_multimodal_outputs``):
+# the prefill's row ``r`` is then copy ``r % E`` of prompt ``r // E``, encoded as prompt ``r // E``. Older releases
+# expand the pixels instead and encode every row in the prefill.
+GENERATE_EXPANSION = "_expand_inputs_for_generation"
+
+
+def pre_encoded_expansion(function, args: tuple, kwargs: dict) -> int:
+    """The factor a ``_expand_inputs_for_generation`` call repeats the rows by, when it repeats visual encodings
+    ``generate`` made before (``mm_encoder_outputs``); 1 otherwise."""
+    expand = call_argument(function, args, kwargs, "expand_size") or 1
+    return int(expand) if kwargs.get("mm_encoder_outputs") else 1
 
 
 def processor_without_video(cls, **kwargs):

@@ -98,6 +98,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self._resumed: dict[int, tuple] = {}  # thread id -> (cache, input length) of a generate resuming a cache
         # thread id -> the last image encoding's vision signals; generate() encodes images before its prefills
         self._vision: dict[int, VisionCall] = {}
+        self._expansion: dict[int, int] = {}  # thread id -> rows per prompt after generate() repeated its encodings
         self._closing = False
         self._handles = []
 
@@ -128,6 +129,8 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             if self.family.deepstack and layer_stages:
                 compat.shadow_method(self.lm, "_deepstack_process", self._deepstack)
             compat.shadow_method(self.model, "generate", self._generate)
+            if hasattr(self.model, compat.GENERATE_EXPANSION):
+                compat.shadow_method(self.model, compat.GENERATE_EXPANSION, self._expanding)
             compat.shadow_method(self.model, "forward", self._guarded_forward)
             compat.shadow_method(compat.base_model(self.model), "forward", self._guarded_forward)
         except Exception:
@@ -140,6 +143,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self._handles.clear()
         compat.unshadow_method(self.lm, "_deepstack_process")
         compat.unshadow_method(self.model, "generate")
+        compat.unshadow_method(self.model, compat.GENERATE_EXPANSION)
         compat.unshadow_method(self.model, "forward")
         compat.unshadow_method(compat.base_model(self.model), "forward")
         compat.unshadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES)
@@ -218,7 +222,16 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                     self._states.pop(me, None)  # a forward interrupted by a BaseException never ran its exit
                     self._resumed.pop(me, None)
                     self._vision.pop(me, None)
+                    self._expansion.pop(me, None)
                 self._idle.notify_all()
+
+    def _expanding(self, original, *args, **kwargs):
+        """``generate``'s row expansion (beam search, ``num_return_sequences``): when it repeats visual encodings it
+        made before, the prefill's rows are mapped to them (``ForwardState.expansion``)."""
+        expand = compat.pre_encoded_expansion(original, args, kwargs)
+        if expand > 1:
+            self._expansion[threading.get_ident()] = expand
+        return original(*args, **kwargs)
 
     def _guarded_forward(self, original, *args, **kwargs):
         """The model's (and the base model's) ``forward`` while patched: whatever exception ends it, this thread's
@@ -238,6 +251,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             if not self._generating[me]:
                 self._vision.pop(me, None)
                 self._resumed.pop(me, None)
+                self._expansion.pop(me, None)
             self._idle.notify_all()
 
     def _state(self) -> ForwardState | None:

@@ -34,6 +34,11 @@ class PreLLMStage:
         fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
         fwd.lm_embeds = hidden
         fwd.vision = self._vision.get(threading.get_ident())
+        if fwd.vision is not None:
+            fwd.expansion = self._expansion.get(threading.get_ident(), 1)
+            if B % fwd.expansion:
+                raise RuntimeError(f"vtr: generate() repeated its visual encodings {fwd.expansion} times but the "
+                                   f"prefill has {B} rows")
         arange = torch.arange(L, device=device).expand(B, L)
         base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,
                          shift=torch.zeros(B, dtype=torch.long, device=device))
