@@ -73,7 +73,9 @@ class FastVID(Method):
         per video (reproducible, independent of the batch);
       * a video with fewer frames than ``segments`` gets one segment per frame (official: needs F >= c); a
         context count larger than the anchor's non-salient tokens is capped at that number (official: topk
-        error); ``R`` is at least 1;
+        error); ``R`` is at least 1; a video (or image) whose counts come to no token at all (``variant="qwen"``
+        on one-token frames: its context cap ``N // 2`` is 0) keeps the most salient token of its last frame
+        (official: none), as every method keeps at least one token per image;
       * batched (each row its own selection), several videos and images per prompt (official: batch 1, one video).
     """
 
@@ -215,6 +217,8 @@ class FastVID(Method):
                     members = flat[assign == j]
                     sources.append(torch.cat([members.new_tensor([t]), members[members != t]]).sort().values)
         keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=device)
+        if not len(keep):  # the min-1 rule: the last frame's most salient token
+            keep = table[-1, A[-1].argmax()].view(1)
         targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device)
         merged = torch.cat(merged) if merged else embeds.new_zeros(0, embeds.shape[-1]).float()
         return keep, targets, merged, sources

@@ -3,8 +3,15 @@ one unpadded grid with a newline token after every row), and OneVision videos (f
 newline after the last frame). 1-D RoPE.
 
 The grid of each image is read from the merged embeddings: newline tokens are the model's ``image_newline``
-vector itself (``parse_anyres``; extreme aspect ratios included). That works in ``generate`` too, which (transformers 5.23) pre-encodes the images and drops
-``image_sizes``; the tile (crop) of each token needs ``image_sizes`` and is left unknown (-1) without it.
+vector itself (``parse_anyres``; extreme aspect ratios included). That works in ``generate`` too, which
+(transformers 5.23) pre-encodes the images and drops ``image_sizes``; the tile (crop) of each token needs
+``image_sizes`` and is left unknown (-1) without it.
+
+How extreme real checkpoints' images get (measured with transformers' own ``unpad_image`` on the released
+configurations): LLaVA-v1.6 (336-pixel tiles of 24 x 24 patches, grids up to 3 tiles wide) keeps no
+high-resolution row of an image wider than about 72:1 (139 x 10000 pixels keeps one, 138 x 10000 none), and no
+column of one taller than that; LLaVA-OneVision (384-pixel tiles of 27 x 27, an odd side) always keeps at least one
+row and one column. Both processors accept such images (1 x 4000 pixels included).
 """
 from __future__ import annotations
 
