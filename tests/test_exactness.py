@@ -69,9 +69,9 @@ def inputs_for(family, proc, batch, variant):
     return tm.image_inputs(family, proc, batch, variant)
 
 
-def check_against_reference(model, inputs, method, mode, **options):
+def check_against_reference(model, inputs, method, mode, ratio=RATIO, **options):
     """Run ``method`` patched (a forward, or greedy generate) and compare with the reference on the kept tokens."""
-    with vtr.patch(model, method, ratio=RATIO, **options) as handle:
+    with vtr.patch(model, method, ratio=ratio, **options) as handle:
         with torch.no_grad():
             if mode == "forward":
                 logits = model(**inputs).logits

@@ -279,6 +279,26 @@ def test_the_engine_rejects_a_broken_selection(kind, match):
             model(**tm.image_inputs("llava", proc, 1))
 
 
+class NoneKept(vtr.Method):
+    name = "none_kept"
+
+    def budget_for(self, ctx, row, group):
+        return 0
+
+    def select(self, ctx, row, span, budget):  # pragma: no cover - never reached
+        return torch.zeros(0, dtype=torch.long)
+
+
+def test_the_engine_refuses_a_budget_of_no_token():
+    """The min-1 rule as a contract: a budget_for() of 0 for an image with candidates is refused, naming the
+    method (the selection check itself accepts an empty selection without failing)."""
+    model, proc = tm.build("llava")
+    with vtr.patch(model, NoneKept(ratio=0.75)), torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"none_kept: budget_for\(\) kept no token of an image \(or tile\) of "
+                                               r"64 candidates; every image keeps at least one \(the min-1 rule\)"):
+            model(**tm.image_inputs("llava", proc, 1))
+
+
 class BrokenMerge(vtr.Method):
     name = "broken_merge"
     kind = "outside"

@@ -46,6 +46,10 @@ class PreLLMStage:
                                record=PrefillRecord(n_visual=fwd.layout.n_visual, layout=fwd.layout,
                                                     n_layers=len(compat.decoder_layers(self.lm)),
                                                     nominal_retention=self.method.nominal_retention))
+        if self.method.keep is not None:  # a layer-averaged keep out of the schedule's reach, before any layer runs
+            for row in fwd.layout.rows:
+                for span in row.spans:
+                    self.method.check_layer_average(request.record.n_layers, span.n)
         fwd.request, fwd.cache = request, cache
         if cache is not None:
             with self._lock:

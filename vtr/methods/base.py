@@ -309,6 +309,31 @@ class Method:
         ``handle.last.nominal_retention`` beside the actual retention."""
         return 1 - self.ratio if self.ratio is not None else None
 
+    # ----------------------------------------------------------------------------------- layer-averaged budgets
+    def layer_average_range(self, n_layers: int) -> tuple[float, float] | None:
+        """Methods whose ``ratio`` / ``keep`` name a *layer-averaged* retention (the fraction of an image's visual
+        tokens present on average over the decoder layers: PyramidDrop, SparseVLM, VFlowOpt): the range of it
+        their schedule reaches on an ``n_layers``-layer model, as fractions, up to the min-1 rule (a stage keeps at
+        least one token per image) and rounding to whole tokens. None: a per-stage budget, or one the schedule
+        always reaches."""
+        return None
+
+    def check_layer_average(self, n_layers: int, n: int | None = None) -> None:
+        """Refuse a layer-averaged budget out of the schedule's reach (``layer_average_range``): at patch time for
+        ``ratio`` (``n`` None), at the first forward for ``keep`` (``n``: the image's visual tokens). Raises
+        ``ValueError`` naming the reachable range."""
+        reach = self.layer_average_range(n_layers)
+        if reach is None or self.ratio == 0:
+            return
+        if self.ratio is not None:
+            target = 1 - self.ratio
+        elif n is None:
+            return
+        else:
+            target = min(1.0, self.keep / n)
+        if not reach[0] - 1e-12 <= target <= reach[1] + 1e-12:
+            raise unreachable_budget(self, target, reach[0], reach[1], n_layers, n)
+
     # ----------------------------------------------------------------------------------------------- helpers
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -317,6 +342,22 @@ class Method:
         """``with method(model) as handle:`` patches ``model`` for the block (kvpress style)."""
         from ..api import patch
         return patch(model, self)
+
+
+def unreachable_budget(method: Method, target: float, low: float, high: float, n_layers: int,
+                       n: int | None = None, why: str = "") -> ValueError:
+    """The error for a layer-averaged budget out of a schedule's reach: it names the budget, the reachable range
+    (as retention and as ``ratio``) and why. ``n``: the image's visual tokens when the budget is a ``keep``."""
+    budget = f"ratio={method.ratio!r}" if method.ratio is not None else f"keep={method.keep!r} (of {n} tokens)"
+    if target < low:
+        keep = f", keep >= {math.ceil(low * n - 1e-9)}" if n else ""
+        bound = f"the lowest it reaches is {low:.2%} (ratio <= {1 - low:.4g}{keep})"
+    else:
+        keep = f", keep <= {math.floor(high * n + 1e-9)}" if n else ""
+        bound = f"the highest it reaches is {high:.2%} (ratio >= {1 - high:.4g}{keep})"
+    return ValueError(f"{method.name}: {budget} names a layer-averaged retention of {target:.2%} of each image's "
+                      f"(or video's) visual tokens, which its schedule cannot reach on this {n_layers}-layer model: "
+                      f"{bound}{'; ' + why if why else ''}")
 
 
 def layer_list(method: Method, text: str, n_layers: int, lowest: int = 1) -> tuple[int, ...]:

@@ -61,7 +61,8 @@ class SparseVLM(Method):
     is (3*576 + 4*300 + 9*200 + 16*110) / 32 before recycling). Other budgets and image sizes: per-stage fractions
     interpolated between the released schedules (``stage_fractions``), times the image's token count, at least 1.
     The realised average (recycled tokens included, which puts it above the nominal one, issue #33) is
-    ``handle.last.layer_average``.
+    ``handle.last.layer_average``. A budget below ``K_1 / L`` (the layers before the first stage run on every
+    token: 3/32 with the official layers) is out of reach: ``ValueError`` naming the lowest reachable value.
 
     Positions: v1.5 compacts (merged tokens numbered right after the image's kept tokens; decoding continues per
     layer with that layer's compacted numbering); ``positions="original"`` keeps original positions and gives a
@@ -117,6 +118,10 @@ class SparseVLM(Method):
     @property
     def recycles(self) -> bool:
         return self.version == "1.5"
+
+    def layer_average_range(self, n_layers: int) -> tuple[float, float] | None:
+        """The layers before the first stage run on every token: the average is above ``K_1 / L``."""
+        return self.stages()[0].layer / n_layers, 1.0
 
     def budget_for(self, ctx, row, group):
         n = group.span.n
