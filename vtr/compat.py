@@ -224,6 +224,13 @@ def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
     return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
 
 
+def anyres_max_width(config, side: int) -> int:
+    """The most tokens one row of an anyres image's high-resolution grid can hold: the widest grid of tiles
+    (``image_grid_pinpoints``) times ``side`` patches; unpadding and OneVision's ``anyres_max`` only narrow it."""
+    tile = config.vision_config.image_size
+    return max(int(width) // tile for _, width in config.image_grid_pinpoints) * side
+
+
 def tower_pixels(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
     """``[n_crops, 3, H, W]``: the crops ``get_image_features`` hands the vision tower, from its ``pixel_values``
     (anyres models: ``[n_images, max_crops, 3, H, W]`` padded with empty crops, which it strips)."""
@@ -257,17 +264,62 @@ def shadow_method(obj, name: str, wrapper) -> None:
     """Route ``obj.name(...)`` through ``wrapper(original, ...)`` by shadowing the bound method on the instance.
 
     Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
-    (``language_model._deepstack_process``) and ``generate`` (a request in flight, with a ``finally`` that also runs on
-    ``KeyboardInterrupt``). ``unshadow_method`` removes the instance attribute, restoring the class's method."""
+    (``language_model._deepstack_process``), ``generate`` (a request in flight, with a ``finally`` that also runs on
+    ``KeyboardInterrupt``) and ``forward`` (torch skips always-call forward hooks when a ``BaseException`` other than
+    ``Exception`` ends the call). An instance attribute already there
+    (accelerate's device hooks set ``module.forward``) is what the wrapper calls, and ``unshadow_method`` puts it
+    back; otherwise it removes the instance attribute, restoring the class's method."""
     original = getattr(obj, name)
     shadow = functools.partial(wrapper, original)
     functools.update_wrapper(shadow, original)  # generate() reads get_image_features' signature to call it
+    shadow.__dict__["_vtr_previous"] = vars(obj).get(name, _ABSENT)
     setattr(obj, name, shadow)
+
+
+_ABSENT = object()
 
 
 def unshadow_method(obj, name: str) -> None:
     if name in vars(obj):
-        delattr(obj, name)
+        previous = getattr(vars(obj)[name], "_vtr_previous", _ABSENT)
+        if previous is _ABSENT:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, previous)
+
+
+def refuse_cache(cache, message: str) -> None:
+    """Make every later use of ``cache`` (a ``DynamicCache``) to run a model raise ``ValueError(message)``: its
+    ``update`` (every attention layer writes through it) and ``get_mask_sizes`` (every mask is sized by it) are
+    shadowed on the instance, so the unpatched model, or any other code, fails before computing anything on it.
+    Copies (``copy.deepcopy``) carry the refusal; reading the cache (``get_seq_length``, its tensors) still works."""
+    refusal = functools.partial(_refused_cache, message)
+    for name in ("update", "get_mask_sizes"):
+        setattr(cache, name, refusal)
+    cache._vtr_refusal = message
+
+
+def cache_refusal(cache) -> str | None:
+    """The message ``refuse_cache`` gave ``cache``, if any."""
+    return getattr(cache, "_vtr_refusal", None)
+
+
+def _refused_cache(message: str, *args, **kwargs):
+    raise ValueError(message)
+
+
+# ``generate`` (transformers >= 5.2x) encodes a batch's images and videos once, before it repeats each row for beam
+# search or several return sequences, and repeats each row's encodings with it (``_expand_multimodal_outputs``):
+# the prefill's row ``r`` is then copy ``r % E`` of prompt ``r // E``, encoded as prompt ``r // E``. Older releases
+# expand the pixels instead and encode every row in the prefill.
+GENERATE_EXPANSION = "_expand_inputs_for_generation"
+
+
+def pre_encoded_expansion(function, args: tuple, kwargs: dict) -> int:
+    """The factor a ``_expand_inputs_for_generation`` call repeats the rows by, when it repeats visual encodings
+    ``generate`` made before (``mm_encoder_outputs``); 1 otherwise."""
+    expand = call_argument(function, args, kwargs, "expand_size") or 1
+    return int(expand) if kwargs.get("mm_encoder_outputs") else 1
 
 
 def processor_without_video(cls, **kwargs):

@@ -148,6 +148,9 @@ class ForwardState:
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
     block_outputs: dict = field(default_factory=dict)  # layer -> its output, made by a post-attention stage
     in_block: bool = False  # a post-attention stage is running a layer's MLP block itself
+    # generate() encoded each prompt's visual inputs once, then repeated every row this many times (beam search,
+    # num_return_sequences): row r of the prefill reads the encoding of prompt r // expansion
+    expansion: int = 1
 
 
 def insertion_index(keep: torch.Tensor, after: list, length: int) -> torch.Tensor:

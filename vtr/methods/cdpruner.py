@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..kernels.reference import BLOCK_ROWS, row_blocks, row_products
-from .base import Method, Stage
+from .base import Method, Stage, choices
 from .registry import register
 
 KERNELS = ("paper", "openvino")
@@ -96,11 +96,11 @@ class CDPruner(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs_whole_prompt: ClassVar[bool] = True
-    relevance: str = "auto"
+    relevance: str = field(default="auto", metadata=choices("auto", "clip", "embeddings"))
     """Relevance to the instruction: "clip" (the official CLIP text tower; LLaVA-1.5 / NeXT), "embeddings" (mean of
     the language model's input embeddings over the prompt's text, OpenVINO GenAI's Qwen-VL substitute) or "auto"
     (clip where the model has a CLIP tower, else embeddings)."""
-    kernel: str = "paper"
+    kernel: str = field(default="paper", metadata=choices(*KERNELS))
     """"paper": the official kernel diag(r) S diag(r); "openvino": OpenVINO GenAI's default compiled graph,
     (1 - w) S + w diag(r) S diag(r) with its normalisations and rounding."""
     relevance_weight: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
@@ -118,10 +118,6 @@ class CDPruner(Method):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.relevance not in ("auto", "clip", "embeddings"):
-            raise ValueError(f"cdpruner: relevance must be 'auto', 'clip' or 'embeddings', got {self.relevance!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"cdpruner: kernel must be one of {KERNELS}, got {self.kernel!r}")
         openvino = self.kernel == "openvino"
         if self.relevance_weight is None:
             self.relevance_weight = 0.5 if openvino else 1.0

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Merge, Method, Stage, layer_list, scale_layers
+from .base import SEED, Merge, Method, Stage, choices, layer_list, scale_layers
 from .clustering import dpc_knn
 from .registry import register
 
@@ -61,7 +61,8 @@ class SparseVLM(Method):
     is (3*576 + 4*300 + 9*200 + 16*110) / 32 before recycling). Other budgets and image sizes: per-stage fractions
     interpolated between the released schedules (``stage_fractions``), times the image's token count, at least 1.
     The realised average (recycled tokens included, which puts it above the nominal one, issue #33) is
-    ``handle.last.layer_average``.
+    ``handle.last.layer_average``. A budget below ``K_1 / L`` (the layers before the first stage run on every
+    token: 3/32 with the official layers) is out of reach: ``ValueError`` naming the lowest reachable value.
 
     Positions: v1.5 compacts (merged tokens numbered right after the image's kept tokens; decoding continues per
     layer with that layer's compacted numbering); ``positions="original"`` keeps original positions and gives a
@@ -91,19 +92,17 @@ class SparseVLM(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
     newline_candidates: ClassVar[bool] = True  # the official code prunes the whole visual span
-    version: str = "1.5"
+    version: str = dataclasses.field(default="1.5", metadata=choices(*COUNTS))
     """Version: "1.5" (main branch: recycling, compact positions) or "2.0" (SparseVLM+: rotary-corrected scores,
     top heads, no recycling, original positions)."""
     layers: str = ""
     """Stage layers, comma separated (the first layers that run on the pruned sequence); "" takes the official 3,7,16
     (scaled on models under 17 layers)."""
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata=SEED)
     """Seed of the DPC-KNN density noise in the recycling step."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.version not in COUNTS:
-            raise ValueError(f"sparsevlm: version must be one of {sorted(COUNTS)}, got {self.version!r}")
         if self.scope != "image":
             raise ValueError("sparsevlm: scope must be 'image' (its counts are per image)")
 
@@ -124,6 +123,10 @@ class SparseVLM(Method):
     @property
     def recycles(self) -> bool:
         return self.version == "1.5"
+
+    def layer_average_range(self, n_layers: int) -> tuple[float, float] | None:
+        """The layers before the first stage run on every token: the average is above ``K_1 / L``."""
+        return self.stages()[0].layer / n_layers, 1.0
 
     def budget_for(self, ctx, row, group):
         n = group.span.n

@@ -48,6 +48,16 @@ class ContextBase:
         inverse[rows, prev.index[rows, slots]] = slots
         self._inverse = inverse
 
+    def encoding_row(self, row: int) -> int:
+        """The row whose visual inputs the vision call encoded for ``row``: itself, or, where ``generate`` encoded
+        each prompt once before repeating the rows (beam search, ``num_return_sequences``), the prompt's first
+        row."""
+        return row - row % self.fwd.expansion
+
+    def encoded_rows(self) -> range:
+        """The rows whose visual inputs the vision call encoded, in its order (see ``encoding_row``)."""
+        return range(0, len(self.layout.rows), self.fwd.expansion)
+
     def cached(self, key, compute):
         """``compute()`` once per stage for ``key`` (a method's per-image plan, shared by ``budget_for`` and
         ``select``)."""

@@ -26,13 +26,13 @@ class VideoSignals(ContextBase):
         """(ordinal of the video among the call's videos, rows in order; visual tokens of the videos before it)."""
         if "videos" not in self._memo:
             numbers, k, first = {}, 0, 0
-            for b, layout_row in enumerate(self.layout.rows):
-                for s in layout_row.spans:
+            for b in self.encoded_rows():
+                for s in self.layout.rows[b].spans:
                     if s.kind == "video":
                         numbers[b, s.index, int(s.positions[0])] = (k, first)
                         k, first = k + 1, first + s.n
             self._memo["videos"] = numbers
-        return self._memo["videos"][row, span.index, int(span.positions[0])]
+        return self._memo["videos"][self.encoding_row(row), span.index, int(span.positions[0])]
 
     def _video_call(self, span: VisualSpan):
         call = self.fwd.vision.video if self.fwd.vision is not None else None

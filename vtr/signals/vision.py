@@ -27,7 +27,7 @@ class TowerSignals(ContextBase):
         span = self._image_only(tokens).span
         key = ("sources", row, span.index)
         if key not in self._memo:
-            first, size = self._image_crops()[row, span.index]
+            first, size = self._image_crop(row, span)
             crop, index = self.engine.family.vision_patches(self.engine.model, span, size)
             self._memo[key] = (crop + first).masked_fill(crop < 0, -1), index
         crop, index = self._memo[key]
@@ -45,13 +45,17 @@ class TowerSignals(ContextBase):
                              f"holds a {tokens.span.kind}")
         return tokens
 
+    def _image_crop(self, row: int, span) -> tuple[int, object]:
+        """(first crop of the row's image ``span`` in the tower's batch, its image size)."""
+        return self._image_crops()[self.encoding_row(row), span.index]
+
     def _image_crops(self) -> dict:
-        """(row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
+        """(encoded row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
         if "crops" not in self._memo:
             sizes = self.fwd.vision.image_sizes if self.fwd.vision is not None else None
             crops, first, k = {}, 0, 0
-            for b, row in enumerate(self.layout.rows):
-                for span in row.spans:
+            for b in self.encoded_rows():
+                for span in self.layout.rows[b].spans:
                     if span.kind == "image":
                         size = sizes[k] if sizes is not None else None
                         crops[b, span.index] = (first, size)
@@ -142,7 +146,7 @@ class TowerSignals(ContextBase):
                 entropy = self.vision_patch_entropy().to(maps.device)  # [n_crops, P]
                 maps[:, maps.shape[1] - entropy.shape[1]:] += entropy_weight * entropy.softmax(-1).to(maps.dtype)
             self._memo[key] = maps
-        first, size = self._image_crops()[row, tokens.span.index]
+        first, size = self._image_crop(row, tokens.span)
         count = self.engine.family.crops_per_image(self.engine.model, size)
         packed = self.engine.family.pack_crop_values(self.engine.model, self._memo[key][first:first + count], size,
                                                      newline)
@@ -197,13 +201,13 @@ class TowerSignals(ContextBase):
                              f"holds a {tokens.span.kind}")
         if "units" not in self._memo:
             first, units = 0, {}
-            for b, layout_row in enumerate(self.layout.rows):
-                for span in layout_row.spans:
+            for b in self.encoded_rows():
+                for span in self.layout.rows[b].spans:
                     if span.kind == "image":
                         units[b, span.index] = first
                         first += span.n
             self._memo["units"] = units
-        return self._memo["units"][row, tokens.span.index] + tokens.ids.cpu()
+        return self._memo["units"][self.encoding_row(row), tokens.span.index] + tokens.ids.cpu()
 
     def _qwen_received(self, layer: int | None) -> torch.Tensor:
         """``[U]`` received attention per merged token of the whole vision call (see vision_received_attention)."""
