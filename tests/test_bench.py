@@ -49,6 +49,10 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
         assert row["ttft_cpu_speedup_vs_dense"] == pytest.approx(dense["ttft_cpu_s"] / row["ttft_cpu_s"])
         if row["kind"] == "ideal":
             assert row["ttft_cpu_s"] > row["vision_cpu_s"] > 0
+            # plus the dense run's time outside the language model (vision, embedding, LM head)
+            assert 0 < row["outside_s"] < dense["ttft_s"] and 0 < row["outside_cpu_s"] < dense["ttft_cpu_s"]
+        else:  # the prefill's language model, not its decoding steps too
+            assert row["llm_s"] < row["ttft_s"] and row["llm_cpu_s"] < row["ttft_cpu_s"]
         if row["kind"] == "method":
             ideal = rows[label + " ideal"]
             assert row["ttft_cpu_vs_ideal"] == pytest.approx(ideal["ttft_cpu_s"] / row["ttft_cpu_s"])

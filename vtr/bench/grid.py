@@ -103,6 +103,9 @@ class Runner:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             end = self.clock.mark()
         ttft, ttft_cpu = self.clock.seconds(start, end), self.clock.cpu_seconds(start, end)
+        # the prefill's stages, read before the decoding steps run the language model again
+        vision, vision_cpu = self.timer.seconds("vision"), self.timer.seconds("vision", cpu=True)
+        llm, llm_cpu = self.timer.seconds("llm"), self.timer.seconds("llm", cpu=True)
         cache = out.past_key_values
         kv = kv_cache_bytes(cache)
         decode = self._decode(out, token, inputs)
@@ -118,11 +121,9 @@ class Runner:
             lengths = [length] * self.n_layers
             n_visual = n_kept = None
             stages, selection = [], 0.0
-        return Sample(ttft=ttft, vision=self.timer.seconds("vision"), llm=self.timer.seconds("llm"),
-                      selection=selection, decode_step=decode, peak_memory=memory.peak, kv_cache=kv,
-                      layer_lengths=lengths, batch=batch, n_visual=n_visual, n_kept=n_kept, stages=stages,
-                      ttft_cpu=ttft_cpu, vision_cpu=self.timer.seconds("vision", cpu=True),
-                      llm_cpu=self.timer.seconds("llm", cpu=True))
+        return Sample(ttft=ttft, vision=vision, llm=llm, selection=selection, decode_step=decode,
+                      peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=n_visual,
+                      n_kept=n_kept, stages=stages, ttft_cpu=ttft_cpu, vision_cpu=vision_cpu, llm_cpu=llm_cpu)
 
     def _decode(self, out, token, inputs) -> float | None:
         """Median time of one greedy decoding step over the prefill's cache."""
