@@ -135,9 +135,10 @@ def test_dpc_knn_blockwise_equals_dense(n):
     x = torch.randn(n, 24, generator=torch.Generator().manual_seed(n))
     x[BLOCK_ROWS: BLOCK_ROWS + 300] = x[:300]  # exact duplicates across blocks
     for clusters in (1, n // 10 + 1):
-        got = dpc_knn(x, clusters, clusters, torch.Generator().manual_seed(0))
         want = dpc_knn_dense(x, clusters, clusters, torch.Generator().manual_seed(0))
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for budget in (0, None):  # blockwise, and the matrix computed once within the default budget
+            got = dpc_knn(x, clusters, clusters, torch.Generator().manual_seed(0), max_matrix_bytes=budget)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), budget
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -259,7 +260,7 @@ def test_triton_divprune_memory_is_linear():
 @memory
 def test_dpc_knn_memory_is_linear():
     x = torch.randn(N, D)
-    extra = peak_extra_bytes(lambda: dpc_knn(x, 8, 8, torch.Generator().manual_seed(0)))
+    extra = peak_extra_bytes(lambda: dpc_knn(x, 8, 8, torch.Generator().manual_seed(0), max_matrix_bytes=0))
     bound = 4 * BLOCK_ROWS * N * 8 + 4 * N * D * 8  # fp64: blocks of distances and cdist's temporaries
     assert extra < bound < N * N * 8, (extra, bound)
 

@@ -157,14 +157,30 @@ def _rotate(attn: torch.nn.Module):
 
 
 def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    B, L, _ = hidden.shape
-    x = getattr(attn, proj)(hidden).view(B, L, -1, attn.head_dim)
+    return _heads(attn, norm, getattr(attn, proj)(hidden), cos, sin)
+
+
+def _heads(attn, norm: str, projected: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    B, L, _ = projected.shape
+    x = projected.view(B, L, -1, attn.head_dim)
     if hasattr(attn, norm):  # Qwen3: per-head RMSNorm before RoPE
         x = getattr(attn, norm)(x)
     x = x.transpose(1, 2)
     if cos is not None:
         x, _ = _rotate(attn)(x, x, cos, sin)
     return x
+
+
+def key_projection(attn: torch.nn.Module) -> torch.nn.Module:
+    """The attention module's key projection (a linear layer: ``[B, L, D] -> [B, L, H_kv * d]``)."""
+    return attn.k_proj
+
+
+def keys_from_projection(attn: torch.nn.Module, projected: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, L, d]`` from the key projection's output ``[B, L, H_kv * d]`` (what
+    ``project_keys`` computes, in two steps, so that the projection can be kept)."""
+    return _heads(attn, "k_norm", projected, cos, sin)
 
 
 def project_unrotated(attn: torch.nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:

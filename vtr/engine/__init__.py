@@ -117,6 +117,8 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                 for i in range(first, len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self._post_attention_hooks(reg, layers)
+            if "layer_inputs" in self.method.needs:
+                self._own_projection_hooks(reg, layers)
             if "attention_inputs" in self.method.needs:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])

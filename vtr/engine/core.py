@@ -52,6 +52,7 @@ class RequestState:
     added: list[list[AddedToken]] = field(default_factory=list)  # per row: tokens merging stages added, in order
     decode_state: dict = field(default_factory=dict)  # the method's kv_cache-stage state (select_decode)
     method_state: dict = field(default_factory=dict)  # what a method's stage leaves for its later stages
+    signals: dict = field(default_factory=dict)  # signals that do not change between stages (vtr.signals), by key
     decode_spans: list | None = None  # per row: (span, [n] cache slots of its present visual tokens, [n] ids)
 
     def original_position(self, row: int, index: int) -> int:
@@ -143,6 +144,11 @@ class ForwardState:
     loss_kwargs: dict = field(default_factory=dict)
     decode_tail: torch.Tensor | None = None
     captures: dict = field(default_factory=dict)  # layer -> (attention module, normed hidden, cos, sin)
+    # stage layer -> {"normed": [B, L, D], "keys": [B, L, H_kv d]}: what a "layer_inputs" signal computed with the
+    # layer's own input norm and key projection over the stage's whole sequence; then, once the stage pruned,
+    # layer -> ([B, L'] slots gathered, that dict), handed to the layer in place of computing them again
+    own_projections: dict = field(default_factory=dict)
+    reuse: dict = field(default_factory=dict)
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts

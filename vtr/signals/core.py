@@ -1,5 +1,6 @@
 """What every signal source shares: the candidate tokens of each image (or tile), the stage's view of the
-batch and the per-stage memo through which each signal is computed once."""
+batch, and the memos through which each signal is computed once: per stage (``_memo``, ``cached``) and, for signals
+no stage changes, per request (``request_cached``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ class ContextBase:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def request_cached(self, key, compute):
+        """``compute()`` once per request for ``key``: a signal that no stage changes (it reads the prompt or the
+        language model's inputs), shared by every stage of a multi-stage method."""
+        memo = self.fwd.request.signals
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     @property
     def request_state(self) -> dict:

@@ -27,6 +27,8 @@ class DecoderSignals(ContextBase):
                 cos, sin = compat.rotary_embeddings(self.engine.lm, h, positions[-3:] if positions.dim() == 3
                                                     else positions)
                 self._memo["own"] = (compat.self_attention(layer), h, cos, sin)
+                # the layer computes the same norm for the tokens the stage keeps: the engine hands it these rows
+                self.fwd.own_projections[self.spec.layer] = {"normed": h}
             return self._memo["own"]
         capture = self.fwd.captures.get(self.spec.layer - 1)
         if capture is None:
@@ -119,7 +121,12 @@ class DecoderSignals(ContextBase):
             keys = None
             if not self._own_layer and not bool(self.position_offsets().any()):
                 keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
-            if keys is None:
+            if keys is None and self._own_layer:
+                attn, h, _, _ = self._attention_inputs()
+                projected = compat.key_projection(attn)(h)  # the layer's own key projection, over every token
+                self.fwd.own_projections.setdefault(self.spec.layer, {})["keys"] = projected
+                keys = compat.keys_from_projection(attn, projected, *self._rotary())
+            elif keys is None:
                 attn, h, _, _ = self._attention_inputs()
                 keys = compat.project_keys(attn, h, *self._rotary())
             self._memo["keys"] = keys
