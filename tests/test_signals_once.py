@@ -2,6 +2,7 @@
 no stage changes is computed once per request, whatever the number of stages."""
 import collections
 
+import pytest
 import torch
 
 import tiny_models as tm
@@ -49,3 +50,37 @@ def test_sparsevlm_raters_are_computed_once_per_request(monkeypatch):
         assert sorted(computed) == [0, 1]
         model(**inputs)  # a new request computes its own
         assert sorted(computed) == [0, 0, 1, 1]
+
+
+def _projection_calls(model, run):
+    """How many times each vision-tower projection module runs during ``run()``."""
+    calls = collections.Counter()
+    hooks = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("q_proj", "k_proj", "qkv") and ("vision" in name or "visual" in name):
+            hooks.append(module.register_forward_hook(lambda m, a, o, name=name: calls.update([name])))
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize("method,family,video", [
+    ("fastervlm", "llava", False), ("visionzip", "llava", False), ("vispruner", "llava", False),
+    ("hiprune", "llava", False), ("hiprune", "qwen2_5_vl", False), ("vflowopt", "llava_onevision", False),
+    ("fastvid", "qwen2_5_vl", True), ("holitom", "llava_onevision", True)])
+def test_vision_signals_read_the_towers_own_projections(method, family, video):
+    """The attention signals of the vision tower (the [CLS] row, received attention, VFlowOpt's global attention,
+    FastVID's mean-query salience, HoliTom's frame attention) are computed from the query and key projections the
+    tower itself computed: no projection runs more often than in the unpatched forward."""
+    model, proc = tm.build(family)
+    inputs = tm.video_inputs(family, proc, 1) if video else tm.image_inputs(family, proc, 1)
+    with torch.no_grad():
+        unpatched = _projection_calls(model, lambda: model(**inputs))
+        with vtr.patch(model, method, ratio=0.5) as handle:
+            patched = _projection_calls(model, lambda: model(**inputs))
+    assert handle.last.n_kept != handle.last.n_visual  # it pruned
+    assert patched == unpatched and sum(unpatched.values()) > 0

@@ -441,9 +441,19 @@ def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: sli
     """Softmax attention probabilities of the query tokens ``rows`` over all tokens, per head: ``[n, H, r, N]``.
 
     hidden: ``[n, N, D]`` the attention module's input (after the layer norm); no mask (every token of a CLIP or
-    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does."""
-    q = _vision_heads(attn, "q_proj", hidden[:, rows]).to(dtype)
-    k = _vision_heads(attn, "k_proj", hidden).to(dtype)
+    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does. (The
+    projections computed again; ``vision_attention_probs`` takes the ones the tower computed.)"""
+    return vision_attention_probs(attn, attn.q_proj(hidden[:, rows]), attn.k_proj(hidden), slice(None), dtype)
+
+
+def vision_attention_probs(attn: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor,
+                           rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, H, r, N]``: softmax attention probabilities of the query tokens ``rows`` over all tokens, per head, from
+    a CLIP/SigLIP attention module's own query and key projections ``[n, N, H * d]`` (bias included, queries not
+    yet scaled: the outputs of ``vision_projections``). Logits in ``dtype``, softmax in fp32 as eager attention
+    does; only the ``r`` rows asked for are computed."""
+    q = vision_heads(attn, queries[:, rows]).to(dtype)
+    k = vision_heads(attn, keys).to(dtype)
     logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
     return logits.softmax(-1, dtype=torch.float32).to(dtype)
 
@@ -557,22 +567,24 @@ def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) 
 # ``model.model.visual.blocks[i].attn`` with ``qkv``/``num_heads``/``scaling``, called with ``cu_seqlens`` (packed
 # images or windows) and ``position_embeddings``; ``apply_rotary_pos_emb_vision`` in the attention's own file;
 # Qwen2.5-VL orders its merge units by window (``get_vision_window_index``).
-def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype):
+def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                     qkv: torch.Tensor | None = None):
     """A Qwen-VL vision block's queries and keys ``[H, S, d]`` for its attention input ``hidden`` ``[S, D]``, after
-    the vision RoPE of the call's ``position_embeddings``."""
-    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden), *extra["position_embeddings"])
+    the vision RoPE of the call's ``position_embeddings``; from the block's own fused projection output ``qkv``
+    (``[S, 3 * H * d]``) when given, else projected again."""
+    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden) if qkv is None else qkv, *extra["position_embeddings"])
     return q.to(dtype), k.to(dtype)
 
 
 def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
-                            chunk: int = 1024) -> torch.Tensor:
+                            chunk: int = 1024, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed
     over the queries of its attention segment (its image, or its window in window-attention blocks); queries are
     taken ``chunk`` at a time, so at most ``[H, chunk, segment]`` probabilities are held.
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``), in the tower's (window) order; extra: the
-    attention call's ``cu_seqlens`` and ``position_embeddings``."""
-    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
+    attention call's ``cu_seqlens`` and ``position_embeddings``; qkv: the block's own fused projection of it."""
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     received = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -585,15 +597,15 @@ def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: 
 
 
 def qwen_mean_query_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
-                              unit: int) -> torch.Tensor:
+                              unit: int, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[U]``: FastVID's Qwen2.5-VL salience from one vision block, per attention segment (a temporal slice in the
     full-attention blocks): the softmax over the segment's merge units of ``q_mean . k_unit * scale``, ``q_mean`` the
     mean of the segment's queries and ``k_unit`` the mean of each merge unit's ``unit`` keys (both after the vision
     RoPE), mean over heads; merge units in the tower's order.
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``); extra: its ``cu_seqlens`` and
-    ``position_embeddings``."""
-    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
+    ``position_embeddings``; qkv: the block's own fused projection of it."""
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     out = []
     for start, stop in zip(bounds[:-1], bounds[1:]):

@@ -113,8 +113,8 @@ class RequestState:
 class VisionCall:
     """One ``get_image_features`` (or ``get_video_features``) call: its anyres image sizes (LLaVA-NeXT) or image
     grids (Qwen-VL) and, per captured vision layer, [attention module, attention input, layer output]
-    (``[n_crops, N, D_v]`` each; Qwen-VL: ``[S, D_v]`` patches in the tower's order) and the attention call's other
-    arguments (``extras``)."""
+    (``[n_crops, N, D_v]`` each; Qwen-VL: ``[S, D_v]`` patches in the tower's order), the attention call's other
+    arguments (``extras``) and the attention's own projections (``projections``)."""
 
     image_sizes: list | None
     grid_thw: torch.Tensor | None = None
@@ -126,6 +126,11 @@ class VisionCall:
     frames: int | None = None  # LLaVA-OneVision videos: frames per video (every video of a call has as many)
     video: "VisionCall | None" = None  # the same forward's video call, beside its image call
     pixel_values: torch.Tensor | None = None  # the call's pixel input, as passed (VFlowOpt's patch entropy)
+    # per captured vision layer, the attention's own query and key projections (``{"q", "k"}``: ``[n_crops, N, H * d]``;
+    # Qwen-VL: ``{"qkv"}``, ``[S, 3 * H * d]``), as the tower computed them: signals read them instead of projecting
+    # the attention input again
+    projections: dict = field(default_factory=dict)
+    signals: dict = field(default_factory=dict)  # signals computed from this call, shared by every stage
 
 
 @dataclass

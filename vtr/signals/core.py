@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import compat
 from ..layout import TokenLayout, VisualSpan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -158,6 +159,21 @@ class ContextBase:
     def score_dtype(self) -> torch.dtype:
         """dtype scores are computed in: fp32, or the model's own with the method's ``score_dtype="model"``."""
         return self.hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
+
+    def _layer(self, layer: int | None) -> int:
+        return self.engine.vision_feature_layer if layer is None else layer
+
+    def _vision_qk(self, layer: int | None, call=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A vision layer's query and key projections ``[n, N, H * d]`` as the tower computed them (projected again
+        from the captured attention input only where they were not captured)."""
+        call = self.fwd.vision if call is None else call
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        projected = call.projections.get(layer, {})
+        if "q" in projected and "k" in projected:
+            return projected["q"], projected["k"]
+        attn, hidden, _ = call.layers[layer]
+        projections = compat.vision_projections(attn)
+        return projections["q"](hidden), projections["k"](hidden)
 
     def _vision_dtype(self, hidden: torch.Tensor) -> torch.dtype:
         return hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
