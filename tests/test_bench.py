@@ -503,3 +503,18 @@ def test_tiny_models_say_their_timings_mean_nothing_and_the_plot_is_honest(tmp_p
     assert "dart ideal: unpatched, layers 2 on each stage's kept tokens" in labels
     assert 1.0 in lines  # y = 1: the dense model
     assert result["complete"] is True
+
+
+def test_the_per_method_table_runs_every_registered_method_in_one_command(tmp_path, capsys):
+    """``python -m vtr.bench.methods``: every registered method once, against its ideal, in process CPU time."""
+    from vtr.bench import methods
+    from vtr.methods.registry import REGISTRY
+    summary = methods.main(["--tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0", "--ratios", "0.5",
+                            "--out", str(tmp_path), "--tag", "m", "--quiet"])
+    assert sorted(r["method"] for r in summary["rows"]) == sorted(REGISTRY)
+    for row in summary["rows"]:
+        assert row["clock"] == "cpu" and row["over_ideal"] > 0 and row["kept"] < row["visual"], row
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
+    table = (tmp_path / "m.md").read_text()
+    assert table.count("\n| ") == len(REGISTRY) + 1 and "say nothing about speed" in table
+    assert {p.name for p in tmp_path.glob("m-*.json")} == {f"m-{g[0]}.json" for g in methods.GROUPS}

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from vtr import env
-from vtr.bench import canary, cli, evaluate, models, overlay, scaling, speed
+from vtr.bench import canary, cli, evaluate, methods, models, overlay, scaling, speed
 
 TOOLS = {"vtr.bench.speed": speed.build_parser, "vtr.bench.evaluate": evaluate.build_parser,
          "vtr.bench.overlay": overlay.build_parser, "vtr.bench.canary": canary.build_parser,
-         "vtr.bench.scaling": scaling.build_parser,
+         "vtr.bench.scaling": scaling.build_parser, "vtr.bench.methods": methods.build_parser,
          "vtr.env": env.build_parser}
 
 

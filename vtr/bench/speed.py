@@ -1,16 +1,18 @@
-"""Speed benchmark: the dense model, each method, and the ideal (the unpatched model fed only the kept tokens),
-measured in one run, interleaved, on the same inputs.
+"""Speed benchmark: the dense model, each method, and its ideal (the unpatched model with each of the method's
+stages bounded where it acts, nothing chosen: ``ideal.LayeredIdeal``), measured in one run, interleaved, on the
+same inputs.
 
-    vtr-bench                                   # LLaVA-1.5-7B, random weights, all 32 layers at 1/4 width
-    vtr-bench --model qwen3-vl-8b --methods dart,divprune --ratios 0.778,0.889
+    vtr-bench                                   # LLaVA-1.5-7B, random weights, every layer at 1/4 width
+    vtr-bench --model qwen3-vl-8b --methods dart,divprune --ratios 0.778,0.889 --clock cpu
     vtr-bench --model Qwen/Qwen2-VL-7B-Instruct --methods dart,fastv --ratios 0.778,0.889 --repeats 10
 
 Per configuration it reports time to first token (the prefill forward: vision encoder, LLM, LM head on the last
 token), its vision / LLM split, selection time, decode tokens/s over the pruned cache, peak memory, KV-cache size,
 estimated LLM prefill FLOPs and kept tokens per stage; every method also as ratios to the dense model and to the
-ideal. Medians over repeats; CUDA events after warm-up on GPU, perf_counter on CPU. Writes
-<out>/speed-<model>-<YYYYmmdd-HHMMSS>.json (hardware, versions, settings, every figure) and a .png of the same
-name (the PNG needs matplotlib: the bench extra).
+ideal. Medians over repeats; CUDA events after warm-up on GPU, perf_counter and process CPU time on CPU
+(``--clock`` picks the one the table shows). Every row is patched onto the built model before anything is
+measured. Writes <out>/speed-<model>-<YYYYmmdd-HHMMSS>.json (hardware, versions, settings, every figure; rewritten
+after every timed pass) and a .png of the same name (the PNG needs matplotlib: the bench extra).
 """
 from __future__ import annotations
 
