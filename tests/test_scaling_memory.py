@@ -196,20 +196,19 @@ def test_vispruner_blockwise_equals_dense():
     n = 2 * BLOCK_ROWS * 2 + 10  # A and B halves each larger than two blocks
     features = torch.nn.functional.normalize(with_duplicates(n, 16), dim=-1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    want = remove_duplicates_dense(features, order, n - 20)
-    assert torch.equal(remove_duplicates(features, order, n - 20, max_matrix_bytes=0), want)
-    assert torch.equal(remove_duplicates(features, order, n - 20), want)  # one similarity matrix, read per round
+    assert torch.equal(remove_duplicates(features, order, n - 20), remove_duplicates_dense(features, order, n - 20))
 
 
-@pytest.mark.parametrize("n,target", [(576, 32), (1100, 60)])
-def test_vispruner_similarity_matrix_path_equals_the_per_round_products(n, target):
-    """Random features (no exact arithmetic): the rounds that read the precomputed matrix keep what the rounds that
-    multiply A by B keep (the official way), round after round."""
+@pytest.mark.parametrize("n,target", [(576, 32), (1100, 60), (2 * BLOCK_ROWS + 300, 40)])
+@pytest.mark.parametrize("neighbours", [64, 2])
+def test_vispruner_nearest_neighbour_rounds_equal_the_official_products(n, target, neighbours):
+    """Random features (no exact arithmetic): rounds that read each A token's nearest tokens (and, for one none of
+    whose ``neighbours`` is in B, its products with B: most of them with 2 neighbours) keep what the rounds that
+    multiply A by B keep, round after round, down to a small target."""
     features = torch.nn.functional.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(n)), dim=-1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
     want = remove_duplicates_dense(features, order, target)
-    assert torch.equal(remove_duplicates(features, order, target), want)
-    assert torch.equal(remove_duplicates(features, order, target, max_matrix_bytes=0), want)
+    assert torch.equal(remove_duplicates(features, order, target, neighbours=neighbours), want)
 
 
 def test_visionzip_blockwise_equals_dense():
@@ -278,7 +277,7 @@ def test_cdpruner_memory_is_linear_in_tokens():
 def test_vispruner_and_visionzip_memory_is_linear():
     features = torch.nn.functional.normalize(torch.randn(2 * N, D), dim=-1)
     order = torch.arange(2 * N)
-    extra = peak_extra_bytes(lambda: remove_duplicates(features, order, 2 * N - 8, max_matrix_bytes=0))
+    extra = peak_extra_bytes(lambda: remove_duplicates(features, order, 2 * N - 8))
     assert extra < 3 * BLOCK_ROWS * N * 4 + 8 * N * D * 4 < N * N * 4, extra
     extra = peak_extra_bytes(lambda: contextual_assignment(features, N))
     assert extra < 3 * BLOCK_ROWS * N * 4 + 8 * N * D * 4 < N * N * 4, extra
