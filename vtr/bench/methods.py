@@ -16,8 +16,9 @@ same).
 
 Writes ``OUT/TAG-<group>.json`` and ``.png`` per group (the speed benchmark's files, rewritten after every pass, so
 a stopped run keeps what it measured), then ``OUT/TAG.json`` (every method's row) and ``OUT/TAG.md`` (the
-table), and prints the table. On a quiet machine with one thread the default run takes about 40 minutes
-(``--repeats`` scales it).
+table), and prints the table. The default run is 10 passes of about 500 s of CPU time each (one loaded pass per
+group: 160 s for the image group, 240 s for the video group, 100 s for OneVision, one decoding step per row
+included), so 60 to 90 minutes with one thread (``--repeats`` scales it).
 """
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true",
                    help="tiny random models instead of the shipped configs: checks the run, measures nothing "
                         "(default: off)")
-    p.add_argument("--decode-tokens", type=int, default=3, help="greedy steps timed per run (default: 3)")
+    p.add_argument("--decode-tokens", type=int, default=1,
+                   help="greedy steps timed after each prefill (the table compares prefills) (default: 1)")
     p.add_argument("--out", default="results", help="directory for the files (default: ./results)")
     p.add_argument("--tag", default="methods", help="file name stem (default: methods)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr (default: show it)")
