@@ -16,9 +16,10 @@ same).
 
 Writes ``OUT/TAG-<group>.json`` and ``.png`` per group (the speed benchmark's files, rewritten after every pass, so
 a stopped run keeps what it measured), then ``OUT/TAG.json`` (every method's row) and ``OUT/TAG.md`` (the
-table), and prints the table. The default run is 10 passes of about 500 s of CPU time each (one loaded pass per
-group: 160 s for the image group, 240 s for the video group, 100 s for OneVision, one decoding step per row
-included), so 60 to 90 minutes with one thread (``--repeats`` scales it).
+table), and prints the table. The default run is 10 passes of about 450 s of CPU time each (prefills, on the
+2-core machine under load: 223 s for the video group and 91 s for OneVision, measured in one pass each; about
+120 s for the image group, from its dense, DivPrune and DART rows; plus one decoding step per row), so 60 to 90
+minutes with one thread (``--repeats`` scales it).
 """
 from __future__ import annotations
 
