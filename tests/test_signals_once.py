@@ -84,3 +84,34 @@ def test_vision_signals_read_the_towers_own_projections(method, family, video):
             patched = _projection_calls(model, lambda: model(**inputs))
     assert handle.last.n_kept != handle.last.n_visual  # it pruned
     assert patched == unpatched and sum(unpatched.values()) > 0
+
+
+@pytest.mark.parametrize("method,family,video,options", [
+    ("dart", "llava", False, {"layer": 2}), ("fastv", "qwen2_vl", False, {"layer": 2}),
+    ("prunevid", "qwen2_vl", True, {}), ("flowcut", "llava_next", False, {})])
+def test_decoder_signals_read_the_scoring_layers_own_projections(method, family, video, options):
+    """Keys and values of the layer before a stage come from what that layer computed (its KV cache, or its key
+    projection before the rotary embedding for rows numbered from a padding slot, PruneVid's unrotated keys):
+    no key or value projection of the language model runs more often than in the unpatched forward, with a
+    left-padded batch of two rows."""
+    model, proc = tm.build(family)
+    inputs = tm.video_inputs(family, proc, 2) if video else tm.image_inputs(family, proc, 2)
+    assert not bool(inputs["attention_mask"].all())  # padded: a row numbered from its padding slots
+
+    def calls(run):
+        seen = collections.Counter()
+        hooks = [module.register_forward_hook(lambda m, a, o, name=name: seen.update([name]))
+                 for name, module in model.model.language_model.named_modules() if name.endswith(("k_proj", "v_proj"))]
+        try:
+            run()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen
+
+    with torch.no_grad():
+        unpatched = calls(lambda: model(**inputs))
+        with vtr.patch(model, method, ratio=0.5, **options) as handle:
+            patched = calls(lambda: model(**inputs))
+    assert any(s.stage == "layer" for s in handle.last.stages)
+    assert patched == unpatched

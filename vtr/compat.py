@@ -118,6 +118,15 @@ def cached_keys(cache, layer_idx: int, length: int) -> torch.Tensor | None:
     return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] == length else None
 
 
+def cached_values(cache, layer_idx: int, length: int) -> torch.Tensor | None:
+    """Values ``[B, H_kv, length, d]`` that layer ``layer_idx`` stored in this forward, if it holds exactly ``length``
+    of them (a fresh prefill), else None."""
+    if cache is None or layer_idx >= len(cache.layers):
+        return None
+    values = getattr(cache.layers[layer_idx], "values", None)
+    return values if values is not None and values.dim() == 4 and values.shape[-2] == length else None
+
+
 def gather_cache_layer(cache, layer_idx: int, select: torch.Tensor) -> None:
     """Keep, in place, the slots ``select`` ``[B, L']`` (per row, ascending or not) of layer ``layer_idx`` of a
     ``DynamicCache`` (keys and values ``[B, H_kv, L, d]``)."""

@@ -123,6 +123,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
+                    reg(compat.key_projection(attn).register_forward_hook(self._capture_keys_hook(k - 1)))
             if self.decode_spec is not None:
                 self._attach_decode(reg, layers)
             if "vision" in self.method.needs or self.vision_stage_layers:

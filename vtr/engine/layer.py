@@ -12,6 +12,16 @@ from .core import ForwardState, SeqLayout, deepstack_inputs, shift_positions
 class LayerStages:
     """Part of ``Engine`` (see ``vtr.engine``)."""
 
+    def _capture_keys_hook(self, layer: int):
+        """The key projection's output of layer ``layer`` (before the rotary embedding) in a prefill: the signals
+        rotate it at each row's own positions, or read it unrotated, instead of projecting the keys again."""
+        def hook(module, args, output):
+            fwd = self._state()
+            if fwd is not None and fwd.prefill and fwd.request is not None:
+                fwd.captures["keys", layer] = output
+            return None
+        return hook
+
     def _capture_hook(self, layer: int):
         def hook(module, args, kwargs):
             fwd = self._state()
@@ -79,6 +89,7 @@ class LayerStages:
             hidden = args[0]
             pruned = self._prune(fwd, spec, fwd.request.final(), hidden)
             fwd.captures.pop(spec.layer - 1, None)
+            fwd.captures.pop(("keys", spec.layer - 1), None)
             if pruned is None:
                 return None
             new, select, merged, added = pruned
@@ -126,6 +137,7 @@ class LayerStages:
                 earlier = [request.layout_at(j) for j in range(i)] if spec.slice_earlier else None
                 pruned = self._prune(fwd, spec, prev, hidden)
                 fwd.captures.pop(i - 1, None)  # layer i-1's attention inputs: no later stage reads them
+                fwd.captures.pop(("keys", i - 1), None)
                 own = fwd.own_projections.pop(i, None)
                 if pruned is not None:
                     layout, select, merged, added = pruned
