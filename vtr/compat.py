@@ -118,6 +118,15 @@ def cached_keys(cache, layer_idx: int, length: int) -> torch.Tensor | None:
     return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] == length else None
 
 
+def cached_values(cache, layer_idx: int, length: int) -> torch.Tensor | None:
+    """Values ``[B, H_kv, length, d]`` that layer ``layer_idx`` stored in this forward, if it holds exactly ``length``
+    of them (a fresh prefill), else None."""
+    if cache is None or layer_idx >= len(cache.layers):
+        return None
+    values = getattr(cache.layers[layer_idx], "values", None)
+    return values if values is not None and values.dim() == 4 and values.shape[-2] == length else None
+
+
 def gather_cache_layer(cache, layer_idx: int, select: torch.Tensor) -> None:
     """Keep, in place, the slots ``select`` ``[B, L']`` (per row, ascending or not) of layer ``layer_idx`` of a
     ``DynamicCache`` (keys and values ``[B, H_kv, L, d]``)."""
@@ -157,14 +166,30 @@ def _rotate(attn: torch.nn.Module):
 
 
 def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    B, L, _ = hidden.shape
-    x = getattr(attn, proj)(hidden).view(B, L, -1, attn.head_dim)
+    return _heads(attn, norm, getattr(attn, proj)(hidden), cos, sin)
+
+
+def _heads(attn, norm: str, projected: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    B, L, _ = projected.shape
+    x = projected.view(B, L, -1, attn.head_dim)
     if hasattr(attn, norm):  # Qwen3: per-head RMSNorm before RoPE
         x = getattr(attn, norm)(x)
     x = x.transpose(1, 2)
     if cos is not None:
         x, _ = _rotate(attn)(x, x, cos, sin)
     return x
+
+
+def key_projection(attn: torch.nn.Module) -> torch.nn.Module:
+    """The attention module's key projection (a linear layer: ``[B, L, D] -> [B, L, H_kv * d]``)."""
+    return attn.k_proj
+
+
+def keys_from_projection(attn: torch.nn.Module, projected: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, L, d]`` from the key projection's output ``[B, L, H_kv * d]`` (what
+    ``project_keys`` computes, in two steps, so that the projection can be kept)."""
+    return _heads(attn, "k_norm", projected, cos, sin)
 
 
 def project_unrotated(attn: torch.nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -477,9 +502,19 @@ def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: sli
     """Softmax attention probabilities of the query tokens ``rows`` over all tokens, per head: ``[n, H, r, N]``.
 
     hidden: ``[n, N, D]`` the attention module's input (after the layer norm); no mask (every token of a CLIP or
-    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does."""
-    q = _vision_heads(attn, "q_proj", hidden[:, rows]).to(dtype)
-    k = _vision_heads(attn, "k_proj", hidden).to(dtype)
+    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does. (The
+    projections computed again; ``vision_attention_probs`` takes the ones the tower computed.)"""
+    return vision_attention_probs(attn, attn.q_proj(hidden[:, rows]), attn.k_proj(hidden), slice(None), dtype)
+
+
+def vision_attention_probs(attn: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor,
+                           rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, H, r, N]``: softmax attention probabilities of the query tokens ``rows`` over all tokens, per head, from
+    a CLIP/SigLIP attention module's own query and key projections ``[n, N, H * d]`` (bias included, queries not
+    yet scaled: the outputs of ``vision_projections``). Logits in ``dtype``, softmax in fp32 as eager attention
+    does; only the ``r`` rows asked for are computed."""
+    q = vision_heads(attn, queries[:, rows]).to(dtype)
+    k = vision_heads(attn, keys).to(dtype)
     logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
     return logits.softmax(-1, dtype=torch.float32).to(dtype)
 
@@ -593,22 +628,24 @@ def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) 
 # ``model.model.visual.blocks[i].attn`` with ``qkv``/``num_heads``/``scaling``, called with ``cu_seqlens`` (packed
 # images or windows) and ``position_embeddings``; ``apply_rotary_pos_emb_vision`` in the attention's own file;
 # Qwen2.5-VL orders its merge units by window (``get_vision_window_index``).
-def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype):
+def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                     qkv: torch.Tensor | None = None):
     """A Qwen-VL vision block's queries and keys ``[H, S, d]`` for its attention input ``hidden`` ``[S, D]``, after
-    the vision RoPE of the call's ``position_embeddings``."""
-    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden), *extra["position_embeddings"])
+    the vision RoPE of the call's ``position_embeddings``; from the block's own fused projection output ``qkv``
+    (``[S, 3 * H * d]``) when given, else projected again."""
+    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden) if qkv is None else qkv, *extra["position_embeddings"])
     return q.to(dtype), k.to(dtype)
 
 
 def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
-                            chunk: int = 1024) -> torch.Tensor:
+                            chunk: int = 1024, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed
     over the queries of its attention segment (its image, or its window in window-attention blocks); queries are
     taken ``chunk`` at a time, so at most ``[H, chunk, segment]`` probabilities are held.
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``), in the tower's (window) order; extra: the
-    attention call's ``cu_seqlens`` and ``position_embeddings``."""
-    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
+    attention call's ``cu_seqlens`` and ``position_embeddings``; qkv: the block's own fused projection of it."""
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     received = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -621,15 +658,15 @@ def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: 
 
 
 def qwen_mean_query_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
-                              unit: int) -> torch.Tensor:
+                              unit: int, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[U]``: FastVID's Qwen2.5-VL salience from one vision block, per attention segment (a temporal slice in the
     full-attention blocks): the softmax over the segment's merge units of ``q_mean . k_unit * scale``, ``q_mean`` the
     mean of the segment's queries and ``k_unit`` the mean of each merge unit's ``unit`` keys (both after the vision
     RoPE), mean over heads; merge units in the tower's order.
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``); extra: its ``cu_seqlens`` and
-    ``position_embeddings``."""
-    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
+    ``position_embeddings``; qkv: the block's own fused projection of it."""
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     out = []
     for start, stop in zip(bounds[:-1], bounds[1:]):

@@ -118,10 +118,13 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                 for i in range(first, len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self._post_attention_hooks(reg, layers)
+            if "layer_inputs" in self.method.needs:
+                self._own_projection_hooks(reg, layers)
             if "attention_inputs" in self.method.needs:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
+                    reg(compat.key_projection(attn).register_forward_hook(self._capture_keys_hook(k - 1)))
             if self.decode_spec is not None:
                 self._attach_decode(reg, layers)
             if "vision" in self.method.needs or self.vision_stage_layers:

@@ -62,6 +62,11 @@ class PyramidDrop(Method):
     ``ratio``, at the first forward for ``keep``).
     The realised average (after flooring) is in ``handle.last.layer_average``.
 
+    Cost: the stage layer's input norm and key projection over the whole sequence before each stage are the
+    signal itself (the official code computes them too); the stage layer then takes the kept rows of them instead
+    of computing them again (the engine's ``"layer_inputs"`` reuse), so what PyramidDrop costs beyond its ideal is
+    that signal over the tokens it drops, the last token's attention row and the top-k.
+
     Deliberate differences from the official code: batched with each row's own last real token, padding on
     either side (official: right padding required); several images per prompt: each image keeps its own count;
     the attention row is computed in fp32 (``score_dtype="model"`` for the model dtype); training-time query

@@ -43,9 +43,9 @@ class SparseVLM(Method):
     recycling of pruned tokens. Official code: ``Gumpest/SparseVLM`` (v1.5: main branch, ``USE_VERSION`` unset,
     behind the paper's tables); notes: ../shared/research/methods_image.md section 3.
 
-    Raters (once, from the language model's input embeddings): with ``V`` an image's embeddings and ``X`` those of
-    the text after it, ``m = mean_visual(softmax_text(V X^T))``; the raters are the text tokens with
-    ``m > mean(m)``. At each stage (the outputs of layers 2, 6, 15 are pruned: ``layers="3,7,16"``, the first
+    Raters (once per request, from the language model's input embeddings: ``SelectionContext.text_raters``): with
+    ``V`` an image's embeddings and ``X`` those of the text after it, ``m = mean_visual(softmax_text(V X^T))``; the
+    raters are the text tokens with ``m > mean(m)``. At each stage (the outputs of layers 2, 6, 15 are pruned: ``layers="3,7,16"``, the first
     layers that run on the pruned sequence) the score of a visual token is the raters' softmax attention to it at
     the layer before, mean over heads, then over raters (rows recomputed for the raters only; no full attention
     matrix, any attention backend). Each image keeps its top ``min(count_s, n_cur - 1)`` tokens.
@@ -137,20 +137,10 @@ class SparseVLM(Method):
         count = max(1, round(stage_fractions(self.version, fraction)[stage] * n))
         return max(1, min(count, len(group) - 1))
 
-    def raters(self, ctx, row, span) -> torch.Tensor:
-        """Original prompt positions ``[r]`` of the text tokens that rate ``span`` (see the class docstring)."""
-        text = ctx.prompt_text_after(row, span)
-        if not len(text):
-            return ctx.fwd.request.base.mask2d[row].nonzero().flatten()[-1:]
-        v = ctx.input_embeddings(row, span.positions).to(ctx.score_dtype)
-        x = ctx.input_embeddings(row, text).to(ctx.score_dtype)
-        m = (v @ x.T).softmax(-1).mean(0)
-        return text[(m > m.mean()).to(text.device)] if bool((m > m.mean()).any()) else text
-
     def scores(self, ctx, row, group) -> torch.Tensor:
-        """``[c]``: the raters' attention to each candidate, mean over heads (v2.0: priority heads, gravity
-        corrected), then over raters."""
-        slots = ctx.slots_of(row, self.raters(ctx, row, group.span))
+        """``[c]``: the raters' attention to each candidate (raters: ``ctx.text_raters``, once per request), mean
+        over heads (v2.0: priority heads, gravity corrected), then over raters."""
+        slots = ctx.slots_of(row, ctx.text_raters(row, group.span))
         if self.version == "1.5":
             return ctx.attention_rows(row, slots)[:, group.slots].mean(0)
         probs = ctx.attention_rows(row, slots, per_head=True) / ctx.rotary_gravity(row, slots)  # [H, r, L]
