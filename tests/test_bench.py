@@ -87,6 +87,28 @@ def test_ratios_are_medians_of_paired_passes_with_a_shrinking_interval():
     assert _paired([1.5]) == (1.5, None) and _paired([None]) == (None, None)
 
 
+def _faults_of_a_fresh_block(mb: int = 64) -> int:
+    """Minor page faults of allocating and filling an ``mb`` MiB tensor after one of the same size was freed."""
+    import resource
+    torch.ones(mb << 18)  # allocated, filled and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(mb << 18)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap parameters")
+def test_steady_heap_reuses_freed_pages_and_restores_the_default():
+    """Under SteadyHeap a prefill's large blocks reuse the pages an earlier one freed (no page faults that depend
+    on the previous row); glibc by default hands a freed 64 MiB block back to the kernel and faults it in again."""
+    from vtr.bench.timing import SteadyHeap
+    with SteadyHeap() as heap:
+        if not heap.active:
+            pytest.skip("not glibc")
+        steady = _faults_of_a_fresh_block()
+    default = _faults_of_a_fresh_block()
+    assert steady < 1000 < default  # a 64 MiB block is 16,384 pages
+
+
 def test_flops_estimate():
     config = types.SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
                                    vocab_size=10)
