@@ -29,7 +29,7 @@ def cases():
             if not tm.supports(method, family):  # refused at patch time: test_errors.py
                 continue
             policies = [None, "other"] if family in ("llava", "llava_next") else [None]
-            inputs = [("image", x) for x in INPUTS["image"]]
+            inputs = [("image", x) for x in INPUTS["image"]] if "image" in REGISTRY[method].visual_kinds else []
             if family in tm.VIDEO_FAMILIES and "video" in REGISTRY[method].visual_kinds:
                 inputs += [("video", x) for x in INPUTS["video"]]
             for policy in policies:

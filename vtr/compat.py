@@ -432,6 +432,12 @@ def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: sli
     return logits.softmax(-1, dtype=torch.float32).to(dtype)
 
 
+def vision_projected(attn: torch.nn.Module, name: str, hidden: torch.Tensor) -> torch.Tensor:
+    """``[n, N, H * d]``: the attention module's query (``"q"``) or key (``"k"``) projection of its input
+    ``hidden`` ``[n, N, D]``, bias included, full width (heads not split, queries not scaled)."""
+    return getattr(attn, f"{name}_proj")(hidden)
+
+
 def vision_head_mean_keys(attn: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``[n, N, d]``: the attention module's keys (with the projection bias), mean over heads."""
     return _vision_heads(attn, "k_proj", hidden).mean(1)

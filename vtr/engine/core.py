@@ -145,6 +145,8 @@ class ForwardState:
     captures: dict = field(default_factory=dict)  # layer -> (attention module, normed hidden, cos, sin)
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
+    # Qwen3-VL: the prefill's DeepStack inputs, (visual_pos_masks [B, L], per level [n_visual, D]); else None
+    deepstack: tuple | None = None
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
     block_outputs: dict = field(default_factory=dict)  # layer -> its output, made by a post-attention stage
     in_block: bool = False  # a post-attention stage is running a layer's MLP block itself

@@ -33,6 +33,8 @@ class PreLLMStage:
             positions = positions.expand(*positions.shape[:-2], B, L)
         fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
         fwd.lm_embeds = hidden
+        if kwargs.get("visual_pos_masks") is not None and kwargs.get("deepstack_visual_embeds") is not None:
+            fwd.deepstack = (kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"])
         fwd.vision = self._vision.get(threading.get_ident())
         arange = torch.arange(L, device=device).expand(B, L)
         base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,

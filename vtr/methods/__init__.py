@@ -5,6 +5,7 @@ from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
 from .dycoke import DyCoke
+from .evs import EVS
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .fastvid import FastVID
@@ -13,16 +14,18 @@ from .framefusion import FrameFusion
 from .hiprune import HiPrune
 from .holitom import HoliTom
 from .pdrop import PyramidDrop
+from .prumerge import PruMerge
 from .prunevid import PruneVid
 from .sparsevlm import SparseVLM
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
+from .vidcom2 import VidCom2
 from .vflowopt import VFlowOpt
 from .vispruner import VisPruner
 from .visionzip import VisionZip
 
-__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "FastV", "FastVID", "FasterVLM", "FlowCut", "FrameFusion",
-           "HiPrune", "HoliTom", "Merge", "Method", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM",
-           "Stage", "StageSpec", "Uniform", "VFlowOpt", "VisPruner", "VisionZip", "lookup",
+__all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "EVS", "FastV", "FastVID", "FasterVLM", "FlowCut", "FrameFusion",
+           "HiPrune", "HoliTom", "Merge", "Method", "PruMerge", "PruneVid", "PyramidDrop", "REGISTRY", "Random", "SparseVLM",
+           "Stage", "StageSpec", "Uniform", "VFlowOpt", "VidCom2", "VisPruner", "VisionZip", "lookup",
            "register"]

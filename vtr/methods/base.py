@@ -130,7 +130,8 @@ class Method:
     # ``unsupported_reason``. The test matrices read this to skip those combinations.
     model_classes: ClassVar[tuple[str, ...] | None] = None
     unsupported_reason: ClassVar[str] = ""
-    # Which visual inputs the method prunes; a prompt with another kind raises (tests skip those combinations).
+    # Which visual inputs the method prunes; a prompt with another kind raises (tests skip those combinations),
+    # except for video methods whose official code leaves images alone (EVS, VidCom2): images pass whole.
     visual_kinds: ClassVar[tuple[str, ...]] = ("image", "video")
     # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
     newline_candidates: ClassVar[bool] = False

@@ -21,6 +21,10 @@ class TowerSignals(ContextBase):
                                "(pass pixel_values to forward() or generate(), not precomputed features)")
         return call.layers[layer]
 
+    def last_vision_layer(self) -> int:
+        """0-based index of the vision tower's last layer."""
+        return len(compat.vision_layers(self.engine.model)) - 1
+
     def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crop, index)``, each ``[c]``: the vision-tower input (all images' crops in input order) and the token
         index in its sequence ([CLS] included) that made each candidate. Images only; newline tokens have none."""
@@ -87,6 +91,35 @@ class TowerSignals(ContextBase):
         key = ("keys", layer)
         if key not in self._memo:
             self._memo[key] = compat.vision_head_mean_keys(attn, hidden)  # [n_crops, N, d]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_projected_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, H * d]``: each candidate's key at a vision layer's attention, the full ``k_proj`` output (bias
+        included, heads not split)."""
+        self._image_only(tokens)
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("projected_keys", layer)
+        if key not in self._memo:
+            self._memo[key] = compat.vision_projected(attn, "k", hidden.to(self._vision_dtype(hidden)))
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_cls_attention_one_head(self, row: int, tokens: SpanCandidates,
+                                      layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the [CLS] query's attention to each candidate's patch computed as ONE head over the full
+        projection width (PruMerge's): ``softmax_j(q_0 . k_j / sqrt(D_v))`` over every token of the crop ([CLS]
+        included), ``q`` and ``k`` the full ``q_proj`` / ``k_proj`` outputs of a vision layer's attention input,
+        ``D_v`` the tower's hidden width. Softmax in fp32."""
+        self._image_only(tokens)
+        attn, hidden, _ = self._vision_layer(layer)
+        key = ("cls_one_head", layer)
+        if key not in self._memo:
+            dtype = self._vision_dtype(hidden)
+            q = compat.vision_projected(attn, "q", hidden[:, :1].to(dtype))  # [n_crops, 1, W]
+            k = compat.vision_projected(attn, "k", hidden.to(dtype))  # [n_crops, N, W]
+            logits = torch.matmul(q, k.transpose(-1, -2)) * hidden.shape[-1] ** -0.5
+            self._memo[key] = logits.softmax(-1, dtype=torch.float32)[:, 0]  # [n_crops, N]
         crop, index = self.vision_sources(row, tokens)
         return self._memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
