@@ -142,14 +142,26 @@ class Method:
     layer_option: ClassVar[str] = "layer"
 
     ratio: float | None = None
+    """Fraction of each image's (or video's) visual tokens removed, in [0, 1); 0 keeps every token. Give exactly one
+    of ratio and keep."""
     keep: int | None = None
+    """Visual tokens kept per image or video (>= 1), instead of ratio; the method's keep-count rule turns it into its
+    exact count."""
     positions: str | None = None
+    """RoPE position policy of the kept tokens: "original", "compact" or "span_prefix" (stages before the language
+    model only); None takes the method's official default (original on M-RoPE models)."""
     # ``layer`` stages: also cut the KV caches of the layers before this one down to the stage's kept tokens once
     # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
     # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
     slice_earlier: bool = False
+    """Layer stages: also cut the KV caches of the layers before the stage to its kept tokens once the prefill has
+    filled them, so decoding attends to the kept tokens only (PruneVid's behaviour)."""
     scope: str = "image"
+    """Budget unit: "image" (one budget per image or video) or "crop" (one per LLaVA-NeXT anyres tile plus one for
+    the base image)."""
     score_dtype: str = "float32"
+    """Precision of scores, norms and similarities: "float32", or "model" (the model's dtype, as the official code
+    computes them: reproduces a bf16 run token for token)."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # numpy scalars (np.float32, np.int64) as the Python numbers they hold

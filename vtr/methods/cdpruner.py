@@ -73,10 +73,19 @@ class CDPruner(Method):
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs_whole_prompt: ClassVar[bool] = True
     relevance: str = "auto"
+    """Relevance to the instruction: "clip" (the official CLIP text tower; LLaVA-1.5 / NeXT), "embeddings" (mean of
+    the language model's input embeddings over the prompt's text, OpenVINO GenAI's Qwen-VL substitute) or "auto"
+    (clip where the model has a CLIP tower, else embeddings)."""
     relevance_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
+    """OpenVINO GenAI's relevance weight: 1 is the paper's kernel diag(r) S diag(r), 0 is diversity only."""
     split_threshold: int = field(default=0, metadata={"min": 0})
+    """OpenVINO GenAI's CDPRUNER_SPLIT_THRESHOLD: images with more tokens than this are split into two halves, each
+    with its own DPP; 0 turns the split off."""
     clip: str = "openai/clip-vit-large-patch14-336"
+    """The CLIP checkpoint whose text tower scores relevance (relevance="clip"), loaded at patch time."""
     tokenizer: str = ""
+    """The language model's tokenizer used to read the instruction back from each prompt (relevance="clip"), loaded
+    at patch time; "" takes the model's own checkpoint."""
 
     def __post_init__(self):
         super().__post_init__()

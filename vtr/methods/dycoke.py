@@ -63,9 +63,17 @@ class DyCoke(Method):
     default_positions: ClassVar[str] = "compact"
 
     kv_ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 0.999999})
+    """Official dycoke_p: share of visual tokens hidden from layers >= L at each decoding step; None takes ratio (0
+    with keep)."""
     layer: int | None = None  # L: layers >= L use the pruned cache; None: 3 (range checked at patch time)
+    """L: layers >= L attend to the chosen visual cache entries at each decoding step, scored at layer L-1; None: 3
+    (the official L), the last layer of a shallower model."""
     similarity: float = 0.9
+    """A decoding step re-selects when the cosine similarity of its attention to the previous step's is below this;
+    otherwise the step is stable (see stable)."""
     stable: str = "full"
+    """On a stable step: "full" attends to every visual token (official) or "previous" keeps the previous step's
+    subset."""
 
     def _check_options(self) -> None:
         super()._check_options()

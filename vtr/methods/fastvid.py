@@ -83,16 +83,33 @@ class FastVID(Method):
     default_positions: ClassVar[str] = "original"
 
     variant: str | None = None  # "ov" or "qwen"; None: by model
+    """Code path: "ov" (the official OneVision code: parallel salient/context split per frame) or "qwen" (the
+    Qwen2.5-VL code: sequential, per segment); None picks by model."""
     segments: int = field(default=8, metadata={"min": 1})  # c
+    """c: at most this many dynamic temporal segments (DySeg)."""
     threshold: float | None = None  # tau; None: 0.9 ("ov") or 0.84 ("qwen")
+    """tau: consecutive frames less similar than this start a new segment; None: 0.9 ("ov") or 0.84 ("qwen"), the
+    official scripts' values."""
     ignore_threshold: float = 0.95  # tau_ig ("qwen")
+    """tau_ig ("qwen"): a frame at least this similar to the next one gets no token of its own."""
     context_share: float = field(default=0.4, metadata={"min": 0.0, "max": 1.0})  # d
+    """d: share of each frame's (or segment's) retained tokens that are context (merged) tokens rather than salient
+    ones."""
     anchor_stride: int = field(default=4, metadata={"min": 1})  # p
+    """p: every p-th valid frame of a segment, counted from its end, is an anchor frame holding context tokens."""
     anchor_weight: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # beta
+    """beta: weight of the density-peak target in its merge with its members."""
     dpc_k: int = field(default=4, metadata={"min": 1})
+    """k of the DPC-KNN density score that picks the context targets (itself included)."""
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
     signals: str = "auto"  # G and A: "vision" (the official ones), "embedding" (fallback), "auto"
+    """Frame descriptor and salience: "vision" (the official ones: Qwen-VL's last ViT block, or SigLIP's head on
+    OneVision), "embedding" (the documented fallback from the language model's input embeddings) or "auto" (vision
+    where vtr can compute it)."""
     siglip_head: torch.nn.Module | None = field(default=None, repr=False)  # OneVision: G and A from SigLIP's head
+    """LLaVA-OneVision: a SigLIP vision model holding the post-layernorm and attention-pooling head the -hf
+    checkpoints lack (e.g. SiglipVisionModel.from_pretrained("google/siglip-so400m-patch14-384"))."""
 
     def _check_options(self) -> None:
         super()._check_options()

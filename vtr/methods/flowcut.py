@@ -139,6 +139,8 @@ class FlowCut(Method):
     needs_whole_prompt: ClassVar[bool] = True  # the LLaVA-NeXT stage reads the prompt's last token
 
     llm_layer: int | None = dataclasses.field(default=None, metadata={"min": 0})
+    """Decoder layer of the second, language-model stage (LLaVA-NeXT and Qwen-VL); None: 2 there and no second stage
+    on LLaVA-1.5; 0 turns it off."""
     _qwen: ClassVar[bool] = False  # set per instance by for_model: the Qwen-VL rule
 
     def __post_init__(self):

@@ -75,8 +75,12 @@ class FrameFusion(Method):
     needs_whole_prompt: ClassVar[bool] = True
 
     similarity_lower_bound: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # None: by model
+    """Cosine similarity to the same location of the previous frame at or above which a token is merged into it;
+    None: 0.5 on Qwen-VL, 0.6 on LLaVA-OneVision."""
     ratio_lower_bound: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    """Merging continues layer by layer while a step merges at least this share of the tokens."""
     cost_layers: int | None = field(default=None, metadata={"min": 1})  # None: the model's depth
+    """Depth the cost budget is computed over; None: the model's depth (28 reproduces the official hard-coded value)."""
 
     def for_model(self, family) -> FrameFusion:
         method = super().for_model(family)

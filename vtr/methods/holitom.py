@@ -104,14 +104,26 @@ class HoliTom(Method):
 
     threshold: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # tau (cosine); None: 0.80,
     # 0.65 when r <= 0.10
+    """tau: cosine similarity above which a location is static between two frames; None: 0.80, or 0.65 when r <= 0.10
+    (the official scripts' pairing)."""
     beta: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})
+    """Weight of a density-peak centre in its merge with the static tokens assigned to it."""
     no_beta: bool = False
+    """Merge static tokens by the plain mean (centre included) instead of the beta-weighted one."""
     max_window: int = field(default=1024, metadata={"min": 2})
+    """Longest temporal window (frames) the dynamic-programming segmentation considers."""
     inner_layer: int | None = None  # K; None: 18 of 28 layers, scaled
+    """K of the inner stage inside the language model; None: 18 of 28 layers, scaled to the model's depth."""
     inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
+    """Share of the tokens the inner stage merges away at layer K (the official r_in = 0.5); 0 turns it off."""
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
     context_share: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # D
+    """D: share of each frame's dynamic budget given to density-peak centres of the tokens the attention left (0 as
+    the official scripts)."""
     attention: str = "auto"  # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
+    """Attention that ranks dynamic tokens: "vision" (SigLIP's last-layer received attention, LLaVA-OneVision
+    videos), "embedding" (the fallback from input embeddings) or "auto"."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -88,10 +88,17 @@ class PruneVid(Method):
     needs_whole_prompt: ClassVar[bool] = True  # stage 2 reads the text after the video
 
     temporal_segment_ratio: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})
+    """Frame clusters (temporal windows) per frame: max(1, floor(F * temporal_segment_ratio)) DPC-KNN centres."""
     tau: float = field(default=0.8, metadata={"min": -1.0, "max": 1.0})  # a cosine similarity
+    """Mean cosine similarity across a window's frames above which a location is static."""
     cluster_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """Static and per-frame dynamic token groups (above 14 tokens) are merged into floor(count * cluster_ratio) DPC-
+    KNN clusters."""
     layer: int | None = field(default=None, metadata={"min": 0})  # attention of this layer; None: by depth
+    """Decoder layer whose text-to-video attention drives stage 2 (official selected_layer 10); None: 10 on models
+    deeper than 11 layers, else the same fraction of 32."""
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
 
     def alpha(self, n: int) -> float:
         """Stage 2's keep share for a video of ``n`` candidate tokens: ``1 - ratio``, or ``min(1, keep / n)``."""

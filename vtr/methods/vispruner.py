@@ -48,6 +48,7 @@ class VisPruner(Method):
     model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS
     important_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    """Share of the budget kept as important tokens by [CLS] attention; the rest are diverse tokens."""
 
     def select(self, ctx, row, span, budget):
         scores = ctx.vision_cls_attention(row, span)
