@@ -58,11 +58,14 @@ def video_model_classes() -> set[str]:
 
 def cell(method_cls, model_class: str) -> str:
     """``"✓"`` (images and videos the model takes), ``"images"`` (the method prunes images only, the model also
-    takes videos) or ``"-"`` (``vtr.patch`` refuses the model)."""
+    takes videos), ``"videos"`` (the method prunes videos only and leaves images whole) or ``"-"`` (``vtr.patch``
+    refuses the model)."""
     if not method_cls(ratio=0.5).supports(model_class):
         return "-"
     if model_class in video_model_classes() and "video" not in method_cls.visual_kinds:
         return "images"
+    if "image" not in method_cls.visual_kinds:
+        return "videos"
     return "✓"
 
 
@@ -200,7 +203,7 @@ def docstring_md(cls) -> str:
 
 def method_page(name: str) -> str:
     cls = registry()[name]
-    supported = [f"{label}" + (" (images)" if c == "images" else "")
+    supported = [f"{label}" + (f" ({c})" if c in ("images", "videos") else "")
                  for model, (label, _) in MODELS.items() if (c := cell(cls, model)) != "-"]
     kinds = " and ".join({"image": "images", "video": "videos"}[k] for k in cls.visual_kinds)
     needs = ", ".join(NEEDS_TEXT.get(n, n) for n in sorted(cls(ratio=0.5).needs)) or "the visual tokens' embeddings"
@@ -283,9 +286,12 @@ def support_short_md() -> str:
     for model, cells in support_matrix().items():
         refused = [m for m, c in cells.items() if c == "-"]
         images = [m for m, c in cells.items() if c == "images"]
+        videos_only = [m for m, c in cells.items() if c == "videos"]
         text = f"all {len(cells)}" if not refused else f"all but {', '.join(refused)}"
-        if images:
-            text += f" ({', '.join(images)}: images only)"
+        notes = ([f"{', '.join(images)}: images only"] if images else []) + \
+            ([f"{', '.join(videos_only)}: videos only"] if videos_only else [])
+        if notes:
+            text += f" ({'; '.join(notes)})"
         label = MODELS[model][0]
         lines.append(f"| {label} | {'images, videos' if model in videos else 'images'} | {text} |")
     return "\n".join(lines) + "\n"

@@ -64,8 +64,10 @@ class PruMerge(Method):
     unsupported_reason: ClassVar[str] = ("its official code prunes LLaVA-1.5's CLIP tower ([CLS] attention, one crop "
                                          "per image); it has no rule for anyres crops or towers without [CLS].")
 
-    plus: bool = True  # PruMerge+ (spatial samples); False: PruMerge
+    plus: bool = True
+    """PruMerge+ (True: the outliers plus spatially uniform samples) or PruMerge (False: the outliers only)."""
     neighbours: int = field(default=32, metadata={"min": 1})
+    """How many of the most key-similar patches each kept patch absorbs (the official topk k = 32)."""
 
     def vision_layers(self, n_layers: int, feature_layer: int) -> tuple[int, ...]:
         return tuple(sorted({feature_layer, n_layers - 1}))

@@ -61,8 +61,12 @@ class VidCom2(Method):
     unsupported_reason: ClassVar[str] = video.NO_VIDEO
 
     channel_share: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """Share of the embedding channels the scores use: those of lowest variance over the video's tokens."""
     temperature: float = field(default=0.01, metadata={"min": 1e-9})
-    variant: str = "official"  # "official" (the authors' code) or "vllm" (vLLM's port: exact count, DeepStack)
+    """Temperature of the softmax over the frames' distinctiveness that sets each frame's budget."""
+    variant: str = "official"
+    """"official" (the authors' code: the count is the sum of the frame budgets) or "vllm" (vLLM's port: the
+    count reconciled to exactly max(F, int(F N (1 - ratio))), Qwen3-VL scored with its DeepStack features)."""
 
     def _check_options(self) -> None:
         super()._check_options()
