@@ -11,7 +11,9 @@ colour square overlaps, then background; ``oracle-background`` keeps only backgr
 stays between them; a selection bug (wrong slots, shuffled positions, kept indices mapped to the wrong image)
 shows as accuracy near or below ``random``. Pre-LLM methods run under both position policies (``original``
 keeps the kept tokens' RoPE positions, ``compact`` renumbers them), since the policy changes accuracy; layer
-methods prune before layer 1 of the 2-layer model and keep their positions, as their official code does.
+methods prune before layer 1 of the 2-layer model and keep their positions, as their official code does. A
+fraction a method cannot reach on the 2-layer tower (ToMe merges at most half of the tokens in its one merging
+layer) has no point (None in the JSON, "-" in the table).
 """
 from __future__ import annotations
 
@@ -93,8 +95,14 @@ def run(methods: list[str], kept: tuple[float, ...] = KEPT, n: int = 256, seed: 
             for fraction in kept:
                 budget = {"ratio": 1 - fraction} if fraction < 1 else {"ratio": 0.0}
                 instance = method(**budget, **options) if not isinstance(method, str) else None
-                with (vtr.patch(model, instance) if instance else vtr.patch(model, method, **budget, **options)) as h:
-                    acc, mean_kept = accuracy(h)
+                try:
+                    with (vtr.patch(model, instance) if instance else
+                          vtr.patch(model, method, **budget, **options)) as h:
+                        acc, mean_kept = accuracy(h)
+                except ValueError as error:  # a budget the canary's 2-layer tower cannot reach (ToMe: half a layer)
+                    if "cannot merge down" not in str(error):
+                        raise
+                    acc = mean_kept = None
                 curve["kept"].append(fraction)
                 curve["accuracy"].append(acc)
                 curve["mean_kept_tokens"].append(mean_kept)
@@ -111,7 +119,8 @@ def table(report: dict) -> str:
     lines = [head, f"{'dense':<30}" + f"{report['dense']:>12.3f}" * len(kept),
              f"{'chance':<30}" + f"{report['chance']:>12.3f}" * len(kept)]
     for label, curve in report["curves"].items():
-        lines.append(f"{label:<30}" + "".join(f"{a:>12.3f}" for a in curve["accuracy"]))
+        lines.append(f"{label:<30}" + "".join(f"{a:>12.3f}" if a is not None else f"{'-':>12}"
+                                              for a in curve["accuracy"]))
     return "\n".join(lines)
 
 
@@ -125,7 +134,8 @@ def plot(report: dict, path: str) -> None:
     for label, curve in report["curves"].items():  # one colour per method: solid compact, dotted original
         style = ":" if "original" in label else ("--" if label.startswith("oracle") else "-")
         colour = plt.cm.tab20(methods.index(label.split(" ")[0]) % 20)
-        ax.plot(curve["kept"], curve["accuracy"], style, color=colour, marker="o", markersize=3, label=label)
+        accuracy = [a if a is not None else float("nan") for a in curve["accuracy"]]  # a fraction not reached
+        ax.plot(curve["kept"], accuracy, style, color=colour, marker="o", markersize=3, label=label)
     ax.axhline(report["dense"], color="black", linewidth=1.5, label="dense")
     ax.axhline(report["chance"], color="grey", linewidth=1, linestyle="-.", label="chance")
     ax.set_xscale("log", base=2)

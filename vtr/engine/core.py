@@ -35,6 +35,7 @@ class SeqLayout:
     stage: Stage | None = None
     policy: str | None = None  # the stage's position policy ("original" / "compact"); None: the base layout
     earlier: bool = False  # a layer stage whose layout the KV caches of the layers before it were cut down to
+    earlier_from: int = 0  # with ``earlier``: the first layer cut
 
     @property
     def length(self) -> int:
@@ -92,7 +93,8 @@ class RequestState:
         """The layer-stage layout decoder layer ``layer`` runs on, if any."""
         found = None
         for layout in self.layouts:
-            if layout.stage is Stage.LAYER and (layout.layer <= layer or layout.earlier):
+            if layout.stage is Stage.LAYER and (layout.layer <= layer
+                                                or (layout.earlier and layer >= layout.earlier_from)):
                 found = layout
         return found
 

@@ -51,6 +51,7 @@ class PreLLMStage:
         if spec.stage in BEFORE_LM:
             if spec.stage is Stage.VISION and fwd.vision is not None and fwd.vision.stage is not None:
                 request.record.vision_tokens = fwd.vision.stage.history
+                request.record.vision_merges = getattr(fwd.vision.stage, "merges", None) or None
                 request.record.selection_seconds += fwd.vision.stage.seconds
             pruned = self._prune(fwd, spec, base, hidden)
             if pruned is not None:

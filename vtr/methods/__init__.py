@@ -1,6 +1,6 @@
 """The registered pruning methods. Adding one: a file here with a registered ``Method`` dataclass, one import line
 below, and a CHANGELOG line; the test matrices and the docs pick it up from the registry."""
-from .base import Merge, Method, Stage, StageSpec
+from .base import Merge, Method, Stage, StageSpec, VisionMerge
 from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
@@ -13,10 +13,12 @@ from .flowcut import FlowCut
 from .framefusion import FrameFusion
 from .hiprune import HiPrune
 from .holitom import HoliTom
+from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
 from .prumerge import PruMerge
 from .prunevid import PruneVid
 from .sparsevlm import SparseVLM
+from .tome import ToMe
 from .random import Random
 from .registry import REGISTRY, lookup, register
 from .uniform import Uniform
@@ -26,6 +28,6 @@ from .vispruner import VisPruner
 from .visionzip import VisionZip
 
 __all__ = ["CDPruner", "DART", "DivPrune", "DyCoke", "EVS", "FastV", "FastVID", "FasterVLM", "FlowCut",
-           "FrameFusion", "HiPrune", "HoliTom", "Merge", "Method", "PruMerge", "PruneVid", "PyramidDrop", "REGISTRY",
-           "Random", "SparseVLM", "Stage", "StageSpec", "Uniform", "VFlowOpt", "VidCom2", "VisPruner", "VisionZip",
-           "lookup", "register"]
+           "FrameFusion", "HiPrune", "HoliTom", "Merge", "Method", "MustDrop", "PruMerge", "PruneVid", "PyramidDrop",
+           "REGISTRY", "Random", "SparseVLM", "Stage", "StageSpec", "ToMe", "Uniform", "VFlowOpt", "VidCom2",
+           "VisPruner", "VisionMerge", "VisionZip", "lookup", "register"]

@@ -35,7 +35,7 @@ class PruMerge(Method):
 
     Keep count per image: the kept patches plus the extra token (adaptive: PruMerge keeps about 5.5 % of
     LLaVA-1.5's 576, PruMerge+ about 25 %). ``ratio`` / ``keep`` cap it: beyond ``budget - 1`` kept patches, those of
-    lowest ``a`` are dropped (``ratio=0``: every token, unchanged). Positions: ``compact`` (official: the features
+    lowest ``a`` are dropped (``ratio=0``, or ``keep`` at least the image's tokens: every token, unchanged). Positions: ``compact`` (official: the features
     form a contiguous block). Official code: ``42Shawn/LLaVA-PruMerge``, ``llava/model/multimodal_encoder/
     clip_encoder.py``: ``token_prune_merge_advanced_plus`` (``plus``, what ``CLIPVisionTower.forward`` runs),
     ``token_prune_merge_advanced`` (``plus=False``), ``outlier_dectection``, ``complement_idx``.
@@ -73,7 +73,7 @@ class PruMerge(Method):
         return tuple(sorted({feature_layer, n_layers - 1}))
 
     def budget_for(self, ctx, row, group):
-        if self.ratio == 0 or len(group) == 0:
+        if self.ratio == 0 or len(group) == 0 or (self.keep is not None and self.keep >= len(group)):
             return len(group)
         return len(self.plan(ctx, row, group)[0])
 

@@ -21,6 +21,16 @@ class TowerSignals(ContextBase):
                                "(pass pixel_values to forward() or generate(), not precomputed features)")
         return call.layers[layer]
 
+    def vision_stage_state(self, row: int, span) -> dict:
+        """The per-image ``state`` dict a ``vision`` stage's steps kept for the image ``span`` of ``row`` (what a
+        multi-stage method carries from the tower to its later stages: MustDrop's key set); empty if the stage
+        did not run on it."""
+        stage = self.fwd.vision.stage if self.fwd.vision is not None else None
+        if stage is None:
+            return {}
+        first, _ = self._image_crops()[row, span.index]
+        return next((image.state for image in stage.images if image.crops.start == first), {})
+
     def last_vision_layer(self) -> int:
         """0-based index of the vision tower's last layer."""
         return len(compat.vision_layers(self.engine.model)) - 1
