@@ -162,13 +162,17 @@ def where(cls) -> list[str]:
             text = STAGE_TEXT[spec.stage.value]
             if spec.stage.value == "vision":
                 layers = _ranges(list(method.vision_stage_layers(vision_depth, feature)))
-                text += f" (its step runs after vision layers {layers} of {vision_depth}, 0-based)"
+                where_ = "inside vision layers {}, between attention and MLP," if cls.vision_merge_point == "attention" \
+                    else "after vision layers {}"
+                text += f" (its step runs {where_.format(layers)} of {vision_depth}, 0-based)"
             parts.append(text)
         layer = [s for s in specs if s.stage.value == "layer"]
         post = [s.layer for s in layer if s.post_attention]
         plain = [s.layer for s in layer if not s.post_attention]
         if plain:
-            cut = " (also cutting the earlier layers' KV caches)" if any(s.slice_earlier for s in layer) else ""
+            starts = {s.slice_from for s in layer if s.slice_earlier}
+            cut = "" if not starts else " (also cutting the earlier layers' KV caches)" if starts == {0} else \
+                f" (also cutting the KV caches of layers {min(starts)} on to the kept tokens)"
             parts.append(f"before decoder layer{'s' if len(plain) > 1 else ''} {_ranges(plain)}{cut}")
         if post:
             parts.append(f"inside decoder layers {_ranges([k - 1 for k in post])}, after their attention")

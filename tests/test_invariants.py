@@ -60,6 +60,10 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
         return n
     if method in ("evs", "vidcom2"):  # videos only: images pass whole
         return n
+    if method == "mustdrop":  # budget T: (n + 1 - T) // 8 of the 3x3 windows merge (8 tokens each), as many as fit
+        budget = min(keep, n) if keep is not None else max(1, round(n * (1 - ratio)))
+        windows = (math.isqrt(n) // 3) ** 2
+        return n - 8 * min(windows, max(0, (n + 1 - budget) // 8))
     if method == "holitom":  # an image is one frame: ceil(n * r) tokens at the input, then the inner stage halves
         r = 1 - ratio if ratio is not None else min(1.0, keep / n)
         outer = max(1, math.ceil(n * r - 1e-9))

@@ -465,6 +465,11 @@ def vision_prune_limit(model: torch.nn.Module, method) -> int:
     return feature + 1 if is_qwen_tower(model) or method.vision_merge_point == "attention" else feature
 
 
+def vision_attention_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a CLIP/SigLIP encoder layer applies to its input before self-attention (``layer_norm1``)."""
+    return layer.layer_norm1
+
+
 def vision_feed_forward_norm(layer: torch.nn.Module) -> torch.nn.Module:
     """The norm a CLIP/SigLIP encoder layer applies to its residual stream after self-attention, before its MLP
     (``layer_norm2``: its input is the post-attention residual stream)."""

@@ -167,6 +167,8 @@ class VisionSignals:
         proportional attention (ToMe), once tokens have merged every key also adds ``log(size)``."""
         def hook(module, args, kwargs):
             call = self._vision.get(threading.get_ident())
+            if call is not None and i in self.vision_stage_layers:  # the projections' fallback (compiled towers)
+                call.layers[("input", i)] = args[0] if args else kwargs["hidden_states"]
             stage = call.stage if call is not None else None
             sizes = stage.sizes if stage is not None and self.method.proportional_attention else None
             if stage is None or (sizes is None and bool((stage.lengths == stage.tokens.shape[1]).all())):
@@ -183,6 +185,21 @@ class VisionSignals:
             return args, dict(kwargs, attention_mask=mask)
         return hook
 
+    def _stage_projections(self, i: int, layer: torch.nn.Module) -> dict:
+        """Layer ``i``'s own query, key and value projections, as its attention computed them (captured by hooks on
+        the projection modules); recomputed from the layer's input where a compiled tower did not call those hooks
+        (``torch.compile`` may skip the hooks of the projections of a layer whose output it does not use)."""
+        call = self._vision[threading.get_ident()]
+        projections = call.layers.pop(("stage", i), None)
+        inputs = call.layers.pop(("input", i), None)
+        if projections is None or len(projections) < 3:
+            if inputs is None:
+                raise RuntimeError(f"{self.method.name}: vision layer {i}'s attention inputs were not captured")
+            attn = compat.vision_self_attention(layer)
+            normed = compat.vision_attention_norm(layer)(inputs)
+            projections = {name: module(normed) for name, module in compat.vision_projections(attn).items()}
+        return projections
+
     def _stage_mid_layer(self, i: int, layer: torch.nn.Module):
         """``vision_merge_point="attention"``: a pre-hook on layer ``i``'s feed-forward norm runs the step on the
         post-attention residual stream, then the layer's MLP block on the kept tokens itself; the layer's own norm
@@ -192,9 +209,8 @@ class VisionSignals:
             stage = self._stage_state(hidden)
             if stage is None or stage.in_block:
                 return None
-            call = self._vision[threading.get_ident()]
-            projections = call.layers.pop(("stage", i))
-            new = self._vision_prune(stage, i, compat.vision_self_attention(layer), projections, hidden)
+            new = self._vision_prune(stage, i, compat.vision_self_attention(layer), self._stage_projections(i, layer),
+                                     hidden)
             if new is None:
                 return None
             stage.in_block = True
@@ -219,9 +235,8 @@ class VisionSignals:
             stage.outputs.append((weakref.ref(hidden), stage.tokens))
             if i not in self.vision_stage_layers or self.method.vision_merge_point == "attention":
                 return None
-            call = self._vision[threading.get_ident()]
-            projections = call.layers.pop(("stage", i))
-            new = self._vision_prune(stage, i, compat.vision_self_attention(module), projections, hidden)
+            new = self._vision_prune(stage, i, compat.vision_self_attention(module), self._stage_projections(i, module),
+                                     hidden)
             if new is None:
                 return None
             stage.outputs.append((weakref.ref(new), stage.tokens))
