@@ -14,7 +14,6 @@ wrappers print it and exit with status 1 instead, so that a scripted sweep sees 
 from __future__ import annotations
 
 import ast
-import functools
 import importlib
 import inspect
 import json
@@ -131,7 +130,6 @@ def _make(cls_name: str):
                         fail_loudly("patching the model with vtr", error)
 
                 @classmethod
-                @functools.wraps(base.create_from_arg_string.__func__)
                 def create_from_arg_string(cls, arg_string, additional_config=None):
                     # lmms-eval passes its --device (and batch size) beside the model args; a key in both would be
                     # "multiple values for keyword argument": the model args win

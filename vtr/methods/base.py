@@ -120,7 +120,10 @@ class Method:
 
     score_dtype: ``"float32"`` (default: scores, norms and similarities in fp32 whatever the model dtype) or
     ``"model"`` (in the model's dtype, as the official code computes them, so a paper's bf16 run can be reproduced
-    token for token: in bf16 many scores tie and fp32 breaks those ties differently).
+    token for token: in bf16 many scores tie and fp32 breaks those ties differently). Attention scores take the
+    softmax itself in fp32 and cast it, as eager attention does; merges (averages of kept states) stay fp32 and
+    DPC-KNN clustering fp64 whatever the option. Methods that compute no scores (``random``, ``uniform``) refuse
+    ``"model"``.
 
     Keep count: at least one token per image (per tile under ``scope="crop"``) whatever the ratio, unless the
     method's own rule says otherwise; each method's docstring gives its rule.
@@ -163,6 +166,9 @@ class Method:
     # or "attention" (on the residual stream after the layer's self-attention, before its MLP, which then runs on
     # what the step keeps: ToMe).
     vision_merge_point: ClassVar[str] = "output"
+    # Whether the selection computes scores or similarities (``score_dtype`` applies); the baselines that read only
+    # the layout or a seed refuse ``score_dtype="model"``.
+    computes_scores: ClassVar[bool] = True
 
     ratio: float | None = None
     """Fraction of each image's (or video's) visual tokens removed, in [0, 1); 0 keeps every token. Give exactly one
@@ -207,6 +213,8 @@ class Method:
             raise ValueError(f"{self.name}: scope must be 'image' or 'crop', got {self.scope!r}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"{self.name}: score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        if self.score_dtype == "model" and not self.computes_scores:
+            raise ValueError(f"{self.name}: score_dtype='model' does not apply: {self.name} computes no scores")
         self._check_options()
 
     def _check_options(self) -> None:

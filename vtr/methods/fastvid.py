@@ -70,7 +70,8 @@ class FastVID(Method):
         ``A_f`` = softmax over the frame's tokens of ``<mean(E_f), E_f,n> / sqrt(D)`` (the Qwen2.5-VL mean-query
         rule applied to the language model's inputs);
       * DPC-KNN in fp64 (official: fp32) with the density noise drawn from a generator seeded with ``seed``, fresh
-        per video (reproducible, independent of the batch);
+        per video (reproducible, independent of the batch); the frame and token similarities and the fallback
+        signals in fp32 unless ``score_dtype="model"``; merges in fp32;
       * a video with fewer frames than ``segments`` gets one segment per frame (official: needs F >= c); a
         context count larger than the anchor's non-salient tokens is capped at that number (official: topk
         error); ``R`` is at least 1;
@@ -171,26 +172,29 @@ class FastVID(Method):
                 if signals[1].shape != table.shape:
                     raise RuntimeError(f"{self.name}: the vision tower's salience covers {tuple(signals[1].shape)} "
                                        f"frame tokens, the video's candidates {tuple(table.shape)}")
-            return self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(group)), signals)
+            return self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(group)), signals,
+                               ctx.score_dtype)
         # keyed by the group's first slot too: a tile (scope="crop") is planned on its own
         return ctx.cached(("fastvid", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     def _retention(self, n: int) -> float:
         return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
 
-    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, signals=None):
+    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, signals=None,
+               dtype: torch.dtype = torch.float32):
         """FastVID on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout, ``r``
         retention, ``signals`` ``(G [F, C], A [F, N])`` from the vision side (None, or a None entry: the embedding
-        fallback's). Returns (keep, targets, merged embeddings, sources), indices into the candidates."""
+        fallback's), ``dtype`` of the scores and similarities (merges in fp32, DPC-KNN in fp64). Returns (keep,
+        targets, merged embeddings, sources), indices into the candidates."""
         device = embeds.device
         table = table.to(device)
         E = embeds.float()[table]  # [F, N, D]
         N = E.shape[1]
-        G, A = video.embedding_signals(E)
+        G, A = video.embedding_signals(embeds[table], dtype)
         if signals is not None:
-            G = G if signals[0] is None else signals[0].float().to(device)
-            A = A if signals[1] is None else signals[1].float().to(device)
-        sims = video.adjacent_similarity(G)
+            G = G if signals[0] is None else signals[0].to(device)
+            A = A if signals[1] is None else signals[1].to(device)
+        sims = video.adjacent_similarity(G, dtype)
         variant, threshold = self.resolved
         segments = video.dynamic_segments(sims, self.segments, threshold)
         R = max(1, math.floor(N * r + 1e-9))
@@ -221,7 +225,7 @@ class FastVID(Method):
                 flat = torch.cat([table[g, idx] for g, idx in member_frames])
                 vectors = torch.cat([E[g, idx] for g, idx in member_frames])
                 t_vec = E[f, chosen]
-                sim = video.cosine_matrix(vectors, t_vec)  # [M, C]
+                sim = video.cosine_matrix(vectors, t_vec, dtype)  # [M, C]
                 assign = sim.argmax(1)
                 own = {int(table[f, t]): j for j, t in enumerate(chosen.tolist())}
                 for m, idx in enumerate(flat.tolist()):  # a target joins itself (cosine ties cannot move it)
