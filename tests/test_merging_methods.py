@@ -104,11 +104,12 @@ def test_prumerge_budget_caps_the_adaptive_count():
     peaked_last_layer(model)
     inputs = tm.image_inputs("llava", proc, 1)
     counts = {}
-    for keep in (2, 3, 64):
-        with vtr.patch(model, "prumerge", keep=keep) as handle, torch.no_grad():
+    for budget in ({"keep": 2}, {"keep": 3}, {"keep": 63}, {"keep": 64}):
+        with vtr.patch(model, "prumerge", **budget) as handle, torch.no_grad():
             model(**inputs)
-        counts[keep] = handle.last.n_kept[0]
-    assert counts[2] == 2 and counts[3] == 3 and 3 < counts[64] < 64
+        counts[budget["keep"]] = handle.last.n_kept[0]
+    assert counts[2] == 2 and counts[3] == 3 and counts[63] <= 63  # capped (the adaptive count itself: above)
+    assert counts[64] == 64  # a budget of every token: the unpatched model
 
 
 # ------------------------------------------------------------------------------------------------------------ ToMe
@@ -361,13 +362,14 @@ def test_mustdrop_prefill_filter_matches_the_official_rule():
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("batch,variant", [(1, "single"), (2, "single"), (2, "multi")])
 def test_mustdrop_all_stages_equal_the_reference(mode, attn, batch, variant):
-    """With the filter on (thresholds set inside the tiny model's near-uniform attention shares, about 1 / 31):
+    """With the filter on (thresholds set inside the tiny model's near-uniform attention shares over the 16
+    tokens a 0.75 ratio leaves per image, about 1 / 16):
     the merged tower, both prefill stages and the decoding on the cut KV caches (layers K_1 - 1 on) equal the
     unpatched model fed the kept tokens (layers before K_1 - 1 keep the tower's whole output in their caches)."""
     from test_exactness import check_against_reference
     model, proc = tm.build("llava", attn=attn)
     inputs = tm.image_inputs("llava", proc, batch, variant)
-    options = dict(window=2, global_thr=0.0324, individual_thr=0.0297)
+    options = dict(window=2, global_thr=0.0625, individual_thr=0.06)
     check_against_reference(model, inputs, "mustdrop", mode, **options)
     with vtr.patch(model, "mustdrop", ratio=0.75, **options) as handle, torch.no_grad():
         model(**inputs)
