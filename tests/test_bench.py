@@ -291,6 +291,39 @@ def test_multi_stage_ideal_runs_each_stage_length(method):
         torch.testing.assert_close(logits, out.logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method,family,options,batch,variant", [
+    ("mustdrop", "llava", {"window": 2, "global_thr": 0.0625, "individual_thr": 0.06}, 1, "single"),
+    ("mustdrop", "llava", {"window": 2, "global_thr": 0.0625, "individual_thr": 0.06}, 2, "multi"),
+    ("tome", "llava", {}, 2, "multi"),
+    ("prunevid", "qwen2_vl", {}, 2, "video"),
+    ("prumerge", "llava", {}, 1, "single")])
+def test_ideal_follows_every_stage_and_cache_cut(method, family, options, batch, variant):
+    """The bound of a method with a vision stage or with stages that cut the earlier layers' KV caches (MustDrop
+    from its first pruning layer - 1, PruneVid from layer 0) holds, after the prefill and a decoding step, as many
+    tokens in every layer's cache as the patched run; a method pruning only before the language model has no
+    layered bound (the plain one feeds the language model the kept tokens)."""
+    from reference import capture_lm_inputs
+    from test_exactness import inputs_for
+
+    from vtr.bench.grid import ideal_stages
+    from vtr.bench.ideal import LayeredIdeal
+    model, proc = tm.build(family)
+    inputs = inputs_for(family, proc, batch, variant)
+    lm_inputs = capture_lm_inputs(model, inputs)
+    with vtr.patch(model, method, ratio=0.75, **options) as handle, torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        stages = ideal_stages(handle)
+    if method == "prumerge":
+        assert stages is None
+        return
+    assert any(cut is not None for *_, cut in stages) == (method in ("mustdrop", "prunevid"))
+    ideal = LayeredIdeal(model, lm_inputs, stages=stages)
+    ideal.prefill()
+    ideal.step(out.sequences[:, -2:-1])
+    assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == \
+        [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+
+
 def test_scaling_run_reports_selection_and_memory_per_size(tmp_path, capsys):
     from vtr.bench import scaling
     result = scaling.main(["--model", "tiny-qwen2_vl", "--sizes", "1x16,4x16", "--methods", "divprune,dart,random",

@@ -2,7 +2,7 @@
 ``--video-retention-ratio`` PR): each selection against a slow loop re-derivation of the official code on the
 language model's input embeddings of a tiny model, keep counts, videos batched with other videos and with images
 (images pass whole: the official code leaves them alone). Exactness against the reference is in the shared matrix
-(test_exactness.py runs them on videos); EVS against vLLM's own function is in tests/vllm/test_evs.py."""
+(test_exactness.py runs them on videos); EVS against vLLM's own function is in tests/vllm/test_video_pruning.py."""
 import math
 
 import pytest

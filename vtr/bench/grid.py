@@ -61,7 +61,9 @@ class Runner:
         self.n_layers = len(model.model.language_model.layers)
         self.lm_inputs: dict | None = None  # what the language model receives in the dense prefill
         self.kept_index: dict[str, torch.Tensor] = {}
-        self.layer_stages: dict[str, list] = {}  # per method label: (stage layer, kept index) of its layer stages
+        # per method label with a vision or layer stage: (layer, kept index, first layer whose cache the stage
+        # cuts or None) of each of its stages before the decoding
+        self.layer_stages: dict[str, list] = {}
 
     def _capture_lm_inputs(self, module, args, kwargs):
         if self.lm_inputs is None:
@@ -80,8 +82,9 @@ class Runner:
             sample = self._prefill_and_decode(self.inputs, handle)
             if handle is not None:
                 self.kept_index[config.label] = handle.last.index
-                self.layer_stages[config.label] = [(s.layer, s.index) for s in handle.last.stages  # vision: layer 0
-                                                   if s.stage in ("layer", "vision") and s.index is not None]
+                stages = ideal_stages(handle)
+                if stages is not None:
+                    self.layer_stages[config.label] = stages
             return sample
         finally:
             if capture is not None:
@@ -185,7 +188,7 @@ class Runner:
             steps.append(self.clock.seconds(start, self.clock.mark()))
         batch, length = self.lm_inputs["embeds"].shape[:2]
         lengths = [length] * self.n_layers
-        for layer, index in stages:
+        for layer, index, _ in stages:
             lengths[layer:] = [index.shape[1]] * (self.n_layers - layer)
         return Sample(ttft=llm, vision=0.0, llm=llm, selection=0.0, decode_step=median(steps) if steps else None,
                       peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=None,
@@ -193,6 +196,20 @@ class Runner:
 
     def close(self):
         self.timer.remove()
+
+
+def ideal_stages(handle) -> list | None:
+    """The ``stages`` of ``ideal.LayeredIdeal`` for the last request of ``handle``: ``(layer, kept index, first
+    layer whose KV cache the stage cuts or None)`` per stage before the decoding (a vision stage and a pre-LLM
+    stage at layer 0); None for a method that prunes only before the language model with nothing inside the
+    tower (its ideal: the language model fed the kept tokens)."""
+    record = handle.last
+    if not any(s.stage in ("layer", "vision") for s in record.stages):
+        return None
+    cuts = {spec.layer: spec.slice_from for spec in handle.method.stages()
+            if spec.stage.value == "layer" and spec.slice_earlier}
+    return [(s.layer, s.index, cuts.get(s.layer) if s.stage == "layer" else None)
+            for s in record.stages if s.stage != "kv_cache" and s.index is not None]
 
 
 def _kept_inputs(lm_inputs: dict, index: torch.Tensor):

@@ -24,7 +24,10 @@ class LayeredIdeal:
     ``[B, L]`` or None, ``positions`` ``[B, L]`` / ``[R, B, L]`` or None. index: ``[B|1, L']`` kept slots of the
     prompt (ascending; -1 for padding), dropped before ``layer``; or ``stages``: ``[(layer, index)]`` in order,
     each index as ``handle.last.stages[s].index`` (original prompt positions; ``-2 - a`` for a token a merging
-    stage added: the bound runs it as a copy of a kept token, which costs the same). Kept tokens keep their
+    stage added: the bound runs it as a copy of a kept token, which costs the same); a stage may carry a third
+    element, ``cut_from``: once the prefill reaches it, the KV caches of layers ``cut_from`` up to its layer are cut
+    to its tokens (``StageSpec.slice_earlier``: PruneVid, MustDrop), so that decoding costs what the method's
+    does. Kept tokens keep their
     original positions (FastV's and DART's policy; the cost does not depend on the numbering). Qwen3-VL's DeepStack
     additions to the first layers' visual states are left out (three additions of ``[n, D]`` per prefill: a bound
     slightly under the true one)."""
@@ -40,20 +43,32 @@ class LayeredIdeal:
         full_pos = (_rope_rows(positions) if positions is not None
                     else torch.arange(L, device=embeds.device).expand(B, L))
         stages = stages if stages is not None else [(layer, index)]
-        self.layers = [k for k, _ in stages]
+        self.layers = [stage[0] for stage in stages]
+        self.cuts = [stage[2] if len(stage) > 2 else None for stage in stages]
         self.masks, self.positions, self.gathers = [full_mask], [full_pos], []
         previous = torch.arange(L, device=embeds.device).expand(B, L)
-        for _, ids in stages:
+        self.ids = [previous]  # per group: the prompt positions its sequence holds
+        for _, ids, *_ in stages:
             ids = ids.expand(B, -1)
+            self.ids.append(ids)
             real = torch.where(ids >= 0, ids, -1)
             self.gathers.append(_slots_in(previous, ids))
             self.masks.append((ids != -1) & gather_rows(full_mask.unsqueeze(-1), real, True).squeeze(-1))
             self.positions.append(gather_positions(full_pos, real))
             previous = ids
         self.embeds, self.cache = embeds, None
+        self.cache_group: list[int] = []  # per layer, after the prefill: the group its KV cache is laid out as
 
     def _group(self, i: int) -> int:
         return sum(k <= i for k in self.layers)
+
+    def _cut_caches(self, g: int) -> None:
+        """Cut the KV caches of layers ``cuts[g - 1]`` up to ``layers[g - 1]`` (already filled) to group ``g``'s
+        tokens, as the engine's ``slice_earlier`` does."""
+        for j in range(self.cuts[g - 1], self.layers[g - 1]):
+            old = self.cache_group[j]
+            compat.gather_cache_layer(self.cache, j, _slots_in(self.ids[old], self.ids[g]).clamp(min=0))
+            self.cache_group[j] = g
 
     def _layers(self, hidden: torch.Tensor, positions: list, prefill: bool) -> torch.Tensor:
         lm = self.lm
@@ -63,8 +78,12 @@ class LayeredIdeal:
             if i in self.layers:
                 if prefill:
                     hidden = gather_rows(hidden, self.gathers[g - 1])
+                    if self.cuts[g - 1] is not None:
+                        self._cut_caches(g)
                 emb = compat.rotary_embeddings(lm, hidden, positions[g])
-            mask = compat.causal_mask(lm, i, hidden, self.masks[g], self.cache)
+            if prefill:
+                self.cache_group.append(g)
+            mask = compat.causal_mask(lm, i, hidden, self.masks[self.cache_group[i]], self.cache)
             hidden = block(hidden, attention_mask=mask, position_embeddings=emb, position_ids=None,
                            past_key_values=self.cache, use_cache=True)
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
@@ -73,7 +92,7 @@ class LayeredIdeal:
     @torch.no_grad()
     def prefill(self) -> torch.Tensor:
         """Last-position logits ``[B, V]`` of the prompt; starts a new KV cache."""
-        self.cache = compat.new_cache(self.lm)
+        self.cache, self.cache_group = compat.new_cache(self.lm), []
         return self._layers(self.embeds, self.positions, True)
 
     @torch.no_grad()
