@@ -224,7 +224,7 @@ def test_tome_refuses_a_budget_it_cannot_reach():
     model, proc = tm.build("llava")
     model.config.vision_feature_layer = 3  # 4 merging layers: 64 patches halve to 4 at best
     inputs = tm.image_inputs("llava", proc, 1)
-    with vtr.patch(model, "tome", keep=2), pytest.raises(ValueError, match="tome cannot merge down to 2 patches"):
+    with vtr.patch(model, "tome", keep=2), pytest.raises(ValueError, match="tome cannot reach 2 patches"):
         with torch.no_grad():
             model(**inputs)
 

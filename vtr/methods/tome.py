@@ -81,7 +81,7 @@ class ToMe(Method):
     def vision_step(self, ctx, image) -> VisionMerge | None:
         r = merge_count(image.n_patches, image.target, image.feature_layer - image.layer + 1)
         if r is None:
-            raise ValueError(f"vtr: tome cannot merge down to {image.target} patches per crop: {image.n_patches} are "
+            raise ValueError(f"vtr: tome cannot reach {image.target} patches per crop: {image.n_patches} are "
                              f"left for the {image.feature_layer - image.layer + 1} layers up to the feature layer, "
                              "each merging at most half of its tokens; keep more tokens")
         if r <= 0:
