@@ -6,7 +6,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Method, Stage
+from .base import Method, Stage, choices
 from .registry import register
 
 ALPHAS = (0.125, 0.25, 0.5, 1.0, 2.0)  # the Gaussian kernel widths, 2 ** k for k = -3..1
@@ -64,14 +64,9 @@ class VidCom2(Method):
     """Share of the embedding channels the scores use: those of lowest variance over the video's tokens."""
     temperature: float = field(default=0.01, metadata={"min": 1e-9})
     """Temperature of the softmax over the frames' distinctiveness that sets each frame's budget."""
-    variant: str = "official"
+    variant: str = field(default="official", metadata=choices("official", "vllm"))
     """"official" (the authors' code: the count is the sum of the frame budgets) or "vllm" (vLLM's port: the
     count reconciled to exactly max(F, int(F N (1 - ratio))), Qwen3-VL scored with its DeepStack features)."""
-
-    def _check_options(self) -> None:
-        super()._check_options()
-        if self.variant not in ("official", "vllm"):
-            raise ValueError(f"{self.name}: variant must be 'official' or 'vllm', got {self.variant!r}")
 
     def budget_for(self, ctx, row, group):
         if self.ratio == 0 or group.span.kind != "video" or len(group) == 0 or \
