@@ -18,16 +18,21 @@ from vtr.methods import EVS, VidCom2
 VIDEO_FAMILIES = QWEN + ("llava_onevision",)
 
 
-def video_embeddings(model, inputs, record, row=0):
+def video_embeddings(model, inputs, record, row=0, deepstack=False):
     """(``[F, N, D]`` the language model's input embeddings of the row's video laid out by frame, ``[F * N]`` their
-    prompt positions, frame-major): what the pre-LLM video methods score."""
+    prompt positions, frame-major): what the pre-LLM video methods score. ``deepstack``: on Qwen3-VL each token's
+    DeepStack features follow, level after level (what vLLM's visual output carries and EVS scores; one video in
+    the batch)."""
     (span,) = [s for s in record.layout.rows[row].spans if s.kind == "video"]
     candidates = (~span.newline).nonzero().flatten()
     frames = span.frame[candidates]
     order = torch.argsort(frames * (span.n + 1) + candidates)
     candidates = candidates[order]
     F = int(frames.max()) + 1
-    E = R.capture_lm_inputs(model, inputs)["embeds"][row, span.positions[candidates]]
+    lm = R.capture_lm_inputs(model, inputs)
+    E = lm["embeds"][row, span.positions[candidates]]
+    if deepstack and lm.get("deepstack") is not None:
+        E = torch.cat([E] + [level[candidates] for level in lm["deepstack"]], -1)
     return E.view(F, len(candidates) // F, -1), span.offset + candidates
 
 
@@ -68,7 +73,7 @@ def test_evs_matches_the_slow_rederivation(family, budget):
     inputs = tm.video_inputs(family, proc, videos=[a_video(family)])
     with vtr.patch(model, "evs", **budget) as handle, torch.no_grad():
         model(**inputs)
-    E, positions = video_embeddings(model, inputs, handle.last)
+    E, positions = video_embeddings(model, inputs, handle.last, deepstack=True)
     F, N, _ = E.shape
     expected = positions[slow_evs(E, **budget)]
     (span,) = handle.last.layout.rows[0].spans

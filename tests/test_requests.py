@@ -348,7 +348,7 @@ def test_score_dtype_is_validated():
 
 SCORING_OPS = {"matmul", "__matmul__", "mm", "bmm", "einsum", "softmax", "cosine_similarity", "normalize", "norm",
                "linalg_vector_norm", "vector_norm", "cdist"}  # torch function names
-VIDEO_METHODS = {"fastvid", "dycoke", "holitom", "prunevid", "framefusion"}
+VIDEO_METHODS = {"fastvid", "dycoke", "holitom", "prunevid", "framefusion", "evs", "vidcom2"}
 
 
 class ScoringDtypes(torch.overrides.TorchFunctionMode):

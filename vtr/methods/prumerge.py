@@ -49,8 +49,8 @@ class PruMerge(Method):
         all (official: a division by zero) samples every ``int(N / 3)``-th patch; fewer than ``neighbours`` other
         patches: all of them (official: a topk error); every patch kept: no extra token (official: a zero one);
       * the budget cap (the official count is adaptive only);
-      * scores, keys and merges in fp32 (official: the model dtype; ``score_dtype="model"`` computes the attention
-        and keys in the tower's dtype);
+      * scores, keys, key similarities and merges in fp32 (official: the model dtype; ``score_dtype="model"``
+        computes the attention logits, the keys and their similarities in it; the softmax and merges stay fp32);
       * with ``vision_feature_select_strategy="full"`` the [CLS] token is kept whole, outside the algorithm.
     Supported: LLaVA-1.5 (the official code's model; its anyres and other towers have no rule).
     """
@@ -93,7 +93,7 @@ class PruMerge(Method):
             cls = (index == 0).nonzero().flatten().to(group.slots.device)
             sub = group.subset(patches)
             attention = ctx.vision_cls_attention_one_head(row, sub, layer).float()
-            keys = ctx.vision_projected_keys(row, sub, layer).float()
+            keys = ctx.vision_projected_keys(row, sub, layer).to(ctx.score_dtype)  # similarities in it too
             features = ctx.vision_features(row, sub).float()
             cap = self.budget(len(group)) - len(cls) - 1  # kept patches beside [CLS] and the extra token
             kept, merged, extra, sources = self.merge(attention, keys, features, max(cap, 0))
