@@ -30,7 +30,7 @@ class TowerSignals(ContextBase):
         stage = self.fwd.vision.stage if self.fwd.vision is not None else None
         if stage is None:
             return {}
-        first, _ = self._image_crops()[row, span.index]
+        first, _ = self._image_crop(row, span)  # the prompt's encoding (beams repeat its rows)
         return next((image.state for image in stage.images if image.crops.start == first), {})
 
     def last_vision_layer(self) -> int:
