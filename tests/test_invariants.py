@@ -10,6 +10,7 @@ import torch
 
 import tiny_models as tm
 import vtr
+from vtr.methods import REGISTRY
 
 METHODS = tm.matrix_methods()
 
@@ -191,9 +192,11 @@ def test_unpatch_restores_the_model(method, how):
 def test_a_pruned_cache_is_never_continued_after_removal(method, family):
     """A cache the patch pruned refuses the unpatched model after remove(), in a hand-written decoding step and in
     a second generate turn, and so do a copy of it and a new patch of the same method; a cache whose request
-    removed nothing (DyCoke on an image, kept whole before its decoding stage) continues as the unpatched model's."""
+    removed nothing (DyCoke on an image, kept whole before its decoding stage) continues as the unpatched model's.
+    The video-only methods (EVS, VidCom2) on videos."""
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, 2)
+    videos_only = "image" not in REGISTRY[method].visual_kinds
+    inputs = tm.video_inputs(family, proc, 2) if videos_only else tm.image_inputs(family, proc, 2)
     kwargs = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
         with vtr.patch(model, method, ratio=0.5) as handle:
