@@ -39,21 +39,32 @@ def metadata(frames: np.ndarray) -> dict:
             "video_backend": "opencv", "height": frames.shape[1], "width": frames.shape[2]}
 
 
-def hf_inputs(processor, kind: str) -> dict:
+def hf_inputs(processor, kind: str, prompt: str | None = None) -> dict:
     if kind == "image":
-        return processor(text=[IMAGE_PROMPT], images=[image()], return_tensors="pt")
+        return processor(text=[prompt or IMAGE_PROMPT], images=[image()], return_tensors="pt")
     frames = video()
-    return processor(text=[VIDEO_PROMPT], videos=[frames], video_metadata=[VideoMetadata(**metadata(frames))],
-                     do_sample_frames=False, return_tensors="pt")
+    return processor(text=[prompt or VIDEO_PROMPT], videos=[frames],
+                     video_metadata=[VideoMetadata(**metadata(frames))], do_sample_frames=False, return_tensors="pt")
 
 
-def hf_generate(folder: str, kind: str, method: str | None = None, **budget) -> tuple[list[int], int, torch.Tensor]:
+_HF = {}
+
+
+def hf_model(folder: str):
+    """(model, processor) of a saved tiny model, loaded once per folder (``vtr.patch`` restores it exactly)."""
+    if folder not in _HF:
+        model = T.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None
+        _HF[folder] = model, T.AutoProcessor.from_pretrained(folder)
+    return _HF[folder]
+
+
+def hf_generate(folder: str, kind: str, method: str | None = None, prompt: str | None = None,
+                **budget) -> tuple[list[int], int, torch.Tensor]:
     """HF ``generate`` (patched with ``method`` if given): greedy tokens, visual tokens kept, and the log-probs
-    ``[STEPS, V]`` of every step."""
-    model = T.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    processor = T.AutoProcessor.from_pretrained(folder)
-    inputs = hf_inputs(processor, kind)
+    ``[STEPS, V]`` of every step. prompt: instead of the kind's default prompt (one image or video)."""
+    model, processor = hf_model(folder)
+    inputs = hf_inputs(processor, kind, prompt)
     token = model.config.image_token_id if kind == "image" else model.config.video_token_id
     n_visual = int((inputs["input_ids"] == token).sum())
     kwargs = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -67,12 +78,12 @@ def hf_generate(folder: str, kind: str, method: str | None = None, **budget) -> 
     return out.sequences[0, -STEPS:].tolist(), kept, logprobs
 
 
-def vllm_requests(kind: str) -> list[dict]:
+def vllm_requests(kind: str, prompt: str | None = None) -> list[dict]:
     if kind == "image":
-        return [{"prompt": IMAGE_PROMPT, "multi_modal_data": {"image": image()}}]
+        return [{"prompt": prompt or IMAGE_PROMPT, "multi_modal_data": {"image": image()}}]
     frames = video()
-    return [{"prompt": VIDEO_PROMPT, "multi_modal_data": {"video": (frames, dict(metadata(frames),
-                                                                                    do_sample_frames=False))}}]
+    return [{"prompt": prompt or VIDEO_PROMPT,
+             "multi_modal_data": {"video": (frames, dict(metadata(frames), do_sample_frames=False))}}]
 
 
 def engine_kwargs(folder: str, settings: dict | None) -> dict:
@@ -110,3 +121,50 @@ def max_logprob_gap(hf_logprobs: torch.Tensor, vllm_logprobs: list[dict]) -> flo
     """Largest difference between vLLM's top log-probs and HF's log-probs of the same tokens, over all steps."""
     return max(abs(lp - float(hf_logprobs[step, token])) for step, top in enumerate(vllm_logprobs)
                for token, lp in top.items())
+
+
+# Prompts that share prefixes, served one after the other with prefix caching on (vLLM's CPU block size is 32
+# tokens): a repeat and a second chat turn resending the image or video (both cached past the visual run), and
+# another question about the same input right after it (the cached prefix ends inside the visual run, whose last
+# tokens and everything after it are computed again, with the vision pass).
+LONG_QUESTION = ("what is in this {kind} ? describe the picture . is it a cat or a dog ? what is left ? what is "
+                 "right ? is it big or small ? is it red , green or blue ?")
+
+
+def prefix_prompts(kind: str) -> dict:
+    media = "<|vision_start|><|image_pad|><|vision_end|>" if kind == "image" else \
+        "<|vision_start|><|video_pad|><|vision_end|>"
+    turn = "<|im_start|> system you are helpful . <|im_end|> <|im_start|> user " + media + " {question} <|im_end|> " \
+           "<|im_start|> assistant"
+    first = turn.format(question=LONG_QUESTION.format(kind=kind) + " " + LONG_QUESTION.format(kind=kind))
+    return {"first": first, "repeat": first,
+            "second turn": first + " a red cat . <|im_end|> <|im_start|> user is it big ? <|im_end|> "
+                                   "<|im_start|> assistant",
+            "other question": turn.format(question="what is left ? is it green ?")}
+
+
+def vllm_prefix_runs(folder: str, settings: dict | None, kinds=("image", "video"), block_size: int = 32) -> dict:
+    """(kind, name) -> (greedy tokens, prompt tokens served from the prefix cache, prompt ids, placeholder tokens,
+    top log-probs per step) for the ``prefix_prompts`` of each kind, served in order by one engine with prefix
+    caching on."""
+    from vllm import LLM, SamplingParams
+    kwargs = engine_kwargs(folder, settings)
+    kwargs.update(enable_prefix_caching=True, block_size=block_size)
+    llm = LLM(**kwargs)
+    try:
+        config = llm.llm_engine.model_config.hf_config
+        params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=LOGPROBS)
+        out = {}
+        for kind in kinds:
+            token = config.image_token_id if kind == "image" else config.video_token_id
+            for name, prompt in prefix_prompts(kind).items():
+                result = llm.generate(vllm_requests(kind, prompt), params, use_tqdm=False)[0]
+                completion = result.outputs[0]
+                logprobs = [{t: lp.logprob for t, lp in step.items()} for step in completion.logprobs]
+                out[kind, name] = (list(completion.token_ids), result.num_cached_tokens or 0,
+                                   result.prompt_token_ids, result.prompt_token_ids.count(token), logprobs)
+        return out
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()

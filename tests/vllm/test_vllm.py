@@ -87,3 +87,30 @@ def test_unsupported_model_is_refused_by_name_and_stock_otherwise(tmp_path):
     with pytest.raises(Exception, match="vtr: Qwen2VLForConditionalGeneration is not supported in vLLM"):
         H.vllm_generate(folder, {"method": "divprune", "ratio": 0.5})
     _assert_equal(H.hf_generate(folder, "image"), H.vllm_generate(folder, None, ("image",))["image"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_prefix_cache_hits_equal_patched_hf(folders, family, method):
+    """vLLM's prefix caching (its default) on: a repeated prompt, a second chat turn resending the image or video,
+    and another question about it (the cached prefix ending inside the pruned run) each equal HF with vtr.patch,
+    and each was served from the cache as the scenario says (so that the check cannot pass vacuously)."""
+    settings = {"method": method, "ratio": 0.5}
+    runs = H.vllm_prefix_runs(folders[family], settings)
+    for (kind, name), (tokens, cached, ids, placeholders, logprobs) in runs.items():
+        hf = H.hf_generate(folders[family], kind, method, prompt=H.prefix_prompts(kind)[name], ratio=0.5)
+        _assert_equal(hf, (tokens, placeholders, logprobs))
+    for kind in ("image", "video"):
+        first_ids = runs[kind, "first"][2]
+        start, end = _visual_run(folders[family], kind, first_ids)
+        assert runs[kind, "first"][1] == 0
+        assert runs[kind, "repeat"][1] > end and runs[kind, "second turn"][1] > end, kind
+        assert start < runs[kind, "other question"][1] <= end, kind
+
+
+def _visual_run(folder, kind, ids) -> tuple[int, int]:
+    """First and last index of the prompt's image or video tokens."""
+    config = H.hf_model(folder)[0].config
+    token = config.image_token_id if kind == "image" else config.video_token_id
+    where = [i for i, t in enumerate(ids) if t == token]
+    return where[0], where[-1]

@@ -6,8 +6,11 @@ Each class is the stock vLLM class when vtr is not configured. Configured (``vtr
   from the grid, at prompt time (before any vision pass);
 * the model turns on vLLM's multimodal pruning switch (the flag is tied to ``video_pruning_rate > 0``, so vtr sets
   it to a value no code path of these classes reads as a rate, see ``SWITCH``), keeps the tokens
-  ``vtr.serving.select_tokens`` chooses, and appends to each kept token its original M-RoPE position, which the
-  model runner restores with ``recompute_mrope_positions`` (vLLM's EVS interface).
+  ``vtr.serving.select_tokens`` chooses, and appends to each kept token its original M-RoPE grid position;
+* positions: ``get_mrope_input_positions`` gives every text token its position in the unpruned prompt when the
+  prompt is processed, and ``recompute_mrope_positions`` (vLLM's ``SupportsMultiModalPruning``, called by the
+  model runner before each forward) places the kept tokens of the runs embedded in that step. A request whose
+  image sits in a prefix served from vLLM's prefix cache therefore gets the same positions as one that embeds it.
 
 Written against vLLM 0.32 (``Qwen2_5_VLForConditionalGeneration._postprocess_image_embeds_evs`` /
 ``_postprocess_video_embeds_evs``, Qwen3-VL's ``_create_final_video_embeddings``).
@@ -22,14 +25,15 @@ from vllm.model_executor.models.qwen2_5_vl import (Qwen2_5_VLDummyInputsBuilder,
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen3VLForConditionalGeneration,
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.video_prune.evs import compute_mrope_for_media, recompute_mrope_positions
+from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..serving import kept_count, select_tokens
 from .vllm import REFUSED, configured_method
 
-# Qwen3-VL: the 5th position channel of vtr's images (stock: 0 for images, 0/1 "is a video token" for videos).
-IMAGE_MARK = -1
+# The channels appended to each kept token's embedding: its original (t, h, w) grid position relative to its run's
+# origin (``recompute_mrope_positions`` strips them).
+POSITION_CHANNELS = 3
 # What vtr sets ``video_pruning_rate`` to, to turn vLLM's pruning switch on: positive, so that the switch is on;
 # so small that a stock EVS count (which these classes replace) would keep every token.
 SWITCH = 1e-9
@@ -114,27 +118,95 @@ class _Pruning:
         merge = self.visual.spatial_merge_size
         t, h, w = (int(x) for x in grid)
         hidden = self.config.text_config.hidden_size
-        if positions.shape[1] == 4:
-            # The 4th channel is where recompute_mrope_positions starts the text after the input, counted from the
-            # input's start. EVS writes the grid width there; HF (and vLLM's unpruned path) use the largest
-            # position of the whole grid + 1, which differs for inputs taller than wide and for long videos.
-            positions = positions.clone()
-            positions[:, 3] = positions[:, :3].max() + 1
         keep = select_tokens(self._vtr_method, emb[:, :hidden], (t, h // merge, w // merge), kind)
         return emb[keep], positions.to(emb.device)[keep], keep
 
-    # The inputs whose pruned runs the stock get_mrope_input_positions cannot lay out (it assumes full runs).
-    _vtr_provisional_for = ("image", "video")
+    def _vtr_full_run(self, feature, run: list[int]) -> list[int]:
+        """The placeholder run ``feature`` had before pruning (``run`` itself when it holds every merged token):
+        one image / video token per merged token."""
+        merge = self.config.vision_config.spatial_merge_size
+        n = int(feature.data[f"{feature.modality}_grid_thw"].data.prod()) // merge ** 2
+        token = self.config.image_token_id if feature.modality == "image" else self.config.video_token_id
+        return run if run.count(token) == n else [token] * n
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
-        """M-RoPE positions at prompt time, before the kept tokens are known: 0, 1, 2... on all three axes, of the
-        pruned prompt's length. Exact up to the first visual input (as the stock positions are); when an input is
-        embedded, the model runner rewrites its run and all text after it (``recompute_mrope_positions``), before
-        the language model reads them, chunked prefill included."""
-        if self._vtr_method is None or not any(f.modality in self._vtr_provisional_for for f in mm_features):
+        """M-RoPE positions at prompt time: every text token gets its position in the unpruned prompt (the stock
+        positions of the prompt with each pruned run expanded back to its full length), which is what Hugging
+        Face gives it with ``positions="original"``; so does the decoding offset. A pruned run's own tokens get
+        provisional positions: which tokens it keeps is known only after the vision pass, when the model runner
+        rewrites the run (``recompute_mrope_positions``) before the language model reads it.
+
+        So the positions are right whether or not the vision pass runs for this request: an image or video in a
+        prefix served from vLLM's prefix cache is never embedded again, and the text after it must not depend on
+        that (it did, when these were provisional, and a multi-turn chat resending an image got wrong answers)."""
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        full_tokens, full_features, index, cursor, shift = [], [], [], 0, 0
+        for feature in features:
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            run = self._vtr_full_run(feature, list(input_tokens[offset:offset + length]))
+            full_tokens += input_tokens[cursor:offset]
+            index += range(cursor + shift, offset + shift)
+            start = len(full_tokens)
+            full_tokens += run
+            full_features.append(dataclasses.replace(
+                feature, mm_position=dataclasses.replace(feature.mm_position, offset=start, length=len(run),
+                                                         is_embed=None if len(run) != length
+                                                         else feature.mm_position.is_embed)))
+            index += [start + min(j, len(run) - 1) for j in range(length)]  # provisional, see above
+            shift += len(run) - length
+            cursor = offset + length
+        full_tokens += input_tokens[cursor:]
+        index += range(cursor + shift, len(input_tokens) + shift)
+        if not shift:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        n = len(input_tokens)
-        return torch.arange(n).expand(3, n).clone(), 0
+        positions, _ = super().get_mrope_input_positions(full_tokens, full_features)
+        return positions[:, index].contiguous(), int(positions.max()) + 1 - len(input_tokens)
+
+    def _vtr_runs(self, ids: list[int]) -> list[tuple[int, int]]:
+        """``[start, stop)`` of every visual run of the prompt: maximal runs of image or video tokens."""
+        config, runs, i = self.config, [], 0
+        visual = (config.image_token_id, config.video_token_id)
+        while i < len(ids):
+            if ids[i] in visual:
+                j = i
+                while j < len(ids) and ids[j] == ids[i]:
+                    j += 1
+                runs.append((i, j))
+                i = j
+            else:
+                i += 1
+        return runs
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """The positions of the pruned runs embedded in this step (vLLM's ``SupportsMultiModalPruning``; the model
+        runner calls it before every forward, with the embeddings gathered for the step): each kept token's
+        original 3-D grid position, carried in the last ``POSITION_CHANNELS`` channels of its embedding relative
+        to the run's origin, plus the origin, one past the position of the token before the run (text, whose
+        positions ``get_mrope_input_positions`` laid out at prompt time and which this never changes).
+
+        Each embedding is the rest of one run (the runner gathers them in prompt order, the first possibly
+        starting inside its run: chunked prefill, or a prefix-cache hit that ends inside the run). Idempotent: a
+        request resumed after preemption gets the same positions again. Returns the embeddings without the
+        position channels, the positions, and the decoding offset (after the largest position of the prompt)."""
+        ids = list(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)
+        positions = mrope_positions.clone()
+        embeds, cursor, runs = [], num_computed_tokens, None
+        with gpu_sync_allowed():
+            for mm in multimodal_embeddings:
+                embeds.append(mm[:, :-POSITION_CHANNELS])
+                if not mm.shape[0]:
+                    continue
+                runs = self._vtr_runs(ids) if runs is None else runs
+                start, stop = next((s, e) for s, e in runs if e > cursor)
+                first = max(cursor, start)
+                if first + mm.shape[0] > stop:
+                    raise RuntimeError(f"vtr: {mm.shape[0]} embeddings from prompt index {first} overrun their "
+                                       f"visual run [{start}, {stop})")
+                origin = positions[:, start - 1:start] + 1
+                positions[:, first:first + mm.shape[0]] = mm[:, -POSITION_CHANNELS:].T.long().to(positions.device) \
+                    + origin
+                cursor = first + mm.shape[0]
+        return embeds, positions, int(positions.max()) + 1 - len(ids)
 
 
 @MULTIMODAL_REGISTRY.register_processor(VtrQwen2_5_VLProcessor, info=Qwen2_5_VLProcessingInfo,
@@ -151,7 +223,7 @@ class VtrQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
             return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
         merge, out = self.visual.spatial_merge_size, []
         for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist()):
-            emb, positions, _ = self._vtr_keep(emb, grid, "image", compute_mrope_for_media(grid, merge))
+            emb, positions, _ = self._vtr_keep(emb, grid, "image", compute_mrope_for_media(grid, merge)[:, :3])
             out.append(torch.cat([emb, positions.to(emb.dtype)], dim=1))
         return tuple(out)
 
@@ -165,7 +237,7 @@ class VtrQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
         for emb, grid, second in zip(video_embeds_split, video_input["video_grid_thw"].tolist(), seconds):
             # the temporal positions of the HF model: frame index x seconds per frame x tokens per second
             positions = compute_mrope_for_media(grid, merge, tokens_per_second=per_second,
-                                                video_second_per_grid=second)
+                                                video_second_per_grid=second)[:, :3]
             emb, positions, _ = self._vtr_keep(emb, grid, "video", positions)
             out.append(torch.cat([emb, positions.to(emb.dtype)], dim=1))
         return tuple(out)
@@ -176,9 +248,16 @@ class VtrQwen2_5_VL(_Pruning, Qwen2_5_VLForConditionalGeneration):
 class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
     """Qwen3-VL (DeepStack) with vtr's pruning of images and videos (stock when vtr is not configured)."""
 
-    # Videos: the stock positions lay out EVS's lumped runs, and _get_expanded_positions reads them for the
-    # unpruned video (the original 3-D positions of every token, text between frames included).
-    _vtr_provisional_for = ("image",)
+    def _vtr_full_run(self, feature, run: list[int]) -> list[int]:
+        merge = self.config.vision_config.spatial_merge_size
+        t, h, w = (int(x) for x in feature.data[f"{feature.modality}_grid_thw"].data)
+        config = self.config
+        if feature.modality != "video" or run.count(config.video_token_id) == t * h * w // merge ** 2:
+            return super()._vtr_full_run(feature, run)
+        return Qwen3VLMultiModalProcessor.get_video_repl(
+            tokens_per_frame=[(h // merge) * (w // merge)] * t, timestamps=feature.data["timestamps"].data,
+            tokenizer=self._tokenizer, vision_start_token_id=config.vision_start_token_id,
+            vision_end_token_id=config.vision_end_token_id, video_token_id=config.video_token_id).full
 
     def __init__(self, *, vllm_config, prefix: str = "model"):
         self._vtr_configure(vllm_config)
@@ -189,45 +268,35 @@ class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
             return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
         merge, out = self.visual.spatial_merge_size, []
         for emb, grid in zip(image_embeds_split, image_input["image_grid_thw"].tolist()):
-            positions = compute_mrope_for_media(grid, merge)
-            emb, positions, _ = self._vtr_keep(emb, grid, "image", positions)
-            mark = torch.full_like(positions[:, :1], IMAGE_MARK)  # 5 channels, as stock; see recompute_...
-            out.append(torch.cat([emb, positions.to(emb.dtype), mark.to(emb.dtype)], dim=1))
+            emb, positions, _ = self._vtr_keep(emb, grid, "image", compute_mrope_for_media(grid, merge)[:, :3])
+            out.append(torch.cat([emb, positions.to(emb.dtype)], dim=1))
         return tuple(out)
 
-    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
-        """Stock, except for two things. Images: with 5 channels vLLM starts the text after an image at the
-        largest position of its *kept* tokens + 1; HF (and vLLM unpruned) at the largest of the whole grid + 1. So
-        an image's channels go to EVS's 4-channel rule instead, whose 4th channel (the text offset) ``_vtr_keep``
-        sets to that HF value. Videos keep the 5-channel rule (their embeddings hold the frames' text tokens and
-        the original positions of all), with the prompt's outer <vision_start> hidden (below)."""
-        if self._vtr_method is None:
-            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
-                                                     num_computed_tokens)
-        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
-        # transformers >= 5.10 expands only the video token, so a video's frames (each "<t seconds> <vision_start>
-        # tokens <vision_end>") sit inside the prompt's own <vision_start> ... <vision_end>. EVS takes the first
-        # <vision_start> it finds to be the first frame's, and so places the video's positions as many tokens
-        # early as the first timestamp is long; hide the outer one (followed by neither visual tokens nor
-        # <vision_end>) from it.
-        config = self.config
-        following = torch.cat([ids[1:], ids.new_full((1,), -1)])
-        inner = torch.tensor([config.image_token_id, config.video_token_id, config.vision_end_token_id],
-                             device=device)
-        ids = ids.masked_fill((ids == config.vision_start_token_id) & ~torch.isin(following, inner), -1)
-        embeds, positions = [], []
-        with gpu_sync_allowed():
-            for mm in multimodal_embeddings:
-                position = mm[:, -5:].permute(1, 0).long()
-                if position.shape[1] and int(position[4, 0]) == IMAGE_MARK:
-                    position = position[:4]
-                embeds.append(mm[:, :-5])
-                positions.append(position)
-            new, delta = recompute_mrope_positions(ids, positions, mrope_positions, num_computed_tokens,
-                                                   self.config.vision_start_token_id, self.config.image_token_id,
-                                                   self.config.video_token_id)
-        return embeds, new, delta
+    def _vtr_runs(self, ids: list[int]) -> list[tuple[int, int]]:
+        """Image runs, and each video's whole run: transformers >= 5.10 expands only the video token, so the frames
+        (each "<t seconds> <vision_start> tokens <vision_end>", all embedded from the video, see
+        ``_create_final_video_embeddings``) lie inside the prompt's own <vision_start> ... <vision_end>: the run
+        starts after a <vision_start> that no visual token or <vision_end> follows and ends before the first of
+        two consecutive <vision_end>."""
+        config, runs, i = self.config, [], 0
+        start_id, end_id = config.vision_start_token_id, config.vision_end_token_id
+        frame = (config.image_token_id, config.video_token_id, end_id)
+        while i < len(ids):
+            if ids[i] == start_id and i + 1 < len(ids) and ids[i + 1] not in frame:
+                j = i + 2
+                while j < len(ids) and not (ids[j] == end_id and ids[j - 1] == end_id):
+                    j += 1
+                runs.append((i + 1, j))
+                i = j
+            elif ids[i] == config.image_token_id:
+                j = i
+                while j < len(ids) and ids[j] == ids[i]:
+                    j += 1
+                runs.append((i, j))
+                i = j
+            else:
+                i += 1
+        return runs
 
     def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
         if self._vtr_method is None:
@@ -239,9 +308,12 @@ class VtrQwen3VL(_Pruning, Qwen3VLForConditionalGeneration):
             retained = torch.zeros(t * (h // merge) * (w // merge), dtype=torch.bool, device=emb.device)
             retained[keep] = True
             per_frame = retained.view(t, -1).sum(1).tolist()
-            out.append(self._create_final_video_embeddings(
+            final = self._create_final_video_embeddings(
                 video_embeddings=emb, num_tokens_per_frame=per_frame, timestamps=video_input.timestamps[i],
-                video_grid_thw=grid, retention_mask=retained))
+                video_grid_thw=grid, retention_mask=retained)
+            # its 5 position channels: (t, h, w) of every token of the run from the run's start, then vLLM's
+            # "is <vision_start>" and "is a video token" flags, which vtr's positions do not need
+            out.append(final[:, :-2])
         return tuple(out)
 
 
