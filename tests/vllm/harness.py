@@ -1,5 +1,6 @@
 """Shared inputs and the two sides of every vLLM test: Hugging Face ``generate`` with ``vtr.patch`` (the
-reference), and vLLM with the plugin configured through ``hf_overrides``."""
+reference), and vLLM with the plugin, configured through ``hf_overrides`` (the server's settings) and each
+request's ``mm_processor_kwargs={"vtr": ...}``."""
 from __future__ import annotations
 
 import gc
@@ -14,23 +15,46 @@ from vtr.testing import random_image
 
 STEPS = 6
 FPS = 2.0
-IMAGE_PROMPT = ("<|im_start|> user <|vision_start|><|image_pad|><|vision_end|> what is in this image ? <|im_end|> "
-                "<|im_start|> assistant")
-VIDEO_PROMPT = ("<|im_start|> system you are helpful . <|im_end|> <|im_start|> user "
-                "<|vision_start|><|video_pad|><|vision_end|> describe this video ? <|im_end|> <|im_start|> assistant")
-
-
 LOGPROBS = 5
+QWEN_MEDIA = {"image": "<|vision_start|><|image_pad|><|vision_end|>",
+              "video": "<|vision_start|><|video_pad|><|vision_end|>"}
+LLAVA_MEDIA = {"image": "<image>", "video": "<video>"}
+QUESTION = {"image": "what is in this image ?", "video": "describe this video ?"}
+
+
+SYSTEM = "you are helpful ."
+# a longer system prompt, so that the visual run straddles a 32-token block boundary (prefix-cache tests)
+LONG_SYSTEM = "you are helpful . you are a big red cat . describe what is left and what is right ."
+
+
+def prompt(family: str, kind: str, question: str | None = None, long_system: bool = False,
+           answer: str | None = None, follow_up: str | None = None) -> str:
+    """A one-turn chat about one image or video in the family's format (a second turn with ``answer`` and
+    ``follow_up``)."""
+    question = question or QUESTION[kind]
+    system = LONG_SYSTEM if long_system else SYSTEM
+    if family.startswith("llava"):
+        text = f"system {system} USER : {LLAVA_MEDIA[kind]} {question} ASSISTANT :"
+        if answer is not None:
+            text += f" {answer} </s> USER : {follow_up} ASSISTANT :"
+        return text
+    text = f"<|im_start|> system {system} <|im_end|> " \
+        f"<|im_start|> user {QWEN_MEDIA[kind]} {question} <|im_end|> <|im_start|> assistant"
+    if answer is not None:
+        text += f" {answer} <|im_end|> <|im_start|> user {follow_up} <|im_end|> <|im_start|> assistant"
+    return text
 
 
 def image():
-    """64 x 48 pixels (taller than wide): 8 x 6 merged tokens."""
+    """64 x 48 pixels (taller than wide): 8 x 6 merged tokens on Qwen-VL; tiles and newline rows on LLaVA-NeXT."""
     return random_image(64, 48)
 
 
-def video() -> np.ndarray:
-    """4 frames of 64 x 64: a (2, 8, 8) grid of merged tokens (temporal patch 2), 128 tokens."""
-    return np.random.default_rng(1).integers(0, 255, size=(4, 64, 64, 3), dtype=np.uint8)
+def video(family: str) -> np.ndarray:
+    """Qwen-VL: 4 frames of 64 x 64, a (2, 8, 8) grid (temporal patch 2), 128 tokens. LLaVA-OneVision: 8 frames,
+    each 2 x 2 pooled tokens, then one newline: 33 tokens."""
+    frames = 8 if family.startswith("llava") else 4
+    return np.random.default_rng(1).integers(0, 255, size=(frames, 64, 64, 3), dtype=np.uint8)
 
 
 def metadata(frames: np.ndarray) -> dict:
@@ -39,14 +63,7 @@ def metadata(frames: np.ndarray) -> dict:
             "video_backend": "opencv", "height": frames.shape[1], "width": frames.shape[2]}
 
 
-def hf_inputs(processor, kind: str, prompt: str | None = None) -> dict:
-    if kind == "image":
-        return processor(text=[prompt or IMAGE_PROMPT], images=[image()], return_tensors="pt")
-    frames = video()
-    return processor(text=[prompt or VIDEO_PROMPT], videos=[frames],
-                     video_metadata=[VideoMetadata(**metadata(frames))], do_sample_frames=False, return_tensors="pt")
-
-
+# ------------------------------------------------------------------------------------------------ Hugging Face
 _HF = {}
 
 
@@ -59,61 +76,101 @@ def hf_model(folder: str):
     return _HF[folder]
 
 
-def hf_generate(folder: str, kind: str, method: str | None = None, prompt: str | None = None,
-                **budget) -> tuple[list[int], int, torch.Tensor]:
-    """HF ``generate`` (patched with ``method`` if given): greedy tokens, visual tokens kept, and the log-probs
-    ``[STEPS, V]`` of every step. prompt: instead of the kind's default prompt (one image or video)."""
+def hf_inputs(processor, family: str, kind: str, text: str) -> dict:
+    if kind == "image":
+        return processor(text=[text], images=[image()], return_tensors="pt")
+    frames = video(family)
+    if family.startswith("llava"):
+        return processor(text=[text], videos=[frames], return_tensors="pt")
+    return processor(text=[text], videos=[frames], video_metadata=[VideoMetadata(**metadata(frames))],
+                     do_sample_frames=False, return_tensors="pt")
+
+
+def hf_generate(folder: str, family: str, kind: str, text: str, settings: dict | None = None
+                ) -> tuple[list[int], int, torch.Tensor]:
+    """HF ``generate`` (patched with ``settings`` = ``{"method": ..., budget, options}`` if given): greedy tokens,
+    visual tokens kept, and the log-probs ``[STEPS, V]`` of every step."""
     model, processor = hf_model(folder)
-    inputs = hf_inputs(processor, kind, prompt)
+    inputs = hf_inputs(processor, family, kind, text)
     token = model.config.image_token_id if kind == "image" else model.config.video_token_id
     n_visual = int((inputs["input_ids"] == token).sum())
     kwargs = dict(max_new_tokens=STEPS, do_sample=False, return_dict_in_generate=True, output_logits=True)
     with torch.no_grad():
-        if method is None:
+        if settings is None:
             out, kept = model.generate(**inputs, **kwargs), n_visual
         else:
-            with vtr.patch(model, method, **budget) as handle:
+            options = dict(settings)
+            with vtr.patch(model, options.pop("method"), **options) as handle:
                 out, kept = model.generate(**inputs, **kwargs), handle.last.n_kept[0]
     logprobs = torch.log_softmax(torch.stack(out.logits, 1)[0].float(), -1)
     return out.sequences[0, -STEPS:].tolist(), kept, logprobs
 
 
-def vllm_requests(kind: str, prompt: str | None = None) -> list[dict]:
+def hf_prefill(folder: str, family: str, kind: str, text: str, settings: dict) -> tuple[int, int, torch.Tensor]:
+    """HF's patched forward of the prompt (no ``generate``): the greedy first token, visual tokens kept, and its
+    log-probs ``[V]``."""
+    model, processor = hf_model(folder)
+    options = dict(settings)
+    with vtr.patch(model, options.pop("method"), **options) as handle, torch.no_grad():
+        logits = model(**hf_inputs(processor, family, kind, text)).logits[0, -1]
+        kept = handle.last.n_kept[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    return int(logprobs.argmax()), kept, logprobs
+
+
+# -------------------------------------------------------------------------------------------------------- vLLM
+def request(family: str, kind: str, text: str, settings: dict | None = None) -> dict:
+    """A vLLM request for ``text`` with the kind's input; ``settings`` as ``mm_processor_kwargs={"vtr": ...}``."""
     if kind == "image":
-        return [{"prompt": prompt or IMAGE_PROMPT, "multi_modal_data": {"image": image()}}]
-    frames = video()
-    return [{"prompt": prompt or VIDEO_PROMPT,
-             "multi_modal_data": {"video": (frames, dict(metadata(frames), do_sample_frames=False))}}]
+        data = {"image": image()}
+    else:
+        frames = video(family)
+        data = {"video": (frames, dict(metadata(frames), do_sample_frames=False))}
+    out = {"prompt": text, "multi_modal_data": data}
+    if settings is not None:
+        out["mm_processor_kwargs"] = {"vtr": settings}
+    return out
 
 
-def engine_kwargs(folder: str, settings: dict | None) -> dict:
+def engine_kwargs(folder: str, settings: dict | None, **extra) -> dict:
     kwargs = dict(model=folder, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
-                  limit_mm_per_prompt={"image": 1, "video": 1}, max_num_seqs=4, max_num_batched_tokens=1024)
+                  limit_mm_per_prompt={"image": 1, "video": 1}, max_num_seqs=4, max_num_batched_tokens=1024,
+                  block_size=32)
     if settings is not None:
         kwargs["hf_overrides"] = {"vtr": settings}
-    return kwargs
+    kwargs.update(extra)
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def vllm_generate(folder: str, settings: dict | None, kinds=("image", "video")) -> dict:
-    """kind -> (greedy tokens, placeholder tokens in the prompt vLLM ran, per step {token: log-prob} of the top
-    ``LOGPROBS`` tokens) for one engine built with ``settings`` as ``hf_overrides={"vtr": settings}`` (None: the
-    plugin unconfigured)."""
-    from vllm import LLM, SamplingParams
-    llm = LLM(**engine_kwargs(folder, settings))
-    try:
-        config = llm.llm_engine.model_config.hf_config
+class Engine:
+    """One vLLM engine (``LLM``) for a block: ``with Engine(folder, settings) as e: e.run(requests)``."""
+
+    def __init__(self, folder: str, settings: dict | None, **extra):
+        from vllm import LLM
+        self.llm = LLM(**engine_kwargs(folder, settings, **extra))
+        self.config = self.llm.llm_engine.model_config.hf_config
+
+    def run(self, requests: list[dict]) -> list[tuple]:
+        """Per request: (greedy tokens, placeholder tokens in the prompt vLLM ran, per step {token: log-prob} of
+        the top ``LOGPROBS`` tokens, prompt tokens served from the prefix cache, prompt ids)."""
+        from vllm import SamplingParams
         params = SamplingParams(max_tokens=STEPS, temperature=0, logprobs=LOGPROBS, ignore_eos=True)
-        out = {}
-        for kind in kinds:
-            result = llm.generate(vllm_requests(kind), params, use_tqdm=False)[0]
-            token = config.image_token_id if kind == "image" else config.video_token_id
+        out = []
+        for result in self.llm.generate(requests, params, use_tqdm=False):
+            kind = "image" if "image" in requests[len(out)]["multi_modal_data"] else "video"
+            token = self.config.image_token_id if kind == "image" else self.config.video_token_id
             completion = result.outputs[0]
             logprobs = [{t: lp.logprob for t, lp in step.items()} for step in completion.logprobs]
-            out[kind] = list(completion.token_ids), result.prompt_token_ids.count(token), logprobs
+            out.append((list(completion.token_ids), result.prompt_token_ids.count(token), logprobs,
+                        result.num_cached_tokens or 0, list(result.prompt_token_ids)))
         return out
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
         gc.collect()
 
 
@@ -121,50 +178,3 @@ def max_logprob_gap(hf_logprobs: torch.Tensor, vllm_logprobs: list[dict]) -> flo
     """Largest difference between vLLM's top log-probs and HF's log-probs of the same tokens, over all steps."""
     return max(abs(lp - float(hf_logprobs[step, token])) for step, top in enumerate(vllm_logprobs)
                for token, lp in top.items())
-
-
-# Prompts that share prefixes, served one after the other with prefix caching on (vLLM's CPU block size is 32
-# tokens): a repeat and a second chat turn resending the image or video (both cached past the visual run), and
-# another question about the same input right after it (the cached prefix ends inside the visual run, whose last
-# tokens and everything after it are computed again, with the vision pass).
-LONG_QUESTION = ("what is in this {kind} ? describe the picture . is it a cat or a dog ? what is left ? what is "
-                 "right ? is it big or small ? is it red , green or blue ?")
-
-
-def prefix_prompts(kind: str) -> dict:
-    media = "<|vision_start|><|image_pad|><|vision_end|>" if kind == "image" else \
-        "<|vision_start|><|video_pad|><|vision_end|>"
-    turn = "<|im_start|> system you are helpful . <|im_end|> <|im_start|> user " + media + " {question} <|im_end|> " \
-           "<|im_start|> assistant"
-    first = turn.format(question=LONG_QUESTION.format(kind=kind) + " " + LONG_QUESTION.format(kind=kind))
-    return {"first": first, "repeat": first,
-            "second turn": first + " a red cat . <|im_end|> <|im_start|> user is it big ? <|im_end|> "
-                                   "<|im_start|> assistant",
-            "other question": turn.format(question="what is left ? is it green ?")}
-
-
-def vllm_prefix_runs(folder: str, settings: dict | None, kinds=("image", "video"), block_size: int = 32) -> dict:
-    """(kind, name) -> (greedy tokens, prompt tokens served from the prefix cache, prompt ids, placeholder tokens,
-    top log-probs per step) for the ``prefix_prompts`` of each kind, served in order by one engine with prefix
-    caching on."""
-    from vllm import LLM, SamplingParams
-    kwargs = engine_kwargs(folder, settings)
-    kwargs.update(enable_prefix_caching=True, block_size=block_size)
-    llm = LLM(**kwargs)
-    try:
-        config = llm.llm_engine.model_config.hf_config
-        params = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=LOGPROBS)
-        out = {}
-        for kind in kinds:
-            token = config.image_token_id if kind == "image" else config.video_token_id
-            for name, prompt in prefix_prompts(kind).items():
-                result = llm.generate(vllm_requests(kind, prompt), params, use_tqdm=False)[0]
-                completion = result.outputs[0]
-                logprobs = [{t: lp.logprob for t, lp in step.items()} for step in completion.logprobs]
-                out[kind, name] = (list(completion.token_ids), result.num_cached_tokens or 0,
-                                   result.prompt_token_ids, result.prompt_token_ids.count(token), logprobs)
-        return out
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
