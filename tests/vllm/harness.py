@@ -86,8 +86,8 @@ def hf_inputs(processor, family: str, kind: str, text: str) -> dict:
                      do_sample_frames=False, return_tensors="pt")
 
 
-def hf_generate(folder: str, family: str, kind: str, text: str, settings: dict | None = None
-                ) -> tuple[list[int], int, torch.Tensor]:
+def hf_reference(folder: str, family: str, kind: str, text: str, settings: dict | None = None
+                 ) -> tuple[list[int], int, torch.Tensor]:
     """HF ``generate`` (patched with ``settings`` = ``{"method": ..., budget, options}`` if given): greedy tokens,
     visual tokens kept, and the log-probs ``[STEPS, V]`` of every step."""
     model, processor = hf_model(folder)
@@ -116,6 +116,27 @@ def hf_prefill(folder: str, family: str, kind: str, text: str, settings: dict) -
         kept = handle.last.n_kept[0]
     logprobs = torch.log_softmax(logits.float(), -1)
     return int(logprobs.argmax()), kept, logprobs
+
+
+def family_of(folder: str) -> str:
+    arch = hf_model(folder)[0].config.architectures[0]
+    return {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
+            "LlavaOnevisionForConditionalGeneration": "llava_onevision", "Qwen2VLForConditionalGeneration": "qwen2_vl",
+            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl"}[arch]
+
+
+def hf_generate(folder: str, kind: str, method: str | None = None, **budget):
+    """``hf_reference`` of the kind's default prompt, with ``method`` and its budget and options (the form
+    ../shared/cases/vllm_prefix_cache.py uses)."""
+    family = family_of(folder)
+    settings = None if method is None else {"method": method, **budget}
+    return hf_reference(folder, family, kind, prompt(family, kind), settings)
+
+
+def vllm_requests(kind: str, folder: str | None = None) -> list[dict]:
+    """The kind's default request (a Qwen-VL prompt unless ``folder`` says otherwise), as a list of one."""
+    family = family_of(folder) if folder else "qwen2_5_vl"
+    return [request(family, kind, prompt(family, kind))]
 
 
 # -------------------------------------------------------------------------------------------------------- vLLM

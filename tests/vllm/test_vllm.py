@@ -62,7 +62,7 @@ def test_unconfigured_plugin_is_stock_vllm_and_equals_hf(folders, family):
         for kind in KINDS[family]:
             text = H.prompt(family, kind)
             got = engine.run([H.request(family, kind, text)])[0]
-            _assert_equal(H.hf_generate(folders[family], family, kind, text), got, kind)
+            _assert_equal(H.hf_reference(folders[family], family, kind, text), got, kind)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -75,12 +75,12 @@ def test_every_served_method_equals_patched_hf(folders, family):
         requests += [H.request(family, kind, H.prompt(family, kind)) for kind in KINDS[family]]
         got = engine.run(requests)
     for (kind, settings), result in zip(cases, got):
-        hf = H.hf_generate(folders[family], family, kind, H.prompt(family, kind), settings)
+        hf = H.hf_reference(folders[family], family, kind, H.prompt(family, kind), settings)
         if settings.get("ratio") != 0:
-            assert hf[1] < H.hf_generate(folders[family], family, kind, H.prompt(family, kind))[1], settings
+            assert hf[1] < H.hf_reference(folders[family], family, kind, H.prompt(family, kind))[1], settings
         _assert_equal(hf, result, (kind, settings))
     for kind, result in zip(KINDS[family], got[len(cases):]):
-        _assert_equal(H.hf_generate(folders[family], family, kind, H.prompt(family, kind)), result, kind)
+        _assert_equal(H.hf_reference(folders[family], family, kind, H.prompt(family, kind)), result, kind)
 
 
 def _prefix_prompts(family: str, kind: str) -> dict:
@@ -119,7 +119,7 @@ def test_prefix_cache_hits_equal_patched_hf(folders, family):
                 runs = {name: engine.run([H.request(family, kind, text, settings)])[0]
                         for name, text in prompts.items()}
                 for name, text in prompts.items():
-                    _assert_equal(H.hf_generate(folders[family], family, kind, text, settings), runs[name],
+                    _assert_equal(H.hf_reference(folders[family], family, kind, text, settings), runs[name],
                                   (method, kind, name))
                 token = engine.config.image_token_id if kind == "image" else engine.config.video_token_id
                 where = [i for i, t in enumerate(runs["first"][4]) if t == token]
@@ -158,7 +158,7 @@ def test_multi_process_engine_with_environment_variables(folders):
     for kind in ("image", "video"):
         tokens, count, logprobs = got[kind]
         logprobs = [{int(t): lp for t, lp in step.items()} for step in logprobs]
-        hf = H.hf_generate(folders["qwen2_5_vl"], "qwen2_5_vl", kind, H.prompt("qwen2_5_vl", kind),
+        hf = H.hf_reference(folders["qwen2_5_vl"], "qwen2_5_vl", kind, H.prompt("qwen2_5_vl", kind),
                            {"method": "divprune", "ratio": 0.75})
         _assert_equal(hf, (tokens, count, logprobs), kind)
 
@@ -189,7 +189,7 @@ def test_bad_request_settings_are_refused_and_the_server_goes_on(folders):
             with pytest.raises(ValueError, match=match):
                 engine.run([H.request(family, kind, H.prompt(family, kind), settings)])
         text = H.prompt(family, "image")
-        _assert_equal(H.hf_generate(folders[family], family, "image", text),
+        _assert_equal(H.hf_reference(folders[family], family, "image", text),
                       engine.run([H.request(family, "image", text)])[0])
 
 
