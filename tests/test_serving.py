@@ -198,3 +198,13 @@ def test_vllm_request_settings_override_the_servers():
         request_settings(None, {"method": "divprune", "ratio": 0.5})
     with pytest.raises(VtrConfigError, match="must be an object"):
         request_settings(server, "divprune")
+
+
+def test_readme_vllm_table_lists_what_vllm_serves():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("| served in vLLM |"):]
+    table = table[:table.index("\n\n")]
+    served = {row.split("|")[1] for row in table.splitlines()[2:] if "refused" not in row}
+    for name in SERVABLE:
+        assert any(f"`{name.split()[0]}`" in cell for cell in served), name

@@ -26,6 +26,7 @@ Written against vLLM 0.32 (the models' ``_process_image_input`` / ``_process_vid
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -102,9 +103,12 @@ class _Processor:
     threads, so the request in flight is thread-local."""
 
     _vtr_local = threading.local()
+    _vtr_received_lock = threading.Lock()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # input hash -> visual tokens before pruning, for the metrics of inputs whose kwargs the engine's cache holds
+        self._vtr_received = collections.OrderedDict()
         config = self.info.get_hf_config()
         self._vtr_server = server_settings(config)
         self._vtr_facts = None
@@ -156,10 +160,15 @@ class _Processor:
                 ranges = placeholders[i]
                 kept = int(ranges.is_embed.sum()) if ranges.is_embed is not None else ranges.length
                 kept = self._vtr_kept_tokens(modality, result["prompt_token_ids"], ranges, kept)
-                try:
-                    received = self._vtr_span(modality, i, inputs.mm_data_items, item).n
-                except Exception:  # an item only the engine's cache holds
-                    received = kept
+                key = result["mm_hashes"][modality][i]
+                with self._vtr_received_lock:
+                    if item is not None and key not in self._vtr_received:
+                        self._vtr_received[key] = self._vtr_span(modality, i, inputs.mm_data_items, item).n
+                    received = self._vtr_received.get(key, kept)
+                    if key in self._vtr_received:
+                        self._vtr_received.move_to_end(key)
+                    while len(self._vtr_received) > 4096:
+                        self._vtr_received.popitem(last=False)
                 if not dummy:
                     count_tokens(state.method.name, modality, received, kept)
                 if item is None:  # held by the engine's cache, which has it with this hash's settings
@@ -367,6 +376,7 @@ class _Model:
                     layers.update(item.method.vision_layers(self._vtr_facts.vision_layers,
                                                             self._vtr_facts.feature_layer))
         if layers and self._vtr_tower is None:
+            self._vtr_check_tower_heads()
             self._vtr_tower = TowerCapture(*self._vtr_tower_layers())
         capture = self._vtr_tower.capture(layers) if layers else contextlib.nullcontext([])
         try:
@@ -375,6 +385,16 @@ class _Model:
                 return super().embed_multimodal(**kwargs)
         finally:
             self._vtr_items, self._vtr_calls = {}, []
+
+    def _vtr_check_tower_heads(self) -> None:
+        """Tower signals average over all attention heads; tensor parallelism splits the tower's heads across
+        ranks, unless the tower runs data-parallel (``--mm-encoder-tp-mode data``)."""
+        from vllm.distributed import get_tensor_model_parallel_world_size
+        from vllm.model_executor.models.vision import is_vit_use_data_parallel
+        if get_tensor_model_parallel_world_size() > 1 and not is_vit_use_data_parallel():
+            raise VtrConfigError("vtr: methods that read the vision tower's attention need all its heads on each "
+                                 "rank; with tensor parallelism, run the tower data-parallel: --mm-encoder-tp-mode "
+                                 "data")
 
     def _vtr_item(self, settings: dict, ordinal: int, prompt: list[int], dummy: bool):
         method = method_for(settings, self._vtr_facts, "mm_processor_kwargs['vtr']")
