@@ -1,14 +1,20 @@
+import re
+
 from setuptools import find_packages, setup
+
+# One version, vtr.__version__, read without importing the package.
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("vtr/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 # decord publishes x86-64 wheels only (no source distribution).
 DECORD = "decord; platform_machine == 'x86_64' or platform_machine == 'AMD64'"
 
 setup(
     name="vtr",
-    version="0.1.0",
+    version=VERSION,
     description="Training-free visual-token reduction for Hugging Face vision-language models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=find_packages(include=["vtr", "vtr.*"]),
     package_data={"vtr": ["bench/configs/*.json", "bench/canary_weights.safetensors"]},
     python_requires=">=3.10",
@@ -28,6 +34,8 @@ setup(
         "video": ["av", DECORD],
         "flash": ["flash-attn>=2.6"],
         "bench": ["matplotlib", "tqdm", "pillow"],
+        # The documentation site: mkdocs build --strict (mkdocs.yml, docs/).
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
         # lmms-eval needs torchvision; >=0.29 refuses the CPU torch 2.13 (whose only torchvision does not load).
         # Its Qwen/LLaVA wrappers import decord, and filelock 4 breaks its evaluator (no filelock._api).
         "eval": ["lmms-eval>=0.7.3", "torchvision>=0.29", DECORD, "filelock<4"],

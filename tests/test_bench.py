@@ -176,6 +176,12 @@ def stub_lmms_eval(monkeypatch, tmp_path):
             from vtr.bench.models import load
             self._model, self.processor = load(pretrained, device=device)
 
+        @classmethod
+        def create_from_arg_string(cls, arg_string, additional_config=None):
+            # lmms-eval's base class: model args from "k=v,k=v", its own settings (device, batch size) beside them
+            args = dict(item.split("=", 1) for item in arg_string.split(",") if item)
+            return cls(**args, **(additional_config or {}))
+
         @property
         def model(self):
             return self._model
@@ -194,6 +200,9 @@ def stub_lmms_eval(monkeypatch, tmp_path):
                "lmms_eval.models.registry_v2": types.ModuleType("lmms_eval.models.registry_v2"),
                "lmms_eval.models.simple": types.ModuleType("lmms_eval.models.simple"),
                "lmms_eval.models.simple.llava_hf": types.ModuleType("lmms_eval.models.simple.llava_hf")}
+    modules["lmms_eval.utils"] = types.ModuleType("lmms_eval.utils")
+    modules["lmms_eval.utils"].simple_parse_args_string = lambda text: dict(
+        item.split("=", 1) for item in text.split(",") if item)
     modules["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
     modules["lmms_eval.models.simple.llava_hf"].LlavaHf = LlavaHf
     for name, module in modules.items():
@@ -221,6 +230,11 @@ def test_lmms_eval_wrapper_against_a_stub(stub_lmms_eval, saved_llava, tmp_path)
     with pytest.raises(NotImplementedError, match="log-likelihood tasks are not supported"):
         wrapper.loglikelihood([])
     wrapper.vtr_handle.remove()
+    # lmms-eval passes its --device beside model args that may name one too: the model args win, no TypeError
+    again = VtrLlavaHf.create_from_arg_string(f"pretrained={saved_llava},device=cpu,vtr_method=fastv,vtr_ratio=0.5",
+                                              {"device": "cuda:7", "batch_size": 1})
+    assert again.vtr_handle.method.ratio == 0.5 and next(again.model.parameters()).device.type == "cpu"
+    again.vtr_handle.remove()
 
 
 def test_lmms_eval_registry_finds_the_plugin():

@@ -84,10 +84,15 @@ def test_control_flow_of_one_call():
 
 
 # ------------------------------------------------------------------------------------------- slow re-derivation
-def slow_framefusion(model, lm_inputs, span, cost, threshold, lower_bound, n_layers=None):
+def slow_framefusion(model, lm_inputs, span, cost, threshold, lower_bound, n_layers=None, queries=None):
     """FrameFusion on one prompt (batch 1, no padding), written from the notes with loops: the unpatched decoder
     layers run by hand; a call before layer 0 and after every layer's attention + residual (but the last), before
-    its MLP. Returns (last-token logits, final original positions alive, per call the visual count after it)."""
+    its MLP. The pruning step ranks by the causal attention of the last ``queries`` tokens, mean over heads and
+    queries (official ``framefusion/utils.py: scaled_dot_product_attention(num=...)``: 4 in the Qwen2-VL adapter,
+    1 in the Qwen2 / LLaVA-Video one; None: by the model). Returns (last-token logits, final original positions
+    alive, per call the visual count after it)."""
+    if queries is None:
+        queries = 4 if model.config.model_type in QWEN else 1
     lm = R.lm_of(model)
     layers = lm.layers
     L_tot = n_layers or len(layers)
@@ -180,7 +185,7 @@ def slow_framefusion(model, lm_inputs, span, cost, threshold, lower_bound, n_lay
                                                 use_cache=True)
             hidden = hidden + attended[0]
             if i < len(layers) - 1:
-                hidden = call(hidden, weights[0, :, -1].float().mean(0))
+                hidden = call(hidden, weights[0, :, -queries:].float().mean((0, 1)))
             hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
             if stack and i < len(stack):  # Qwen3-VL's DeepStack: each present visual token its own feature
                 hidden = hidden.clone()
@@ -250,6 +255,37 @@ def test_official_28_layers_and_the_depth_default():
         if layers is None:
             default = counts
     assert default != counts  # 28 layers leave a 4-layer model another budget
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_prunes_by_the_last_four_queries(family):
+    """The official Qwen2-VL adapter ranks the pruning step by the attention of the last 4 queries (``num=4``):
+    the default on Qwen-VL; ``last_queries=1`` is the Qwen2 / LLaVA-Video adapter's rule. The two keep other
+    tokens here, and each equals the slow re-derivation with its query count."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.video_inputs(family, proc, videos=[repeating_video(family, 8 if family == "qwen2_vl" else 6, 24)])
+    kept = {}
+    for queries in (None, 1, 4):
+        with vtr.patch(model, "framefusion", ratio=0.5, similarity_lower_bound=0.9, last_queries=queries) as handle, \
+                torch.no_grad():
+            logits = model(**inputs).logits[0, -1]
+            assert handle.method.last_queries == (queries or 4)
+        (span,) = handle.last.layout.rows[0].spans
+        slow_logits, alive, _ = slow_framefusion(model, R.capture_lm_inputs(model, inputs), span, 0.5, 0.9, 0.1,
+                                                 queries=queries or 4)
+        visual = {int(p): span.offset + j for j, p in enumerate(span.positions.tolist())}
+        assert handle.last.kept[0].tolist() == sorted(visual[p] for p in alive if p in visual)
+        assert torch.allclose(logits, slow_logits, atol=1e-5)
+        kept[queries] = handle.last.kept[0].tolist()
+    assert kept[None] == kept[4] != kept[1]
+
+
+def test_onevision_prunes_by_the_last_query():
+    model, _ = tm.build("llava_onevision")
+    with vtr.patch(model, "framefusion", ratio=0.5) as handle:
+        assert handle.method.last_queries == 1
+    with pytest.raises(ValueError, match="last_queries"):
+        FrameFusion(ratio=0.5, last_queries=0)
 
 
 # ------------------------------------------------------------------------------------------------ model level

@@ -1,6 +1,7 @@
 """Invariants 1, 3, 4: ratio 0 is the identity, kept counts follow each method's rule, text is never dropped,
 text-only prompts pass through, unpatching restores the model exactly."""
 import math
+from decimal import Decimal
 
 import pytest
 import torch
@@ -59,8 +60,9 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
     if method == "dycoke":  # an image is one frame: temporal pruning keeps it whole (the KV stage prunes it)
         return n
     if method == "holitom":  # an image is one frame: ceil(n * r) tokens at the input, then the inner stage halves
-        r = 1 - ratio if ratio is not None else min(1.0, keep / n)
-        outer = max(1, math.ceil(n * r - 1e-9))
+        # r: the official RETAIN_RATIO, 1 - ratio in decimal; its official count ceil(n * r) in floating point
+        r = float(Decimal(1) - Decimal(repr(ratio))) if ratio is not None else min(1.0, keep / n)
+        outer = max(1, math.ceil(n * r))
         return outer if keep is not None and keep >= n else max(1, round(outer * 0.5))
     if method == "prunevid":  # an image is one frame of dynamic tokens: more than 14 merged into floor(n / 2)
         alpha = min(1.0, keep / n) if keep is not None else 1 - ratio  # clusters, then floor(share * alpha), >= 1

@@ -111,3 +111,53 @@ def test_registry_resolves_chat_and_simple_classes():
         assert issubclass(cls, stock) and cls.is_simple == stock.is_simple
     assert registry.resolve("vtr_qwen3_vl", force_simple=True).class_path == "vtr.integrations.lmms_eval.VtrQwen3VL"
     assert registry.resolve("vtr_llava_onevision").class_path.endswith("VtrLlavaHfChat")
+
+
+def documented_commands() -> list[str]:
+    """The shell lines of docs/evaluation.md's block marked ``<!-- run by tests/test_lmms_eval.py -->``."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "evaluation.md").read_text()
+    block = text.split("<!-- run by tests/test_lmms_eval.py -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def run_shell(command: str, cwd: Path, timeout: int = 600):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HOME=str(cwd / "hf"))
+    return subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def documented(tmp_path_factory):
+    """A folder holding the repository's tests/ (the task), with docs/evaluation.md's commands but the last (the
+    preparation) run there as written."""
+    folder = tmp_path_factory.mktemp("documented")
+    (folder / "tests").symlink_to(TASKS.parent)
+    commands = documented_commands()
+    assert " lmms-eval --model " in commands[-1] and "prepare.py" in commands[0]
+    for command in commands[:-1]:
+        run = run_shell(command, folder)
+        assert run.returncode == 0, (command, run.stdout[-3000:], run.stderr[-3000:])
+    return folder, commands[-1]
+
+
+def test_the_documented_cpu_command_line_runs_the_local_task_offline(documented):
+    """docs/evaluation.md's evaluation command, as written, with the test interpreter's bin directory first on PATH
+    (the activated venv)."""
+    folder, command = documented
+    run = run_shell(command, folder)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    assert "vtr_mc" in run.stdout and "mc_accuracy" in run.stdout
+    entries = [json.loads(line) for line in (folder / "kept.jsonl").read_text().splitlines()]
+    assert len(entries) == 4 and all(e["n_kept"] == max(1, round(e["n_visual"] * 0.5)) for e in entries)
+
+
+def test_a_failed_evaluation_exits_nonzero_under_the_lmms_eval_command(documented):
+    folder, command = documented
+    # lmms-eval's --device beside device=cpu in the model args, and a misspelt method
+    failing = command.replace("vtr_method=divprune", "device=cpu,vtr_method=divprunee") + " --device cpu"
+    run = run_shell(failing, folder)
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "vtr: the evaluation failed while patching the model with vtr" in run.stderr
+    assert "Did you mean 'divprune'" in run.stderr and "multiple values" not in run.stderr

@@ -1,6 +1,7 @@
 """Each method selects what its paper's official code selects, checked against plain transcriptions of the
 research specification (shared/research/methods_image.md) run on signals read from the unpatched model."""
 import random
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 import torch
@@ -378,6 +379,33 @@ def test_vispruner_matches_official_selection(family, batch, variant, budget, im
         assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
 
 
+def vispruner_official_round(unit, residual_indices, diverse_token_num):
+    """One round of VisPruner's official duplicate removal, its tensor code as written (batch 1)."""
+    B, R = 1, residual_indices.shape[1]
+    r = min(8, R - diverse_token_num)
+    residual_tokens = unit[torch.arange(B).unsqueeze(-1).expand(-1, R), residual_indices]
+    a, b = residual_tokens[..., ::2, :], residual_tokens[..., 1::2, :]
+    scores = (a @ b.transpose(-1, -2)).max(dim=-1).values
+    distinct_indices = scores.argsort(dim=-1, descending=True)[:, r:]
+    return torch.cat([residual_indices[..., ::2][torch.arange(B).unsqueeze(-1).expand(-1, R // 2 - r),
+                                                 distinct_indices], residual_indices[..., 1::2]], dim=-1)
+
+
+def test_vispruner_decides_where_the_official_code_is_undefined():
+    """What vtr decides and its docstring lists: a round that must drop more tokens than group A holds (here R =
+    10 residual tokens for 2 diverse ones: r = 8 > |A| = 5) raises in the official code; vtr drops all of A and
+    goes on, ending at exactly T_div. Ties (equal scores) go to the lower index, where the official argsort is
+    unstable."""
+    from vtr.methods.vispruner import remove_duplicates
+    unit = F.normalize(torch.randn(1, 12, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with pytest.raises(RuntimeError):
+        vispruner_official_round(unit, torch.arange(10)[None], 2)
+    assert vispruner_official_round(unit, torch.arange(12)[None], 8).shape == (1, 8)  # a defined round
+    assert remove_duplicates(unit[0], torch.arange(10), 2).tolist() == [3, 7]  # B [1,3,5,7,9], then B of that
+    same = F.normalize(torch.ones(12, 4), dim=-1)  # every A token equally duplicated: the lowest indices drop
+    assert remove_duplicates(same, torch.arange(12), 8).tolist() == [8, 10, 1, 3, 5, 7, 9, 11]
+
+
 def hiprune_official(shallow, deep, crop, patch, budget, alpha, side, cells=None):
     """Transcription of HiPrune's encode_images for one image's candidates: anchors = top round(T * alpha / 5) of
     the object layer's global attention, buffers = anchor patches -1, +1, -side, +side in the same crop (clamped
@@ -457,14 +485,26 @@ def test_cdpruner_matches_official_selection(family, batch, variant, budget):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, batch, variant)
     record = patched_forward(model, inputs, "cdpruner", **budget)
+    expected, segments = cdpruner_clip_official(model, proc, inputs, record, budget)
+    assert [k.tolist() for k in record.kept] == expected
+    assert segments > 1  # the instruction spans several text-tower segments
+
+
+def cdpruner_clip_official(model, proc, inputs, record, budget, per_crop=False):
+    """Transcription of CDPruner's official encode_images with CLIP relevance, per image of each row: relevance
+    = -mean cos(visual_projection(post_layernorm(hidden[-2])), CLIP text embeds of the instruction in 77-token
+    (here 6-token) segments), min-max normalised over the image's candidates (all its crops: the official code
+    normalises over every crop it encodes); kernel diag(r) S diag(r) of the projected features; greedy DPP over
+    the image, or (``per_crop``) one DPP per crop with the crop's own budget. Returns (kept ids per row, text
+    segments)."""
     clip, clip_tok = tm.tiny_clip("")
     _, hidden_states = vision_tower_outputs(model, inputs)
     embeds = R.capture_lm_inputs(model, inputs)["embeds"]
-    patches = image_patches(record, model, inputs)
     ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
-    for b, row in enumerate(record.layout.rows):
+    kept_rows = []
+    for b, row in enumerate(image_patches(record, model, inputs)):
         expected = []
-        for span, cand, crop, patch in patches[b]:
+        for span, cand, crop, patch in row:
             after = [int(t) for i, t in enumerate(ids[b]) if i > int(span.positions.max()) and real[b, i]
                      and int(t) != model.config.image_token_id]
             text = proc.tokenizer.decode(after, skip_special_tokens=True).strip()
@@ -476,19 +516,37 @@ def test_cdpruner_matches_official_selection(family, batch, variant, budget):
                 text_embeds = clip.get_text_features(**segments).pooler_output
                 image_embeds = clip.visual_projection(
                     model.model.vision_tower.post_layernorm(hidden_states[-2][crop, patch]).float())
-            features = embeds[b, span.positions[cand]]
-            unit = features / features.norm(dim=-1, keepdim=True)
-            similarity = unit.float() @ unit.float().T
             image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
             text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
             relevance = (-(image_embeds @ text_embeds.T)).mean(-1)
             relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
-            kernel = relevance[:, None] * similarity * relevance[None, :]
-            T = budget["keep"] if "keep" in budget else round(len(cand) * (1 - budget["ratio"]))
-            kept = dpp_official(kernel, min(T, len(cand)))
-            expected += [span.offset + cand[kept], span.offset + span.newline.nonzero().flatten()]
-        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
-    assert len(segments["input_ids"]) > 1  # the instruction spans several text-tower segments
+            groups = [crop == c for c in crop.unique().tolist()] if per_crop else [torch.ones_like(crop).bool()]
+            for members in groups:
+                where = members.nonzero().flatten()
+                features = embeds[b, span.positions[cand[where]]]
+                unit = features / features.norm(dim=-1, keepdim=True)
+                similarity = unit.float() @ unit.float().T
+                r = relevance[where]
+                kernel = r[:, None] * similarity * r[None, :]
+                T = budget["keep"] if "keep" in budget else round(len(where) * (1 - budget["ratio"]))
+                picks = dpp_official(kernel, min(T, len(where)))
+                expected.append(span.offset + cand[where[picks]])
+            expected.append(span.offset + span.newline.nonzero().flatten())
+        kept_rows.append(torch.cat(expected).sort().values.tolist())
+    return kept_rows, len(segments["input_ids"])
+
+
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.75})])
+def test_cdpruner_per_crop_normalises_relevance_over_the_image(batch, variant, budget):
+    """LLaVA-NeXT with scope="crop" (the official per-crop budget): the official code min-max normalises the
+    relevance over all crops of the image at once, then runs one DPP per crop."""
+    model, proc = tm.build("llava_next")
+    inputs = tm.image_inputs("llava_next", proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", scope="crop", **budget)
+    expected, _ = cdpruner_clip_official(model, proc, inputs, record, budget, per_crop=True)
+    assert [k.tolist() for k in record.kept] == expected
+    crops = [len(crop.unique()) for row in image_patches(record, model, inputs) for _, _, crop, _ in row]
+    assert min(crops) > 1  # every image has tiles besides its base image
 
 
 def test_cdpruner_relevance_changes_the_selection():
@@ -558,6 +616,78 @@ def test_cdpruner_with_language_model_embeddings_matches_openvino(family, option
     weight = options.get("relevance_weight", 1.0)
     expected = cdpruner_embeddings_reference(model, inputs, record, budget, weight, options.get("split_threshold", 0))
     assert [k.tolist() for k in record.kept] == expected
+
+
+def cdpruner_openvino_reference(model, inputs, record, budget, weight=0.5, split=1):
+    """OpenVINO GenAI's default CDPruner, transcribed from its compiled graph (conditional_kernel.cpp:
+    create_conditional_kernel_model) and cdpruner.cpp: per image, keep T = std::round(n * (1 - ratio)); with more
+    than ``split`` tokens, two halves in token order keeping T / 2 and T - T / 2, each its own graph: v = x /
+    sqrt(|x|^2 + 1e-6), t likewise (mean input embedding of the text outside the vision regions), r = mean(v t^T),
+    r = (r - min) / (max - min + 1e-6), S = v v^T, kernel = S * (1 - w) + ((r_i * S) * r_j) * w; greedy DPP."""
+    embeds = R.capture_lm_inputs(model, inputs)["embeds"]
+    ids, real = inputs["input_ids"], inputs["attention_mask"].bool()
+    framing = {model.config.image_token_id, getattr(model.config, "vision_start_token_id", -1),
+               getattr(model.config, "vision_end_token_id", -1)}
+    eps, w = 1e-6, torch.tensor(weight, dtype=torch.float32)
+    kept = []
+    for b, row in enumerate(record.layout.rows):
+        visual = {int(p) for span in row.spans for p in span.positions}
+        text = [i for i in range(ids.shape[1]) if real[b, i] and i not in visual and int(ids[b, i]) not in framing]
+        t = embeds[b, text].float().mean(0, keepdim=True)
+        t = t / torch.sqrt((t * t).sum(-1, keepdim=True) + eps)
+        expected = []
+        for span in row.spans:
+            cand = (~span.newline).nonzero().flatten()
+            x = embeds[b, span.positions[cand]].float()
+            n = len(cand)
+            if "keep" in budget:
+                T = min(budget["keep"], n)
+            else:
+                T = int(Decimal(n * (1 - budget["ratio"])).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+            parts = [(0, n, T)] if not (split and n > split) else [(0, n // 2, T // 2), (n // 2, n, T - T // 2)]
+            picks = []
+            for start, stop, k in parts:
+                v = x[start:stop] / torch.sqrt((x[start:stop] * x[start:stop]).sum(-1, keepdim=True) + eps)
+                r = (v @ t.T).mean(-1)
+                r = (r - r.min()) / (r.max() - r.min() + eps)
+                S = v @ v.T
+                kernel = S * (1 - w) + ((r[:, None] * S) * r[None, :]) * w
+                picks += [start + p for p in dpp_official(kernel, k)]
+            expected += [span.offset + cand[sorted(picks)], span.offset + span.newline.nonzero().flatten()]
+        kept.append(torch.cat(expected).sort().values.tolist())
+    return kept
+
+
+@pytest.mark.parametrize("family,options", [
+    ("qwen2_vl", {}), ("qwen3_vl", {}), ("llava_onevision", {}),
+    ("qwen2_5_vl", {"relevance_weight": 0.8, "split_threshold": 0}),
+    ("llava_onevision", {"relevance_weight": 1.0, "split_threshold": 30}),
+])
+@pytest.mark.parametrize("batch,variant,budget", [(1, "single", {"keep": 12}), (2, "multi", {"ratio": 0.5})])
+def test_cdpruner_openvino_kernel_matches_openvino_default(family, options, batch, variant, budget):
+    """kernel="openvino": OpenVINO GenAI's default graph (weight 0.5, split threshold 1 unless given), on the
+    language model's embeddings of the instruction, against a transcription of its code."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, "cdpruner", kernel="openvino", **budget, **options)
+    expected = cdpruner_openvino_reference(model, inputs, record, budget, options.get("relevance_weight", 0.5),
+                                           options.get("split_threshold", 1))
+    assert [k.tolist() for k in record.kept] == expected
+
+
+def test_cdpruner_kernel_defaults_and_openvino_rounding():
+    paper, openvino = vtr.CDPruner(ratio=0.5), vtr.CDPruner(ratio=0.5, kernel="openvino")
+    assert (paper.relevance_weight, paper.split_threshold) == (1.0, 0)
+    assert (openvino.relevance_weight, openvino.split_threshold) == (0.5, 1)
+    assert paper.budget(25) == 12 and openvino.budget(25) == 13  # Python round vs std::round (half away from 0)
+    assert vtr.CDPruner(keep=7, kernel="openvino").budget(25) == 7
+    with pytest.raises(ValueError, match=r"kernel must be one of \('paper', 'openvino'\)"):
+        vtr.CDPruner(ratio=0.5, kernel="exp")
+    # the paper kernel with 0 < w < 1 is OpenVINO's fallback path: exp(a r) quality, a = w / (2 (1 - w))
+    from vtr.methods.cdpruner import blended_kernel, conditional_kernel
+    S, r = torch.eye(3) + 0.1, torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(conditional_kernel(S, r, 0.5), torch.exp(0.5 * r)[:, None] * S * torch.exp(0.5 * r))
+    assert torch.allclose(blended_kernel(S, r, 0.5), 0.5 * S + 0.5 * r[:, None] * S * r[None, :])
 
 
 def test_cdpruner_clip_relevance_needs_a_clip_tower():

@@ -292,3 +292,70 @@ def test_fastv_scores_in_the_model_dtype_like_eager_attention():
 def test_score_dtype_is_validated():
     with pytest.raises(ValueError, match=r"score_dtype must be one of \('float32', 'model'\)"):
         vtr.FastV(ratio=0.5, score_dtype="bf16")
+    model, _ = tm.build("llava")
+    for method in ("random", "uniform"):  # they compute no scores: "model" cannot apply
+        with pytest.raises(ValueError, match=f"{method}: score_dtype='model' does not apply"):
+            vtr.patch(model, method, ratio=0.5, score_dtype="model")
+
+
+SCORING_OPS = {"matmul", "__matmul__", "mm", "bmm", "einsum", "softmax", "cosine_similarity", "normalize", "norm",
+               "linalg_vector_norm", "vector_norm", "cdist"}  # torch function names
+VIDEO_METHODS = {"fastvid", "dycoke", "holitom", "prunevid", "framefusion"}
+
+
+class ScoringDtypes(torch.overrides.TorchFunctionMode):
+    """The floating dtypes of the inputs of every similarity / attention op (products, softmax, norms, cosine)
+    run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in SCORING_OPS:
+            self.dtypes |= {a.dtype for a in (*args, *kwargs.values())
+                            if isinstance(a, torch.Tensor) and a.is_floating_point()}
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if REGISTRY[m].computes_scores])
+def test_score_dtype_model_computes_every_score_in_the_model_dtype(method, monkeypatch):
+    """On a bf16 model, every product, softmax, norm and cosine that a method's selection runs (its stages, the
+    signals they read, DyCoke's per-step KV choice, FlowCut's steps inside the tower) takes bf16 inputs with
+    score_dtype="model" (CDPruner: its relevance; its similarities and DPP are fp32 as in the official code), and
+    none does by default (fp32; DPC-KNN in fp64 either way)."""
+    from vtr.engine.kv_cache import KVCacheStage
+    from vtr.engine.prune import Pruning
+    spy = {}
+
+    def spied(original):
+        def run(*args, **kwargs):
+            with ScoringDtypes() as mode:
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    spy.setdefault("dtypes", set()).update(mode.dtypes)
+        return run
+    cls = REGISTRY[method]
+    for owner, name in [(Pruning, "_prune"), (KVCacheStage, "_decode_subset"), (cls, "vision_step")]:
+        monkeypatch.setattr(owner, name, spied(getattr(owner, name)))
+    family = "qwen2_vl" if method in VIDEO_METHODS else tm.family_for(method, "llava")
+    model, proc = tm.build(family)
+    model = model.to(torch.bfloat16)
+    if method in VIDEO_METHODS:
+        inputs = tm.video_inputs(family, proc, 1)
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(torch.bfloat16)
+    else:
+        inputs = tm.image_inputs(family, proc, 1)
+        inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    seen = {}
+    for score_dtype in ("float32", "model"):
+        spy.clear()
+        with vtr.patch(model, method, ratio=0.75, score_dtype=score_dtype), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        seen[score_dtype] = spy.get("dtypes", set())
+    assert torch.bfloat16 in seen["model"]
+    if method != "cdpruner":  # its token similarities and DPP are fp32 in the official code as well
+        assert torch.float32 not in seen["model"]
+    assert torch.bfloat16 not in seen["float32"] and torch.float32 in seen["float32"]

@@ -138,7 +138,7 @@ def test_cdpruner_uses_the_dense_kernel_up_to_one_block():
     from vtr.methods.cdpruner import CDPruner
     features = torch.nn.functional.normalize(torch.randn(BLOCK_ROWS, 16, generator=torch.Generator().manual_seed(0)),
                                              dim=-1)
-    picks = CDPruner(keep=40)._select(features, None, None, False, 40)  # no text: uniform relevance; rank 16 < 40
+    picks = CDPruner(keep=40)._select(features, None, None, 40)  # no text: uniform relevance; rank 16 < 40
     ones = torch.ones(BLOCK_ROWS)
     assert torch.equal(picks, greedy_dpp(conditional_kernel(features @ features.T, ones, 1.0), 40))
 

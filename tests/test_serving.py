@@ -200,11 +200,16 @@ def test_vllm_request_settings_override_the_servers():
         request_settings(server, "divprune")
 
 
-def test_readme_vllm_table_lists_what_vllm_serves():
+def test_docs_vllm_table_lists_what_vllm_serves():
+    """The generated vLLM matrix of the docs marks served exactly the methods ``servable_methods`` lists."""
+    import sys
     from pathlib import Path
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    table = readme[readme.index("| served in vLLM |"):]
-    table = table[:table.index("\n\n")]
-    served = {row.split("|")[1] for row in table.splitlines()[2:] if "refused" not in row}
-    for name in SERVABLE:
-        assert any(f"`{name.split()[0]}`" in cell for cell in served), name
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs"))
+    import generate
+    matrix = generate.vllm_matrix()
+    served = {name for cells in matrix.values() for name, cell in cells.items() if cell not in ("refused", "-")}
+    assert served == {name.split()[0] for name in SERVABLE}
+    assert matrix["Qwen2_5_VLForConditionalGeneration"]["hiprune"] == "images"
+    assert matrix["LlavaForConditionalGeneration"]["fastvid"] == 'images (`positions="compact"`)'
+    assert matrix["Qwen3VLForConditionalGeneration"]["holitom"] == "images (`inner_ratio=0`)"
+    assert matrix["Qwen2VLForConditionalGeneration"]["dart"] == "refused"

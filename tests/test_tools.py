@@ -109,8 +109,9 @@ def test_a_checkpoint_is_estimated_from_its_config(small_machine, tmp_path, monk
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     monkeypatch.setattr(models, "available_memory", lambda device: 10**5)
+    tm.random_image(32, 32).save(tmp_path / "cat.png")  # the image exists: what is refused is the model's size
     with pytest.raises(SystemExit) as exit_:
-        overlay.main(["--model", str(tmp_path), "--image", "unused.png", "--device", "cpu"])
+        overlay.main(["--model", str(tmp_path), "--image", str(tmp_path / "cat.png"), "--device", "cpu"])
     assert exit_.value.code == 2
     assert "Nothing was built" in capsys.readouterr().err
 
@@ -179,3 +180,59 @@ def test_preset_is_refused_for_tiny_models(capsys):
     with pytest.raises(SystemExit):
         speed.run(["--model", "tiny-llava", "--preset", "full-depth", "--quiet"])
     assert "--preset shapes shipped configs" in capsys.readouterr().err
+
+
+def test_method_names_and_options_read_without_torch_equal_the_registry():
+    import dataclasses
+
+    from vtr.methods import REGISTRY
+    known = cli.method_options()
+    assert set(known) == set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        assert known[name] == {f.name for f in dataclasses.fields(cls)}, name
+    from vtr import testing
+    assert cli.TINY_FAMILIES == testing.FAMILIES
+
+
+@pytest.mark.parametrize("args,message", [
+    (["vtr.bench.speed", "--model", "tiny-qwen2vl"], "unknown tiny model 'tiny-qwen2vl'"),
+    (["vtr.bench.speed", "--methods", "dart,fastvv"], "Did you mean 'fastv'"),
+    (["vtr.bench.speed", "--set", "layr=2"], "--set layr: no option of that name"),
+    (["vtr.bench.speed", "--model", "tiny-qwen2_vl", "--image", "missing.jpg"], "--image missing.jpg: no such file"),
+    (["vtr.bench.overlay", "--model", "tiny-qwen2_vl", "--image", "missing.jpg"], "no such file"),
+    (["vtr.bench.overlay", "--model", "tiny-llava", "--image", "missing.jpg", "--method", "dartt"],
+     "unknown method 'dartt'"),
+    (["vtr.bench.evaluate", "--model", "tiny-qwen2_vl", "--data", "missing.jsonl"], "--data missing.jsonl"),
+    (["vtr.bench.scaling", "--methods", "divprunee"], "unknown method 'divprunee'"),
+    (["vtr.bench.canary", "--methods", "visionzipp"], "unknown method 'visionzipp'"),
+])
+def test_names_and_files_are_refused_before_torch_is_imported(args, message, tmp_path):
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", *args], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    names = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in names and not {"torch", "transformers"} & names
+
+
+def test_evaluate_refuses_a_record_whose_image_is_missing(tmp_path):
+    data = tmp_path / "set.jsonl"
+    data.write_text('{"image": "cat.png", "question": "what is it?"}\n')
+    run = subprocess.run([sys.executable, "-m", "vtr.bench.evaluate", "--model", "tiny-qwen2_vl", "--data", str(data)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "missing file" in run.stderr and "cat.png" in run.stderr
+
+
+def test_benchmark_without_matplotlib_says_it_skipped_the_png(tmp_path, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("no matplotlib")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    speed.run(["--model", "tiny-llava", "--methods", "random", "--ratios", "0.5", "--repeats", "1", "--warmup", "0",
+               "--decode-tokens", "0", "--out", str(tmp_path), "--tag", "t", "--quiet"])
+    assert not (tmp_path / "t.png").exists() and (tmp_path / "t.json").exists()
+    assert "skipped the PNG: matplotlib is not installed" in capsys.readouterr().err

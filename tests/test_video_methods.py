@@ -515,6 +515,23 @@ def angles_video(angles):
     return torch.stack([a.cos(), a.sin()], -1).view(-1, 2).float()
 
 
+def test_video_similarities_in_the_model_dtype_are_the_official_calls():
+    """score_dtype="model": the video primitives compute in that dtype, cosines with torch's cosine_similarity as
+    the official code calls it (DyCoke, HoliTom, PruneVid, FrameFusion); fp32 by default."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 16, 8, generator=g), torch.randn(3, 16, 8, generator=g)
+    bf = torch.bfloat16
+    expected = torch.nn.functional.cosine_similarity(a.to(bf), b.to(bf), dim=-1)
+    got = video.location_similarity(a, b, bf)
+    assert got.dtype == bf and torch.equal(got, expected)
+    assert video.location_similarity(a, b).dtype == torch.float32
+    assert video.window_similarity(a, bf).dtype == bf and video.cosine_matrix(a[0], b[0], bf).dtype == bf
+    G, A = video.embedding_signals(a, bf)
+    assert G.dtype == A.dtype == bf
+    sims, _ = video.chain_similarity(a[0], torch.arange(16) % 4, bf)
+    assert sims.dtype == bf
+
+
 def test_dycoke_ttm_hand_case():
     """Section 6.2: F = 6, N = 4, n_keep = 2: frames 0 and 4 whole; 1, 3, 5 pruned against their left neighbour,
     2 against frame 0 (original features); each keeps its 2 least similar tokens."""
@@ -556,6 +573,44 @@ def test_dycoke_ttm_matches_the_slow_rederivation_and_counts(F, N, n_keep):
         assert ((kept >= 6 * N).sum()) == N
 
 
+def official_frame_keep(ratio, N):
+    """Transcription of the official dycole_ttm count: merging_ratio = 1 - dycoke_k; int(merging_ratio * N)."""
+    merging_ratio = 1 - ratio
+    return int(merging_ratio * N)
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.8, 0.9, 0.5, 0.75])
+@pytest.mark.parametrize("N", [10, 50, 100, 196, 169, 30])
+def test_dycoke_frame_keep_is_the_official_float_arithmetic(ratio, N):
+    """Frame sizes that are multiples of 10 at ratio 0.8 / 0.9 are where exact arithmetic and the official
+    floating-point count differ (1 - 0.8 = 0.19999999999999996: 19 of 100, not 20)."""
+    assert DyCoke(ratio=ratio).frame_keep(N, 4 * N) == official_frame_keep(ratio, N)
+    assert DyCoke(ratio=0.8).frame_keep(100, 400) == 19 and DyCoke(ratio=0.9).frame_keep(100, 400) == 9
+
+
+@pytest.mark.parametrize("F,N,keep", [(1, 22, 15), (1, 44, 30), (3, 50, 27), (4, 10, 40)])
+def test_dycoke_frame_keep_with_keep_is_exact(F, N, keep):
+    """keep: floor(keep * N / n) in integers, where (keep / n) * N in floating point lands just below."""
+    assert DyCoke(keep=keep).frame_keep(N, F * N) == keep * N // (F * N)
+
+
+@pytest.mark.parametrize("ratio", [0.7, 0.8, 0.9])
+def test_dycoke_on_a_model_keeps_the_official_count_per_frame(ratio):
+    """Qwen2-VL, 5 temporal slices of 10 x 5 = 50 tokens: slices 1, 3 (against 0, 2) and 2 (against 0) keep
+    int((1 - ratio) * 50) tokens each (9 at 0.8, 4 at 0.9), the slow TTM's choice; 0 and 4 stay whole."""
+    import reference as R
+    model, proc = tm.build("qwen2_vl")
+    inputs = tm.video_inputs("qwen2_vl", proc, videos=[tm.random_video(10, 40, 80)])
+    with vtr.patch(model, "dycoke", ratio=ratio) as handle, torch.no_grad():
+        model(**inputs)
+    (span,) = handle.last.layout.rows[0].spans
+    assert span.n == 250
+    E = R.capture_lm_inputs(model, inputs)["embeds"][0, span.positions].view(5, 50, -1)
+    n_keep = official_frame_keep(ratio, 50)
+    assert handle.last.kept[0].tolist() == [span.offset + i for i in slow_ttm(E, n_keep)]
+    assert handle.last.n_kept == [2 * 50 + 3 * n_keep]
+
+
 def test_dycoke_kv_rule():
     """Section 6.2 KV simulator: the first step prunes; a stable step (cos >= 0.9) uses the full cache (official)
     or the previous subset; kept = top floor(n (1 - P)); the state is the request's."""
@@ -572,6 +627,8 @@ def test_dycoke_kv_rule():
     m.select_decode(state, 0, _FakeSpan, a)
     assert sorted(m.select_decode(state, 0, _FakeSpan, a * 1.01).tolist()) == [3, 6]
     assert DyCoke(ratio=0.0).select_decode({}, 0, _FakeSpan, a) is None  # ratio 0: nothing
+    ten = torch.arange(10.0)  # official int(10 * (1 - 0.8)) = int(1.9999999999999996) = 1
+    assert DyCoke(ratio=0.5, kv_ratio=0.8).select_decode({}, 0, _FakeSpan, ten).tolist() == [9]
 
 
 class _FakeSpan:
@@ -607,10 +664,10 @@ def test_dycoke_each_decode_step_equals_attention_restricted_to_its_subset(famil
     _, dense, _ = R.decode_subset_reference(model, lm_inputs, record.index, handle.method.positions, 5, 2, full,
                                          tokens=out.sequences[:, -5:])
     assert (got[:, 1:] - dense[:, 1:]).abs().max() > 1e-4
-    # kept per step: floor(n * (1 - kv_ratio)) of the video's tokens present in the cache
+    # kept per step: int(n * (1 - kv_ratio)) of the video's tokens present in the cache (official arithmetic)
     for b, row in enumerate(record.layout.rows):
         n = len(record.kept[b]) - int(row.spans[0].newline.sum())
-        assert len(record.decode_steps[0][b]) == max(1, math.floor(n * 0.4 + 1e-9))
+        assert len(record.decode_steps[0][b]) == max(1, int(n * (1 - 0.6)))
 
 
 def test_dycoke_state_does_not_leak_between_requests():
@@ -840,7 +897,9 @@ def slow_holitom(E, r, tau, beta=0.6, seed=0, max_window=1024, A=None, context=0
     while i >= 0:
         windows.insert(0, (i - choice[i] + 1, i))
         i -= choice[i]
-    rr = min(r * F * N / (F * N - dp[F - 1]), 1)
+    retain_ratio = r  # official: retain_ratio = min(retain_ratio / ((total_tokens - total_reduced) / total_tokens), 1)
+    total_tokens, total_reduced = F * N, dp[F - 1]
+    rr = min(retain_ratio / ((total_tokens - total_reduced) / total_tokens), 1)
     out = []
     for s, e in windows:
         omega = [n for n in range(N) if e > s and all(sim[t][n] > tau for t in range(s, e))]
@@ -923,6 +982,55 @@ def test_holitom_contextual_share_runs_exactly_on_models(family):
     assert handle.last.kept[0].tolist() != plain.last.kept[0].tolist() or \
         len(handle.last.merged[0].kept) != len(plain.last.merged[0].kept)
     check_against_reference(model, inputs, "holitom", "generate", context_share=0.5)
+
+
+@pytest.mark.parametrize("N,static,r", [(10, 4, 0.3), (5, 2, 0.6), (11, 10, 0.3), (14, 4, 0.6), (15, 10, 0.4),
+                                         (35, 21, 0.1), (30, 20, 0.2)])
+def test_holitom_counts_follow_the_official_float_arithmetic(N, static, r):
+    """Two frames whose first ``static`` locations repeat (one window saving ``static`` tokens): the window keeps
+    round(static * r') merged static tokens and ceil((N - static) * r') dynamic ones per frame, with the official
+    r' = min(r / ((T - saved) / T), 1) and no tolerance; at these sizes r * T / (T - saved) (the order vtr used)
+    rounds one of the counts the other way."""
+    g = torch.Generator().manual_seed(N)
+    first = torch.randn(N, 8, generator=g)
+    E = torch.stack([first, torch.cat([first[:static], -first[static:]])])  # dynamic locations: cosine -1
+    windows = holitom.outer_windows(E, torch.rand(2, N, generator=g), r, 0.8, 0.6, 1024,
+                                    torch.Generator().manual_seed(0))
+    (((s, e), entries),) = windows
+    assert (s, e) == (0, 1)
+    T, saved = 2 * N, static
+    rr = min(r / ((T - saved) / T), 1)
+    merged = sum(1 for _, n, state, _ in entries if state is not None)
+    dynamic = [f for f, n, state, _ in entries if state is None]
+    assert merged == round(static * rr)
+    assert dynamic.count(0) == dynamic.count(1) == math.ceil((N - static) * rr)
+    exact = r * T / (T - saved)  # the other order differs in a count here
+    assert (round(static * exact), math.ceil((N - static) * exact - 1e-9)) != (merged, dynamic.count(0))
+
+
+@pytest.mark.parametrize("ratio,N,static", [(0.9, 15, 10), (0.7, 10, 4), (0.7, 28, 8), (0.85, 15, 3)])
+def test_holitom_ratio_is_the_official_retain_ratio_in_decimal(ratio, N, static):
+    """ratio is 1 - RETAIN_RATIO in decimal: ratio=0.9 is RETAIN_RATIO=0.1, the float 0.1 (1 - 0.9 is
+    0.09999999999999998), ratio=0.7 is 0.3 (not 0.30000000000000004). With the official counts
+    round(static * r') and ceil(dynamic * r') (r' = RETAIN_RATIO / ((T - saved) / T)), these two-frame videos keep
+    another number of tokens than 1 - ratio would."""
+    assert HoliTom(ratio=0.9)._retention(100) == 0.1 and HoliTom(ratio=0.7)._retention(100) == 0.3
+    assert HoliTom(ratio=0.75)._retention(100) == 0.25 and HoliTom(ratio=0.9).nominal_retention == 0.1
+    assert HoliTom(keep=10)._retention(40) == 0.25
+    retain_ratio = {0.9: 0.1, 0.7: 0.3, 0.85: 0.15}[ratio]  # os.environ["RETAIN_RATIO"] as the scripts set it
+    T, saved = 2 * N, static
+    retain = min(retain_ratio / ((T - saved) / T), 1)
+    official = (round(static * retain), math.ceil((N - static) * retain))
+    g = torch.Generator().manual_seed(N)
+    first = torch.randn(N, 8, generator=g)
+    E = torch.stack([first, torch.cat([first[:static], -first[static:]])])
+    (((_, _), entries),) = holitom.outer_windows(E, torch.rand(2, N, generator=g), HoliTom(ratio=ratio)._retention(T),
+                                                 0.8, 0.6, 1024, torch.Generator().manual_seed(0))
+    merged = sum(1 for _, _, state, _ in entries if state is not None)
+    assert (merged, sum(1 for f, _, state, _ in entries if state is None and f == 0)) == official
+    r = 1 - ratio  # the float vtr used: another count
+    old = min(r * T / (T - saved), 1)
+    assert (round(static * old), math.ceil((N - static) * old - 1e-9)) != official
 
 
 def test_holitom_tau_default_and_budgets():

@@ -20,8 +20,14 @@ _PATCH_LOCK = threading.Lock()
 
 
 class Handle:
-    """A patched model. ``handle.last`` reports the most recent prefill; ``remove()`` (or leaving a ``with`` block)
-    restores the model exactly."""
+    """A patched model, returned by ``vtr.patch``. ``handle.last`` reports the most recent prefill; ``remove()`` (or
+    leaving a ``with`` block) restores the model exactly.
+
+    Attributes:
+        model (torch.nn.Module): the patched model.
+        method (Method): the method instance in use, with its model- and depth-dependent defaults resolved (e.g.
+            ``positions``, a multi-stage method's ``layers``).
+    """
 
     def __init__(self, model: torch.nn.Module, method: Method, engine: Engine):
         self.model, self.method, self._engine = model, method, engine
@@ -33,6 +39,7 @@ class Handle:
 
     @property
     def active(self) -> bool:
+        """Whether this handle's patch is still attached (False after ``remove()``)."""
         return _PATCHED.get(self.model) is self
 
     def remove(self) -> None:
@@ -123,6 +130,7 @@ def unpatch(model: torch.nn.Module) -> None:
 
 
 def handle_of(model: torch.nn.Module) -> Handle | None:
+    """The ``Handle`` patching ``model``, or None when it is not patched."""
     return _PATCHED.get(model)
 
 

@@ -13,14 +13,24 @@ import torch
 class VisualSpan:
     """One image or video of one batch row.
 
-    positions: ``[n]`` sequence positions of its tokens in the (padded) row, ascending.
-    grid: ``(frames, rows, cols)`` when the tokens form one raster-ordered grid (frame, then row, then column);
-    None for composite layouts (LLaVA-NeXT base image + high-resolution grid, trailing newline tokens).
-    frame, row, col: ``[n]`` coordinates of each token (frame: video frame or temporal slice; for anyres images 0 is
-    the base image and 1 the high-resolution grid). newline: ``[n]`` True for newline tokens (their ``col`` is the
-    row length). crop: ``[n]`` anyres crop of each token (0 the base image, 1... the tiles, row-major), -1 where
-    unknown. rope_position: ``[n]`` or ``[3, n]`` the RoPE position the model gave each token (1-D or M-RoPE).
-    offset: index of the span's first token in the row's visual numbering (all spans of the row, in order).
+    Attributes:
+        kind (str): ``"image"`` or ``"video"``.
+        index (int): its number among the row's images (or videos), in prompt order.
+        positions (torch.Tensor): ``[n]`` sequence positions of its tokens in the (padded) row, ascending.
+        grid (tuple[int, int, int] | None): ``(frames, rows, cols)`` when the tokens form one raster-ordered grid
+            (frame, then row, then column); None for composite layouts (LLaVA-NeXT base image + high-resolution
+            grid, trailing newline tokens).
+        offset (int): index of the span's first token in the row's visual numbering (all spans of the row, in
+            order).
+        frame (torch.Tensor): ``[n]`` video frame or temporal slice of each token (anyres images: 0 the base image,
+            1 the high-resolution grid).
+        row (torch.Tensor): ``[n]`` grid row of each token.
+        col (torch.Tensor): ``[n]`` grid column of each token (newline tokens: the row length).
+        newline (torch.Tensor): ``[n]`` True for newline tokens.
+        crop (torch.Tensor): ``[n]`` anyres crop of each token (0 the base image, 1... the tiles, row-major), -1
+            where unknown.
+        rope_position (torch.Tensor | None): ``[n]`` or ``[3, n]`` the RoPE position the model gave each token
+            (1-D or M-RoPE).
     """
 
     kind: str
@@ -48,20 +58,30 @@ class VisualSpan:
 
     @property
     def n(self) -> int:
+        """Its number of tokens."""
         return len(self.positions)
 
 
 @dataclass
 class RowLayout:
+    """The visual spans of one batch row.
+
+    Attributes:
+        spans (list[VisualSpan]): its images and videos, in prompt order.
+        length (int): sequence length of the row (padding included).
+    """
+
     spans: list[VisualSpan]
     length: int  # sequence length of the row (padding included)
 
     @property
     def n_visual(self) -> int:
+        """The row's visual tokens (all spans)."""
         return sum(s.n for s in self.spans)
 
     @property
     def visual_positions(self) -> torch.Tensor:
+        """``[n_visual]`` sequence positions of the row's visual tokens, in the row's visual numbering."""
         if not self.spans:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat([s.positions for s in self.spans])
@@ -69,14 +89,22 @@ class RowLayout:
 
 @dataclass
 class TokenLayout:
+    """Where the visual tokens of a batch are (``handle.last.layout``).
+
+    Attributes:
+        rows (list[RowLayout]): per row, its visual spans.
+    """
+
     rows: list[RowLayout]
 
     @property
     def n_visual(self) -> list[int]:
+        """Per row, its visual tokens."""
         return [r.n_visual for r in self.rows]
 
     @property
     def has_visual(self) -> bool:
+        """Whether any row has an image or video."""
         return any(r.spans for r in self.rows)
 
     def visual_mask(self, device=None) -> torch.Tensor:

@@ -10,10 +10,14 @@ from .layout import TokenLayout
 
 @dataclass
 class MergedTokens:
-    """Kept tokens of one row whose embeddings a merging method replaced.
+    """Kept tokens of one row whose embeddings a merging method replaced (one per row in ``PrefillRecord.merged``).
 
-    kept: ``[m]`` their indices in the row's visual numbering. sources: ``m`` tensors: the visual indices merged
-    into each (itself included). embeds: ``[m, D]`` the embeddings the language model received for them."""
+    Attributes:
+        kept (torch.Tensor): ``[m]`` their indices in the row's visual numbering (token indices).
+        sources (list[torch.Tensor]): ``m`` index tensors: the visual indices merged into each (itself included).
+        embeds (torch.Tensor | None): ``[m, D]`` the embeddings the language model received for them (the model's
+            dtype, its hidden size ``D``).
+    """
 
     kept: torch.Tensor
     sources: list = field(default_factory=list)
@@ -29,13 +33,18 @@ class MergedTokens:
 
 @dataclass
 class AddedToken:
-    """A token a merging stage added inside the language model (SparseVLM's recycled cluster means).
+    """A token a merging stage added inside the language model (SparseVLM's recycled cluster means); one per added
+    token of one row in ``StageRecord.added``.
 
-    span: the image or video of its row it belongs to, as the visual index of that span's first token.
-    sources: ``[m]`` the visual indices (the row's visual numbering) merged into it, expanded through earlier added
-    tokens. position: the
-    original prompt position whose RoPE position it takes under ``positions="original"`` (its anchor's). layer: the
-    stage layer it was added before. state: ``[D]`` the hidden state it entered that layer with."""
+    Attributes:
+        span (int): the image or video of its row it belongs to, as the visual index of that span's first token.
+        sources (torch.Tensor): ``[m]`` the visual indices (the row's visual numbering) merged into it, expanded
+            through earlier added tokens.
+        position (int): the original prompt position whose RoPE position it takes under ``positions="original"``
+            (its anchor's).
+        layer (int): the stage layer it was added before (decoder layer index).
+        state (torch.Tensor): ``[D]`` the hidden state it entered that layer with.
+    """
 
     span: int
     sources: torch.Tensor
@@ -46,17 +55,22 @@ class AddedToken:
 
 @dataclass
 class StageRecord:
-    """One pruning stage of one prefill.
+    """One pruning stage of one prefill (``PrefillRecord.stages``, in order).
 
-    n_visual: per row, visual tokens present when the stage ran.
-    kept: per row, ascending indices (in the row's visual numbering: all images of the row, in order) of the visual
-    tokens still present after the stage.
-    length: sequence length (padding included) the following layers run on.
-    index: ``[B, length]`` the original prompt position of each slot the following layers run on (as
-    ``PrefillRecord.index``).
-    merged: per row, the kept tokens a merging method gave new embeddings (None when the method merged nothing).
-    added: per row, the tokens merging stages inside the language model added (SparseVLM's recycled cluster
-    tokens) that are present after this stage, in sequence order; None when there are none.
+    Attributes:
+        stage (str): where it ran: ``"vision"``, ``"pre_llm"`` or ``"layer"`` (``vtr.Stage`` values).
+        layer (int): the first decoder layer that runs on its result (0 for stages before the language model).
+        n_visual (list[int]): per row: visual tokens present when the stage ran (count).
+        kept (list[torch.Tensor]): per row: ascending indices (in the row's visual numbering: all images of the
+            row, in order) of the visual tokens still present after the stage.
+        length (int): whole batch: sequence length (padding included) the following layers run on (slots).
+        merged (list[MergedTokens] | None): per row: the kept tokens a merging method gave new embeddings (None
+            when the method merged nothing).
+        added (list[list[AddedToken]] | None): per row: the tokens merging stages inside the language model added
+            (SparseVLM's recycled cluster tokens) that are present after this stage, in sequence order; None when
+            there are none.
+        index (torch.Tensor | None): ``[B, length]`` whole batch: the original prompt position of each slot the
+            following layers run on (as ``PrefillRecord.index``).
     """
 
     stage: str
@@ -77,18 +91,37 @@ class StageRecord:
 
 @dataclass
 class PrefillRecord:
-    """What the most recent prefill did, per batch row.
+    """What the most recent prefill did (``handle.last``). Per-row fields have one entry per batch row, in batch
+    order; token counts and indices count visual tokens in the row's visual numbering (all images and videos of the
+    row, in prompt order). The properties below (``kept``, ``n_kept``, ``merged``, retentions, layer averages) are
+    derived from these fields.
 
-    n_visual: visual tokens before pruning. kept: the indices of each row's own visual tokens after the last stage;
-    n_kept: how many visual tokens the language model runs on then (added tokens included). stages: every stage
-    in order.
-    selection_seconds: wall time spent computing scores and choosing tokens (device synchronised).
-    index: ``[B, L']`` the original prompt position of every slot of the pruned sequence the model ran on (-1 for
-    padding slots vtr added), or None when nothing was pruned. Use it to map a plain forward's logits back.
-    Slots of tokens a merging stage added inside the language model hold ``-2 - a`` (``a``: the added token's
-    number in its row).
-    layout: where the visual tokens were (see ``vtr.layout``).
-    n_layers: decoder layers of the model (for ``visual_per_layer`` and ``layer_average``).
+    Attributes:
+        n_visual (list[int]): per row: visual tokens before pruning (count).
+        stages (list[StageRecord]): every stage of this prefill, in order.
+        selection_seconds (float): whole batch: wall time spent computing scores and choosing tokens, device
+            synchronised (seconds).
+        index (torch.Tensor | None): ``[B, L']`` whole batch: the original prompt position of every slot of the
+            pruned sequence the model ran on (-1 for padding slots vtr added), or None when nothing was pruned. Use
+            it to map a plain forward's logits back. Slots of tokens a merging stage added inside the language
+            model hold ``-2 - a`` (``a``: the added token's number in its row).
+        layout (TokenLayout | None): per row (``layout.rows``): where the visual tokens were: each image's or
+            video's token positions, frame, row, column, newline flag, anyres crop and RoPE position (see
+            ``vtr.layout``).
+        n_layers (int): decoder layers of the model (for ``visual_per_layer`` and ``layer_average``).
+        vision_tokens (dict | None): vision stage only (FlowCut), whole batch: vision layer -> ``[C, W]`` the
+            original token index ([CLS] = 0, -1 padding) of each tower input's tokens after that layer pruned
+            (inputs in the tower's batch order: images, LLaVA-NeXT crops); Qwen-VL towers: block -> ``[1, S']`` the
+            original row (the call's images packed in order; Qwen2.5-VL: window order) of every kept row, whole
+            2x2 merge units. None for other methods.
+        nominal_retention (float | None): the fraction of visual tokens the method's budget names (``1 - ratio``
+            for most methods; None for ``keep``), beside what really happened (``input_retention``,
+            ``layer_retention``).
+        decode_steps (list): methods with a ``kv_cache`` stage (DyCoke): one entry per single-token decoding step
+            of this request, each a per-row list: the candidate visual tokens (row's visual numbering, ascending)
+            that layers >= L attended to at that step, or None where they attended to all of them. Tokens that are
+            never candidates (LLaVA-NeXT / OneVision row newlines) are always attended and not listed. Empty for
+            other methods.
     """
 
     n_visual: list[int]
@@ -97,20 +130,9 @@ class PrefillRecord:
     index: torch.Tensor | None = None
     layout: TokenLayout | None = field(default=None, repr=False)
     n_layers: int = 0
-    # vision stage: vision layer -> [C, W] the original token index ([CLS] = 0, -1 padding) of each tower input's
-    # tokens after that layer pruned (inputs in the tower's batch order: images, LLaVA-NeXT crops); Qwen-VL towers:
-    # block -> [1, S'] the original row (the call's images packed in order; Qwen2.5-VL: window order) of every kept
-    # row, whole 2x2 merge units
     vision_tokens: dict | None = field(default=None, repr=False)
     nominal_retention: float | None = None
     decode_steps: list = field(default_factory=list)
-
-    # decode_steps: methods with a ``kv_cache`` stage (DyCoke): one entry per single-token decoding step of this
-    # request, per row the candidate visual tokens (row's visual numbering, ascending) that layers >= L attended
-    # to at that step, or None where they attended to all of them. Tokens that are never candidates (the
-    # LLaVA-NeXT / OneVision row newlines) are always attended and not listed.
-    # nominal_retention: the fraction of visual tokens the method's budget names (``1 - ratio`` for most
-    # methods), beside what really happened (``input_retention``, ``layer_retention``).
 
     @property
     def input_retention(self) -> list[float]:
@@ -125,7 +147,8 @@ class PrefillRecord:
         return [a / n if n else 1.0 for a, n in zip(self.layer_average, self.n_visual)]
 
     def visual_per_layer(self) -> list[list[int]]:
-        """Per row, the visual tokens entering each decoder layer (``n_layers`` counts; merged tokens included)."""
+        """Per row, the visual tokens entering each decoder layer (``n_layers`` counts; merged and added tokens
+        included)."""
         rows = []
         for b, n in enumerate(self.n_visual):
             counts = [n] * self.n_layers
@@ -142,6 +165,8 @@ class PrefillRecord:
 
     @property
     def kept(self) -> list[torch.Tensor]:
+        """Per row, ascending indices (row's visual numbering) of the row's own visual tokens present after the last
+        stage (every token when nothing was pruned)."""
         if self.stages:
             return self.stages[-1].kept
         return [torch.arange(n) for n in self.n_visual]

@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cli.check_names(parser, methods=[m for m in args.methods.split(",") if m])
     from ..methods import REGISTRY
     methods = [m for m in args.methods.split(",") if m] or sorted(REGISTRY)
     kept = tuple(float(k) for k in args.kept.split(",") if k)

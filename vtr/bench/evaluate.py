@@ -186,10 +186,14 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     cli.refuse_without_processor(parser, args.model)
     say = (lambda *a: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    methods = [m for m in args.methods.split(",") if m]
+    cli.check_names(parser, args.model, methods, files={"--data": args.data})
     records = load_records(args.data)
+    missing = [r[k] for r in records for k in ("image", "video") if k in r and not Path(r[k]).is_file()]
+    if missing:
+        parser.error(f"{args.data}: {len(missing)} missing file(s), e.g. {missing[0]}")
     budgets = ([{"keep": int(k)} for k in args.keep.split(",") if k] or
                [{"ratio": float(r)} for r in args.ratios.split(",") if r])
-    methods = [m for m in args.methods.split(",") if m]
     say("loading torch and transformers ...")
     from ..methods import lookup
     from . import models

@@ -79,6 +79,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     cli.refuse_without_processor(parser, args.model)
+    cli.check_names(parser, args.model, [args.method], files={"--image": args.image})
     print("loading torch and transformers ...", file=sys.stderr, flush=True)
     import torch
 

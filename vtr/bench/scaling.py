@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     say = (lambda *a: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    cli.check_names(parser, args.model, [m for m in args.methods.split(",") if m])
     from ..methods.registry import REGISTRY
     from . import models
     from .synthetic import Widths, measure

@@ -9,7 +9,8 @@ Per configuration it reports time to first token (the prefill forward: vision en
 token), its vision / LLM split, selection time, decode tokens/s over the pruned cache, peak memory, KV-cache size,
 estimated LLM prefill FLOPs and kept tokens per stage; every method also as ratios to the dense model and to the
 ideal. Medians over repeats; CUDA events after warm-up on GPU, perf_counter on CPU. Writes
-<out>/speed-<model>-<time>.json (hardware, versions, settings, every figure) and a .png of the same name.
+<out>/speed-<model>-<YYYYmmdd-HHMMSS>.json (hardware, versions, settings, every figure) and a .png of the same
+name (the PNG needs matplotlib: the bench extra).
 """
 from __future__ import annotations
 
@@ -118,6 +119,9 @@ def run(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     say = (lambda *a: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    # names and files first: a typo costs no torch import and no model build
+    cli.check_names(parser, args.model, [m for m in args.methods.split(",") if m],
+                    dict(_parse_option(s) for s in args.set), {"--image": args.image})
     say("loading torch and transformers ...")
     import torch
 
@@ -213,6 +217,9 @@ def _measure(parser, args, device, say) -> dict:
     print(format_table(rows))
     print(TABLE_LEGEND)
     print(f"wrote {json_path}" + (f" and {png}" if png else "") + f" ({result['wall_seconds']} s)")
+    if png is None and not args.no_plot:
+        print("skipped the PNG: matplotlib is not installed (pip install matplotlib, or the bench extra)",
+              file=sys.stderr)
     return result
 
 

@@ -80,7 +80,8 @@ class KVCacheStage:
         if valid.shape[1] != keys.shape[2]:
             raise RuntimeError(f"vtr: layer {L - 1}'s cache holds {keys.shape[2]} tokens, the request stands for "
                                f"{valid.shape[1]}")
-        scores = kernels.attention_scores(q, keys, valid, compat.attention_scaling(module), "mean")[:, 0]
+        dtype = q.dtype if self.method.score_dtype == "model" else torch.float32
+        scores = kernels.attention_scores(q, keys, valid, compat.attention_scaling(module), "mean", dtype=dtype)[:, 0]
         layout = request.layout_at(L)
         keep = layout.mask2d.clone()
         steps, dropped_any = [], False

@@ -4,12 +4,21 @@ Model args starting with ``vtr_`` configure vtr and are removed before the stock
 ``vtr_method`` (default dart), ``vtr_ratio`` or ``vtr_keep``, any method option as ``vtr_<option>`` (e.g.
 ``vtr_layer=2``), and ``vtr_log`` (a JSONL path receiving one line per sample: prefill seconds, visual tokens
 before and after, selection seconds). Generation tasks only: ``loglikelihood`` raises ``NotImplementedError``.
+
+Device: without ``device`` in the model args the wrappers take the device the machine has (``cuda`` when torch sees
+a GPU, else ``cpu``, with ``device_map`` to match; the stock wrappers default to ``cuda``); ``device=cpu`` works,
+also beside lmms-eval's own ``--device`` (the model args win). A failure while loading the model, patching it or
+answering is raised; under the ``lmms-eval`` command, which logs an evaluation's exception and still exits 0, the
+wrappers print it and exit with status 1 instead, so that a scripted sweep sees it.
 """
 from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import json
+import sys
+from pathlib import Path
 
 import vtr
 from vtr.bench.recorder import PrefillRecorder
@@ -29,6 +38,37 @@ def split_vtr_args(kwargs: dict) -> tuple[dict, dict]:
                 pass
         settings[key[4:]] = value
     return settings, kwargs
+
+
+def under_lmms_eval_command() -> bool:
+    """Whether this process is the ``lmms-eval`` command (``lmms-eval ...`` or ``python -m lmms_eval ...``), whose
+    evaluation loop logs exceptions and exits 0."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    return (spec is not None and spec.name == "lmms_eval.__main__") or Path(sys.argv[0]).name == "lmms-eval"
+
+
+def fail_loudly(what: str, error: Exception):
+    """Re-raise ``error``; under the ``lmms-eval`` command print it and exit with status 1 (a ``SystemExit``, which
+    its ``except Exception`` does not swallow)."""
+    if not under_lmms_eval_command():
+        raise error
+    print(f"\nvtr: the evaluation failed while {what}: {type(error).__name__}: {error}\n", file=sys.stderr,
+          flush=True)
+    raise SystemExit(1) from error
+
+
+def device_args(kwargs: dict, base) -> dict:
+    """The stock wrapper's keyword arguments with ``device`` (and ``device_map``, which the stock wrappers default to
+    ``cuda`` or ``auto``) set to the device this machine has, unless given."""
+    params = inspect.signature(base.__init__).parameters
+    kwargs = dict(kwargs)
+    if "device" in params and kwargs.get("device") is None:
+        import torch
+        kwargs["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if "device_map" in params and not kwargs.get("device_map") and str(kwargs.get("device")).startswith("cpu"):
+        kwargs["device_map"] = "cpu"
+    return kwargs
 
 
 class VtrMixin:
@@ -57,6 +97,8 @@ class VtrMixin:
     def generate_until(self, requests):
         try:
             return super().generate_until(requests)
+        except Exception as error:  # noqa: BLE001 - re-raised (or an exit status under the lmms-eval command)
+            fail_loudly("answering", error)
         finally:
             self.vtr_flush()
 
@@ -78,10 +120,26 @@ def _make(cls_name: str):
 
                 def __init__(self, **kwargs):
                     settings, kwargs = split_vtr_args(dict(kwargs))
-                    base.__init__(self, **kwargs)
-                    self._vtr_setup(settings)
+                    try:
+                        base.__init__(self, **device_args(kwargs, base))
+                    except Exception as error:  # noqa: BLE001 - re-raised, see fail_loudly
+                        fail_loudly(f"loading the model ({stock})", error)
+                    try:
+                        self._vtr_setup(settings)
+                    except Exception as error:  # noqa: BLE001
+                        fail_loudly("patching the model with vtr", error)
+
+                @classmethod
+                def create_from_arg_string(cls, arg_string, additional_config=None):
+                    # lmms-eval passes its --device (and batch size) beside the model args; a key in both would be
+                    # "multiple values for keyword argument": the model args win
+                    from lmms_eval import utils
+                    args = utils.simple_parse_args_string(arg_string)
+                    extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in args}
+                    return cls(**args, **extra)
 
                 return type(cls_name, (VtrMixin, base), {"__init__": __init__, "__module__": __name__,
+                                                         "create_from_arg_string": create_from_arg_string,
                                                          "__doc__": f"lmms-eval's {kind} {stock} patched by vtr."})
     raise AttributeError(cls_name)
 

@@ -1,5 +1,5 @@
 """The registered pruning methods. Adding one: a file here with a registered ``Method`` dataclass, one import line
-below, and its row in the README table; the test matrix picks it up from the registry."""
+below, and a CHANGELOG line; the test matrices and the docs pick it up from the registry."""
 from .base import Merge, Method, Stage, StageSpec
 from .cdpruner import CDPruner
 from .dart import DART

@@ -101,7 +101,10 @@ class Method:
 
     score_dtype: ``"float32"`` (default: scores, norms and similarities in fp32 whatever the model dtype) or
     ``"model"`` (in the model's dtype, as the official code computes them, so a paper's bf16 run can be reproduced
-    token for token: in bf16 many scores tie and fp32 breaks those ties differently).
+    token for token: in bf16 many scores tie and fp32 breaks those ties differently). Attention scores take the
+    softmax itself in fp32 and cast it, as eager attention does; merges (averages of kept states) stay fp32 and
+    DPC-KNN clustering fp64 whatever the option. Methods that compute no scores (``random``, ``uniform``) refuse
+    ``"model"``.
 
     Keep count: at least one token per image (per tile under ``scope="crop"``) whatever the ratio, unless the
     method's own rule says otherwise; each method's docstring gives its rule.
@@ -139,16 +142,31 @@ class Method:
     needs_whole_prompt: ClassVar[bool] = False
     # the option that sets the decoder layer(s) a layer or kv_cache stage starts at, named in range errors
     layer_option: ClassVar[str] = "layer"
+    # Whether the selection computes scores or similarities (``score_dtype`` applies); the baselines that read only
+    # the layout or a seed refuse ``score_dtype="model"``.
+    computes_scores: ClassVar[bool] = True
 
     ratio: float | None = None
+    """Fraction of each image's (or video's) visual tokens removed, in [0, 1); 0 keeps every token. Give exactly one
+    of ratio and keep."""
     keep: int | None = None
+    """Visual tokens kept per image or video (>= 1), instead of ratio; the method's keep-count rule turns it into its
+    exact count."""
     positions: str | None = None
+    """RoPE position policy of the kept tokens: "original", "compact" or "span_prefix" (stages before the language
+    model only); None takes the method's official default (original on M-RoPE models)."""
     # ``layer`` stages: also cut the KV caches of the layers before this one down to the stage's kept tokens once
     # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
     # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
     slice_earlier: bool = False
+    """Layer stages: also cut the KV caches of the layers before the stage to its kept tokens once the prefill has
+    filled them, so decoding attends to the kept tokens only (PruneVid's behaviour)."""
     scope: str = "image"
+    """Budget unit: "image" (one budget per image or video) or "crop" (one per LLaVA-NeXT anyres tile plus one for
+    the base image)."""
     score_dtype: str = "float32"
+    """Precision of scores, norms and similarities: "float32", or "model" (the model's dtype, as the official code
+    computes them: reproduces a bf16 run token for token)."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # numpy scalars (np.float32, np.int64) as the Python numbers they hold
@@ -171,6 +189,8 @@ class Method:
             raise ValueError(f"{self.name}: scope must be 'image' or 'crop', got {self.scope!r}")
         if self.score_dtype not in SCORE_DTYPES:
             raise ValueError(f"{self.name}: score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
+        if self.score_dtype == "model" and not self.computes_scores:
+            raise ValueError(f"{self.name}: score_dtype='model' does not apply: {self.name} computes no scores")
         self._check_options()
 
     def _check_options(self) -> None:

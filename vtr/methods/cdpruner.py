@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -9,6 +10,9 @@ import torch
 from ..kernels.reference import BLOCK_ROWS, row_blocks, row_products
 from .base import Method, Stage
 from .registry import register
+
+KERNELS = ("paper", "openvino")
+OPENVINO_EPS = 1e-6  # OpenVINO GenAI's Config::numerical_threshold
 
 
 @register
@@ -36,16 +40,29 @@ class CDPruner(Method):
         between each projected visual token and the mean of the language model's input embeddings over the row's
         text tokens (the whole prompt outside the visual spans and their delimiters).
 
-    ``relevance_weight`` (OpenVINO GenAI's knob, in [0, 1]): 1 (default) is the paper's kernel above; 0 ignores
-    relevance (pure diversity); in between the kernel uses ``exp(a * r)`` with ``a = w / (2 (1 - w))``, the
-    quality weighting of the DPP literature, as OpenVINO GenAI's reference kernel does. ``split_threshold``
-    (OpenVINO GenAI's ``CDPRUNER_SPLIT_THRESHOLD``; 0 = off, the default and the paper's algorithm): an image with
-    more candidates splits them in token order into two halves, each with its own relevance normalisation, kernel
-    and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token counts (the DPP costs ``O(N T^2)``).
+    ``kernel`` and ``relevance_weight`` ``w`` (OpenVINO GenAI's knob, in [0, 1]):
+      * ``"paper"`` (default): ``w = 1`` (default) is the paper's kernel above; 0 ignores relevance (pure
+        diversity); in between the kernel is ``diag(q) S diag(q)`` with ``q = exp(a * r)``, ``a = w / (2 (1 -
+        w))``, the quality weighting of the DPP literature (OpenVINO GenAI's fallback path, which it takes only
+        when its compiled graph fails, ``conditional_kernel.cpp: compute_conditional_kernel_normal``).
+      * ``"openvino"``: OpenVINO GenAI's default, its compiled graph (``conditional_kernel.cpp:
+        create_conditional_kernel_model``, on every device): tokens and text L2-normalised as ``x / sqrt(|x|^2 +
+        1e-6)``, relevance min-max normalised as ``(r - min) / (max - min + 1e-6)``, kernel ``(1 - w) S + w
+        diag(r) S diag(r)``, ``w`` 0.5 by default (OpenVINO's), and keep counts rounded half away from zero
+        (``std::round``). With ``split_threshold=1`` (OpenVINO's default, below) and the ``"embeddings"``
+        relevance this is OpenVINO GenAI's default CDPruner on Qwen-VL images, one image (vision region) at a
+        time as it prunes them.
 
-    Keep count per image: ``round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (official:
-    ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models, ``original`` on M-RoPE (as every pre-LLM
-    method). Images only (OpenVINO GenAI prunes no Qwen-VL videos either).
+    ``split_threshold`` (OpenVINO GenAI's ``CDPRUNER_SPLIT_THRESHOLD``; 0 = off, the default with ``kernel=
+    "paper"`` and the paper's algorithm; 1, OpenVINO's default, with ``kernel="openvino"``): an image with more
+    candidates splits them in token order into two halves, each with its own relevance normalisation (under
+    ``scope="crop"``: the image's), kernel and DPP, keeping ``T // 2`` and ``T - T // 2`` tokens; for large token
+    counts (the DPP costs ``O(N T^2)``).
+
+    Keep count per image: ``round(n * (1 - ratio))`` (``kernel="openvino"``: halves rounded away from zero) or
+    ``min(keep, n)``, at least 1 (official: ``visual_token_num``). Positions: ``compact`` on 1-D RoPE models,
+    ``original`` on M-RoPE (as every pre-LLM method). Images only (OpenVINO GenAI prunes Qwen2-VL images only; on
+    Qwen3-VL it also prunes videos, which vtr does not).
 
     Deliberate differences from the official code:
       * the instruction (``"clip"``): the official evaluation passes the benchmark question (answer-format suffix
@@ -54,17 +71,24 @@ class CDPruner(Method):
         needs text;
       * relevance is normalised per image (official: over all images of the batch at once, which would make a
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
-      * features are normalised in fp32 (official: in the model dtype, then cast to fp32);
-      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held (``ConditionalKernel``
-        serves a row per pick); the greedy DPP's own Cholesky rows remain, O(N T) (``greedy_dpp``; a failed
-        allocation raises a ``MemoryError`` naming ``split_threshold``); the same picks unless gains differ only in
-        their last bits (past the kernel's rank they are rounding noise in any implementation);
-      * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget per image
-        (``scope="crop"``: per tile, as the official per-crop budget);
-      * against OpenVINO GenAI (``"embeddings"``): the paper's min-max formula (OpenVINO: ``(r - min) / (max - min +
-        1e-6)``); the exact keep count (OpenVINO rounds it up to an even number for its OpenCL kernel); the
-        ``exp`` kernel for ``0 < relevance_weight < 1`` (OpenVINO's CPU path; its compiled-graph path blends the
-        two kernels linearly instead); per image (OpenVINO: all images of a prompt at once).
+      * features are normalised in fp32 (official: in the model dtype, then cast to fp32, as ``score_dtype="model"``
+        does; the relevance likewise in the model dtype; the similarities and the DPP are fp32 either way);
+      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held
+        (``ConditionalKernel``, ``BlendedKernel`` serve a row per pick); the greedy DPP's own Cholesky rows remain,
+        O(N T) (``greedy_dpp``; a failed allocation raises a ``MemoryError`` naming ``split_threshold``); the same
+        picks unless gains differ only in their last bits (past the kernel's rank they are rounding noise in any
+        implementation);
+      * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget and one DPP per
+        image (``scope="crop"``: one DPP per tile with its own budget, as the official per-crop budget, on relevance
+        min-max normalised over all tiles of the image, as the official code normalises over every crop it
+        encodes; the normalisation covers the tokens unpadding keeps, the official one also the padding patches
+        it removes afterwards);
+      * against OpenVINO GenAI (``"embeddings"``; ``openvinotoolkit/openvino.genai``, ``src/cpp/src/
+        visual_language/cdpruner/`` and ``vision_token_pruning_processor.cpp: execute``): ``kernel="paper"`` is
+        the paper's kernel and min-max formula, not OpenVINO's default graph (``kernel="openvino"``); the exact keep
+        count (OpenVINO's OpenCL DPP rounds it up to an even number; its CPU loop does not); no text (a prompt of
+        only an image) gives uniform relevance with ``"paper"`` and zero relevance with ``"openvino"`` (OpenVINO's
+        zero text embedding); batched (OpenVINO: batch 1).
     """
 
     name: ClassVar[str] = "cdpruner"
@@ -73,15 +97,42 @@ class CDPruner(Method):
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs_whole_prompt: ClassVar[bool] = True
     relevance: str = "auto"
-    relevance_weight: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
-    split_threshold: int = field(default=0, metadata={"min": 0})
+    """Relevance to the instruction: "clip" (the official CLIP text tower; LLaVA-1.5 / NeXT), "embeddings" (mean of
+    the language model's input embeddings over the prompt's text, OpenVINO GenAI's Qwen-VL substitute) or "auto"
+    (clip where the model has a CLIP tower, else embeddings)."""
+    kernel: str = "paper"
+    """"paper": the official kernel diag(r) S diag(r); "openvino": OpenVINO GenAI's default compiled graph,
+    (1 - w) S + w diag(r) S diag(r) with its normalisations and rounding."""
+    relevance_weight: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
+    """OpenVINO GenAI's relevance weight w (1 is the paper's kernel, 0 is diversity only); None: 1 with
+    kernel="paper", 0.5 (OpenVINO GenAI's default) with kernel="openvino"."""
+    split_threshold: int | None = field(default=None, metadata={"min": 0})
+    """OpenVINO GenAI's CDPRUNER_SPLIT_THRESHOLD: images with more tokens than this are split into two halves, each
+    with its own DPP; 0 turns the split off. None: 0 with kernel="paper", 1 (OpenVINO GenAI's default) with
+    kernel="openvino"."""
     clip: str = "openai/clip-vit-large-patch14-336"
+    """The CLIP checkpoint whose text tower scores relevance (relevance="clip"), loaded at patch time."""
     tokenizer: str = ""
+    """The language model's tokenizer used to read the instruction back from each prompt (relevance="clip"), loaded
+    at patch time; "" takes the model's own checkpoint."""
 
     def __post_init__(self):
         super().__post_init__()
         if self.relevance not in ("auto", "clip", "embeddings"):
             raise ValueError(f"cdpruner: relevance must be 'auto', 'clip' or 'embeddings', got {self.relevance!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"cdpruner: kernel must be one of {KERNELS}, got {self.kernel!r}")
+        openvino = self.kernel == "openvino"
+        if self.relevance_weight is None:
+            self.relevance_weight = 0.5 if openvino else 1.0
+        if self.split_threshold is None:
+            self.split_threshold = 1 if openvino else 0
+
+    def budget(self, n: int) -> int:
+        if self.kernel != "openvino" or self.ratio is None or self.ratio == 0:
+            return super().budget(n)
+        kept = n * (1 - self.ratio)  # OpenVINO: std::round, halves away from zero
+        return min(n, max(1, math.floor(kept) + (1 if kept - math.floor(kept) >= 0.5 else 0)))
 
     @property
     def needs(self) -> frozenset:
@@ -100,32 +151,78 @@ class CDPruner(Method):
         return method
 
     def select(self, ctx, row, span, budget):
-        features = torch.nn.functional.normalize(ctx.hidden[row, span.slots].float(), dim=-1)
-        if self.relevance == "clip":
-            text = ctx.instruction_embeddings(row, span)
-            image = ctx.clip_image_embeddings(row, span) if text is not None else None
-            negate = True
+        # official: normalised in the model dtype, then cast to fp32 (score_dtype="model"); similarities in fp32
+        features = self._unit(ctx.hidden[row, span.slots].to(ctx.score_dtype)).float()
+        relevance = raw = None
+        if self.scope == "crop":  # one DPP per tile, relevance min-max normalised over all tiles (official)
+            ids, image = ctx.cached(("cdpruner", row, span.span.offset), lambda: self._image_relevance(ctx, row, span))
+            if image is not None:
+                relevance = image[torch.searchsorted(ids, span.ids.to(ids.device))]
         else:
-            text = ctx.prompt_text_embedding(row)
-            text = text[None] if text is not None else None
-            image, negate = features, False
+            raw = self._raw_relevance(ctx, row, span, features)
         if self.split_threshold and len(span) > self.split_threshold:
             half = len(span) // 2
-            first = self._select(features[:half], image[:half] if image is not None else None, text, negate,
-                                 budget // 2)
-            second = self._select(features[half:], image[half:] if image is not None else None, text, negate,
+            first = self._select(features[:half], _part(relevance, 0, half), _part(raw, 0, half), budget // 2)
+            second = self._select(features[half:], _part(relevance, half, None), _part(raw, half, None),
                                   budget - budget // 2)
             return torch.cat([first, second + half])
-        return self._select(features, image, text, negate, budget)
+        return self._select(features, relevance, raw, budget)
 
-    def _select(self, features, image, text, negate, budget):
-        relevance = torch.ones(len(features), device=features.device)
-        if text is not None:
-            relevance = instruction_relevance(torch.nn.functional.normalize(image.float(), dim=-1),
-                                              torch.nn.functional.normalize(text.float(), dim=-1), negate)
+    def _raw_relevance(self, ctx, row, tokens, features=None) -> torch.Tensor | None:
+        """``[c]``: the tokens' relevance to the instruction before min-max normalisation (None without text), in
+        ``score_dtype`` (official: the towers' dtype). ``features``: the tokens' unit features when at hand (the
+        ``"embeddings"`` relevance reuses them, as OpenVINO's graph does)."""
+        dtype = ctx.score_dtype
+        if self.relevance == "clip":
+            text = ctx.instruction_embeddings(row, tokens)
+            if text is None:
+                return None
+            return mean_similarity(self._unit(ctx.clip_image_embeddings(row, tokens).to(dtype)),
+                                   self._unit(text.to(dtype)), negate=True)
+        text = ctx.prompt_text_embedding(row)
+        if text is None:
+            return None
+        image = features.to(dtype) if features is not None else self._unit(ctx.hidden[row, tokens.slots].to(dtype))
+        return mean_similarity(image, self._unit(text[None].to(dtype)), negate=False)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of ``x`` L2-normalised: ``x / |x|`` (paper), ``x / sqrt(|x|^2 + 1e-6)`` (OpenVINO's NormalizeL2)."""
+        if self.kernel == "openvino":
+            return x / torch.sqrt((x * x).sum(-1, keepdim=True) + OPENVINO_EPS)
+        return torch.nn.functional.normalize(x, dim=-1)
+
+    def _minmax(self, raw: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "openvino":  # OpenVINO's create_min_max_normalize_ops
+            return (raw - raw.min()) / (raw.max() - raw.min() + OPENVINO_EPS)
+        return minmax(raw)
+
+    def _image_relevance(self, ctx, row, tile):
+        """(ascending span ids ``[c]``, relevance ``[c]`` or None) over every candidate of ``tile``'s image."""
+        present = ctx.present(row, tile.span)
+        whole = present.subset(ctx.eligible(present))
+        raw = self._raw_relevance(ctx, row, whole)
+        return whole.ids, (self._minmax(raw).float() if raw is not None else None)
+
+    def _select(self, features, relevance, raw, budget):
+        """One DPP over unit ``features`` ``[c, D]``, with relevance already normalised (``relevance``) or
+        normalised over these tokens (``raw``), or uniform when both are None."""
+        openvino = self.kernel == "openvino"
+        if relevance is None and raw is not None:
+            relevance = self._minmax(raw).float()
+        if relevance is None:  # no text: uniform (paper), OpenVINO's zero text embedding gives zero relevance
+            relevance = (torch.zeros if openvino else torch.ones)(len(features), device=features.device)
         if len(features) <= BLOCK_ROWS:  # an image: the dense kernel is one block, computed as the official code
-            return greedy_dpp(conditional_kernel(features @ features.T, relevance, self.relevance_weight), budget)
+            similarity = features @ features.T
+            if openvino:
+                return greedy_dpp(blended_kernel(similarity, relevance, self.relevance_weight), budget)
+            return greedy_dpp(conditional_kernel(similarity, relevance, self.relevance_weight), budget)
+        if openvino:
+            return greedy_dpp(BlendedKernel(features, relevance, self.relevance_weight), budget)
         return greedy_dpp(ConditionalKernel(features, quality(relevance, self.relevance_weight)), budget)
+
+
+def _part(values, start, stop):
+    return values[start:stop] if values is not None else None
 
 
 def quality(relevance: torch.Tensor, weight: float) -> torch.Tensor:
@@ -143,6 +240,35 @@ def conditional_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight
     with ``q = quality(relevance, weight)``. The dense form (tests); selection uses ``ConditionalKernel``."""
     q = quality(relevance, weight)
     return q[:, None] * similarity * q[None, :]
+
+
+def blended_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight: float) -> torch.Tensor:
+    """``[N, N]`` OpenVINO GenAI's default kernel ``(1 - w) S + w diag(r) S diag(r)``, in its graph's order
+    (fp32 constants ``w`` and ``1 - w`` as its C++ computes them)."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    conditional = (relevance[:, None] * similarity) * relevance[None, :]
+    return similarity * (1 - w).to(similarity) + conditional * w.to(similarity)
+
+
+class BlendedKernel:
+    """``blended_kernel`` of unit features ``F: [N, C]`` served a row at a time (``ConditionalKernel``'s memory
+    bound) above ``BLOCK_ROWS`` tokens: ``K_ij = S_ij ((1 - w) + w r_i r_j)``, up to the last bit."""
+
+    def __init__(self, features: torch.Tensor, relevance: torch.Tensor, weight: float):
+        self.features, self.relevance, self.n = features, relevance, features.shape[0]
+        w = torch.tensor(weight, dtype=torch.float32)
+        self.keep, self.weight = (1 - w).to(features), w.to(features)
+
+    def diagonal(self) -> torch.Tensor:
+        f, r = self.features, self.relevance
+        diag = torch.empty(self.n, dtype=f.dtype, device=f.device)
+        for start, stop in row_blocks(self.n):
+            diag[start:stop] = torch.diagonal(row_products(f[start:stop], f)[:, start:stop])
+        return diag * self.keep + ((r * diag) * r) * self.weight
+
+    def row(self, j: int) -> torch.Tensor:
+        s = self.features @ self.features[j]
+        return s * self.keep + ((self.relevance[j] * s) * self.relevance) * self.weight
 
 
 class ConditionalKernel:
@@ -182,15 +308,20 @@ class _DenseKernel:
         return self.kernel[j]
 
 
-def instruction_relevance(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
+def mean_similarity(image: torch.Tensor, text: torch.Tensor, negate: bool = True) -> torch.Tensor:
     """``[c]``: the mean cosine similarity of each unit image embedding ``[c, C]`` to the unit text embeddings
-    ``[M, C]`` (negated for CLIP features, the authors' choice), min-max normalised (all ones when constant)."""
+    ``[M, C]``, negated for CLIP features (the authors' choice)."""
     relevance = (image @ text.to(image.device).T).mean(-1)
-    relevance = -relevance if negate else relevance
+    return -relevance if negate else relevance
+
+
+def minmax(relevance: torch.Tensor) -> torch.Tensor:
+    """CDPruner's min-max normalisation ``(r - min + 1e-6) / (max - min)``; all ones when ``r`` is constant."""
     spread = relevance.max() - relevance.min()
     if not bool(spread > 0):
         return torch.ones_like(relevance)
     return (relevance - relevance.min() + 1e-6) / spread
+
 
 
 def greedy_dpp(kernel, k: int) -> torch.Tensor:

@@ -55,8 +55,12 @@ class DART(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
     layer: int = 2  # range checked at patch time, against the model's depth
+    """K: tokens are removed before decoder layer K; pivots come from layer K-1's keys. In [1, decoder layers - 1],
+    checked at patch time."""
     pivot_image_tokens: int = field(default=4, metadata={"min": 1})
+    """Image pivots per image: the image tokens with the largest L1 key norms."""
     pivot_text_tokens: int = field(default=4, metadata={"min": 0})
+    """Text pivots: the text tokens after the image with the largest L1 key norms (fewer when the text is shorter)."""
 
     def per_pivot(self, n: int) -> int:
         pivots = self.pivot_image_tokens + self.pivot_text_tokens

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,18 +18,19 @@ class DyCoke(Method):
     the visual KV cache at every decoding step.
 
     TTM, per video of ``F`` frames (Qwen-VL: temporal slices) of ``N`` tokens, on the language model's input
-    embeddings, ``n_keep = floor((1 - ratio) * N)`` (the official ``dycoke_k`` is ``ratio``, default 0.7):
+    embeddings, ``n_keep = int((1 - ratio) * N)`` in floating point as the official code (so ``ratio`` 0.8 keeps 19
+    of 100, 0.9 keeps 9; the official ``dycoke_k`` is ``ratio``, default 0.7):
     frames ``i + 1`` for even ``i`` keep the ``n_keep`` tokens least cosine-similar to the same location of frame
     ``i``; then frames ``i + 2`` for ``i = 0, 4, 8, ... < F - 4`` keep the ``n_keep`` least similar to frame ``i``
     (original features); the other frames stay whole (F = 32: frames 0, 4, ..., 28 and 30, 3098 of 6272 tokens).
-    ``keep`` instead of ``ratio``: ``n_keep = floor(keep / n * N)``.
+    ``keep`` instead of ``ratio``: ``n_keep = floor(keep * N / n)`` (exact).
 
     KV stage (``kv_cache``, decoding): at every single-token step the new token's attention at decoder layer
     ``layer - 1`` (default 3, the official L; the last layer of a shallower model; mean over heads, over the
-    whole cache) is read on each video's visual tokens:
-    ``v``. When ``cos(v, v_prev) < similarity`` (0.9; always at the first step), layers ``>= layer`` attend to the
-    top ``floor(n * (1 - kv_ratio))`` visual tokens by ``v`` (at least 1), the text and generated tokens always;
-    when the step is stable they attend to every visual token (``stable="full"``, the official code) or to the
+    whole cache) is read on each video's visual tokens: ``v``. When ``cos(v, v_prev) < similarity`` (0.9; always at
+    the first step), layers ``>= layer`` attend to the top ``int(n * (1 - kv_ratio))`` visual tokens by ``v``
+    (floating point, as the official code; at least 1), the text and generated tokens always; when the step is
+    stable they attend to every visual token (``stable="full"``, the official code) or to the
     previous step's subset (``stable="previous"``). ``v_prev`` is the previous step's ``v`` of the same request.
     ``kv_ratio`` (official ``dycoke_p``, default 0.8) defaults to ``ratio``, so that ``ratio=0`` is the unpatched
     model (with ``keep``, to 0: no KV pruning unless ``kv_ratio`` is given); pass ``ratio=0.7, kv_ratio=0.8`` for
@@ -54,7 +54,10 @@ class DyCoke(Method):
         to the whole cache; under beam search the similarity state stays with its batch row when beams are
         reordered;
       * the subset is applied as a key mask on the full cache (official: the cache gathered at ``kv_index``): the
-        same attention, without the memory saving.
+        same attention, without the memory saving;
+      * similarities and the KV stage's attention in fp32 (official: the model dtype; ``score_dtype="model"``
+        computes them in it, with torch's ``cosine_similarity``; the official first pass L2-normalises the tokens
+        before that call too, which changes only rounding).
     """
 
     name: ClassVar[str] = "dycoke"
@@ -63,9 +66,17 @@ class DyCoke(Method):
     default_positions: ClassVar[str] = "compact"
 
     kv_ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 0.999999})
+    """Official dycoke_p: share of visual tokens hidden from layers >= L at each decoding step; None takes ratio (0
+    with keep)."""
     layer: int | None = None  # L: layers >= L use the pruned cache; None: 3 (range checked at patch time)
+    """L: layers >= L attend to the chosen visual cache entries at each decoding step, scored at layer L-1; None: 3
+    (the official L), the last layer of a shallower model."""
     similarity: float = 0.9
+    """A decoding step re-selects when the cosine similarity of its attention to the previous step's is below this;
+    otherwise the step is stable (see stable)."""
     stable: str = "full"
+    """On a stable step: "full" attends to every visual token (official) or "previous" keeps the previous step's
+    subset."""
 
     def _check_options(self) -> None:
         super()._check_options()
@@ -100,23 +111,30 @@ class DyCoke(Method):
     def plan(self, ctx, row, group):
         def compute():
             table = video.frame_table(group.span, group.ids, self.name)
-            N = table.shape[1]
-            n_keep = math.floor((1 - self.ratio) * N + 1e-9) if self.ratio is not None else \
-                math.floor(min(1.0, self.keep / len(group)) * N + 1e-9)
-            return self.ttm(ctx.hidden[row, group.slots], table, n_keep)
+            return self.ttm(ctx.hidden[row, group.slots], table, self.frame_keep(table.shape[1], len(group)),
+                            ctx.score_dtype)
         return ctx.cached(("dycoke", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
+    def frame_keep(self, N: int, n: int) -> int:
+        """Tokens a pruned frame of ``N`` keeps in a video of ``n``: ``int((1 - ratio) * N)`` in floating point, as
+        the official ``dycole_ttm`` (``1 - 0.8`` is ``0.19999999999999996``: 19 of 100); with ``keep``,
+        ``floor(keep * N / n)`` in exact integer arithmetic."""
+        if self.ratio is not None:
+            return int((1 - self.ratio) * N)
+        return min(self.keep, n) * N // n
+
     @staticmethod
-    def ttm(embeds: torch.Tensor, table: torch.Tensor, n_keep: int) -> torch.Tensor:
+    def ttm(embeds: torch.Tensor, table: torch.Tensor, n_keep: int, dtype: torch.dtype = torch.float32
+            ) -> torch.Tensor:
         """Kept candidates (indices into ``embeds`` ``[c, D]``, ascending) of one video laid out as ``table``
-        ``[F, N]``."""
+        ``[F, N]``; similarities in ``dtype``."""
         table = table.to(embeds.device)
         E = embeds[table]
         F = E.shape[0]
         kept = {f: table[f] for f in range(F)}
 
         def prune(ref, f):
-            sim = video.location_similarity(E[ref], E[f])
+            sim = video.location_similarity(E[ref], E[f], dtype)
             kept[f] = table[f, torch.topk(sim, n_keep, largest=False).indices]
 
         for i in range(0, F - 1, 2):
@@ -133,8 +151,8 @@ class DyCoke(Method):
         previous = state.get(key)
         state[key] = scores
         if previous is not None and len(previous) == len(scores) and \
-                float(video.cosine(scores, previous)) >= self.similarity:
+                float(video.cosine(scores, previous, scores.dtype)) >= self.similarity:
             return None if self.stable == "full" else state.get((key, "kept"))
-        kept = torch.topk(scores, max(1, math.floor(len(scores) * (1 - P) + 1e-9))).indices
+        kept = torch.topk(scores, max(1, int(len(scores) * (1 - P)))).indices  # official: int(n * (1 - P))
         state[(key, "kept")] = kept
         return kept

@@ -41,6 +41,8 @@ class FastV(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
     layer: int = 2  # range checked at patch time, against the model's depth
+    """K: tokens are removed before decoder layer K, scored by the last token's attention at layer K-1. In [1,
+    decoder layers - 1], checked at patch time."""
 
     def select(self, ctx, row, span, budget):
         scores = ctx.last_token_attention()[row, span.slots]

@@ -70,7 +70,8 @@ class FastVID(Method):
         ``A_f`` = softmax over the frame's tokens of ``<mean(E_f), E_f,n> / sqrt(D)`` (the Qwen2.5-VL mean-query
         rule applied to the language model's inputs);
       * DPC-KNN in fp64 (official: fp32) with the density noise drawn from a generator seeded with ``seed``, fresh
-        per video (reproducible, independent of the batch);
+        per video (reproducible, independent of the batch); the frame and token similarities and the fallback
+        signals in fp32 unless ``score_dtype="model"``; merges in fp32;
       * a video with fewer frames than ``segments`` gets one segment per frame (official: needs F >= c); a
         context count larger than the anchor's non-salient tokens is capped at that number (official: topk
         error); ``R`` is at least 1;
@@ -83,16 +84,33 @@ class FastVID(Method):
     default_positions: ClassVar[str] = "original"
 
     variant: str | None = None  # "ov" or "qwen"; None: by model
+    """Code path: "ov" (the official OneVision code: parallel salient/context split per frame) or "qwen" (the
+    Qwen2.5-VL code: sequential, per segment); None picks by model."""
     segments: int = field(default=8, metadata={"min": 1})  # c
+    """c: at most this many dynamic temporal segments (DySeg)."""
     threshold: float | None = None  # tau; None: 0.9 ("ov") or 0.84 ("qwen")
+    """tau: consecutive frames less similar than this start a new segment; None: 0.9 ("ov") or 0.84 ("qwen"), the
+    official scripts' values."""
     ignore_threshold: float = 0.95  # tau_ig ("qwen")
+    """tau_ig ("qwen"): a frame at least this similar to the next one gets no token of its own."""
     context_share: float = field(default=0.4, metadata={"min": 0.0, "max": 1.0})  # d
+    """d: share of each frame's (or segment's) retained tokens that are context (merged) tokens rather than salient
+    ones."""
     anchor_stride: int = field(default=4, metadata={"min": 1})  # p
+    """p: every p-th valid frame of a segment, counted from its end, is an anchor frame holding context tokens."""
     anchor_weight: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})  # beta
+    """beta: weight of the density-peak target in its merge with its members."""
     dpc_k: int = field(default=4, metadata={"min": 1})
+    """k of the DPC-KNN density score that picks the context targets (itself included)."""
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
     signals: str = "auto"  # G and A: "vision" (the official ones), "embedding" (fallback), "auto"
+    """Frame descriptor and salience: "vision" (the official ones: Qwen-VL's last ViT block, or SigLIP's head on
+    OneVision), "embedding" (the documented fallback from the language model's input embeddings) or "auto" (vision
+    where vtr can compute it)."""
     siglip_head: torch.nn.Module | None = field(default=None, repr=False)  # OneVision: G and A from SigLIP's head
+    """LLaVA-OneVision: a SigLIP vision model holding the post-layernorm and attention-pooling head the -hf
+    checkpoints lack (e.g. SiglipVisionModel.from_pretrained("google/siglip-so400m-patch14-384"))."""
 
     def _check_options(self) -> None:
         super()._check_options()
@@ -154,26 +172,29 @@ class FastVID(Method):
                 if signals[1].shape != table.shape:
                     raise RuntimeError(f"{self.name}: the vision tower's salience covers {tuple(signals[1].shape)} "
                                        f"frame tokens, the video's candidates {tuple(table.shape)}")
-            return self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(group)), signals)
+            return self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(group)), signals,
+                               ctx.score_dtype)
         # keyed by the group's first slot too: a tile (scope="crop") is planned on its own
         return ctx.cached(("fastvid", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     def _retention(self, n: int) -> float:
         return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
 
-    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, signals=None):
+    def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, signals=None,
+               dtype: torch.dtype = torch.float32):
         """FastVID on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout, ``r``
         retention, ``signals`` ``(G [F, C], A [F, N])`` from the vision side (None, or a None entry: the embedding
-        fallback's). Returns (keep, targets, merged embeddings, sources), indices into the candidates."""
+        fallback's), ``dtype`` of the scores and similarities (merges in fp32, DPC-KNN in fp64). Returns (keep,
+        targets, merged embeddings, sources), indices into the candidates."""
         device = embeds.device
         table = table.to(device)
         E = embeds.float()[table]  # [F, N, D]
         N = E.shape[1]
-        G, A = video.embedding_signals(E)
+        G, A = video.embedding_signals(embeds[table], dtype)
         if signals is not None:
-            G = G if signals[0] is None else signals[0].float().to(device)
-            A = A if signals[1] is None else signals[1].float().to(device)
-        sims = video.adjacent_similarity(G)
+            G = G if signals[0] is None else signals[0].to(device)
+            A = A if signals[1] is None else signals[1].to(device)
+        sims = video.adjacent_similarity(G, dtype)
         variant, threshold = self.resolved
         segments = video.dynamic_segments(sims, self.segments, threshold)
         R = max(1, math.floor(N * r + 1e-9))
@@ -204,7 +225,7 @@ class FastVID(Method):
                 flat = torch.cat([table[g, idx] for g, idx in member_frames])
                 vectors = torch.cat([E[g, idx] for g, idx in member_frames])
                 t_vec = E[f, chosen]
-                sim = video.cosine_matrix(vectors, t_vec)  # [M, C]
+                sim = video.cosine_matrix(vectors, t_vec, dtype)  # [M, C]
                 assign = sim.argmax(1)
                 own = {int(table[f, t]): j for j, t in enumerate(chosen.tolist())}
                 for m, idx in enumerate(flat.tolist()):  # a target joins itself (cosine ties cannot move it)

@@ -109,8 +109,12 @@ class FlowCut(Method):
     Deliberate differences on Qwen-VL:
 
     * whole 2x2 merge units are kept or dropped (a unit scores the sum of its 4 patches' scores; the image keeps
-      ``ceil(max(n - P, target) / 4)`` units): the official code keeps single patches and its merger then
-      concatenates any 4 consecutive kept patches into one language token, mixing patches from different places;
+      ``ceil(max(n - P, target) / 4)`` units): the official code (``Qwen2VisionTransformerPretrainedModel_forward``)
+      keeps single patches by ``topk`` and its merger then concatenates any 4 consecutive kept patches into one
+      language token, mixing patches from different places. This is a different unit of selection, not a
+      reordering: what reaches the language model, and which image regions it covers, can differ substantially
+      from the official run (vtr keeps every language token a real 2x2 unit with its own M-RoPE position, which
+      the official output does not define);
     * per image: the official code takes one global query, one ``topk`` and one budget over the whole packed tower
       sequence of a call (every image of a prompt; batch size 1 only) and, in the language model, one span from the
       first image token to the last (text between images dropped);
@@ -139,6 +143,8 @@ class FlowCut(Method):
     needs_whole_prompt: ClassVar[bool] = True  # the LLaVA-NeXT stage reads the prompt's last token
 
     llm_layer: int | None = dataclasses.field(default=None, metadata={"min": 0})
+    """Decoder layer of the second, language-model stage (LLaVA-NeXT and Qwen-VL); None: 2 there and no second stage
+    on LLaVA-1.5; 0 turns it off."""
     _qwen: ClassVar[bool] = False  # set per instance by for_model: the Qwen-VL rule
 
     def __post_init__(self):

@@ -42,8 +42,10 @@ class FrameFusion(Method):
       equal weights: ``h_a = (h_a + sum(run)) / (|run| + 1)``; the run is removed, the anchor keeps its slot and
       position.
     * pruning (at the call after merging finished, once): keep the ``max(1, round(V * (1 - u)))`` tokens the last
-      prompt token attends to most in that layer's attention (post-RoPE, softmax, mean over heads, over the
-      current sequence; FastV's score).
+      ``last_queries`` prompt tokens attend to most in that layer's attention (post-RoPE, causal softmax over the
+      current sequence, mean over heads and over those queries; with one query FastV's score). ``last_queries``
+      defaults to 4 on Qwen-VL (the official Qwen2-VL adapter, ``num=4``) and 1 on LLaVA-OneVision (the official
+      Qwen2 / LLaVA-Video adapter, ``num=1``).
 
     Images are one-frame videos (no chains: nothing merges; the pruning step runs in layer 0, after its attention).
     OneVision's trailing newline is text (never merged or pruned), as the spec requires of a OneVision port (the
@@ -53,7 +55,9 @@ class FrameFusion(Method):
     same), 0.6 on LLaVA-OneVision (the official example for LLaVA-Video-7B, the same SigLIP + Qwen2 stack; the paper
     sets it to the median layer-0 similarity of the target model, which was not measured here),
     ``ratio_lower_bound`` 0.1. Official code: ``thu-nics/FrameFusion`` (``framefusion/main.py:
-    FrameFusion.forward``, ``_compute_pruning_ratio``; the Qwen2 / Qwen2-VL decoder adapters).
+    FrameFusion.forward``, ``_compute_pruning_ratio``; the decoder adapters ``framefusion/models/qwen2/
+    modeling_qwen2.py`` and ``modeling_qwen2_vl.py``, whose attention calls ``framefusion/utils.py:
+    scaled_dot_product_attention`` with ``num=1`` and ``num=4`` queries).
 
     Deliberate differences from the official code:
       * no call after the last decoder layer's attention (it could only change that layer's outputs at visual
@@ -63,26 +67,39 @@ class FrameFusion(Method):
       * where the official code raises (merges already spent the budget, ``L * C < sum q``) ``u`` is 1; the
         pruning step keeps at least one token (official: ``round`` may keep none);
       * batched (a state per video of each row; official: batch 1, one state for the sequence); several videos
-        and images per prompt, each its own cascade; merges averaged in fp32 (official: the model's dtype).
+        and images per prompt, each its own cascade; merges averaged in fp32 (official: the model's dtype);
+        similarities and the pruning attention in fp32 (official: the model's dtype; ``score_dtype="model"``
+        computes them in it);
+      * the pruning step's attention is causal for every query, also in a padded batch (official Qwen2-VL: causal
+        when transformers drops the mask of an unpadded prompt, the usual case; with a mask its ``num=4`` rows are
+        computed without one and see the tokens after them); Qwen2.5-VL and Qwen3-VL, which the official code does
+        not support, follow its Qwen2-VL adapter (4 queries).
     """
 
     name: ClassVar[str] = "framefusion"
     summary: ClassVar[str] = ("video: cascaded merging of temporally repeated tokens in the first layers, then "
-                              "last-token pruning, to an average per-layer cost")
+                              "pruning by the last prompt tokens' attention, to an average per-layer cost")
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "original"
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
 
     similarity_lower_bound: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # None: by model
+    """Cosine similarity to the same location of the previous frame at or above which a token is merged into it;
+    None: 0.5 on Qwen-VL, 0.6 on LLaVA-OneVision."""
     ratio_lower_bound: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    """Merging continues layer by layer while a step merges at least this share of the tokens."""
     cost_layers: int | None = field(default=None, metadata={"min": 1})  # None: the model's depth
+    """Depth the cost budget is computed over; None: the model's depth (28 reproduces the official hard-coded value)."""
+    last_queries: int | None = field(default=None, metadata={"min": 1})
+    """The pruning step ranks by the mean attention of this many last prompt tokens; None: 4 on Qwen-VL (the
+    official Qwen2-VL adapter), else 1 (its LLaVA-Video adapter)."""
 
     def for_model(self, family) -> FrameFusion:
         method = super().for_model(family)
-        if method.similarity_lower_bound is not None:
-            return method
-        return dataclasses.replace(method, similarity_lower_bound=0.5 if family.mrope else 0.6)
+        defaults = {"similarity_lower_bound": 0.5 if family.mrope else 0.6, "last_queries": 4 if family.mrope else 1}
+        unset = {name: value for name, value in defaults.items() if getattr(method, name) is None}
+        return dataclasses.replace(method, **unset) if unset else method
 
     def for_depth(self, n_layers: int) -> FrameFusion:
         method = dataclasses.replace(self)
@@ -131,11 +148,11 @@ class FrameFusion(Method):
             k = max(1, round(n * (1 - u)))
             if k >= n:
                 return None
-            scores = ctx.last_token_attention()[row, group.slots]
+            scores = ctx.last_tokens_attention(row, self.last_queries or 1)[group.slots]
             return Merge(keep=torch.topk(scores, k).indices.sort().values)
         hidden = ctx.hidden[row, group.slots]
         chain = video.chain_ids(group.span, group.ids) if group.span.kind == "video" else None
-        sims, prev = video.chain_similarity(hidden.to(ctx.score_dtype), chain)
+        sims, prev = video.chain_similarity(hidden, chain, ctx.score_dtype)
         members, state.merging, state.done = merge_decision(sims, u, self.similarity_lower_bound,
                                                             self.ratio_lower_bound, state.sparsities)
         if not bool(members.any()):

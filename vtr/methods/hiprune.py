@@ -61,7 +61,11 @@ class HiPrune(Method):
                                          "vision transformer only.")
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     object_layer: int = field(default=0, metadata={"min": 0})
+    """Vision layer (1-based, as the official attentions[object_layer - 1]) whose received attention picks the
+    anchors; 0 takes the official default (9 on CLIP towers, 16 on Qwen2.5-VL)."""
     alpha: float = field(default=0.1, metadata={"min": 0})
+    """Anchor share: the top round(T * alpha / 5) tokens at object_layer are anchors (each with up to 4 neighbours as
+    buffers); registers fill the rest of the T kept."""
 
     def for_model(self, family):
         method = super().for_model(family)

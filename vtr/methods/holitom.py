@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -25,14 +26,16 @@ class HoliTom(Method):
     last prompt token attends to least are averaged into their most similar kept tokens.
 
     Outer stage, per video of ``F`` frames (Qwen-VL: temporal slices) of ``N`` tokens ``X`` ``[F, N, D]`` (the
-    language model's input embeddings), retention ``r = 1 - ratio`` (``keep / n`` with ``keep``):
+    language model's input embeddings), retention ``r = 1 - ratio`` (the official ``RETAIN_RATIO``, taken in
+    decimal: ``ratio=0.9`` is the float ``0.1``; ``keep / n`` with ``keep``):
 
     1. ``sim[t, n] = cos(X[t, n], X[t + 1, n])``; location ``n`` is static between ``t`` and ``t + 1`` when
        ``sim > threshold`` (tau, default 0.80; 0.65 when ``r <= 0.10``, the official scripts' pairing).
     2. Windows by dynamic programming (``video.static_windows``, at most ``max_window`` frames): the segmentation
        of the frames that saves the most tokens, ``|Omega| * (e - s)`` for a window ``[s, e]`` whose locations
        ``Omega`` are static across all of it; ties keep the shorter window. ``total`` = tokens saved.
-    3. ``r' = min(r * F * N / (F * N - total), 1)``.
+    3. ``r' = min(r / ((F * N - total) / (F * N)), 1)``, in this floating-point order (the official one; ``r * F *
+       N / (F * N - total)`` can round a count below the other way).
     4. Per window: the static tokens are the means over its frames of the ``Omega`` locations; ``m =
        round(|Omega| * r')`` of them are DPC-KNN centres (k = ``min(7, m)``, itself included, in index order),
        every other static token joins its nearest centre (DPC distance) and a centre becomes ``beta * centre +
@@ -86,10 +89,12 @@ class HoliTom(Method):
       * inner stage: ``handle.last.merged`` lists the kept tokens and the visual tokens averaged into each (not
         expanded through the outer merges); the last token's attention is computed from layer
         ``inner_layer - 1``'s inputs with its causal mask (official: an eager re-run of that layer);
-      * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; Python ``round`` (half to
-        even) as the official ``round``; ``ceil`` with a 1e-9 tolerance (an exact ``n * r'`` is not rounded up by
-        float error); at least one token per video at each stage; ``keep`` of at least the video's token count
-        keeps everything at both stages;
+      * temporal similarities, the embedding fallback's attention, the inner stage's attention and similarities in
+        fp32 (official: the model dtype; ``score_dtype="model"`` computes them in it; merges stay fp32);
+      * DPC-KNN in fp64 with its noise from a generator seeded with ``seed`` per video; the counts in the official
+        floating-point arithmetic (Python ``round``, half to even, and ``math.ceil`` of the float products, so
+        ``ceil(30 * 0.1)`` is 4); at least one token per video at each stage; ``keep`` of at least the video's
+        token count keeps everything at both stages;
       * batched (each row its own selection), several videos and images per prompt (official: batch 1, one video).
     """
 
@@ -104,14 +109,26 @@ class HoliTom(Method):
 
     threshold: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})  # tau (cosine); None: 0.80,
     # 0.65 when r <= 0.10
+    """tau: cosine similarity above which a location is static between two frames; None: 0.80, or 0.65 when r <= 0.10
+    (the official scripts' pairing)."""
     beta: float = field(default=0.6, metadata={"min": 0.0, "max": 1.0})
+    """Weight of a density-peak centre in its merge with the static tokens assigned to it."""
     no_beta: bool = False
+    """Merge static tokens by the plain mean (centre included) instead of the beta-weighted one."""
     max_window: int = field(default=1024, metadata={"min": 2})
+    """Longest temporal window (frames) the dynamic-programming segmentation considers."""
     inner_layer: int | None = None  # K; None: 18 of 28 layers, scaled
+    """K of the inner stage inside the language model; None: 18 of 28 layers, scaled to the model's depth."""
     inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
+    """Share of the tokens the inner stage merges away at layer K (the official r_in = 0.5); 0 turns it off."""
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
     context_share: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # D
+    """D: share of each frame's dynamic budget given to density-peak centres of the tokens the attention left (0 as
+    the official scripts)."""
     attention: str = "auto"  # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
+    """Attention that ranks dynamic tokens: "vision" (SigLIP's last-layer received attention, LLaVA-OneVision
+    videos), "embedding" (the fallback from input embeddings) or "auto"."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -156,7 +173,17 @@ class HoliTom(Method):
         return 0.65 if self.ratio is not None and 1 - self.ratio <= 0.10 + 1e-9 else 0.80
 
     def _retention(self, n: int) -> float:
-        return 1 - self.ratio if self.ratio is not None else min(1.0, self.keep / n)
+        """``r``: the official ``RETAIN_RATIO`` that ``ratio`` names, ``1 - ratio`` in decimal (``ratio=0.9`` is
+        ``RETAIN_RATIO=0.1``, the float ``0.1``, where ``1 - 0.9`` is ``0.09999999999999998``); ``keep / n`` with
+        ``keep``."""
+        if self.ratio is None:
+            return min(1.0, self.keep / n)
+        return float(Decimal(1) - Decimal(repr(self.ratio)))
+
+    @property
+    def nominal_retention(self) -> float | None:
+        """``r``, the official ``RETAIN_RATIO`` (None for ``keep``)."""
+        return self._retention(1) if self.ratio is not None else None
 
     def budget_for(self, ctx, row, group):
         if self.ratio == 0 or len(group) == 0:
@@ -170,7 +197,7 @@ class HoliTom(Method):
     def select(self, ctx, row, group, budget):
         if ctx.spec.stage is Stage.LAYER:
             scores = ctx.last_token_attention()[row, group.slots.to(ctx.hidden.device)]
-            merge = inner_merge(ctx.hidden[row, group.slots], scores, budget)
+            merge = inner_merge(ctx.hidden[row, group.slots], scores, budget, ctx.score_dtype)
             return dataclasses.replace(merge, embeds=merge.embeds.to(ctx.hidden.dtype))
         return self.plan(ctx, row, group)
 
@@ -186,22 +213,23 @@ class HoliTom(Method):
                     raise RuntimeError(f"{self.name}: the video's tower signals cover {tuple(A.shape)} frame tokens, "
                                        f"its candidates {tuple(table.shape)}")
             merge = self.reduce(ctx.hidden[row, group.slots], table, self._retention(len(frames)),
-                                ctx.engine.stage_positions(ctx.spec) == "compact", A)
+                                ctx.engine.stage_positions(ctx.spec) == "compact", A, ctx.score_dtype)
             extra = newline.nonzero().flatten().to(merge.keep.device)
             return dataclasses.replace(merge, keep=torch.cat([merge.keep, extra]),
                                        embeds=merge.embeds.to(ctx.hidden.dtype))
         return ctx.cached(("holitom", row, group.span.index, int(group.slots[0]), len(group)), compute)
 
     def reduce(self, embeds: torch.Tensor, table: torch.Tensor, r: float, compact: bool,
-               A: torch.Tensor | None = None) -> Merge:
+               A: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Merge:
         """The outer stage on one video: ``embeds`` ``[c, D]`` candidates, ``table`` ``[F, N]`` their frame layout
         (indices into ``embeds``), ``r`` retention, ``A`` ``[F, N]`` the attention signal (None: the embedding
-        fallback). ``compact``: the window's tokens take its first slots in the official order; else each its own
-        slot. Returns a ``Merge`` (indices into the candidates, fp32 embeds)."""
+        fallback), ``dtype`` of the scores and similarities. ``compact``: the window's tokens take its first slots
+        in the official order; else each its own slot. Returns a ``Merge`` (indices into the candidates, fp32
+        embeds)."""
         E = embeds.float()[table.to(embeds.device)]  # [F, N, D]
-        A = video.embedding_signals(E)[1] if A is None else A.float().to(E.device)
+        A = video.embedding_signals(embeds[table.to(embeds.device)], dtype)[1] if A is None else A.to(E.device)
         windows = outer_windows(E, A, r, self.tau, None if self.no_beta else self.beta, self.max_window,
-                                torch.Generator().manual_seed(self.seed), self.context_share)
+                                torch.Generator().manual_seed(self.seed), self.context_share, dtype)
         table = table.cpu()
         keep, slots, states, sources = [], [], [], []
         for (s, e), entries in windows:
@@ -224,18 +252,21 @@ class HoliTom(Method):
 
 
 def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: float | None, max_window: int,
-                  generator: torch.Generator | None = None, context: float = 0.0) -> list:
+                  generator: torch.Generator | None = None, context: float = 0.0,
+                  dtype: torch.dtype = torch.float32) -> list:
     """HoliTom's outer stage on one video's tokens ``E`` ``[F, N, D]`` with attention ``A`` ``[F, N]``; ``context``
-    the contextual share ``D`` of each frame's dynamic budget (``merge_tokens_by_attention_density``).
+    the contextual share ``D`` of each frame's dynamic budget (``merge_tokens_by_attention_density``); ``dtype``
+    of the temporal similarities (merges in fp32, DPC-KNN in fp64).
 
     Returns ``[((start, end), entries)]`` per window in frame order, ``entries`` the window's output tokens in the
     official OneVision order, each ``(frame, location, state, members)``: ``state`` ``[D]`` the merged static
     token (None: the token at ``(frame, location)`` unchanged) and ``members`` the ``(frame, location)`` pairs it
     stands for. A static token is reported at its location in the window's first frame."""
     F, N, _ = E.shape
-    static = video.location_similarity(E[:-1], E[1:]) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
+    static = video.location_similarity(E[:-1], E[1:], dtype) > tau if F > 1 else torch.zeros(0, N, dtype=torch.bool)
     windows, saved = video.static_windows(static, max_window)
-    rr = min(r * F * N / (F * N - saved), 1.0)
+    total = F * N
+    rr = min(r / ((total - saved) / total), 1)  # the official expression, in its floating-point order
     out = []
     for s, e in windows:
         omega = static[s:e].all(0) if e > s else torch.zeros(N, dtype=torch.bool, device=E.device)
@@ -249,7 +280,7 @@ def outer_windows(E: torch.Tensor, A: torch.Tensor, r: float, tau: float, beta: 
                 members = [(g, n) for n in locations for g in range(s, e + 1)]
                 entries.append((s, int(places[c]), merged[j], members))
         dynamic = (~omega).nonzero().flatten()
-        count = math.ceil(len(dynamic) * rr - 1e-9)  # an exact product is not rounded up by float error
+        count = math.ceil(len(dynamic) * rr)
         dominant = round(count * (1 - context))
         for t in range(s, e + 1):
             if count == 0:
@@ -289,17 +320,19 @@ def density_merge(tokens: torch.Tensor, m: int, beta: float | None, generator: t
     return centres, assign, video.center_merge(tokens[centres], tokens[~is_centre], assign[~is_centre], beta)
 
 
-def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int) -> Merge:
+def inner_merge(hidden: torch.Tensor, scores: torch.Tensor, budget: int, dtype: torch.dtype = torch.float32
+                ) -> Merge:
     """HoliTom's inner-LLM merge of one video's present tokens: ``hidden`` ``[n, D]`` (sequence order), ``scores``
     ``[n]`` the last token's attention. The top ``budget`` by score stay; every other token, in sequence order, is
-    averaged into the kept token of highest cosine similarity (similarities of the original states, computed once):
-    ``h_j <- (h_j + h_i) / 2``. Returns a ``Merge`` (fp32 states of the kept tokens that received any)."""
-    top = torch.topk(scores.float(), budget).indices.sort().values
+    averaged into the kept token of highest cosine similarity (similarities of the original states, computed once,
+    in ``dtype``): ``h_j <- (h_j + h_i) / 2``. Returns a ``Merge`` (fp32 states of the kept tokens that received
+    any)."""
+    top = torch.topk(scores, budget).indices.sort().values
     rest = torch.ones(len(hidden), dtype=torch.bool, device=hidden.device)
     rest[top] = False
     rest = rest.nonzero().flatten()
     h = hidden.float()
-    unit = torch.nn.functional.normalize(h, dim=-1)
+    unit = torch.nn.functional.normalize(hidden.to(dtype), dim=-1)
     nearest = (unit[rest] @ unit[top].T).argmax(1).tolist() if len(rest) else []  # [R, T]: no [R, T, D] tensor
     states = h[top].clone()
     members: dict[int, list[int]] = {}

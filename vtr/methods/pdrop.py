@@ -74,7 +74,10 @@ class PyramidDrop(Method):
     needs_whole_prompt: ClassVar[bool] = True
     newline_candidates: ClassVar[bool] = True
     layers: str = ""
+    """Stage layers, comma separated; "" resolves at patch time to the official 8,16,24 (at the same fractions of
+    other depths) when the budget keeps at least the official schedule's average, else (and with keep) to 2,8,16."""
     lam: float | None = dataclasses.field(default=None, metadata={"min": 1e-9, "max": 1.0})
+    """Keep ratio per stage (stage s keeps N * lam**s); None solves it from ratio / keep as a layer-averaged budget."""
 
     def for_depth(self, n_layers: int) -> "PyramidDrop":
         if self.layers:

@@ -71,7 +71,8 @@ class PruneVid(Method):
       * DPC-KNN in fp64 with the noise from a generator seeded with ``seed``, fresh per video (official: fp32,
         the global RNG); ``k = min(7, count)`` and at least one frame cluster (official: errors below 7 frames or
         4 frames);
-      * similarities and means in fp32 (official: the model dtype);
+      * similarities, the stage-2 attention and means in fp32 (official: the model dtype; ``score_dtype="model"``
+        computes the similarities and the attention in it, with torch's ``cosine_similarity``; means stay fp32);
       * batched (each row and each video its own windows; official: batch element 0 decides the windows of the
         whole batch), several videos and images per prompt; the stage-2 softmax ignores padding keys;
       * one token per video at least after stage 2 (official: a window may lose every token);
@@ -88,10 +89,17 @@ class PruneVid(Method):
     needs_whole_prompt: ClassVar[bool] = True  # stage 2 reads the text after the video
 
     temporal_segment_ratio: float = field(default=0.25, metadata={"min": 0.0, "max": 1.0})
+    """Frame clusters (temporal windows) per frame: max(1, floor(F * temporal_segment_ratio)) DPC-KNN centres."""
     tau: float = field(default=0.8, metadata={"min": -1.0, "max": 1.0})  # a cosine similarity
+    """Mean cosine similarity across a window's frames above which a location is static."""
     cluster_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """Static and per-frame dynamic token groups (above 14 tokens) are merged into floor(count * cluster_ratio) DPC-
+    KNN clusters."""
     layer: int | None = field(default=None, metadata={"min": 0})  # attention of this layer; None: by depth
+    """Decoder layer whose text-to-video attention drives stage 2 (official selected_layer 10); None: 10 on models
+    deeper than 11 layers, else the same fraction of 32."""
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
 
     def alpha(self, n: int) -> float:
         """Stage 2's keep share for a video of ``n`` candidate tokens: ``1 - ratio``, or ``min(1, keep / n)``."""
@@ -136,7 +144,7 @@ class PruneVid(Method):
         sources), indices into the group. Leaves each kept token's role for stage 2 in the request state."""
         def compute():
             table = video.frame_table(group.span, group.ids, self.name)
-            out = self.merge(ctx.hidden[row, group.slots], table, self.positions != "original")
+            out = self.merge(ctx.hidden[row, group.slots], table, self.positions != "original", ctx.score_dtype)
             keep, slots, embeds, sources, roles = out
             ctx.request_state[("prunevid", row, group.span.offset)] = (self.alpha(len(group)), {
                 int(i): role for i, role in zip(group.ids[keep].tolist(), roles)})
@@ -152,19 +160,21 @@ class PruneVid(Method):
         _, labels = dpc_knn(frame_means, m, DPC_K, generator)
         return video.runs(video.refine_clusters(labels.tolist()))
 
-    def merge(self, embeds: torch.Tensor, table: torch.Tensor, official_order: bool = True):
+    def merge(self, embeds: torch.Tensor, table: torch.Tensor, official_order: bool = True,
+              dtype: torch.dtype = torch.float32):
         """Stage 1 on one video: ``embeds`` ``[c, D]`` candidates laid out as ``table`` ``[F, N]``. Returns (keep,
         replaced slots, their fp32 embeddings, their sources, roles): indices into the candidates; ``roles[i]`` is
         ``(window, -1)`` for a static and ``(window, frame in window)`` for a dynamic kept token ``keep[i]``.
         ``official_order``: the window's outputs fill its first slots in the official order; else each output
-        takes the slot of its centre's location (static: in the window's first frame)."""
+        takes the slot of its centre's location (static: in the window's first frame). ``dtype``: of the temporal
+        similarities."""
         table = table.to(embeds.device)
         E = embeds.float()[table]  # [F, N, D]
         generator = torch.Generator().manual_seed(self.seed)
         keep, slots, merged, sources, roles = [], [], [], [], []
         for j, (start, end) in enumerate(self.windows(E.mean(1), generator)):
             W = end - start
-            static = video.window_similarity(E[start:end]) > self.tau
+            static = video.window_similarity(E[start:end], dtype) > self.tau
             locs = static.nonzero().flatten()
             # each output: (embedding, sources as (frame, location), role, its locations with the centre first)
             outputs = []

@@ -22,7 +22,9 @@ class Random(Method):
     name: ClassVar[str] = "random"
     summary: ClassVar[str] = "seeded random subset of each image's tokens (baseline), before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    computes_scores: ClassVar[bool] = False
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    """Seed of the subset; it depends only on the seed and the image's token count, not on the batch row."""
 
     def select(self, ctx, row, span, budget):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + len(span))

@@ -92,8 +92,13 @@ class SparseVLM(Method):
     needs_whole_prompt: ClassVar[bool] = True
     newline_candidates: ClassVar[bool] = True  # the official code prunes the whole visual span
     version: str = "1.5"
+    """Version: "1.5" (main branch: recycling, compact positions) or "2.0" (SparseVLM+: rotary-corrected scores,
+    top heads, no recycling, original positions)."""
     layers: str = ""
+    """Stage layers, comma separated (the first layers that run on the pruned sequence); "" takes the official 3,7,16
+    (scaled on models under 17 layers)."""
     seed: int = 0
+    """Seed of the DPC-KNN density noise in the recycling step."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -26,6 +26,7 @@ class Uniform(Method):
     name: ClassVar[str] = "uniform"
     summary: ClassVar[str] = "tokens evenly spaced over each image's grid (downsampling baseline), before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
+    computes_scores: ClassVar[bool] = False
 
     def select(self, ctx, row, span, budget):
         n = len(span)

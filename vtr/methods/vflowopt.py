@@ -154,12 +154,21 @@ class VFlowOpt(Method):
     unsupported_reason: ClassVar[str] = "the official code covers LLaVA-OneVision (SigLIP + Qwen2) only."
 
     t: float | None = field(default=None, metadata={"min": 0.0})
+    """Global-token threshold: tokens receiving more than t times the mean attention are global; None takes the
+    preset's."""
     m: float | None = field(default=None, metadata={"min": 1e-6})
+    """Side of the grid buckets the least important tokens are merged in; None takes the preset's."""
     alpha_v: float = field(default=0.0, metadata={"min": -1.0, "max": 1.0})
+    """Weight of the patch-entropy term in the importance (0 in every released preset)."""
     vit_keep: float | None = field(default=None, metadata={"min": 1e-9, "max": 1.0})
+    """r_vit: share of each image kept before the language model; None takes the preset's (or solves it)."""
     llm_keep: str = ""
+    """Shares kept at the two decoder stages as "r1,r2"; "" takes the preset's (or solves the last one)."""
     layers: str = ""
+    """Decoder stage layers, comma separated; "" takes the official 9,18 of 28, scaled (with other layers, give
+    llm_keep)."""
     vision_layer: int | None = field(default=None, metadata={"min": 0})
+    """Vision layer (0-based) whose attention gives the importance; None: the feature layer."""
 
     def __post_init__(self):
         super().__post_init__()

@@ -30,23 +30,28 @@ def frame_table(span, ids: torch.Tensor, method: str) -> torch.Tensor:
     return order.view(len(counts), int(counts[0]))
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity along the last dim, fp32 (zero vectors give 0)."""
+def cosine(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Cosine similarity along the last dim, in ``dtype``: fp32 by this formula (zero vectors give 0); another
+    dtype (``score_dtype="model"``) with torch's ``cosine_similarity`` in that dtype, as the official code calls
+    it."""
+    if dtype != torch.float32:
+        return torch.nn.functional.cosine_similarity(a.to(dtype), b.to(dtype), dim=-1)
     a, b = a.float(), b.float()
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
 
 
-def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[M, C]``: cosine similarity of every row of ``a`` ``[M, D]`` with every row of ``b`` ``[C, D]``, as one
-    matrix product of the normalised rows (no ``[M, C, D]`` intermediate), fp32; zero vectors give 0."""
-    a = a.float() / a.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    b = b.float() / b.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    matrix product of the normalised rows (no ``[M, C, D]`` intermediate), in ``dtype``; zero vectors give 0."""
+    a, b = a.to(dtype), b.to(dtype)
+    a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     return a @ b.T
 
 
-def adjacent_similarity(g: torch.Tensor) -> torch.Tensor:
-    """``[F - 1]``: cosine similarity of consecutive frame descriptors ``g`` ``[F, C]``."""
-    return cosine(g[:-1], g[1:])
+def adjacent_similarity(g: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[F - 1]``: cosine similarity of consecutive frame descriptors ``g`` ``[F, C]``, in ``dtype``."""
+    return cosine(g[:-1], g[1:], dtype)
 
 
 def segments_from_cuts(n_frames: int, cuts) -> list[tuple[int, int]]:
@@ -67,11 +72,11 @@ def dynamic_segments(sims: torch.Tensor, min_segments: int, threshold: float) ->
     return segments_from_cuts(n, cuts)
 
 
-def location_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def location_similarity(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[..., N]``: cosine similarity of the tokens at the same spatial location of two frames ``[N, D]`` (DyCoke's
     temporal comparison), or of two stacks of frames ``[F, N, D]`` frame by frame (HoliTom's consecutive frames:
-    ``location_similarity(E[:-1], E[1:])``, ``[F - 1, N]``)."""
-    return cosine(a, b)
+    ``location_similarity(E[:-1], E[1:])``, ``[F - 1, N]``), in ``dtype``."""
+    return cosine(a, b, dtype)
 
 
 def anchor_merge(targets: torch.Tensor, members: torch.Tensor, assign: torch.Tensor, beta: float) -> torch.Tensor:
@@ -88,14 +93,15 @@ def anchor_merge(targets: torch.Tensor, members: torch.Tensor, assign: torch.Ten
     return torch.where((n > 0)[:, None], w[:, None] * targets + (1 - w[:, None]) * mean, targets)
 
 
-def embedding_signals(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_signals(E: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The fallback frame signals of FastVID and HoliTom, from the frames' language-model input embeddings ``E``
     ``[F, N, D]``: ``(G [F, D], A [F, N])``, ``G_f`` the frame's mean embedding and ``A_f`` the softmax over the
     frame's tokens of ``<G_f, E_f,n> / sqrt(D)`` (the Qwen2.5-VL mean-query attention rule applied to the language
-    model's inputs, standing in for vision-tower attention vtr cannot read for video frames). fp32."""
-    E = E.float()
+    model's inputs, standing in for vision-tower attention vtr cannot read for video frames). In ``dtype`` (the
+    softmax itself in fp32, as eager attention, then cast)."""
+    E = E.to(dtype)
     G = E.mean(1)
-    A = torch.softmax(torch.einsum("fd,fnd->fn", G, E) / E.shape[-1] ** 0.5, -1)
+    A = torch.softmax(torch.einsum("fd,fnd->fn", G, E) / E.shape[-1] ** 0.5, -1, dtype=torch.float32).to(dtype)
     return G, A
 
 
@@ -197,13 +203,13 @@ def refine_clusters(labels) -> list[int]:
     return out
 
 
-def window_similarity(frames: torch.Tensor) -> torch.Tensor:
+def window_similarity(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``[N]``: PruneVid's per-location similarity of a window ``frames`` ``[W, N, D]``: the mean over ordered
     pairs of distinct frames of the cosine similarity at that location, as ``(sum over all pairs - W) / (W (W-1))``
     (the official formula: it takes every self-similarity as exactly 1). NaN for ``W = 1`` (no pair), which the
-    static test ``> tau`` reads as dynamic. fp32."""
+    static test ``> tau`` reads as dynamic. In ``dtype``."""
     W = frames.shape[0]
-    x = torch.nn.functional.normalize(frames.float(), dim=-1)
+    x = torch.nn.functional.normalize(frames.to(dtype), dim=-1)
     total = torch.einsum("wnd,vnd->n", x, x)
     return (total - W) / (W * (W - 1)) if W > 1 else torch.full_like(total, float("nan"))
 
@@ -216,12 +222,13 @@ def chain_ids(span, ids: torch.Tensor) -> torch.Tensor:
     return row * (int(col.max()) + 1) + col
 
 
-def chain_similarity(hidden: torch.Tensor, chain: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def chain_similarity(hidden: torch.Tensor, chain: torch.Tensor | None, dtype: torch.dtype = torch.float32
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sim ``[c]``, prev ``[c]``): each token's cosine similarity with the previous token of its chain and that
     token's index (``-2`` and ``-1`` for a chain's first token). ``hidden``: ``[c, D]`` in sequence (frame) order;
-    ``chain``: ``[c]`` chain ids (``chain_ids``; None: every token its own chain). fp32 similarities."""
+    ``chain``: ``[c]`` chain ids (``chain_ids``; None: every token its own chain). Similarities in ``dtype``."""
     c = hidden.shape[0]
-    sims = torch.full((c,), -2.0, dtype=torch.float32, device=hidden.device)
+    sims = torch.full((c,), -2.0, dtype=dtype, device=hidden.device)
     prev = torch.full((c,), -1, dtype=torch.long, device=hidden.device)
     if chain is None or c < 2:
         return sims, prev
@@ -230,7 +237,7 @@ def chain_similarity(hidden: torch.Tensor, chain: torch.Tensor | None) -> tuple[
     follows = chain[order][1:] == chain[order][:-1]
     after, before = order[1:][follows], order[:-1][follows]
     prev[after] = before
-    sims[after] = cosine(hidden[after], hidden[before]).float()
+    sims[after] = cosine(hidden[after], hidden[before], dtype)
     return sims, prev
 
 

@@ -43,7 +43,8 @@ class VisionZip(Method):
       * the member-to-target similarities in blocks of 1024 members, O(n) extra memory (official: the whole
         matrix; same assignment);
       * [CLS] attention mean over heads instead of the sum (the same order), fp32 scores, keys and merges (official:
-        model dtype; ``score_dtype="model"`` computes the scores in the tower's dtype).
+        model dtype; ``score_dtype="model"`` computes the scores in the tower's dtype and the key similarities in
+        the model's; merges stay fp32).
     """
 
     name: ClassVar[str] = "visionzip"
@@ -71,7 +72,7 @@ class VisionZip(Method):
         rest = torch.ones(len(span), dtype=torch.bool, device=top.device)
         rest[top] = False
         rest = rest.nonzero().flatten()  # remaining candidates, in sequence order
-        keys = torch.nn.functional.normalize(ctx.vision_keys(row, span)[rest].float(), dim=-1)
+        keys = torch.nn.functional.normalize(ctx.vision_keys(row, span)[rest].to(ctx.score_dtype), dim=-1)
         hidden = ctx.vision_features(row, span)[rest].float()
         targets, members, assign = contextual_assignment(keys, contextual)
         merged = merge_into_targets(hidden, targets, members, assign)

@@ -37,7 +37,12 @@ class VisPruner(Method):
         The algorithm itself is cubic in time (``(R - T) / 8`` rounds of an ``R/2 x R/2`` product): seconds per
         576-token crop, about a minute for a 2304-token image on a 2-core CPU (``scope="crop"`` keeps it per crop);
       * scores and similarities in fp32 (official: model dtype; ``score_dtype="model"`` computes the attention
-        logits in the tower's dtype); ties in the attention order go to the lower index (stable sort).
+        logits in the tower's dtype and the features' similarities in the model's);
+      * undefined in the official code, decided here: a round that must drop more tokens than group A holds
+        (``min(8, R - T_div) > R // 2``, few remaining tokens for a small diverse budget; official: a
+        ``RuntimeError`` from its indexing) drops all of A and the rounds go on, so exactly ``T_div`` remain; ties
+        (equal attention, equal duplicate scores) go to the lower index, by stable sorts (official: ``argsort``,
+        unstable, its tie order unspecified).
     """
 
     name: ClassVar[str] = "vispruner"
@@ -48,12 +53,13 @@ class VisPruner(Method):
     model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS
     important_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})
+    """Share of the budget kept as important tokens by [CLS] attention; the rest are diverse tokens."""
 
     def select(self, ctx, row, span, budget):
         scores = ctx.vision_cls_attention(row, span)
         order = torch.sort(scores, descending=True, stable=True).indices
         n_important = int(budget * self.important_ratio)
-        features = torch.nn.functional.normalize(ctx.vision_features(row, span).float(), dim=-1)
+        features = torch.nn.functional.normalize(ctx.vision_features(row, span).to(ctx.score_dtype), dim=-1)
         diverse = remove_duplicates(features, order[n_important:], budget - n_important)
         return torch.cat([order[:n_important], diverse])
 

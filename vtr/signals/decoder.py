@@ -54,6 +54,17 @@ class DecoderSignals(ContextBase):
             self._memo["last_attention"] = scores[:, 0]
         return self._memo["last_attention"]
 
+    def last_tokens_attention(self, row: int, n: int) -> torch.Tensor:
+        """``[L]``: causal softmax attention of the row's last ``n`` real tokens over the current sequence at the
+        scoring layer, mean over heads and those queries, in ``score_dtype`` (FrameFusion's Qwen2-VL score, its
+        official ``num=4``); ``n = 1`` is ``last_token_attention()[row]``."""
+        if n == 1:
+            return self.last_token_attention()[row]
+        key = ("last_tokens_attention", row, n)
+        if key not in self._memo:
+            self._memo[key] = self.attention_rows(row, self.valid[row].nonzero().flatten()[-n:]).mean(0)
+        return self._memo[key]
+
     def attention_rows(self, row: int, queries: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         """``[q, L]``: softmax attention of the row's tokens at slots ``queries`` (``[q]``) over the current sequence
         at the scoring layer, causal (a query sees the keys up to its own slot), mean over heads, in
