@@ -259,7 +259,7 @@ def _scrape(port: int) -> dict:
         if line.startswith("#") or not line.strip():
             continue
         name = line.split("{")[0].split(" ")[0]
-        if name.startswith(("vtr:", "vllm:prefix_cache_")):
+        if name.startswith(("vtr:", "vllm:prefix_cache_")) and not name.endswith(("_created", "_bucket")):
             totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return totals
 

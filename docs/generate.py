@@ -258,13 +258,9 @@ def vllm_cell(method_cls, model_class: str) -> str:
     too), or the inputs it prunes (``"images"``, ``"images, videos"``), with the option the method needs there
     (the one that turns off its stage inside the language model, ``vtr.serving.REST_OFF``; on a 1-D-RoPE model,
     ``positions="compact"`` where its default keeps gaps, which vLLM's consecutive numbering cannot give)."""
-    from types import SimpleNamespace
-
-    import torch
-
     from vtr.methods import Method
     from vtr.patches import FAMILIES
-    from vtr.serving import COUNT_FROM_GRID, COUNT_REASONS, REST_OFF, servable_reason
+    from vtr.serving import COUNT_REASONS, REST_OFF, servable_reason, served_kinds
     name, options = method_cls.name, {}
     if servable_reason(method_cls(ratio=0.5)) is not None:
         if method_cls.name not in REST_OFF:
@@ -278,14 +274,9 @@ def vllm_cell(method_cls, model_class: str) -> str:
     family = next(f for f in FAMILIES if model_class in f.model_classes)
     if not family.mrope and method.for_model(family).positions != "compact":
         options["positions"] = "compact"
-    kinds = [k for k in ("image", "video") if k in method.visual_kinds
-             and (k == "image" or model_class in video_model_classes())]
-    # a video whose keep count the engine can size from its grid: always, never, or within a limit (marked ¹)
+    kinds = [k for k in served_kinds(method) if k == "image" or model_class in video_model_classes()]
+    # a video's keep count sized from its grid within a limit (marked ¹, explained on the page)
     limited = type(method).budget_for is not Method.budget_for and name in COUNT_REASONS
-    one_frame = SimpleNamespace(kind="video", frame=torch.zeros(1, dtype=torch.long), n=1)
-    if "video" in kinds and type(method).budget_for is not Method.budget_for and not COUNT_FROM_GRID.get(
-            name, lambda m, s: False)(method, one_frame):
-        kinds.remove("video")
     text = ", ".join(k + "s" + ("¹" if k == "video" and limited else "") for k in kinds)
     if options:
         text += " (" + ", ".join(f"`{k}={v!r}`".replace("'", '"') for k, v in options.items()) + ")"

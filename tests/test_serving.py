@@ -213,3 +213,13 @@ def test_docs_vllm_table_lists_what_vllm_serves():
     assert matrix["LlavaForConditionalGeneration"]["fastvid"] == 'images (`positions="compact"`)'
     assert matrix["Qwen3VLForConditionalGeneration"]["holitom"] == "images (`inner_ratio=0`)"
     assert matrix["Qwen2VLForConditionalGeneration"]["dart"] == "refused"
+
+
+def test_only_a_selection_that_reads_the_prompt_puts_it_in_the_input_hash():
+    """vLLM's plugin hashes the prompt with an input only when the served selection reads it (CDPruner); HoliTom's
+    inner stage reads it, but it is off when served, so a second chat turn reuses HoliTom's cached run."""
+    assert serving.reads_prompt(serving.configure("cdpruner", ratio=0.5))
+    assert not serving.reads_prompt(serving.configure("holitom", ratio=0.5, inner_ratio=0))
+    assert not any(serving.reads_prompt(serving.configure(name, ratio=0.5))
+                   for name in ("random", "uniform", "divprune", "fastervlm", "visionzip", "vispruner", "hiprune",
+                                "fastvid"))

@@ -92,6 +92,23 @@ def servable_reason(method: Method) -> str | None:
     return None
 
 
+def served_kinds(method: Method) -> tuple[str, ...]:
+    """The input kinds (``"image"``, ``"video"``) of ``method`` a serving engine can prune: those whose keep count can
+    follow from the grid (a video's can for some videos when it can for a one-frame video; ``check_input`` decides
+    each input)."""
+    one_frame = SimpleNamespace(kind="video", frame=torch.zeros(1, dtype=torch.long), n=1)
+    grid_rule = COUNT_FROM_GRID.get(method.name, lambda method, span: False)
+    return tuple(kind for kind in method.visual_kinds
+                 if kind == "image" or _count_from_budget(method) or grid_rule(method, one_frame))
+
+
+def reads_prompt(method: Method) -> bool:
+    """Whether ``method``'s selection, as a serving engine runs it (its stages before the language model), reads the
+    prompt's text, so that an input's selection depends on the prompt around it (CDPruner's relevance). A method of
+    ``REST_OFF`` reads the prompt in the stage that is off when served (HoliTom's inner merge)."""
+    return "clip_text" in method.needs or (method.needs_whole_prompt and method.name not in REST_OFF)
+
+
 _SERVABLE: list[str] = []
 
 

@@ -4,6 +4,7 @@ request's ``mm_processor_kwargs={"vtr": ...}``."""
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
 import torch
@@ -86,10 +87,22 @@ def hf_inputs(processor, family: str, kind: str, text: str) -> dict:
                      do_sample_frames=False, return_tensors="pt")
 
 
+_REFERENCES: dict = {}
+
+
 def hf_reference(folder: str, family: str, kind: str, text: str, settings: dict | None = None
                  ) -> tuple[list[int], int, torch.Tensor]:
     """HF ``generate`` (patched with ``settings`` = ``{"method": ..., budget, options}`` if given): greedy tokens,
-    visual tokens kept, and the log-probs ``[STEPS, V]`` of every step."""
+    visual tokens kept, and the log-probs ``[STEPS, V]`` of every step. Computed once per arguments (a test compares
+    several vLLM runs of one prompt with it)."""
+    key = (folder, family, kind, text, json.dumps(settings, sort_keys=True))
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _hf_reference(folder, family, kind, text, settings)
+    tokens, kept, logprobs = _REFERENCES[key]
+    return list(tokens), kept, logprobs.clone()
+
+
+def _hf_reference(folder: str, family: str, kind: str, text: str, settings: dict | None):
     model, processor = hf_model(folder)
     inputs = hf_inputs(processor, family, kind, text)
     token = model.config.image_token_id if kind == "image" else model.config.video_token_id

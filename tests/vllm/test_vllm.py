@@ -17,6 +17,10 @@ import tiny
 LOGPROB_TOLERANCE = 2e-3
 KINDS = {"llava": ("image",), "llava_next": ("image",), "llava_onevision": ("image", "video"),
          "qwen2_vl": ("image", "video"), "qwen2_5_vl": ("image", "video"), "qwen3_vl": ("image", "video")}
+MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                 "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 DENSE = {"method": "random", "ratio": 0}  # the servers' settings: dense unless a request says otherwise
 
 
@@ -43,6 +47,22 @@ def served(family: str, clip: str) -> list[tuple[str, dict]]:
         cases += [("video", {"method": "fastvid", "ratio": 0.5, **positions}),
                   ("video", {"method": "dycoke", "ratio": 0.5, "kv_ratio": 0})]
     return cases
+
+
+def test_served_covers_every_method_vllm_serves():
+    """A method that ``vtr.serving`` finds servable (a new one too) is tested here on every family it supports, for
+    each input kind it prunes there (DyCoke keeps an image whole: its images equal the dense run)."""
+    from vtr import serving
+    from vtr.methods import REGISTRY
+    for name in serving.servable_methods():
+        name = name.split()[0]
+        for family, model_class in MODEL_CLASSES.items():
+            cases = {(kind, settings["method"]) for kind, settings in served(family, "clip")}
+            method = REGISTRY[name](ratio=0.5, **dict([serving.REST_OFF[name]] if name in serving.REST_OFF else []))
+            if method.supports(model_class):
+                for kind in set(serving.served_kinds(method)) & set(KINDS[family]) - ({"image"} if name == "dycoke"
+                                                                                     else set()):
+                    assert (kind, name) in cases, (name, family, kind)
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +151,34 @@ def test_prefix_cache_hits_equal_patched_hf(folders, family):
                 else:
                     assert cached["second turn"] > end, (method, kind, cached, start, end)
                     assert start < cached["other question"] <= end, (method, kind, cached, start, end)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_prefix_cache_serves_every_method_as_patched_hf(folders, family):
+    """Every (input kind, method) that ``served`` lists for the family, with prefix caching on: the first prompt,
+    its repeat and a second chat turn resending the input, each round sent as one batch, each equal to HF with
+    vtr.patch; the repeat was served from the cache past the visual run (its input never embedded again), and so
+    was the second turn, except for a method whose selection reads the prompt (CDPruner), whose input is selected
+    anew. (Cache hits that end inside the visual run: ``test_prefix_cache_hits_equal_patched_hf``.) CI runs it on
+    Qwen2.5-VL and LLaVA-NeXT (time)."""
+    cases = served(family, folders["clip"])
+    rounds = {name: text for name, text in _prefix_prompts(family, "image").items() if name != "other question"}
+    with H.Engine(folders[family], DENSE) as engine:
+        runs = {}
+        for name in rounds:
+            requests = [H.request(family, kind, _prefix_prompts(family, kind)[name], settings)
+                        for kind, settings in cases]
+            runs[name] = engine.run(requests)
+        tokens = {kind: getattr(engine.config, f"{kind}_token_id", None) for kind in ("image", "video")}
+    for i, (kind, settings) in enumerate(cases):
+        prompts = _prefix_prompts(family, kind)
+        for name in rounds:
+            _assert_equal(H.hf_reference(folders[family], family, kind, prompts[name], settings), runs[name][i],
+                          (kind, settings, name))
+        end = max(j for j, t in enumerate(runs["first"][i][4]) if t == tokens[kind])
+        assert runs["repeat"][i][3] > end, (kind, settings, runs["repeat"][i][3], end)
+        if settings["method"] != "cdpruner":
+            assert runs["second turn"][i][3] > end, (kind, settings, runs["second turn"][i][3], end)
 
 
 def test_scope_crop_on_llava_next_equals_the_patched_prefill(folders):

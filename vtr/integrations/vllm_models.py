@@ -135,7 +135,7 @@ class _Processor:
         if settings is None:
             return super().apply(inputs, timing_ctx, *args, **kwargs)
         method = method_for(settings, self._vtr_facts, "mm_processor_kwargs['vtr']")
-        reads_text = method.needs_whole_prompt or "clip_text" in method.needs
+        reads_text = serving.reads_prompt(method)  # then the prompt is part of each input's hash
         state = SimpleNamespace(settings=settings, method=method, prompt=list(inputs.prompt) if reads_text else None)
         previous = getattr(self._vtr_local, "request", None)
         self._vtr_local.request = state
