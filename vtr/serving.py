@@ -237,7 +237,7 @@ def prompt_count(method: Method, span: VisualSpan, family=None, model=None) -> i
     eligible = ctx.eligible(candidates)
     total = int((~eligible).sum())
     for group in ctx.groups(candidates.subset(eligible)):
-        total += min(len(group), ctx.engine.checked_budget(method.budget_for(ctx, 0, group)))
+        total += min(len(group), ctx.engine.checked_budget(method.budget_for(ctx, 0, group), len(group)))
     return total
 
 
@@ -321,8 +321,8 @@ class _Engine(Pruning):
         self.tokenizer = None
         self.lm = SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size))
 
-    def checked_budget(self, budget) -> int:
-        return self._checked_budget(budget)
+    def checked_budget(self, budget, n: int) -> int:
+        return self._checked_budget(budget, n)
 
 
 @dataclass
@@ -357,7 +357,7 @@ def select(method: Method, span: VisualSpan, embeds: torch.Tensor, signals: Inpu
     eligible = ctx.eligible(candidates).to(embeds.device)
     keep, slots, merged = [candidates.slots[~eligible]], [], []
     for group in ctx.groups(candidates.subset(eligible)):
-        budget = checks.checked_budget(method.budget_for(ctx, 0, group))
+        budget = checks.checked_budget(method.budget_for(ctx, 0, group), len(group))
         if budget >= len(group):
             keep.append(group.slots)
             continue
