@@ -277,10 +277,12 @@ class ServingContext(TowerSignals, VideoSignals, TextSignals, ContextBase):
                           grid_thw=signals.grid_thw, kind=span.kind, frames=signals.frames)
         call.layers = {i: list(entry) for i, entry in signals.tower.items()}
         call.extras = dict(signals.extras)
+        # one input, encoded once (no generate() row expansion); a request's memo of the signals no stage changes
+        request = SimpleNamespace(signals={}, method_state={})
         if span.kind == "video":
-            self.fwd = SimpleNamespace(vision=VisionCall(image_sizes=None, video=call), request=None)
+            self.fwd = SimpleNamespace(vision=VisionCall(image_sizes=None, video=call), request=request, expansion=1)
         else:
-            self.fwd = SimpleNamespace(vision=call, request=None)
+            self.fwd = SimpleNamespace(vision=call, request=request, expansion=1)
         self.hidden = embeds[None]
         self.layout = TokenLayout(rows=[RowLayout(spans=[span], length=span.n)])
         self.spec = StageSpec(Stage.PRE_LLM)

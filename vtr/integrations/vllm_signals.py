@@ -19,7 +19,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 
 class CLIPAttentionView:
-    """A vLLM ``CLIPAttention`` as ``vtr.compat``'s CLIP helpers read one: ``q_proj`` / ``k_proj`` (bias included),
+    """A vLLM ``CLIPAttention`` as ``vtr.compat``'s CLIP helpers read one: ``q_proj`` / ``k_proj`` / ``v_proj`` (bias included),
     ``num_heads``, ``head_dim``, ``scale``."""
 
     def __init__(self, attn: torch.nn.Module):
@@ -35,6 +35,9 @@ class CLIPAttentionView:
 
     def k_proj(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._projections(hidden)[1]
+
+    def v_proj(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._projections(hidden)[2]
 
 
 class QwenAttentionView:
