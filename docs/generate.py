@@ -58,11 +58,14 @@ def video_model_classes() -> set[str]:
 
 def cell(method_cls, model_class: str) -> str:
     """``"✓"`` (images and videos the model takes), ``"images"`` (the method prunes images only, the model also
-    takes videos) or ``"-"`` (``vtr.patch`` refuses the model)."""
+    takes videos), ``"videos"`` (the method prunes videos only and leaves images whole) or ``"-"`` (``vtr.patch``
+    refuses the model)."""
     if not method_cls(ratio=0.5).supports(model_class):
         return "-"
     if model_class in video_model_classes() and "video" not in method_cls.visual_kinds:
         return "images"
+    if "image" not in method_cls.visual_kinds:
+        return "videos"
     return "✓"
 
 
@@ -159,13 +162,17 @@ def where(cls) -> list[str]:
             text = STAGE_TEXT[spec.stage.value]
             if spec.stage.value == "vision":
                 layers = _ranges(list(method.vision_stage_layers(vision_depth, feature)))
-                text += f" (its step runs after vision layers {layers} of {vision_depth}, 0-based)"
+                where_ = "inside vision layers {}, between attention and MLP," if cls.vision_merge_point == "attention" \
+                    else "after vision layers {}"
+                text += f" (its step runs {where_.format(layers)} of {vision_depth}, 0-based)"
             parts.append(text)
         layer = [s for s in specs if s.stage.value == "layer"]
         post = [s.layer for s in layer if s.post_attention]
         plain = [s.layer for s in layer if not s.post_attention]
         if plain:
-            cut = " (also cutting the earlier layers' KV caches)" if any(s.slice_earlier for s in layer) else ""
+            starts = {s.slice_from for s in layer if s.slice_earlier}
+            cut = "" if not starts else " (also cutting the earlier layers' KV caches)" if starts == {0} else \
+                f" (also cutting the KV caches of layers {min(starts)} on to the kept tokens)"
             parts.append(f"before decoder layer{'s' if len(plain) > 1 else ''} {_ranges(plain)}{cut}")
         if post:
             parts.append(f"inside decoder layers {_ranges([k - 1 for k in post])}, after their attention")
@@ -200,7 +207,7 @@ def docstring_md(cls) -> str:
 
 def method_page(name: str) -> str:
     cls = registry()[name]
-    supported = [f"{label}" + (" (images)" if c == "images" else "")
+    supported = [f"{label}" + (f" ({c})" if c in ("images", "videos") else "")
                  for model, (label, _) in MODELS.items() if (c := cell(cls, model)) != "-"]
     kinds = " and ".join({"image": "images", "video": "videos"}[k] for k in cls.visual_kinds)
     needs = ", ".join(NEEDS_TEXT.get(n, n) for n in sorted(cls(ratio=0.5).needs)) or "the visual tokens' embeddings"
@@ -312,9 +319,12 @@ def support_short_md() -> str:
     for model, cells in support_matrix().items():
         refused = [m for m, c in cells.items() if c == "-"]
         images = [m for m, c in cells.items() if c == "images"]
+        videos_only = [m for m, c in cells.items() if c == "videos"]
         text = f"all {len(cells)}" if not refused else f"all but {', '.join(refused)}"
-        if images:
-            text += f" ({', '.join(images)}: images only)"
+        notes = ([f"{', '.join(images)}: images only"] if images else []) + \
+            ([f"{', '.join(videos_only)}: videos only"] if videos_only else [])
+        if notes:
+            text += f" ({'; '.join(notes)})"
         label = MODELS[model][0]
         lines.append(f"| {label} | {'images, videos' if model in videos else 'images'} | {text} |")
     return "\n".join(lines) + "\n"

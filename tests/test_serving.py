@@ -11,8 +11,8 @@ from vtr import compat, serving
 from vtr.methods import REGISTRY
 from vtr.patches import family_of
 
-SERVABLE = ["cdpruner", "divprune", "dycoke (kv_ratio=0)", "fastervlm", "fastvid", "hiprune",
-            "holitom (inner_ratio=0)", "random", "uniform", "visionzip", "vispruner"]
+SERVABLE = ["cdpruner", "divprune", "dycoke (kv_ratio=0)", "evs", "fastervlm", "fastvid", "hiprune",
+            "holitom (inner_ratio=0)", "prumerge", "random", "uniform", "vidcom2", "visionzip", "vispruner"]
 # methods whose choice reads the input's features (and the prompt's text) only: serving.select runs them here
 FEATURE_ONLY = [("random", {}), ("uniform", {}), ("divprune", {}), ("cdpruner", {"relevance": "embeddings"}),
                 ("dycoke", {"kv_ratio": 0}), ("fastvid", {"signals": "embedding"}), ("holitom", {"inner_ratio": 0})]

@@ -49,6 +49,12 @@ COUNT_FROM_GRID = {
     "holitom": lambda method, span: span.kind == "image",  # an image: one frame, no static windows
 }
 COUNT_REASONS = {
+    "evs": "vtr does not serve EVS yet (vLLM runs it itself: --video-pruning-rate); its count follows from the grid, "
+           "but the serving context does not carry the DeepStack features its Qwen3-VL selection reads",
+    "prumerge": "its keep count is the number of [CLS]-attention outliers (plus spatial samples) the image's "
+                "tower attention holds",
+    "vidcom2": "its keep count is the sum of frame budgets set by the frames' features (vLLM's own port, "
+               "variant='vllm', reconciles to an exact count; vtr does not serve it yet)",
     "fastvid": "a video of more frames (temporal slices) than `segments` is cut into segments by the similarity "
                "of its frames, and its keep count follows the segments; give segments >= the frame count",
     "holitom": "a video's keep count follows its static windows, found in its frames' features",
