@@ -11,8 +11,8 @@ from vtr import compat, serving
 from vtr.methods import REGISTRY
 from vtr.patches import family_of
 
-SERVABLE = ["cdpruner", "divprune", "dycoke (kv_ratio=0)", "evs", "fastervlm", "fastvid", "hiprune",
-            "holitom (inner_ratio=0)", "prumerge", "random", "uniform", "vidcom2", "visionzip", "vispruner"]
+SERVABLE = ["cdpruner", "divprune", "dycoke (kv_ratio=0)", "fastervlm", "fastvid", "hiprune",
+            "holitom (inner_ratio=0)", "random", "uniform", "visionzip", "vispruner"]
 # methods whose choice reads the input's features (and the prompt's text) only: serving.select runs them here
 FEATURE_ONLY = [("random", {}), ("uniform", {}), ("divprune", {}), ("cdpruner", {"relevance": "embeddings"}),
                 ("dycoke", {"kv_ratio": 0}), ("fastvid", {"signals": "embedding"}), ("holitom", {"inner_ratio": 0})]
@@ -107,6 +107,13 @@ def test_in_llm_methods_are_refused_with_the_reason(method):
 def test_vision_stage_methods_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="inside the vision tower"):
         serving.configure("flowcut", ratio=0.5)
+
+
+@pytest.mark.parametrize("method,match", [("evs", "DeepStack"), ("prumerge", "outliers"),
+                                          ("vidcom2", "frame budgets")])
+def test_pre_llm_methods_not_served_yet_are_refused_at_configuration(method, match):
+    with pytest.raises(ValueError, match=match):
+        serving.configure(method, ratio=0.5)
 
 
 @pytest.mark.parametrize("method,option", [("dycoke", "kv_ratio"), ("holitom", "inner_ratio")])

@@ -48,13 +48,18 @@ COUNT_FROM_GRID = {
     "fastvid": lambda method, span: _frames(span) <= method.segments,
     "holitom": lambda method, span: span.kind == "image",  # an image: one frame, no static windows
 }
-COUNT_REASONS = {
+# Methods before the language model that the plugin does not serve (yet), refused when the server starts: vLLM
+# sizes a prompt's placeholder run before the tower runs, so the keep count must follow from the grid, and the
+# serving context must carry what the selection reads.
+NOT_SERVED = {
     "evs": "vtr does not serve EVS yet (vLLM runs it itself: --video-pruning-rate); its count follows from the grid, "
            "but the serving context does not carry the DeepStack features its Qwen3-VL selection reads",
     "prumerge": "its keep count is the number of [CLS]-attention outliers (plus spatial samples) the image's "
-                "tower attention holds",
+                "tower attention holds, which vLLM would need before the tower runs",
     "vidcom2": "its keep count is the sum of frame budgets set by the frames' features (vLLM's own port, "
                "variant='vllm', reconciles to an exact count; vtr does not serve it yet)",
+}
+COUNT_REASONS = {
     "fastvid": "a video of more frames (temporal slices) than `segments` is cut into segments by the similarity "
                "of its frames, and its keep count follows the segments; give segments >= the frame count",
     "holitom": "a video's keep count follows its static windows, found in its frames' features",
@@ -71,6 +76,8 @@ def servable_reason(method: Method) -> str | None:
         return (f"{method.name} prunes inside the vision tower, between its layers, which would need vtr's "
                 "sequence surgery inside vLLM's tower; vLLM serves the methods that prune between the vision tower "
                 f"and the language model ({', '.join(servable_methods())})")
+    if method.name in NOT_SERVED:
+        return f"{method.name}: {NOT_SERVED[method.name]}"
     try:
         stages = method.stages()
     except ValueError:  # stage layers resolved from the model's depth at patch time: stages inside the LM
