@@ -87,6 +87,31 @@ def test_ratios_are_medians_of_paired_passes_with_a_shrinking_interval():
     assert _paired([1.5]) == (1.5, None) and _paired([None]) == (None, None)
 
 
+def test_steady_heap_is_entered_for_cpu_runs_and_left_after(tmp_path, monkeypatch):
+    """A CPU run measures inside SteadyHeap (glibc: active; elsewhere a no-op) unless --heap default, records
+    which in its settings, and leaves glibc's parameters restored (the context exited) when it ends."""
+    from vtr.bench import timing
+    entered = []
+    real = timing.SteadyHeap
+
+    class Spy(real):
+        def __enter__(self):
+            entered.append(self)
+            super().__enter__()
+            self.was_active = self.active
+            return self
+
+    monkeypatch.setattr(timing, "SteadyHeap", Spy)
+    base = ["--model", "tiny-llava", "--methods", "random", "--ratios", "0.5", "--repeats", "1", "--warmup", "0",
+            "--decode-tokens", "0", "--out", str(tmp_path), "--no-plot", "--quiet"]
+    steady = speed.run(base + ["--tag", "s"])
+    assert len(entered) == 1 and entered[0]._libc is None  # left: parameters restored, memory trimmed
+    assert steady["settings"]["heap"] == "steady"
+    assert steady["settings"]["heap_steady"] is entered[0].was_active and not entered[0].active
+    default = speed.run(base + ["--tag", "d", "--heap", "default"])
+    assert len(entered) == 1 and default["settings"]["heap_steady"] is False
+
+
 def test_flops_estimate():
     config = types.SimpleNamespace(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16,
                                    vocab_size=10)

@@ -34,8 +34,10 @@ from . import cli
 # (group, model, extra vtr-bench arguments, methods): every registered method once
 GROUPS = [
     ("image", "llava-1.5-7b", [], ["random", "uniform", "divprune", "cdpruner", "fastv", "dart", "pdrop",
-                                   "sparsevlm", "vispruner", "visionzip", "fastervlm", "hiprune", "flowcut"]),
-    ("video", "qwen2-vl-7b", ["--video", "{video}"], ["dycoke", "holitom", "framefusion", "prunevid", "fastvid"]),
+                                   "sparsevlm", "vispruner", "visionzip", "fastervlm", "hiprune", "flowcut",
+                                   "tome", "prumerge", "mustdrop"]),
+    ("video", "qwen2-vl-7b", ["--video", "{video}"], ["dycoke", "holitom", "framefusion", "prunevid", "fastvid",
+                                                      "evs", "vidcom2"]),
     ("onevision", "llava-onevision-7b", [], ["vflowopt"]),
 ]
 TINY = {"llava-1.5-7b": "tiny-llava", "qwen2-vl-7b": "tiny-qwen2_vl", "llava-onevision-7b": "tiny-llava_onevision"}

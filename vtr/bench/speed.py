@@ -17,6 +17,7 @@ after every timed pass) and a .png of the same name (the PNG needs matplotlib: t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch's CPU threads (default on CPU: 1, what other work on a shared machine disturbs least; "
                         "on a loaded 2-core machine 2 threads left the ratios +-17-67%% uncertain, 1 thread +-3-9%%)")
+    p.add_argument("--heap", choices=("steady", "default"), default="steady",
+                   help="on CPU with glibc: 'steady' keeps freed memory in the process during the run, so a row's "
+                        "CPU time does not include page faults that depend on the row before it (up to 1.3 s of "
+                        "system time in a 6-7 s vision tower); 'default' leaves glibc's trimming (default: steady)")
     p.add_argument("--out", default="results", help="directory for the JSON and PNG (default: ./results)")
     p.add_argument("--tag", default=None,
                    help="file name stem (default: speed-<model name>-<YYYYmmdd-HHMMSS>)")
@@ -151,8 +156,13 @@ def run(argv=None) -> dict:
         # with 2 threads on a busy machine a burst of other work stretched passes several-fold
         args.threads = args.threads or 1
         torch.set_num_threads(args.threads)
+    from .timing import SteadyHeap
     try:
-        return _measure(parser, args, device, say)
+        # on CPU the C heap keeps its freed pages, so page faults that depend on the previous row stay out of
+        # the times (SteadyHeap); --heap default leaves glibc's behaviour
+        with SteadyHeap() if device.type == "cpu" and args.heap == "steady" else contextlib.nullcontext() as heap:
+            args.heap_steady = bool(getattr(heap, "active", False))
+            return _measure(parser, args, device, say)
     finally:
         torch.set_num_threads(threads)  # run() is also called in-process (tests, notebooks)
 

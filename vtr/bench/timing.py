@@ -39,6 +39,59 @@ class Clock:
             torch.cuda.synchronize()
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+_GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_MMAP_MAX: 65536}
+
+
+class SteadyHeap:
+    """Keeps the C heap's freed memory in the process while it is entered (Linux with glibc; elsewhere a no-op):
+    no trimming of the heap's top and no ``mmap``'d blocks, so the large activations of one prefill reuse the pages
+    an earlier one used instead of faulting fresh zeroed pages in from the kernel.
+
+    Why: by default glibc returns freed memory to the kernel (a block above the mmap threshold on ``free``, the
+    heap's top above the trim threshold), and how much a forward then page-faults back in depends on what ran
+    before it, not on what it computes. In process CPU time (user + system) that is noise of a method's row: on
+    Qwen2-VL-7B's full-depth preset with an 8x144 video (one thread, a loaded 2-core machine), the vision tower's
+    window took 6.04-6.20 s of user time in every prefill, dense or pruned, and 0.02-1.33 s of system time with
+    0-789k minor page faults, by the configuration run before it (HoliTom's rows in ``cpu-methods-video.json``
+    read 0.9 s above dense in the tower, with no vtr code running there). Leaving it restores glibc's default
+    parameters (the dynamic mmap threshold stays fixed at its default) and returns the free memory
+    (``malloc_trim``). ``active``: whether the parameters took.
+
+    What it does not guarantee: a heap that keeps everything can still fragment. A synthetic loop of one 64 MiB
+    tensor allocated and freed 8 times grew the heap by a fresh block (16,384 faults) in most rounds (glibc's
+    aligned allocation asks for more than the freed block holds); the benchmark's prefills, with their many block
+    sizes, faulted 0-1 pages per tower after the first pass and stayed at 3.4-3.5 GB (measured with ``getrusage``
+    on the Qwen2-VL-7B preset). Read a row's ``±`` as before."""
+
+    def __init__(self):
+        self.active = False
+        self._libc = None
+
+    def __enter__(self):
+        import ctypes
+        import sys
+
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None)
+                libc.mallopt, libc.malloc_trim  # glibc only (musl has neither)
+            except (OSError, AttributeError):
+                return self
+            self._libc = libc
+            self.active = bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)) and bool(libc.mallopt(M_MMAP_MAX, 0))
+        return self
+
+    def __exit__(self, *exc):
+        if self._libc is not None:
+            for param, value in _GLIBC_DEFAULTS.items():
+                self._libc.mallopt(param, value)
+            self._libc.malloc_trim(0)
+            self._libc = None
+        self.active = False
+
+
 class StageTimer:
     """Marks the start and end of the vision encoder and of the language model in every forward."""
 
