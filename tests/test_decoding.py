@@ -103,7 +103,7 @@ def test_loss_over_text_tokens(method, family):
     # The first real token of a left-padded row would be "predicted" from a padding slot: never a target.
     first = inputs["attention_mask"].argmax(1)
     labels[torch.arange(len(first)), first] = -100
-    with vtr.patch(model, method, ratio=0.75) as handle:
+    with vtr.patch(model, method, ratio=0.75, **tm.options(method, family)) as handle:
         with torch.no_grad():
             loss = model(**inputs, labels=labels).loss
         index = handle.last.index

@@ -29,7 +29,7 @@ def test_ratio_zero_is_identity(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2)
     expected = run(model, inputs)
-    with vtr.patch(model, method, ratio=0.0) as handle:
+    with vtr.patch(model, method, ratio=0.0, **tm.options(method, family)) as handle:
         got = run(model, inputs)
         assert handle.last.n_kept == handle.last.n_visual
         assert handle.last.index is None
@@ -100,7 +100,7 @@ def pdrop_counts(n: int, ratio=None, keep=None, n_layers: int = 4) -> list[int]:
 def test_kept_counts_follow_the_rule(method, family, budget):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2, "multi")
-    with vtr.patch(model, method, **budget) as handle:
+    with vtr.patch(model, method, **budget, **tm.options(method, family)) as handle:
         with torch.no_grad():
             model(**inputs)
     record = handle.last
@@ -116,7 +116,7 @@ def test_kept_counts_follow_the_rule(method, family, budget):
 def test_text_tokens_are_never_dropped(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2, "mixed")
-    with vtr.patch(model, method, ratio=0.9) as handle:
+    with vtr.patch(model, method, ratio=0.9, **tm.options(method, family)) as handle:
         with torch.no_grad():
             model(**inputs)
     record = handle.last
@@ -138,7 +138,7 @@ def test_text_only_prompts_pass_through(method, family):
     model, proc = tm.build(family)
     inputs = tm.text_inputs(proc, 2)
     expected = run(model, inputs)
-    with vtr.patch(model, method, ratio=0.9) as handle:
+    with vtr.patch(model, method, ratio=0.9, **tm.options(method, family)) as handle:
         got = run(model, inputs)
         assert handle.last.n_visual == [0, 0]
     for e, g in zip(expected, got):

@@ -142,7 +142,8 @@ def test_every_tiny_name_builds_with_its_processor():
 
 
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "qwen2-vl-7b", "qwen2.5-vl-7b", "qwen3-vl-8b",
-                                  "llava-onevision-7b"])
+                                  "llava-onevision-7b", "qwen3-vl-30b-a3b", "internvl3.5-8b", "gemma-3-4b",
+                                  "qwen3.5-9b", "qwen3.5-35b-a3b", "glm-4.1v-9b"])
 def test_the_full_depth_preset_keeps_depth_and_head_size(name):
     """--preset full-depth: every decoder layer, a quarter of the width, the real head size (so rotary sections
     still add up) and a projector that outputs the narrowed width; the model builds and runs a forward."""
@@ -160,7 +161,8 @@ def test_the_full_depth_preset_keeps_depth_and_head_size(name):
     if getattr(narrow_text, "layer_types", None):
         narrow_text.layer_types = narrow_text.layer_types[:2]
     model = models.random_model(narrow, torch.float32, torch.device("cpu"), "sdpa")
-    inputs = models.synthetic_inputs(model, prompt_tokens=8, image_size=56 if "qwen" in name else None)
+    inputs = models.synthetic_inputs(model, prompt_tokens=8, image_size=56 if "qwen" in name or "glm" in name else
+                                     448 if "internvl" in name else None)
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape[-1] == narrow_text.vocab_size and torch.isfinite(logits).all()
