@@ -1,14 +1,17 @@
 """Kernel micro-benchmark: each hot-path op timed three ways on the same tensors.
 
 * ``triton``    -- the fused kernel of ``vtr/kernels/triton_ops.py`` (only on CUDA with triton installed);
-* ``reference`` -- the vectorised PyTorch reference of ``vtr/kernels/reference.py``;
+* ``reference`` -- the vectorised PyTorch reference of ``vtr/kernels/reference.py``, or for the selections that
+  live in a method file (CDPruner's DPP, VisPruner's duplicate removal) vtr's own code;
 * ``official``  -- a slow re-implementation of what the official method code does (Python loops over rows or
-  tokens; FastV's full eager attention matrix), written from the semantics in ``reference.py`` and the method notes.
+  tokens; FastV's full eager attention matrix; DivPrune's, CDPruner's and VisPruner's selection loops as their
+  ``llava_arch.py`` writes them), written from the official code's semantics.
 
-    python benchmarks/kernels.py [--device cuda|cpu] [--out results/kernels.json] [--quick]
+    python benchmarks/kernels.py [--device cuda|cpu] [--out results/kernels.json] [--quick] [--threads N]
 
-GPU: CUDA events after warm-up, median of repeats. CPU: ``time.perf_counter``, and ``--quick`` is implied (fewer
-repeats, batch 1 only for the heaviest official paths) so the whole run stays well under two minutes.
+GPU: CUDA events after warm-up, median of repeats. CPU: the process's CPU time (``time.process_time``) with one
+torch thread unless ``--threads`` (what a machine shared with other work distorts least), and ``--quick`` is
+implied (fewer repeats, batch 1 only for the heaviest official paths).
 """
 from __future__ import annotations
 
@@ -74,6 +77,45 @@ def official_divprune(feats, k):
     return picks
 
 
+def official_cdpruner(feats, text, k):
+    """CDPruner's ``encode_images`` on one image: normalised features in the features' dtype cast to fp32, the dense
+    cosine similarity, relevance to the instruction embedding min-max normalised, the kernel ``r S r``, then
+    ``k`` greedy steps, each subtracting the einsum of all previous Cholesky rows (O(k^2 N))."""
+    unit = (feats / feats.norm(dim=-1, keepdim=True)).float()
+    similarity = unit @ unit.T
+    relevance = (unit @ (text / text.norm()).float()[:, None]).mean(-1)
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance[:, None] * similarity * relevance[None, :]
+    n = kernel.shape[0]
+    cis = torch.zeros(k, n, device=feats.device)
+    di2s = torch.diagonal(kernel).clone()
+    picks = []
+    for i in range(k):
+        j = int(torch.argmax(di2s))
+        picks.append(j)
+        eis = (kernel[j] - torch.einsum("t,tn->n", cis[:i, j], cis[:i])) / torch.sqrt(di2s[j])
+        cis[i] = eis
+        di2s -= torch.square(eis)
+        di2s[j] = -float("inf")
+    return picks
+
+
+def official_vispruner(feats, order, target):
+    """VisPruner's duplicate removal: each round gathers the remaining tokens' normalised features, multiplies the
+    even half by the odd half, drops the (up to) 8 even tokens most similar to an odd one."""
+    unit = feats / feats.norm(dim=-1, keepdim=True)
+    residual = order
+    while True:
+        R = residual.shape[0]
+        r = min(8, R - target)
+        if r <= 0:
+            return residual
+        tokens = unit[residual]
+        scores = (tokens[::2] @ tokens[1::2].T).max(-1).values
+        distinct = torch.sort(scores, descending=True, stable=True).indices[r:]
+        residual = torch.cat([residual[::2][distinct], residual[1::2]])
+
+
 def official_dart(h, pivot_set, pool_set, per_pivot):
     """DART's loop: Python sets, per pivot a cosine similarity to the remaining pool and a top-k of its negation."""
     retained, pool = set(pivot_set), set(pool_set)
@@ -115,9 +157,9 @@ def make_timer(device, warmup, repeats):
             fn()
         times = []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((time.process_time() - t0) * 1e3)
         return statistics.median(times)
 
     return cuda_time if device == "cuda" else cpu_time
@@ -160,14 +202,33 @@ def cases(device, quick):
                 fn=lambda m, q=q_all[:, :, -1:], k=k, v=valid: m.attention_scores(q, k, v, HEAD_DIM ** -0.5)[:, 0],
                 official=None if heavy else (lambda q=q_all, k=k: official_fastv(q, k, HEAD_DIM ** -0.5)))
 
+    from vtr.methods.cdpruner import CDPruner
+    from vtr.methods.vispruner import remove_duplicates
     for name, prompt in PROMPTS.items():
         s, N = prompt["s"], prompt["N"]
         feats = torch.randn(N, HIDDEN, device=device, dtype=dtype)
-        heavy = device == "cpu" and N > 1000  # O(k^2 N) official loop on a 2-core CPU
         for k in ((64, 128, 192) if N == 576 else (320,)):
             yield "greedy_maxmin", f"{name} DivPrune k={k} of {N}", dict(
                 fn=lambda m, f=feats, k=k: m.greedy_maxmin(f, k).tolist(),
-                official=None if heavy else (lambda f=feats, k=k: official_divprune(f, k)))
+                official=lambda f=feats, k=k: official_divprune(f, k))
+        # CDPruner's conditional DPP (the language model's embeddings as the instruction: the kernel and the
+        # loop are the official ones whatever the relevance's source) and VisPruner's duplicate removal (CLIP-L
+        # features, 1024 wide), vtr's method code against the official loops
+        text = torch.randn(HIDDEN, device=device)
+        for k in ((64,) if N == 576 else (320,)):
+            def vtr_cdpruner(f=feats.float(), k=k):
+                unit = torch.nn.functional.normalize(f.float(), dim=-1)
+                return sorted(CDPruner(keep=k)._select(unit, unit, text[None], False, k).tolist())
+            yield "cdpruner_dpp", f"{name} CDPruner k={k} of {N}", dict(
+                fn=lambda m, run=vtr_cdpruner: run(), triton=False,
+                official=lambda f=feats.float(), k=k: sorted(official_cdpruner(f, text, k)))
+        clip = torch.randn(N, 1024, device=device)
+        order = torch.randperm(N, device=device)
+        target = N // 18  # ratio 0.889, half of the budget diverse
+        yield "vispruner_dedup", f"{name} VisPruner {N - target}->{target} of {N}", dict(
+            fn=lambda m, f=clip, o=order, t=target: remove_duplicates(
+                torch.nn.functional.normalize(f, dim=-1), o[t:], t).tolist(), triton=False,
+            official=lambda f=clip, o=order, t=target: official_vispruner(f, o[t:], t).tolist())
 
         # DART: 4 image + 4 text pivots (iterated in Python set order), pool = the other image tokens.
         L = prompt["L"]
@@ -200,7 +261,12 @@ def main(argv=None):
     parser.add_argument("--out", default="results/kernels.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and shapes (implied on CPU)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--ops", default="", help="comma-separated ops to run (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default on CPU: 1, timed in process CPU time)")
     args = parser.parse_args(argv)
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     quick = args.quick or args.device == "cpu"
     warmup, repeats = (1, 3) if quick else (5, 20)
     repeats = args.repeats or repeats
@@ -217,10 +283,12 @@ def main(argv=None):
     print(f"{'op':<20} {'shape':<52} {'triton ms':>10} {'ref ms':>10} {'official ms':>12} "
           f"{'ref/tri':>8} {'off/tri':>8} {'off/ref':>8}  agree")
     for op, shape, ways in cases(args.device, quick):
+        if args.ops and op not in args.ops.split(","):
+            continue
         ref_out = ways["fn"](reference)
         row = dict(op=op, shape=shape, triton_ms=None, reference_ms=timer(lambda: ways["fn"](reference)),
                    official_ms=None, triton_agrees=None, official_agrees=None)
-        if triton_ops is not None:
+        if triton_ops is not None and ways.get("triton", True):
             row["triton_agrees"] = agree(ways["fn"](triton_ops), ref_out)
             row["triton_ms"] = timer(lambda: ways["fn"](triton_ops))
         if ways["official"] is not None:
@@ -242,7 +310,7 @@ def main(argv=None):
 
     meta = dict(
         device=args.device, quick=quick, warmup=warmup, repeats=repeats,
-        timing="CUDA events, median" if args.device == "cuda" else "time.perf_counter, median",
+        timing="CUDA events, median" if args.device == "cuda" else "process CPU time (time.process_time), median",
         gpu=torch.cuda.get_device_name() if args.device == "cuda" else None,
         cpu=cpu_name(), cpu_threads=torch.get_num_threads(),
         python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
@@ -250,7 +318,8 @@ def main(argv=None):
         platform=platform.platform(),
         notes="agree: triton vs reference (selections identical, scores allclose) / official vs reference "
               "(same picks; DART compared as retained sets on fp32 features; FastV official is bf16 so allclose 2e-2); "
-              "official timings skipped on CPU where they would take minutes (marked -)",
+              "official timings skipped on CPU where they would take minutes (marked -); cdpruner_dpp and "
+              "vispruner_dedup: 'ref' is vtr's method code (no Triton kernel)",
     )
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

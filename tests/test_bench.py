@@ -49,6 +49,10 @@ def test_speed_harness_end_to_end(tmp_path, family, extra):
         assert row["ttft_cpu_speedup_vs_dense"] == pytest.approx(dense["ttft_cpu_s"] / row["ttft_cpu_s"])
         if row["kind"] == "ideal":
             assert row["ttft_cpu_s"] > row["vision_cpu_s"] > 0
+            # plus the dense run's time outside the language model (vision, embedding, LM head)
+            assert 0 < row["outside_s"] < dense["ttft_s"] and 0 < row["outside_cpu_s"] < dense["ttft_cpu_s"]
+        else:  # the prefill's language model, not its decoding steps too
+            assert row["llm_s"] < row["ttft_s"] and row["llm_cpu_s"] < row["ttft_cpu_s"]
         if row["kind"] == "method":
             ideal = rows[label + " ideal"]
             assert row["ttft_cpu_vs_ideal"] == pytest.approx(ideal["ttft_cpu_s"] / row["ttft_cpu_s"])
@@ -261,9 +265,9 @@ def test_layered_ideal_equals_the_pruned_run(family, method):
         positions = lm_inputs["positions"][..., -1:] + 1
         step = model(input_ids=token, past_key_values=out.past_key_values, position_ids=positions).logits[:, -1]
     assert index.shape[1] < lm_inputs["embeds"].shape[1]
-    ideal = LayeredIdeal(model, lm_inputs, index, 2)
-    torch.testing.assert_close(ideal.prefill(), out.logits[:, -1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ideal.step(token), step, atol=1e-5, rtol=1e-5)
+    with LayeredIdeal(model, lm_inputs, index, 2) as ideal:
+        torch.testing.assert_close(ideal.prefill(), out.logits[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ideal.step(token), step, atol=1e-5, rtol=1e-5)
     assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == [index.shape[1] + 1 if i >= 2 else
                                                                       lm_inputs["embeds"].shape[1] + 1
                                                                       for i in range(len(ideal.cache.layers))]
@@ -283,8 +287,8 @@ def test_multi_stage_ideal_runs_each_stage_length(method):
     with vtr.patch(model, method, ratio=0.5, **options) as handle, torch.no_grad():
         out = model(**inputs, use_cache=True)
         stages = [(s.layer, s.index) for s in handle.last.stages]
-    ideal = LayeredIdeal(model, lm_inputs, stages=stages)
-    logits = ideal.prefill()
+    with LayeredIdeal(model, lm_inputs, stages=stages) as ideal:
+        logits = ideal.prefill()
     assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == \
         [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     if method == "pdrop":
@@ -401,3 +405,130 @@ def test_bench_row_labels_show_the_options():
     grid = build_grid(["dycoke", "divprune"], [{"ratio": 0.5}], {"kv_ratio": 0.8})
     assert [c.label for c in grid[1:3]] == ["dycoke[ratio=0.5,kv_ratio=0.8]", "dycoke[ratio=0.5,kv_ratio=0.8] ideal"]
     assert grid[3].label == "divprune[ratio=0.5]"
+
+
+@pytest.mark.parametrize("method,family", [("holitom", "qwen2_vl"), ("prunevid", "qwen2_vl"),
+                                           ("framefusion", "qwen2_vl"), ("vflowopt", "llava_onevision")])
+def test_ideal_of_a_pre_llm_stage_followed_by_layer_stages(method, family):
+    """The ideal bounds each stage where it acts: the layers before the first layer stage run on the pre-LLM
+    stage's kept tokens (not on the full prompt), later layers on their stage's, post-attention stages run the
+    layer before's MLP on the kept tokens and cut caches are cut: every layer's KV cache has the pruned run's
+    length after the prefill and after each decoding step."""
+    from vtr.bench.grid import Config, Runner
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1) if method == "vflowopt" else tm.video_inputs(family, proc, 1)
+    runner = Runner(model, inputs, decode_tokens=2)
+    caches = {}
+    for kind in ("method", "ideal"):  # the caches each run leaves, read from the model's forward
+        hook = model.register_forward_hook(lambda m, a, k, out, kind=kind: caches.setdefault(kind, []).append(
+            [layer.keys.shape[-2] for layer in out.past_key_values.layers]), with_kwargs=True)
+        if kind == "method":
+            dense = runner.run(Config("dense"))
+            caches.clear()
+        sample = runner.run(Config(kind, method, {"ratio": 0.5}))
+        hook.remove()
+        if kind == "method":
+            pruned = sample
+    ideal = sample
+    stages = runner.stages[Config("method", method, {"ratio": 0.5}).label]
+    assert stages["stages"][0][0] == 0 and len(stages["stages"]) > 1  # a pre-LLM stage, then layer stages
+    assert ideal.layer_lengths == pruned.layer_lengths
+    if method != "framefusion":  # (its pre-LLM stage merges only where frames repeat: none in random video)
+        assert ideal.layer_lengths[0] < dense.layer_lengths[0]  # layer 0 runs on the pre-LLM stage's tokens
+    assert caches["ideal"] == caches["method"] and len(caches["ideal"]) == 3  # prefill and two decoding steps
+    assert ideal.kv_cache == pruned.kv_cache
+    runner.close()
+
+
+def test_ideal_decodes_through_the_models_forward():
+    """The ideal's decoding steps pay what the method's pay (the model's forward: embedding, masks, LM head), not
+    a hand loop over the layers."""
+    from vtr.bench.ideal import LayeredIdeal
+    from reference import capture_lm_inputs
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    lm_inputs = capture_lm_inputs(model, inputs)
+    with vtr.patch(model, "dart", ratio=0.75) as handle, torch.no_grad():
+        model(**inputs)
+        stages = [(s.layer, s.index) for s in handle.last.stages]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with LayeredIdeal(model, lm_inputs, stages=stages) as ideal:
+        token = ideal.prefill().argmax(-1, keepdim=True)
+        ideal.step(token)
+    hook.remove()
+    assert len(calls) == 2
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)  # hooks removed
+
+
+def test_bench_validates_every_row_on_the_model_before_measuring(tmp_path, capsys, monkeypatch):
+    """An option the built model refuses (a vision layer its tower lacks) stops the run before any measurement."""
+    from vtr.bench import grid
+    monkeypatch.setattr(grid, "run_grid", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured")))
+    with pytest.raises(SystemExit):
+        speed.run(["--model", "tiny-llava", "--methods", "divprune,hiprune", "--set", "object_layer=11",
+                   "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert "hiprune[ratio=0.778,object_layer=11] cannot run on this model" in err and "object_layer" in err
+
+
+def test_a_stopped_run_keeps_the_passes_it_measured(tmp_path, monkeypatch):
+    from vtr.bench import grid
+    real, calls = grid.Runner.run, []
+
+    def run(self, config):
+        calls.append(config.label)
+        if len(calls) > 2 * 3:  # warm-up pass and first timed pass of 3 rows, then the run is stopped
+            raise KeyboardInterrupt
+        return real(self, config)
+
+    monkeypatch.setattr(grid.Runner, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        speed.run(["--model", "tiny-llava", "--methods", "divprune", "--ratios", "0.5", "--repeats", "3",
+                   "--decode-tokens", "1", "--out", str(tmp_path), "--tag", "stopped", "--quiet"])
+    saved = json.loads((tmp_path / "stopped.json").read_text())
+    assert saved["passes_done"] == 1 and saved["complete"] is False
+    assert {r["config"] for r in saved["results"]} == {"dense", "divprune[ratio=0.5]", "divprune[ratio=0.5] ideal"}
+    assert all(r["repeats"] == 1 for r in saved["results"])
+
+
+def test_tiny_models_say_their_timings_mean_nothing_and_the_plot_is_honest(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    drawn = []
+    real_errorbar = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, yerr=None, **k: drawn.append((list(x), yerr, k["label"])) or
+                        real_errorbar(self, x, y, yerr=yerr, **k))
+    lines = []
+    real_axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline",
+                        lambda self, y=0, **k: lines.append(y) or real_axhline(self, y, **k))
+    result = speed.run(["--model", "tiny-llava", "--methods", "divprune,dart", "--ratios", "0.5,0.75",
+                        "--repeats", "2", "--warmup", "0", "--decode-tokens", "1", "--clock", "cpu",
+                        "--out", str(tmp_path), "--tag", "t"])
+    out = capsys.readouterr()
+    assert speed.TINY_NOTICE in out.out and speed.TINY_NOTICE in out.err
+    assert "1 thread" in out.out and "ratios in process CPU time" in out.out
+    assert all(x == [0.5, 0.75] for x, _, _ in drawn) and len(drawn) == 4  # measured points only, no ratio 0
+    assert all(e is not None and len(e) == 2 for _, e, _ in drawn)
+    labels = [label for _, _, label in drawn]
+    assert "divprune ideal: unpatched, fed the kept tokens" in labels
+    assert "dart ideal: unpatched, layers 2 on each stage's kept tokens" in labels
+    assert 1.0 in lines  # y = 1: the dense model
+    assert result["complete"] is True
+
+
+def test_the_per_method_table_runs_every_registered_method_in_one_command(tmp_path, capsys):
+    """``python -m vtr.bench.methods``: every registered method once, against its ideal, in process CPU time."""
+    from vtr.bench import methods
+    from vtr.methods.registry import REGISTRY
+    summary = methods.main(["--tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0", "--ratios", "0.5",
+                            "--out", str(tmp_path), "--tag", "m", "--quiet"])
+    assert sorted(r["method"] for r in summary["rows"]) == sorted(REGISTRY)
+    for row in summary["rows"]:
+        assert row["clock"] == "cpu" and row["over_ideal"] > 0 and row["kept"] < row["visual"], row
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
+    table = (tmp_path / "m.md").read_text()
+    assert table.count("\n| ") == len(REGISTRY) + 1 and "say nothing about speed" in table
+    assert {p.name for p in tmp_path.glob("m-*.json")} == {f"m-{g[0]}.json" for g in methods.GROUPS}

@@ -60,6 +60,16 @@ def test_every_registered_method_is_on_the_curve(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_budgets_out_of_a_methods_reach_leave_a_gap(tmp_path):
+    """PyramidDrop's layer-averaged budget cannot go below 1/2 on the canary's 2-layer model (layer 0 runs on every
+    token): that point of its curve is empty, the others are measured, and the table and plot show the gap."""
+    report = canary.run(["pdrop"], kept=(0.5, 0.25), n=8)
+    assert report["curves"]["pdrop"]["accuracy"][1] is None and report["curves"]["pdrop"]["accuracy"][0] >= 0
+    assert report["curves"]["pdrop"]["mean_kept_tokens"][1] is None
+    assert canary.table(report).splitlines()[-3].split()[-1] == "-"
+    canary.plot(report, str(tmp_path / "gap.png"))
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method"):
         canary.run(["dartt"], kept=(0.5,), n=4)

@@ -1,9 +1,10 @@
-"""Decoding paths beyond greedy generate: a hand-written forward loop, sampling, beam search, labels, concurrent
-and interleaved requests."""
+"""Decoding paths beyond greedy generate: a hand-written forward loop, sampling, beam search, several sequences per
+prompt, labels, concurrent and interleaved requests."""
 import threading
 
 import pytest
 import torch
+import transformers
 
 import reference as R
 import tiny_models as tm
@@ -78,6 +79,61 @@ def test_beam_search_matches_the_unpatched_model_on_kept_tokens(method, family):
                                                               handle.method.positions),
                               max_new_tokens=STEPS, num_beams=3, do_sample=False)
     assert torch.equal(got, expected)
+
+
+class ForceTokens(transformers.LogitsProcessor):
+    """Greedy decoding forced to the given tokens ``[B, steps]`` (generate's raw logits stay the model's)."""
+
+    def __init__(self, tokens):
+        self.tokens, self.step = tokens, 0
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[torch.arange(len(scores)), self.tokens[:, self.step]] = 0
+        self.step += 1
+        return forced
+
+
+def forced_logits(model, inputs, tokens):
+    """``[B, steps, V]`` the logits the patched model gives each row of ``inputs`` fed ``tokens`` ``[B, steps]``."""
+    out = model.generate(**inputs, max_new_tokens=tokens.shape[1], do_sample=False, return_dict_in_generate=True,
+                         output_logits=True, logits_processor=[ForceTokens(tokens)])
+    assert torch.equal(out.sequences[:, -tokens.shape[1]:], tokens)
+    return torch.stack(out.logits, 1)
+
+
+def same_selection(record, alone, rows: slice) -> bool:
+    """Whether a prefill kept the same tokens in the same slots as rows ``rows`` of an equally padded one."""
+    kept = alone.kept[rows]
+    if len(record.kept) != len(kept) or not all(torch.equal(a, b) for a, b in zip(record.kept, kept)):
+        return False
+    return (record.index is None and alone.index is None) or torch.equal(record.index, alone.index[rows])
+
+
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
+def test_beams_and_several_sequences_per_prompt(method, family):
+    """Beam search returning several sequences, and sampling several sequences per prompt: generate encodes each
+    prompt's images once and then repeats its rows. Every row selects what its prompt selects in a batch that
+    holds each prompt once per sequence (each encoded on its own), and each returned sequence's score (beams) and
+    logits (samples) equal that batch's, forced to the same tokens."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    copies = tm.image_inputs(family, proc, 2, rows=[0, 0, 1, 1] * 2)  # what the repeated rows of both runs stand for
+    steps, several = 2, dict(num_return_sequences=2, return_dict_in_generate=True, max_new_tokens=2)
+    with vtr.patch(model, method, ratio=0.5) as handle, torch.no_grad():
+        beams = model.generate(**inputs, num_beams=2, do_sample=False, length_penalty=0.0, output_scores=True,
+                               **several)
+        beam_record = handle.last
+        torch.manual_seed(7)
+        sampled = model.generate(**inputs, do_sample=True, top_k=20, output_logits=True, **several)
+        sample_record = handle.last
+        tokens = torch.cat([beams.sequences[:, -steps:], sampled.sequences[:, -steps:]])
+        logits = forced_logits(model, copies, tokens)
+        assert same_selection(beam_record, handle.last, slice(0, 4))
+        assert same_selection(sample_record, handle.last, slice(4, 8))
+    logprobs = logits[:4].log_softmax(-1).gather(-1, tokens[:4, :, None]).sum((1, 2))
+    assert torch.allclose(beams.sequences_scores, logprobs, atol=1e-4)
+    assert (torch.stack(sampled.logits, 1) - logits[4:]).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("method", ["fastv", "dart"])

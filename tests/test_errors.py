@@ -153,7 +153,8 @@ def test_numpy_numbers_are_options_and_bad_numbers_name_the_problem():
     assert type(vtr.FrameFusion(ratio=0.5, cost_layers=np.int32(28)).cost_layers) is int
     for method, options, match in [("holitom", {"ratio": "0.5"}, r"ratio must be in \[0, 1\)"),
                                    ("holitom", {"ratio": 0.5, "threshold": 1.5}, r"threshold must be in \[-1.0, 1.0\]"),
-                                   ("holitom", {"ratio": 0.5, "threshold": float("nan")}, "threshold must be a number"),
+                                   ("holitom", {"ratio": 0.5, "threshold": float("nan")},
+                                    "threshold must be a finite number, got nan"),
                                    ("prunevid", {"ratio": 0.5, "tau": -2.0}, r"tau must be in \[-1.0, 1.0\]")]:
         with pytest.raises(ValueError, match=match):
             REGISTRY[method](**options)

@@ -69,9 +69,9 @@ def inputs_for(family, proc, batch, variant):
     return tm.image_inputs(family, proc, batch, variant)
 
 
-def check_against_reference(model, inputs, method, mode, **options):
+def check_against_reference(model, inputs, method, mode, ratio=RATIO, **options):
     """Run ``method`` patched (a forward, or greedy generate) and compare with the reference on the kept tokens."""
-    with vtr.patch(model, method, ratio=RATIO, **options) as handle:
+    with vtr.patch(model, method, ratio=ratio, **options) as handle:
         with torch.no_grad():
             if mode == "forward":
                 logits = model(**inputs).logits
@@ -112,6 +112,16 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
     if policy:
         options["positions"] = _policy(method, family, policy)
     check_against_reference(model, inputs_for(family, proc, batch, variant), method, mode, **options)
+
+
+@pytest.mark.parametrize("method,family", tm.method_family(tm.matrix_methods(), ["llava_next", "llava_onevision"]))
+def test_extreme_aspect_ratios_equal_reference(method, family):
+    """Anyres images whose unpadded grid keeps no row (20x300 on the tiny models) or no column (300x20) beside an
+    ordinary one: pruned as the reference (generate: the layout read from the newline tokens alone)."""
+    from test_layout import extreme_inputs
+    model, proc = tm.build(family, attn="eager")
+    check_against_reference(model, extreme_inputs(family, proc, [(20, 300), (300, 20), (48, 80)]), method,
+                            "generate")
 
 
 @pytest.mark.parametrize("mode", ["forward", "generate"])

@@ -210,8 +210,8 @@ def repeating_video(family, frames, static, seed=0):
 
 CASES = [  # family, frames, static pixel columns, ratio, similarity, ratio_lower_bound; visual counts per call
     ("qwen2_vl", 8, 24, 0.5, 0.9, 0.1),  # 192 -> 120 merged at the input, merging stops, pruned to 72
-    ("qwen2_vl", 8, 0, 0.5, 0.2, 0.05),  # 162, 147, 128: a cascade of three merges, then 84
-    ("qwen2_vl", 8, 0, 0.5, 0.3, 0.05),  # 182, 172, 164: merges spend the budget (u = 1): 1 token left
+    ("qwen2_vl", 8, 0, 0.4, 0.2, 0.1),  # 162, 147: a cascade of two merges, then pruned to 76
+    ("qwen2_vl", 8, 0, 0.4, 0.2, 0.05),  # 162, 147, 128, 84: merges to the last call, above the budget (68%)
     ("qwen2_vl", 8, 24, 0.5, 0.1, 0.05),  # ratio >= u at the input: the top floor(u * V) merge, no pruning
     ("qwen2_5_vl", 8, 32, 0.6, 0.5, 0.05),
     ("qwen3_vl", 6, 24, 0.5, 0.9, 0.1),
@@ -236,8 +236,21 @@ def test_on_a_model_equals_the_slow_rederivation(family, frames, static, ratio, 
     assert record.kept[0].tolist() == sorted(visual[p] for p in alive if p in visual)  # OneVision: + newline
     assert [s.n_present[0] - int(span.newline.sum()) for s in record.stages] == counts
     assert torch.allclose(logits, slow_logits, atol=1e-5)
-    check_against_reference(model, inputs, "framefusion", "generate", **options)
-    check_against_reference(model, inputs, "framefusion", "forward", **options)
+    check_against_reference(model, inputs, "framefusion", "generate", ratio=ratio, **options)
+    check_against_reference(model, inputs, "framefusion", "forward", ratio=ratio, **options)
+
+
+@pytest.mark.parametrize("ratio,similarity,lowest", [(0.5, 0.3, "67.45% \\(ratio <= 0.3255\\)"),
+                                                     (0.5, 0.2, "56.90% \\(ratio <= 0.431\\)")])
+def test_merges_that_spend_the_budget_are_refused(ratio, similarity, lowest):
+    """Merges that commit more of the video's tokens to the layers before the pruning step than the budget allows
+    (the official code fails an assertion there): a ValueError naming the lowest reachable cost, as soon as the
+    merge that spends it is made (182, 172, 164 tokens, resp. 162, 147, 128, over 2 of these 4 layers' worth)."""
+    model, proc = tm.build("qwen2_vl", attn="eager")
+    inputs = tm.video_inputs("qwen2_vl", proc, videos=[repeating_video("qwen2_vl", 8, 0)])
+    with vtr.patch(model, "framefusion", ratio=ratio, similarity_lower_bound=similarity, ratio_lower_bound=0.05), \
+            torch.no_grad(), pytest.raises(ValueError, match=rf"framefusion: ratio=0.5 .* lowest it reaches is {lowest}"):
+        model(**inputs)
 
 
 def test_official_28_layers_and_the_depth_default():

@@ -55,15 +55,17 @@ def test_triton_kernels_match_references_on_gpu():
     assert torch.allclose(got, reference.attention_scores(q, k, keep, 128 ** -0.5), atol=1e-5)
     feats = torch.randn(576, 4096, device="cuda", generator=g)
     assert torch.equal(triton_ops.greedy_maxmin(feats, 64), reference.greedy_maxmin(feats, 64))
-    n, d = 8192, 256  # above one block: blockwise, O(n) memory
+    n, d = 8192, 256  # blockwise (no matrix budget): O(n) memory
     video = torch.randn(n, d, device="cuda", generator=g)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    picks = triton_ops.greedy_maxmin(video, 300)
+    picks = triton_ops.greedy_maxmin(video, 300, max_matrix_bytes=0)
     bound = 4 * reference.BLOCK_ROWS * n * 4 + 2 * n * d * 4  # blocks of distances, the unit rows
     assert torch.cuda.max_memory_allocated() - base < bound < n * n * 4  # below one dense distance matrix
-    assert torch.equal(picks, reference.greedy_maxmin(video, 300))
+    assert torch.equal(picks, reference.greedy_maxmin(video, 300, max_matrix_bytes=0))
+    # within the default budget: the one dense matrix, the same picks as the reference's dense path
+    assert torch.equal(triton_ops.greedy_maxmin(video, 300), reference.greedy_maxmin(video, 300))
     pool = torch.arange(8, 576, device="cuda")
     pivots = torch.arange(8, device="cuda")
     assert torch.equal(triton_ops.pivot_least_similar(feats, pivots, pool, 15),

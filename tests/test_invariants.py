@@ -1,5 +1,7 @@
-"""Invariants 1, 3, 4: ratio 0 is the identity, kept counts follow each method's rule, text is never dropped,
-text-only prompts pass through, unpatching restores the model exactly."""
+"""Invariants 1, 3, 4, 5: ratio 0 is the identity, kept counts follow each method's rule, text is never dropped,
+text-only prompts pass through, unpatching restores the model exactly and a cache pruned before is never continued
+silently."""
+import copy
 import math
 from decimal import Decimal
 
@@ -100,6 +102,12 @@ def pdrop_counts(n: int, ratio=None, keep=None, n_layers: int = 4) -> list[int]:
 def test_kept_counts_follow_the_rule(method, family, budget):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2, "multi")
+    sizes = [int((ids == model.config.image_token_id).sum()) for ids in inputs["input_ids"]]
+    if any(tm.out_of_reach(method, n, **budget) for n in sizes):  # refused: test_multistage.py
+        with pytest.raises(ValueError, match="cannot reach"), torch.no_grad():
+            with vtr.patch(model, method, **budget, **tm.options(method, family)):
+                model(**inputs)
+        return
     with vtr.patch(model, method, **budget, **tm.options(method, family)) as handle:
         with torch.no_grad():
             model(**inputs)
@@ -116,7 +124,7 @@ def test_kept_counts_follow_the_rule(method, family, budget):
 def test_text_tokens_are_never_dropped(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2, "mixed")
-    with vtr.patch(model, method, ratio=0.9, **tm.options(method, family)) as handle:
+    with vtr.patch(model, method, ratio=tm.reachable_ratio(method, 0.9), **tm.options(method, family)) as handle:
         with torch.no_grad():
             model(**inputs)
     record = handle.last
@@ -138,7 +146,7 @@ def test_text_only_prompts_pass_through(method, family):
     model, proc = tm.build(family)
     inputs = tm.text_inputs(proc, 2)
     expected = run(model, inputs)
-    with vtr.patch(model, method, ratio=0.9, **tm.options(method, family)) as handle:
+    with vtr.patch(model, method, ratio=tm.reachable_ratio(method, 0.9), **tm.options(method, family)) as handle:
         got = run(model, inputs)
         assert handle.last.n_visual == [0, 0]
     for e, g in zip(expected, got):
@@ -169,6 +177,40 @@ def test_unpatch_restores_the_model(method, how):
     for e, g in zip(expected, run(model, inputs)):
         assert torch.equal(e, g)
     vtr.patch(model, method, ratio=0.5).remove()  # can be patched again
+
+
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
+def test_a_pruned_cache_is_never_continued_after_removal(method, family):
+    """A cache the patch pruned refuses the unpatched model after remove(), in a hand-written decoding step and in
+    a second generate turn, and so do a copy of it and a new patch of the same method; a cache whose request
+    removed nothing (DyCoke on an image, kept whole before its decoding stage) continues as the unpatched model's."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 2)
+    kwargs = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
+    with torch.no_grad():
+        with vtr.patch(model, method, ratio=0.5) as handle:
+            turn = model.generate(**inputs, **kwargs)
+        cache = turn.past_key_values
+        mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(2, 1)], 1)
+        again = dict(input_ids=torch.cat([turn.sequences, turn.sequences[:, -1:]], 1),
+                     attention_mask=torch.cat([mask, mask[:, -1:]], 1), max_new_tokens=1, do_sample=False)
+        if handle.last.index is None:
+            assert handle.method.decode_stage() is not None
+            unpatched = model.generate(**inputs, **kwargs)
+            assert torch.equal(model.generate(**again, past_key_values=cache),
+                               model.generate(**again, past_key_values=unpatched.past_key_values))
+            return
+        removed = r"KV cache was pruned by vtr.patch\(model, '\w+', ...\), which has since been removed"
+        with pytest.raises(ValueError, match=removed):  # Qwen without a mask: transformers fails a masked step
+            model(input_ids=turn.sequences[:, -1:], past_key_values=cache,
+                  **({} if family.startswith("qwen") else {"attention_mask": mask}))
+        with pytest.raises(ValueError, match=removed):
+            model.generate(**again, past_key_values=cache)
+        with pytest.raises(ValueError, match=removed):
+            model.generate(**again, past_key_values=copy.deepcopy(cache))
+        with vtr.patch(model, method, ratio=0.5), pytest.raises(ValueError, match=removed):
+            model.generate(**again, past_key_values=cache)
+        assert cache.get_seq_length() > 0  # still readable
 
 
 def test_method_object_is_a_context_manager():

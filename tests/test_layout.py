@@ -4,6 +4,7 @@ import torch
 
 import tiny_models as tm
 import vtr
+from vtr import compat
 
 
 def layout_of(model, inputs, generate=False):
@@ -56,6 +57,36 @@ def test_llava_next_layout_in_generate():
         assert coords(a.spans[0]) == coords(b.spans[0])
         tiles = b.spans[0].crop[16:]
         assert (tiles == -1).all() or torch.equal(tiles, a.spans[0].crop[16:])
+
+
+def extreme_inputs(family, proc, sizes):
+    """One prompt per image size (height, width), left-padded into one batch."""
+    images = [tm.random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    return proc(text=[tm._prompt(family, 1, long=False)] * len(images), images=images, return_tensors="pt",
+                padding=True, padding_side="left")
+
+
+# On the tiny anyres models (32-pixel tiles of 4x4 patches, grids up to 2 tiles wide): unpadding keeps no row of a
+# 20x300 image, no column of a 300x20 one (a newline per row), one row of an 8x64 one; ordinary sizes beside them.
+EXTREME_SIZES = [(20, 300), (300, 20), (1, 64), (64, 1), (8, 64), (64, 8), (1000, 10), (33, 64), (48, 80)]
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+def test_anyres_layout_of_extreme_aspect_ratios(family):
+    """Every size the processor accepts is read as the model packs it: the base grid, then the unpadded grid's
+    rows (none, or rows without columns, for extreme aspect ratios), each ended by a newline; in forward (tiles
+    from image_sizes) and in generate (from the newline tokens alone)."""
+    model, proc = tm.build(family)
+    inputs = extreme_inputs(family, proc, EXTREME_SIZES)
+    side = 4
+    for layout in (layout_of(model, inputs), layout_of(model, inputs, generate=True)):
+        for b, (size, row) in enumerate(zip(EXTREME_SIZES, layout.rows)):
+            _, _, height, width = compat.anyres_geometry(model.config, size, side)
+            (span,) = row.spans
+            assert span.n == int((inputs["input_ids"][b] == model.config.image_token_id).sum())
+            assert span.n == side * side + height * (width + 1)
+            high = [(1, r, c, c == width) for r in range(height) for c in range(width + 1)]
+            assert coords(span)[side * side:] == high
 
 
 def test_crop_scope_budgets_each_tile():

@@ -88,7 +88,7 @@ FAMILIES = ["llava", "llava_next", "qwen2_vl"]
 
 # ----------------------------------------------------------------------------------------------------- PyramidDrop
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("budget", [{"ratio": 17 / 32}, {"ratio": 0.8}, {"keep": 10}])
+@pytest.mark.parametrize("budget", [{"ratio": 17 / 32}, {"ratio": 0.7}, {"keep": 24}])
 def test_pdrop_matches_the_slow_loop(family, budget):
     """Notes 4.2: before stage layer K, the NEXT layer's (K's) input norm and q/k at the current positions give the
     last token's softmax row, mean over heads; keep the top int(N lam^s) (N: the image's tokens, newlines
@@ -279,7 +279,7 @@ def test_sparsevlm_keeps_the_released_counts_on_a_576_token_image():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.9}, {"keep": 1}, {"keep": 20}])
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.75}, {"keep": 16}, {"keep": 20}])
 def test_sparsevlm_stage_counts_follow_the_rule(family, budget):
     """Each stage keeps min(max(1, round(f_s * N)), present - 1) of an image's present tokens (recycled ones
     included), f_s the stage's fraction of the layer-averaged budget, then adds int(n1 / 10) + 1 recycled
@@ -366,3 +366,55 @@ def test_multi_stage_options_are_checked():
     with pytest.raises(ValueError, match="lam"):
         vtr.patch(model, "pdrop", ratio=0.5, lam=1.5)
     assert vtr.handle_of(model) is None
+
+
+# --------------------------------------------------------------------------------- layer-averaged budgets: reach
+LAYER_AVERAGED = ["pdrop", "sparsevlm", "framefusion", "vflowopt"]
+
+
+@pytest.mark.parametrize("method,family", tm.method_family(LAYER_AVERAGED, tm.FAMILIES))
+def test_layer_averaged_budgets_out_of_reach_are_refused(method, family):
+    """A layer-averaged budget below what the schedule reaches is refused with the lowest reachable value: a ratio
+    at patch time where the schedule alone decides it (PyramidDrop, SparseVLM: the layers before the first stage
+    run on every token, 1 of these 4), a keep and FrameFusion's cost (its merges decide) at the first forward,
+    before any decoder layer runs, on every family the method supports. The lowest reachable budget is taken."""
+    from test_invariants import hook_count
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    if method == "vflowopt":  # the schedule reaches any ratio; vit_keep / llm_keep alone can put it out of reach
+        with pytest.raises(ValueError, match=r"highest it reaches is 50.00% \(ratio >= 0.5\); llm_keep='0.5,0.5'"):
+            vtr.patch(model, method, ratio=0.1, llm_keep="0.5,0.5")
+        with pytest.raises(ValueError, match=r"cannot reach on this 4-layer model: the lowest it reaches is "
+                                             r"45.00% \(ratio <= 0.55\); vit_keep=0.9 fixes the vision stage"):
+            vtr.patch(model, method, ratio=0.9, vit_keep=0.9)
+        assert hook_count(model) == 0
+        return
+    if method != "framefusion":
+        with pytest.raises(ValueError, match=rf"{method}: ratio=0.76 names a layer-averaged retention of 24.00% .* "
+                                             r"cannot reach on this 4-layer model: the lowest it reaches is 25.00% "
+                                             r"\(ratio <= 0.75\)"):
+            vtr.patch(model, method, ratio=0.76)
+        assert hook_count(model) == 0 and vtr.handle_of(model) is None
+    layers_run = []
+    spy = model.model.language_model.layers[0].register_forward_pre_hook(lambda m, a: layers_run.append(1))
+    budgets = [{"keep": 1}] + ([{"ratio": 0.76}] if method == "framefusion" else [])
+    for budget in budgets:
+        with vtr.patch(model, method, **budget), torch.no_grad():
+            with pytest.raises(ValueError, match=r"cannot reach on this 4-layer model: the lowest it reaches is "
+                                                 r"25.00% \(ratio <= 0.75"):
+                model(**inputs)
+    spy.remove()
+    assert not layers_run
+    with vtr.patch(model, method, ratio=0.75) as handle, torch.no_grad():  # the lowest reachable: taken
+        model(**inputs)
+    assert handle.last.n_kept[0] < n
+
+
+def test_pdrop_refuses_the_issue_budget_on_a_32_layer_model():
+    """ratio=0.95 (5%) with PyramidDrop's early schedule 2,8,16 of 32: layers 0-1 alone average 6.25%."""
+    model, _ = tm.build("llava", layers=32)
+    with pytest.raises(ValueError, match=r"pdrop: ratio=0.95 .* the lowest it reaches is 6.25% \(ratio <= 0.9375\)"):
+        vtr.patch(model, "pdrop", ratio=0.95)
+    vtr.patch(model, "pdrop", ratio=0.9375).remove()
+    vtr.patch(model, "pdrop", ratio=0.95, layers="1,8,16").remove()  # an earlier first stage reaches it

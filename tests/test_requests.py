@@ -97,6 +97,11 @@ def smallest_inputs(family, proc):
 def test_smallest_images_keep_at_least_one_token(method, family, budget):
     model, proc = tm.build(family)
     inputs = smallest_inputs(family, proc)
+    if tm.out_of_reach(method, int((inputs["input_ids"] == model.config.image_token_id).sum()), **budget):
+        with pytest.raises(ValueError, match="cannot reach"), torch.no_grad():  # the next test takes its lowest
+            with vtr.patch(model, method, **budget, **tm.options(method, family)):
+                model(**inputs)
+        return
     with vtr.patch(model, method, **budget, **tm.options(method, family)) as handle:
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
@@ -126,6 +131,38 @@ def test_smallest_images_keep_at_least_one_token(method, family, budget):
         record.n_kept[0]
     kept_candidates = present - (span.n - candidates)
     assert kept_candidates == min(expected, candidates) >= 1
+
+
+QWEN = [f for f in tm.FAMILIES if f.startswith("qwen")]
+
+
+def one_token_inputs(family, proc, video: bool):
+    """Two prompts whose images are one and two merged tokens (8x8 and 8x16 pixels on the tiny Qwen models, with
+    the processor's minimum size lowered), or whose videos have frames of one merged token (8x8 pixels)."""
+    texts = [tm._prompt(family, 1, long=False, video=video), tm._prompt(family, 1, long=True, video=video)]
+    if video:
+        return tm._qwen_video_by_hand(family, proc, texts, [tm.random_video(4, 8, 8, seed=b) for b in range(2)])
+    images = [tm.random_image(8, 8), tm.random_image(8, 16, seed=1)]
+    return proc(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left",
+                size={"shortest_edge": 64, "longest_edge": 64 ** 2})
+
+
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, QWEN))
+def test_images_and_frames_of_one_token_keep_at_least_one(method, family):
+    """The min-1 rule where a budget rounds to 0: images of one and two merged tokens (and videos of one-token
+    frames, for the methods that prune videos) keep at least one token each, with keep=1 and with ratio=0.75 (the
+    lowest a layer-averaged budget reaches on these 4-layer models)."""
+    model, proc = tm.build(family)
+    kinds = [False] + ([True] if "video" in REGISTRY[method].visual_kinds else [])
+    for video in kinds:
+        inputs = one_token_inputs(family, proc, video)
+        for budget in ({"keep": 1}, {"ratio": 0.75}):
+            with vtr.patch(model, method, **budget) as handle, torch.no_grad():
+                model(**inputs)
+            record = handle.last
+            for row, kept in zip(record.layout.rows, record.kept):
+                for span in row.spans:
+                    assert int(((kept >= span.offset) & (kept < span.offset + span.n)).sum()) >= 1
 
 
 def test_dart_counts_the_text_it_really_has():

@@ -2,10 +2,12 @@
 patch while a request is in flight, generate without a cache, a method's broken selection, bad options, copies
 and saving."""
 import copy
+import dataclasses
 import io
 import logging
 import pickle
 import threading
+import typing
 
 import pytest
 import torch
@@ -14,15 +16,18 @@ import transformers
 import tiny_models as tm
 import vtr
 from test_invariants import hook_count
+from vtr.methods import REGISTRY
 
 METHODS = tm.matrix_methods()
 FAMILIES = ("llava", "qwen2_vl")
 # Interrupts and torch.compile (the slowest cases of the suite: about 13 and 20 s each) run every method on one of
 # FAMILIES by default (Qwen2-VL where the method supports it), compiled with aot_eager only (dynamo's tracing of the
 # hooks plus AOT autograd's functionalization; the plain "eager" backend traces the same graph); VTR_TEST_FULL=1
-# runs both families and both backends.
-ONE_FAMILY = tm.method_family(METHODS, FAMILIES) if tm.full_matrices() else \
-    [p for m in METHODS for p in tm.method_family([m], ("qwen2_vl",) if tm.supports(m, "qwen2_vl") else FAMILIES)[:1]]
+# runs both families and both backends. A method that supports neither (VFlowOpt: LLaVA-OneVision only) runs on
+# the first family it supports.
+ONE_FAMILY = [p for m in METHODS for p in (
+    tm.method_family([m], FAMILIES) if tm.full_matrices() and tm.method_family([m], FAMILIES) else
+    tm.method_family([m], [tm.family_for(m, "qwen2_vl")]))]
 
 
 def greedy(model, inputs, steps=4):
@@ -59,6 +64,83 @@ def test_interrupt_leaves_the_patch_working(method, family, call):
         assert all(torch.equal(a, b) for a, b in zip(handle.last.kept, kept))
         assert torch.equal(greedy(model, inputs), before)
     assert hook_count(model) == hooks and "generate" not in vars(model)
+
+
+def interrupted_worker(model, run, inputs, exception, release: threading.Event, ended: list):
+    """A thread whose call ``run(**inputs)`` is ended by ``exception`` at decoder layer 2; the thread then stays
+    alive until ``release`` (as a pool's worker does; its thread id is not reused by another thread meanwhile)."""
+    def stop(module, args):
+        raise exception
+
+    def work():
+        hook = model.model.language_model.layers[2].register_forward_pre_hook(stop)
+        try:
+            with torch.no_grad():
+                run(**inputs)
+        except BaseException as e:
+            ended.append(type(e))
+        finally:
+            hook.remove()
+            release.wait(60)
+
+    before = len(ended)
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    while len(ended) == before and thread.is_alive():
+        thread.join(0.05)
+    return thread
+
+
+def removes_promptly(handle) -> bool:
+    remover = threading.Thread(target=handle.remove, daemon=True)
+    remover.start()
+    remover.join(30)
+    return not remover.is_alive() and not handle.active
+
+
+@pytest.mark.parametrize("call", ["forward", "base_forward"])
+@pytest.mark.parametrize("method,family", ONE_FAMILY)
+def test_remove_after_another_threads_forward_ended_by_system_exit(method, family, call):
+    """A plain forward (the model's, or the base model's) in another thread ended by SystemExit: torch runs no
+    always-call hook for it, yet remove() returns at once and restores the model."""
+    model, proc = tm.build(family)
+    inputs = tm.image_inputs(family, proc, 1)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    hooks = hook_count(model)
+    handle = vtr.patch(model, method, ratio=0.5)
+    release, ended = threading.Event(), []
+    worker = interrupted_worker(model, model if call == "forward" else model.model, inputs, SystemExit, release,
+                                ended)
+    try:
+        assert ended == [SystemExit]
+        assert removes_promptly(handle) and hook_count(model) == hooks
+    finally:
+        release.set()
+        worker.join(10)
+    assert {"forward", "generate"}.isdisjoint(vars(model)) and "forward" not in vars(model.model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_remove_after_keyboard_interrupts_in_other_threads():
+    """KeyboardInterrupt in other threads' forward and generate: remove() does not wait for either."""
+    model, proc = tm.build("llava")
+    inputs = tm.image_inputs("llava", proc, 1)
+    handle = vtr.patch(model, "divprune", ratio=0.5)
+    release, ended = threading.Event(), []
+    runs = [(model, KeyboardInterrupt), (model.generate, KeyboardInterrupt)]
+    workers = []
+    try:
+        for i, (run, exception) in enumerate(runs):
+            workers.append(interrupted_worker(model, run, inputs, exception, release, ended))
+            assert len(ended) == i + 1
+        assert ended == [KeyboardInterrupt, KeyboardInterrupt]
+        assert removes_promptly(handle)
+    finally:
+        release.set()
+        for worker in workers:
+            worker.join(10)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"] if tm.full_matrices() else ["aot_eager"])
@@ -197,6 +279,26 @@ def test_the_engine_rejects_a_broken_selection(kind, match):
             model(**tm.image_inputs("llava", proc, 1))
 
 
+class NoneKept(vtr.Method):
+    name = "none_kept"
+
+    def budget_for(self, ctx, row, group):
+        return 0
+
+    def select(self, ctx, row, span, budget):  # pragma: no cover - never reached
+        return torch.zeros(0, dtype=torch.long)
+
+
+def test_the_engine_refuses_a_budget_of_no_token():
+    """The min-1 rule as a contract: a budget_for() of 0 for an image with candidates is refused, naming the
+    method (the selection check itself accepts an empty selection without failing)."""
+    model, proc = tm.build("llava")
+    with vtr.patch(model, NoneKept(ratio=0.75)), torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"none_kept: budget_for\(\) kept no token of an image \(or tile\) of "
+                                               r"64 candidates; every image keeps at least one \(the min-1 rule\)"):
+            model(**tm.image_inputs("llava", proc, 1))
+
+
 class BrokenMerge(vtr.Method):
     name = "broken_merge"
     kind = "outside"
@@ -283,12 +385,53 @@ def test_the_engine_rejects_broken_added_tokens(kind, match):
     ("random", dict(ratio=0.5, seed=1.5), r"random: seed must be of type int, got 1.5"),
     ("random", dict(ratio=0.5, seed="7"), r"random: seed must be of type int, got '7'"),
     ("divprune", dict(ratio="0.5"), r"divprune: ratio must be in \[0, 1\)"),
+    ("divprune", dict(ratio=0.5, slice_earlier="yes"), r"divprune: slice_earlier must be of type bool, got 'yes'"),
+    ("fastv", dict(ratio=0.5, slice_earlier=2), r"fastv: slice_earlier must be of type bool, got 2"),
+    ("sparsevlm", dict(ratio=0.5, seed=-1), r"sparsevlm: seed must be in \[0, 4294967295\], got -1"),
+    ("dycoke", dict(ratio=0.5, similarity=float("inf")), r"dycoke: similarity must be a finite number, got inf"),
+    ("fastvid", dict(ratio=0.5, threshold=float("-inf")), r"fastvid: threshold must be a finite number, got -inf"),
+    ("fastvid", dict(ratio=0.5, ignore_threshold=float("nan")), r"fastvid: ignore_threshold must be a finite number"),
+    ("vflowopt", dict(ratio=0.5, t=float("inf")), r"vflowopt: t must be a finite number, got inf"),
+    ("vflowopt", dict(ratio=0.5, m=float("inf")), r"vflowopt: m must be a finite number, got inf"),
+    ("hiprune", dict(ratio=0.5, alpha=float("inf")), r"hiprune: alpha must be a finite number, got inf"),
+    ("divprune", dict(ratio=0.5, scope="tile"), r"divprune: scope must be one of \('image', 'crop'\), got 'tile'"),
+    ("sparsevlm", dict(ratio=0.5, version="3"), r"sparsevlm: version must be one of \('1.5', '2.0'\), got '3'"),
 ])
 def test_options_are_validated_when_patching(method, options, match):
     model, _ = tm.build("llava")
     with pytest.raises(ValueError, match=match):
         vtr.patch(model, method, **options)
     assert hook_count(model) == 0 and vtr.handle_of(model) is None
+
+
+def bad_values(method_cls, option):
+    """Values of the wrong kind for one option (by its type and metadata), each of which must be refused."""
+    hints = typing.get_type_hints(method_cls)
+    kind = next((t for t in typing.get_args(hints[option.name]) if t is not type(None)), hints[option.name])
+    bad = {bool: ["yes", 2, None], int: [1.5, True, "3"], float: [float("inf"), float("nan"), True, "0.5"],
+           str: [3, True]}.get(kind, [])
+    if option.default is None:
+        bad = [v for v in bad if v is not None]
+    if kind in (int, float):
+        low, high = option.metadata.get("min"), option.metadata.get("max")
+        bad += ([low - 1] if low is not None else []) + ([high + 1] if high is not None else [])
+    if "choices" in option.metadata:
+        bad.append("no-such-choice")
+    return bad
+
+
+@pytest.mark.parametrize("method", sorted(vtr.methods()))
+def test_every_option_of_every_method_refuses_values_of_the_wrong_kind(method):
+    """One rule per option type (Method._check_options): each option of each method, the common ones included,
+    refuses a value of the wrong type, a non-finite float, a number out of its range and a string outside its
+    choices, naming the option."""
+    cls = REGISTRY[method]
+    for option in dataclasses.fields(cls):
+        if option.name in ("ratio", "keep") or option.name == "siglip_head":  # the budget; a module
+            continue
+        for value in bad_values(cls, option):
+            with pytest.raises(ValueError, match=rf"{method}: {option.name} must be"):
+                cls(ratio=0.5, **{option.name: value})
 
 
 @pytest.mark.parametrize("method,match", [

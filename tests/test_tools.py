@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from vtr import env
-from vtr.bench import canary, cli, evaluate, models, overlay, scaling, speed
+from vtr.bench import canary, cli, evaluate, methods, models, overlay, scaling, speed
 
 TOOLS = {"vtr.bench.speed": speed.build_parser, "vtr.bench.evaluate": evaluate.build_parser,
          "vtr.bench.overlay": overlay.build_parser, "vtr.bench.canary": canary.build_parser,
-         "vtr.bench.scaling": scaling.build_parser,
+         "vtr.bench.scaling": scaling.build_parser, "vtr.bench.methods": methods.build_parser,
          "vtr.env": env.build_parser}
 
 
@@ -145,21 +145,31 @@ def test_every_tiny_name_builds_with_its_processor():
                                   "llava-onevision-7b", "qwen3-vl-30b-a3b", "internvl3.5-8b", "gemma-3-4b",
                                   "qwen3.5-9b", "qwen3.5-35b-a3b", "glm-4.1v-9b"])
 def test_the_full_depth_preset_keeps_depth_and_head_size(name):
-    """--preset full-depth: every decoder layer, a quarter of the width, the real head size (so rotary sections
-    still add up) and a projector that outputs the narrowed width; the model builds and runs a forward."""
+    """--preset full-depth: every decoder and vision layer, a quarter of the widths, the real head sizes (so rotary
+    sections still add up) and a projector that outputs the narrowed width; the model builds and runs a forward."""
     import torch
     full = models.load_config(name)
-    narrow = models.load_config(name, vision_layers=2, width_divisor=4)
+    shape = speed.PRESETS["full-depth"]
+    assert shape["layers"] is None and shape["vision_layers"] is None  # the tower keeps its real depth
+    narrow = models.load_config(name, width_divisor=shape["width_divisor"],
+                                vision_width_divisor=shape["vision_width_divisor"])
     text, narrow_text = full.get_text_config(), narrow.get_text_config()
     assert narrow_text.num_hidden_layers == text.num_hidden_layers
+    vision, narrow_vision = full.vision_config, narrow.vision_config
+    heads = "num_attention_heads" if hasattr(vision, "num_attention_heads") else "num_heads"
+    width = "embed_dim" if hasattr(vision, "embed_dim") else "hidden_size"
+    assert getattr(narrow_vision, heads) * 4 == getattr(vision, heads)
+    assert getattr(narrow_vision, width) * 4 == getattr(vision, width)
+    assert getattr(narrow_vision, width) // getattr(narrow_vision, heads) == \
+        getattr(vision, width) // getattr(vision, heads)
+    assert models._depths(narrow)[1] == models._depths(full)[1]
     assert narrow_text.hidden_size * 4 == text.hidden_size
     assert narrow_text.intermediate_size * 4 == text.intermediate_size
     head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     assert (getattr(narrow_text, "head_dim", None) or
             narrow_text.hidden_size // narrow_text.num_attention_heads) == head
-    narrow_text.num_hidden_layers = 2  # a forward at full depth is the benchmark's job, not a test's
-    if getattr(narrow_text, "layer_types", None):
-        narrow_text.layer_types = narrow_text.layer_types[:2]
+    # a forward at full depth is the benchmark's job, not a test's: 2 layers of each at the narrowed widths
+    narrow = models.load_config(name, layers=2, vision_layers=2, width_divisor=4, vision_width_divisor=4)
     model = models.random_model(narrow, torch.float32, torch.device("cpu"), "sdpa")
     inputs = models.synthetic_inputs(model, prompt_tokens=8, image_size=56 if "qwen" in name or "glm" in name else
                                      448 if "internvl" in name else None)

@@ -445,7 +445,7 @@ def test_video_tower_signal_options_are_checked():
     with vtr.patch(onevision, "fastvid", ratio=0.5, siglip_head=SiglipVisionModel(wide)):
         with pytest.raises(ValueError, match="siglip_head is 48 wide, this model's vision tower 32"):
             onevision(**videos)
-    with pytest.raises(ValueError, match="signals must be 'auto', 'vision' or 'embedding'"):
+    with pytest.raises(ValueError, match=r"signals must be one of \('auto', 'vision', 'embedding'\)"):
         FastVID(ratio=0.5, signals="siglip")
     assert vtr.handle_of(model) is None and vtr.handle_of(onevision) is None and vtr.handle_of(qwen3) is None
     # auto: the official signal where vtr can compute it, else the fallback

@@ -250,8 +250,8 @@ def test_speed_bound_of_a_vision_stage_method():
     with vtr.patch(model, "flowcut", ratio=0.75) as handle, torch.no_grad():
         out = model(**inputs, use_cache=True)
         stages = [(s.layer, s.index) for s in handle.last.stages]
-    ideal = LayeredIdeal(model, lm_inputs, stages=stages)
-    ideal.prefill()
+    with LayeredIdeal(model, lm_inputs, stages=stages) as ideal:
+        ideal.prefill()
     assert [layer.keys.shape[-2] for layer in ideal.cache.layers] == \
         [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     assert out.past_key_values.layers[0].keys.shape[-2] < lm_inputs["embeds"].shape[1]

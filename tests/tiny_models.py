@@ -103,6 +103,22 @@ def matrix_methods() -> list[str]:
     return chosen or sorted(REGISTRY)
 
 
+# Methods whose budget is a layer average of the visual tokens: on the 4-layer tiny models the layer before their
+# first pruning step (layer 0) runs on every token, so a retention below 1/4 is out of reach and refused.
+LAYER_AVERAGED = ("pdrop", "sparsevlm", "framefusion")
+
+
+def reachable_ratio(method: str, ratio: float) -> float:
+    """``ratio``, or the largest one a layer-averaged method reaches on the 4-layer tiny models (0.75)."""
+    return min(ratio, 0.75) if method in LAYER_AVERAGED else ratio
+
+
+def out_of_reach(method: str, n: int, ratio=None, keep=None) -> bool:
+    """Whether a budget is out of a layer-averaged method's reach on the 4-layer tiny models (refused)."""
+    fraction = 1 - ratio if ratio is not None else min(1.0, keep / n)
+    return method in LAYER_AVERAGED and fraction < 0.25
+
+
 def full_matrices() -> bool:
     """``VTR_TEST_FULL=1`` runs every matrix as the full product of its axes. By default the matrices keep every
     method x model pair and every input kind, but cover SDPA, the non-default position policy and the padding

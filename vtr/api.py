@@ -180,6 +180,7 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
                              f"{n_layers}-layer model, got {decode.layer}")
         if any(s.stage is Stage.LAYER for s in method.stages()):
             raise NotImplementedError(f"{method.name}: a kv_cache stage after layer stages is not implemented")
+    method.check_layer_average(n_layers)  # a layer-averaged ratio out of the schedule's reach
     for spec in method.stages():
         if (spec.positions or method.positions) == "span_prefix" and spec.stage not in BEFORE_LM:
             raise ValueError(f"{method.name}: positions='span_prefix' is defined for stages before the language "

@@ -141,6 +141,15 @@ def cached_keys(cache, layer_idx: int, length: int) -> torch.Tensor | None:
     return keys if keys is not None and keys.dim() == 4 and keys.shape[-2] == length else None
 
 
+def cached_values(cache, layer_idx: int, length: int) -> torch.Tensor | None:
+    """Values ``[B, H_kv, length, d]`` that layer ``layer_idx`` stored in this forward, if it holds exactly ``length``
+    of them (a fresh prefill), else None."""
+    if cache is None or layer_idx >= len(cache.layers):
+        return None
+    values = getattr(cache.layers[layer_idx], "values", None)
+    return values if values is not None and values.dim() == 4 and values.shape[-2] == length else None
+
+
 def gather_cache_layer(cache, layer_idx: int, select: torch.Tensor) -> None:
     """Keep, in place, the slots ``select`` ``[B, L']`` (per row, ascending or not) of layer ``layer_idx`` of a
     ``DynamicCache`` (keys and values ``[B, H_kv, L, d]``)."""
@@ -232,20 +241,36 @@ def _rotate(attn: torch.nn.Module):
 
 
 def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    B, L, _ = hidden.shape
     x = getattr(attn, proj)(hidden)
     config = getattr(attn, "config", None)
     if proj == "q_proj" and config is not None and x.shape[-1] == 2 * config.num_attention_heads * attn.head_dim:
         # gated attention (Qwen3.5): each head's query, then its output gate
-        x = x.view(B, L, -1, 2 * attn.head_dim)[..., :attn.head_dim]
-    else:
-        x = x.view(B, L, -1, attn.head_dim)
+        B, L, _ = x.shape
+        x = x.view(B, L, -1, 2 * attn.head_dim)[..., :attn.head_dim].reshape(B, L, -1)
+    return _heads(attn, norm, x, cos, sin)
+
+
+def _heads(attn, norm: str, projected: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    B, L, _ = projected.shape
+    x = projected.view(B, L, -1, attn.head_dim)
     if hasattr(attn, norm):  # Qwen3: per-head RMSNorm before RoPE
         x = getattr(attn, norm)(x)
     x = x.transpose(1, 2)
     if cos is not None:
         x, _ = _rotate(attn)(x, x, cos, sin)
     return x
+
+
+def key_projection(attn: torch.nn.Module) -> torch.nn.Module:
+    """The attention module's key projection (a linear layer: ``[B, L, D] -> [B, L, H_kv * d]``)."""
+    return attn.k_proj
+
+
+def keys_from_projection(attn: torch.nn.Module, projected: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor) -> torch.Tensor:
+    """Post-RoPE keys ``[B, H_kv, L, d]`` from the key projection's output ``[B, L, H_kv * d]`` (what
+    ``project_keys`` computes, in two steps, so that the projection can be kept)."""
+    return _heads(attn, "k_norm", projected, cos, sin)
 
 
 def project_unrotated(attn: torch.nn.Module, which: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -305,6 +330,13 @@ def anyres_geometry(config, image_size, side: int) -> tuple[int, int, int, int]:
     return int(tiles_h), int(tiles_w), unpadded.shape[1], unpadded.shape[2]
 
 
+def anyres_max_width(config, side: int) -> int:
+    """The most tokens one row of an anyres image's high-resolution grid can hold: the widest grid of tiles
+    (``image_grid_pinpoints``) times ``side`` patches; unpadding and OneVision's ``anyres_max`` only narrow it."""
+    tile = config.vision_config.image_size
+    return max(int(width) // tile for _, width in config.image_grid_pinpoints) * side
+
+
 def tower_pixels(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
     """``[n_crops, 3, H, W]``: the crops ``get_image_features`` hands the vision tower, from its ``pixel_values``
     (anyres models: ``[n_images, max_crops, 3, H, W]`` padded with empty crops, which it strips)."""
@@ -338,17 +370,62 @@ def shadow_method(obj, name: str, wrapper) -> None:
     """Route ``obj.name(...)`` through ``wrapper(original, ...)`` by shadowing the bound method on the instance.
 
     Used where no public hook exists: Qwen3-VL's DeepStack additions between decoder layers
-    (``language_model._deepstack_process``) and ``generate`` (a request in flight, with a ``finally`` that also runs on
-    ``KeyboardInterrupt``). ``unshadow_method`` removes the instance attribute, restoring the class's method."""
+    (``language_model._deepstack_process``), ``generate`` (a request in flight, with a ``finally`` that also runs on
+    ``KeyboardInterrupt``) and ``forward`` (torch skips always-call forward hooks when a ``BaseException`` other than
+    ``Exception`` ends the call). An instance attribute already there
+    (accelerate's device hooks set ``module.forward``) is what the wrapper calls, and ``unshadow_method`` puts it
+    back; otherwise it removes the instance attribute, restoring the class's method."""
     original = getattr(obj, name)
     shadow = functools.partial(wrapper, original)
     functools.update_wrapper(shadow, original)  # generate() reads get_image_features' signature to call it
+    shadow.__dict__["_vtr_previous"] = vars(obj).get(name, _ABSENT)
     setattr(obj, name, shadow)
+
+
+_ABSENT = object()
 
 
 def unshadow_method(obj, name: str) -> None:
     if name in vars(obj):
-        delattr(obj, name)
+        previous = getattr(vars(obj)[name], "_vtr_previous", _ABSENT)
+        if previous is _ABSENT:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, previous)
+
+
+def refuse_cache(cache, message: str) -> None:
+    """Make every later use of ``cache`` (a ``DynamicCache``) to run a model raise ``ValueError(message)``: its
+    ``update`` (every attention layer writes through it) and ``get_mask_sizes`` (every mask is sized by it) are
+    shadowed on the instance, so the unpatched model, or any other code, fails before computing anything on it.
+    Copies (``copy.deepcopy``) carry the refusal; reading the cache (``get_seq_length``, its tensors) still works."""
+    refusal = functools.partial(_refused_cache, message)
+    for name in ("update", "get_mask_sizes"):
+        setattr(cache, name, refusal)
+    cache._vtr_refusal = message
+
+
+def cache_refusal(cache) -> str | None:
+    """The message ``refuse_cache`` gave ``cache``, if any."""
+    return getattr(cache, "_vtr_refusal", None)
+
+
+def _refused_cache(message: str, *args, **kwargs):
+    raise ValueError(message)
+
+
+# ``generate`` (transformers >= 5.2x) encodes a batch's images and videos once, before it repeats each row for beam
+# search or several return sequences, and repeats each row's encodings with it (``_expand_multimodal_outputs``):
+# the prefill's row ``r`` is then copy ``r % E`` of prompt ``r // E``, encoded as prompt ``r // E``. Older releases
+# expand the pixels instead and encode every row in the prefill.
+GENERATE_EXPANSION = "_expand_inputs_for_generation"
+
+
+def pre_encoded_expansion(function, args: tuple, kwargs: dict) -> int:
+    """The factor a ``_expand_inputs_for_generation`` call repeats the rows by, when it repeats visual encodings
+    ``generate`` made before (``mm_encoder_outputs``); 1 otherwise."""
+    expand = call_argument(function, args, kwargs, "expand_size") or 1
+    return int(expand) if kwargs.get("mm_encoder_outputs") else 1
 
 
 def processor_without_video(cls, **kwargs):
@@ -550,9 +627,19 @@ def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: sli
     """Softmax attention probabilities of the query tokens ``rows`` over all tokens, per head: ``[n, H, r, N]``.
 
     hidden: ``[n, N, D]`` the attention module's input (after the layer norm); no mask (every token of a CLIP or
-    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does."""
-    q = _vision_heads(attn, "q_proj", hidden[:, rows]).to(dtype)
-    k = _vision_heads(attn, "k_proj", hidden).to(dtype)
+    SigLIP image attends to every other). Logits in ``dtype``, softmax in fp32 as eager attention does. (The
+    projections computed again; ``vision_attention_probs`` takes the ones the tower computed.)"""
+    return vision_attention_probs(attn, attn.q_proj(hidden[:, rows]), attn.k_proj(hidden), slice(None), dtype)
+
+
+def vision_attention_probs(attn: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor,
+                           rows: slice | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, H, r, N]``: softmax attention probabilities of the query tokens ``rows`` over all tokens, per head, from
+    a CLIP/SigLIP attention module's own query and key projections ``[n, N, H * d]`` (bias included, queries not
+    yet scaled: the outputs of ``vision_projections``). Logits in ``dtype``, softmax in fp32 as eager attention
+    does; only the ``r`` rows asked for are computed."""
+    q = vision_heads(attn, queries[:, rows], "q").to(dtype)
+    k = vision_heads(attn, keys, "k").to(dtype)
     logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
     return logits.softmax(-1, dtype=torch.float32).to(dtype)
 
@@ -580,8 +667,12 @@ def vision_attention_scale(attn: torch.nn.Module) -> float:
     return attn.scaling if hasattr(attn, "scaling") else attn.scale
 
 
-def vision_heads(attn: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
-    """``[n, N, H * d]`` -> ``[n, H, N, d]``."""
+def vision_heads(attn: torch.nn.Module, projected: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """``[n, N, H * d]`` -> ``[n, H, N, d]``; ``kind`` (``"q"`` / ``"k"``): the module's norm over the whole
+    projection applied first where it has one (InternViT-6B's ``q_norm`` / ``k_norm``; an identity elsewhere)."""
+    norm = getattr(attn, f"{kind}_norm", None) if kind is not None else None
+    if norm is not None:
+        projected = norm(projected)
     n, N, _ = projected.shape
     return projected.view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
 
@@ -667,22 +758,24 @@ def clip_image_embeddings(model: torch.nn.Module, clip, features: torch.Tensor) 
 # ``model.model.visual.blocks[i].attn`` with ``qkv``/``num_heads``/``scaling``, called with ``cu_seqlens`` (packed
 # images or windows) and ``position_embeddings``; ``apply_rotary_pos_emb_vision`` in the attention's own file;
 # Qwen2.5-VL orders its merge units by window (``get_vision_window_index``).
-def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype):
+def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                     qkv: torch.Tensor | None = None):
     """A Qwen-VL vision block's queries and keys ``[H, S, d]`` for its attention input ``hidden`` ``[S, D]``, after
-    the vision RoPE of the call's ``position_embeddings``."""
-    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden), *extra["position_embeddings"])
+    the vision RoPE of the call's ``position_embeddings``; from the block's own fused projection output ``qkv``
+    (``[S, 3 * H * d]``) when given, else projected again."""
+    q, k, _ = qwen_vision_heads(attn, attn.qkv(hidden) if qkv is None else qkv, *extra["position_embeddings"])
     return q.to(dtype), k.to(dtype)
 
 
 def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
-                            chunk: int = 1024) -> torch.Tensor:
+                            chunk: int = 1024, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed
     over the queries of its attention segment (its image, or its window in window-attention blocks); queries are
     taken ``chunk`` at a time, so at most ``[H, chunk, segment]`` probabilities are held.
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``), in the tower's (window) order; extra: the
-    attention call's ``cu_seqlens`` and ``position_embeddings``."""
-    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
+    attention call's ``cu_seqlens`` and ``position_embeddings``; qkv: the block's own fused projection of it."""
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     received = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -695,15 +788,15 @@ def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: 
 
 
 def qwen_mean_query_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
-                              unit: int) -> torch.Tensor:
+                              unit: int, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[U]``: FastVID's Qwen2.5-VL salience from one vision block, per attention segment (a temporal slice in the
     full-attention blocks): the softmax over the segment's merge units of ``q_mean . k_unit * scale``, ``q_mean`` the
     mean of the segment's queries and ``k_unit`` the mean of each merge unit's ``unit`` keys (both after the vision
     RoPE), mean over heads; merge units in the tower's order.
 
     hidden: ``[S, D]`` the block's attention input (after ``norm1``); extra: its ``cu_seqlens`` and
-    ``position_embeddings``."""
-    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype)  # [H, S, d]
+    ``position_embeddings``; qkv: the block's own fused projection of it."""
+    q, k = _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)  # [H, S, d]
     bounds = extra["cu_seqlens"].tolist()
     out = []
     for start, stop in zip(bounds[:-1], bounds[1:]):

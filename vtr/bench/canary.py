@@ -49,7 +49,9 @@ def run(methods: list[str], kept: tuple[float, ...] = KEPT, n: int = 256, seed: 
     Returns ``{"chance", "dense", "curves": {label: {"kept": [...], "accuracy": [...], "mean_kept_tokens": [...]}},
     "refused": {method: reason}}`` (methods whose ``vtr.patch`` refuses the canary's model)
     with ``kept`` the requested fractions of the 64 visual tokens (the methods' own rounding gives the counts in
-    ``mean_kept_tokens``). Raises ``ValueError`` for an unknown method."""
+    ``mean_kept_tokens``); a fraction a layer-averaged method cannot reach on the 2-layer model (below 1/2 for
+    PyramidDrop and SparseVLM, whose layer 0 runs on every token) has ``None`` in both. Raises ``ValueError`` for
+    an unknown method."""
     import torch
 
     import vtr
@@ -93,8 +95,14 @@ def run(methods: list[str], kept: tuple[float, ...] = KEPT, n: int = 256, seed: 
             for fraction in kept:
                 budget = {"ratio": 1 - fraction} if fraction < 1 else {"ratio": 0.0}
                 instance = method(**budget, **options) if not isinstance(method, str) else None
-                with (vtr.patch(model, instance) if instance else vtr.patch(model, method, **budget, **options)) as h:
-                    acc, mean_kept = accuracy(h)
+                try:
+                    with (vtr.patch(model, instance) if instance else
+                          vtr.patch(model, method, **budget, **options)) as h:
+                        acc, mean_kept = accuracy(h)
+                except ValueError as error:  # a layer-averaged budget out of the 2-layer model's reach: no point
+                    if "cannot reach" not in str(error):
+                        raise
+                    acc = mean_kept = None
                 curve["kept"].append(fraction)
                 curve["accuracy"].append(acc)
                 curve["mean_kept_tokens"].append(mean_kept)
@@ -111,7 +119,8 @@ def table(report: dict) -> str:
     lines = [head, f"{'dense':<30}" + f"{report['dense']:>12.3f}" * len(kept),
              f"{'chance':<30}" + f"{report['chance']:>12.3f}" * len(kept)]
     for label, curve in report["curves"].items():
-        lines.append(f"{label:<30}" + "".join(f"{a:>12.3f}" for a in curve["accuracy"]))
+        lines.append(f"{label:<30}" + "".join(f"{'-':>12}" if a is None else f"{a:>12.3f}"
+                                              for a in curve["accuracy"]))
     return "\n".join(lines)
 
 
@@ -125,7 +134,9 @@ def plot(report: dict, path: str) -> None:
     for label, curve in report["curves"].items():  # one colour per method: solid compact, dotted original
         style = ":" if "original" in label else ("--" if label.startswith("oracle") else "-")
         colour = plt.cm.tab20(methods.index(label.split(" ")[0]) % 20)
-        ax.plot(curve["kept"], curve["accuracy"], style, color=colour, marker="o", markersize=3, label=label)
+        points = [(k, a) for k, a in zip(curve["kept"], curve["accuracy"]) if a is not None]
+        if points:
+            ax.plot(*zip(*points), style, color=colour, marker="o", markersize=3, label=label)
     ax.axhline(report["dense"], color="black", linewidth=1.5, label="dense")
     ax.axhline(report["chance"], color="grey", linewidth=1, linestyle="-.", label="chance")
     ax.set_xscale("log", base=2)

@@ -1,7 +1,7 @@
 """Measuring a grid of configurations on one model and one input batch: the dense model, each method at each
-budget, and each method's ideal, interleaved. The ideal of a pre-LLM method is the unpatched language model fed
-only the kept tokens; that of a layer-stage method pruning before layer K is the unpatched model running layers
-< K on the full sequence and the rest on the kept tokens (``ideal.LayeredIdeal``)."""
+budget, and each method's ideal, interleaved. The ideal is stage-correct (``ideal.LayeredIdeal``): each stage of
+the method bounded where it acts, the unpatched model fed a pre-LLM stage's kept tokens, layers >= K run on a
+layer stage's kept tokens and the layers before on what the earlier stages left."""
 from __future__ import annotations
 
 import random
@@ -49,6 +49,7 @@ class Sample:
     stages: list[dict]
     ttft_cpu: float | None = None  # process CPU time of the prefill (None on GPU): see timing.Clock
     vision_cpu: float | None = None
+    llm_cpu: float | None = None
 
 
 class Runner:
@@ -60,8 +61,8 @@ class Runner:
         self.timer = StageTimer(model, self.clock)
         self.n_layers = len(model.model.language_model.layers)
         self.lm_inputs: dict | None = None  # what the language model receives in the dense prefill
-        self.kept_index: dict[str, torch.Tensor] = {}
-        self.layer_stages: dict[str, list] = {}  # per method label: (stage layer, kept index) of its layer stages
+        # per method label: what its ideal needs (``ideal.LayeredIdeal``'s stages and their kinds)
+        self.stages: dict[str, dict] = {}
 
     def _capture_lm_inputs(self, module, args, kwargs):
         if self.lm_inputs is None:
@@ -79,9 +80,13 @@ class Runner:
         try:
             sample = self._prefill_and_decode(self.inputs, handle)
             if handle is not None:
-                self.kept_index[config.label] = handle.last.index
-                self.layer_stages[config.label] = [(s.layer, s.index) for s in handle.last.stages  # vision: layer 0
-                                                   if s.stage in ("layer", "vision") and s.index is not None]
+                specs = handle.method.stages()
+                # every stage that removed tokens, where it acts: before the language model (layer 0: pre_llm,
+                # vision) or before (inside, post_attention) decoder layer K
+                self.stages[config.label] = {
+                    "stages": [(s.layer, s.index) for s in handle.last.stages if s.index is not None],
+                    "post_attention": [s.layer for s in specs if s.post_attention],
+                    "slice_earlier": [s.layer for s in specs if s.slice_earlier]}
             return sample
         finally:
             if capture is not None:
@@ -89,7 +94,7 @@ class Runner:
             if handle is not None:
                 handle.remove()
 
-    def _prefill_and_decode(self, inputs: dict, handle, ideal_layers: list[int] | None = None) -> Sample:
+    def _prefill_and_decode(self, inputs: dict, handle) -> Sample:
         self.timer.reset()
         self.clock.sync()
         with torch.no_grad(), PeakMemory(self.model.device) as memory:
@@ -98,8 +103,9 @@ class Runner:
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             end = self.clock.mark()
         ttft, ttft_cpu = self.clock.seconds(start, end), self.clock.cpu_seconds(start, end)
-        vision, llm = self.timer.seconds("vision"), self.timer.seconds("llm")
-        vision_cpu = self.timer.seconds("vision", cpu=True)
+        # the prefill's stages, read before the decoding steps run the language model again
+        vision, vision_cpu = self.timer.seconds("vision"), self.timer.seconds("vision", cpu=True)
+        llm, llm_cpu = self.timer.seconds("llm"), self.timer.seconds("llm", cpu=True)
         cache = out.past_key_values
         kv = kv_cache_bytes(cache)
         decode = self._decode(out, token, inputs)
@@ -112,12 +118,12 @@ class Runner:
                       for s in record.stages]
             selection = record.selection_seconds
         else:
-            lengths = ideal_layers or [length] * self.n_layers
+            lengths = [length] * self.n_layers
             n_visual = n_kept = None
             stages, selection = [], 0.0
         return Sample(ttft=ttft, vision=vision, llm=llm, selection=selection, decode_step=decode,
                       peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=n_visual,
-                      n_kept=n_kept, stages=stages, ttft_cpu=ttft_cpu, vision_cpu=vision_cpu)
+                      n_kept=n_kept, stages=stages, ttft_cpu=ttft_cpu, vision_cpu=vision_cpu, llm_cpu=llm_cpu)
 
     def _decode(self, out, token, inputs) -> float | None:
         """Median time of one greedy decoding step over the prefill's cache."""
@@ -153,60 +159,33 @@ class Runner:
         return lengths
 
     def _ideal(self, config: Config) -> Sample:
-        """The unpatched language model fed the kept tokens of ``config``'s method (its vision time is the dense
-        model's, added by the caller)."""
-        label = Config("method", config.method, config.budget, config.options).label
-        index = self.kept_index[label]
-        if index is None:  # the method kept everything
-            index = torch.arange(self.lm_inputs["embeds"].shape[1], device=self.model.device)[None]
-        if self.layer_stages.get(label):
-            return self._layered_ideal(self.layer_stages[label])
-        embeds, mask, positions = _kept_inputs(self.lm_inputs, index)
-        inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
-        return self._prefill_and_decode(inputs, None, [embeds.shape[1]] * self.n_layers)
-
-    def _layered_ideal(self, stages: list) -> Sample:
-        """The unpatched layers, each on the tokens of the stage it runs in (the full prompt before the first);
-        prefill timed as the LLM part (the caller adds the dense vision time), then greedy decoding steps on its
-        cache."""
+        """The stage-correct bound of ``config``'s method (``ideal.LayeredIdeal``): its language-model time; the
+        time outside the language model (vision, embedding, LM head) is added by ``summarise``."""
         from .ideal import LayeredIdeal
-        ideal = LayeredIdeal(self.model, self.lm_inputs, stages=stages)
-        self.clock.sync()
-        with PeakMemory(self.model.device) as memory:
-            start = self.clock.mark()
-            token = ideal.prefill().argmax(-1, keepdim=True)
-            end = self.clock.mark()
-        llm, llm_cpu = self.clock.seconds(start, end), self.clock.cpu_seconds(start, end)
-        kv = kv_cache_bytes(ideal.cache)
-        steps = []
-        for _ in range(self.decode_tokens):
-            start = self.clock.mark()
-            token = ideal.step(token).argmax(-1, keepdim=True)
-            steps.append(self.clock.seconds(start, self.clock.mark()))
+        plan = self.stages[Config("method", config.method, config.budget, config.options).label]
+        with LayeredIdeal(self.model, self.lm_inputs, **plan) as ideal:
+            self.timer.reset()
+            self.clock.sync()
+            with torch.no_grad(), PeakMemory(self.model.device) as memory:
+                token = ideal.prefill().argmax(-1, keepdim=True)
+            llm, llm_cpu = self.timer.seconds("llm"), self.timer.seconds("llm", cpu=True)
+            kv = kv_cache_bytes(ideal.cache)
+            steps = []
+            for _ in range(self.decode_tokens):  # through the model's forward, as the method's steps
+                step_start = self.clock.mark()
+                token = ideal.step(token).argmax(-1, keepdim=True)
+                steps.append(self.clock.seconds(step_start, self.clock.mark()))
         batch, length = self.lm_inputs["embeds"].shape[:2]
         lengths = [length] * self.n_layers
-        for layer, index in stages:
+        for layer, index in plan["stages"]:
             lengths[layer:] = [index.shape[1]] * (self.n_layers - layer)
         return Sample(ttft=llm, vision=0.0, llm=llm, selection=0.0, decode_step=median(steps) if steps else None,
                       peak_memory=memory.peak, kv_cache=kv, layer_lengths=lengths, batch=batch, n_visual=None,
-                      n_kept=None, stages=[], ttft_cpu=llm_cpu, vision_cpu=None if llm_cpu is None else 0.0)
+                      n_kept=None, stages=[], ttft_cpu=llm_cpu, vision_cpu=None if llm_cpu is None else 0.0,
+                      llm_cpu=llm_cpu)
 
     def close(self):
         self.timer.remove()
-
-
-def _kept_inputs(lm_inputs: dict, index: torch.Tensor):
-    from ..kernels import gather_positions, gather_rows
-    embeds = lm_inputs["embeds"]
-    B, L = embeds.shape[:2]
-    index = index.expand(B, -1)
-    mask = lm_inputs["mask"] if lm_inputs["mask"] is not None else torch.ones(B, L, dtype=torch.long,
-                                                                             device=embeds.device)
-    positions = lm_inputs["positions"]
-    if positions is None:
-        positions = torch.arange(L, device=embeds.device).expand(B, L)
-    kept_mask = gather_rows(mask.unsqueeze(-1), index, 0).squeeze(-1)
-    return gather_rows(embeds, index), kept_mask, gather_positions(positions, index)
 
 
 def build_grid(methods: list[str], budgets: list[dict], options: dict) -> list[Config]:
@@ -235,20 +214,48 @@ def _options_for(method: str, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in names}
 
 
+def validate(model, grid: list[Config], video: bool = False) -> None:
+    """Patch the built model with every method configuration of ``grid`` (and unpatch it), so that an option the
+    model refuses (a vision layer its tower lacks, a checkpoint that cannot be loaded, a model class or a visual
+    input the method does not support) fails before anything is measured. Raises ValueError naming the row."""
+    from ..methods import lookup
+    for config in grid:
+        if config.kind != "method":
+            continue
+        if video and "video" not in lookup(config.method).visual_kinds:
+            raise ValueError(f"{config.label}: {config.method} prunes images only; measure it without --video")
+        try:
+            handle = vtr.patch(model, config.method, **config.budget, **config.options)
+        except (ValueError, TypeError, OSError, NotImplementedError, RuntimeError) as error:
+            hint = ""
+            if isinstance(error, OSError) and config.method == "cdpruner":
+                hint = (" (cdpruner's default relevance on LLaVA loads a CLIP checkpoint; without one, measure the "
+                        "language model's relevance with --set relevance=embeddings)")
+            raise ValueError(f"{config.label} cannot run on this model: {error}{hint}") from None
+        handle.remove()
+
+
 def run_grid(model, inputs: dict, grid: list[Config], repeats: int, warmup: int, decode_tokens: int,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, on_pass=None) -> list[dict]:
     """Interleaved measurement: every repeat runs every configuration once, in grid order (dense first: its
-    prefill also records the language model's inputs that the ideal runs are cut from)."""
+    prefill also records the language model's inputs that the ideal runs are cut from). ``on_pass(rows, done)``,
+    when given, receives the summary after each timed pass (``done`` passes so far), so that a stopped run keeps
+    what it measured."""
     runner = Runner(model, inputs, decode_tokens)
     samples: dict[str, list[Sample]] = {c.label: [] for c in grid}
     bar = cli.progress((warmup + repeats) * len(grid), progress, "measuring")
     try:
         for rep in range(warmup + repeats):
             for config in grid:
-                sample = runner.run(config)
+                try:
+                    sample = runner.run(config)
+                except Exception as error:
+                    raise RuntimeError(f"{config.label}: {type(error).__name__}: {error}") from error
                 if rep >= warmup:
                     samples[config.label].append(sample)
                 bar.update(1)
+            if on_pass is not None and rep >= warmup:
+                on_pass(summarise(grid, samples, model), rep - warmup + 1)
     finally:
         bar.close()
         runner.close()
@@ -256,48 +263,56 @@ def run_grid(model, inputs: dict, grid: list[Config], repeats: int, warmup: int,
 
 
 def summarise(grid: list[Config], samples: dict, model) -> list[dict]:
+    """One row per configuration: medians, ratios to dense and (method rows) to the ideal, in wall and CPU time.
+    An ideal's samples time the language model only; its row adds the time the run spends outside the language
+    model (vision tower, embedding and scatter of the features, LM head): the dense run's, or for a method that
+    prunes inside the tower, the method's own (its design includes that saving; its in-tower selection is then
+    counted in the ideal). Configurations with fewer passes than others (a run stopped midway) are paired pass
+    by pass as far as they go."""
     text = model.config.get_text_config()
     rows = []
     dense = _medians(samples["dense"], text)
     for config in grid:
+        if not samples[config.label]:
+            continue
         row = {"config": config.label, "kind": config.kind, "method": config.method, **config.budget,
                "options": config.options, **_medians(samples[config.label], text)}
-        if config.kind == "ideal":  # the LM-only prefill plus the vision time: dense, or the method's own pruned
-            # tower for a method that prunes inside it (its design includes that saving)
+        if config.kind == "ideal":
             own = Config("method", config.method, config.budget, config.options).label
-            tower = _medians(samples[own], text) if _in_tower(config.method) else dense
-            row["vision_s"] = tower["vision_s"]
-            row["ttft_s"] = row["ttft_s"] + tower["vision_s"]
-            row["vision_cpu_s"] = tower["vision_cpu_s"]
+            source = samples[own] if _in_tower(config.method) else samples["dense"]
+            tower = _medians(source, text)
+            row["outside_s"] = median([s.ttft - s.llm for s in source])
+            row["outside_cpu_s"] = median([None if s.ttft_cpu is None else s.ttft_cpu - s.llm_cpu for s in source])
+            row["vision_s"], row["vision_cpu_s"] = tower["vision_s"], tower["vision_cpu_s"]
+            row["ttft_s"] = row["ttft_s"] + row["outside_s"]
             if row["ttft_cpu_s"] is not None:
-                row["ttft_cpu_s"] = row["ttft_cpu_s"] + tower["vision_cpu_s"]
+                row["ttft_cpu_s"] = row["ttft_cpu_s"] + row["outside_cpu_s"]
         rows.append(row)
     by_label = {r["config"]: r for r in rows}
     for row in rows:
         # Interleaving pairs each repeat of a row with the dense run of the same pass; the reported ratio is the
         # median of those per-pass ratios, so a burst of load that slows one pass moves one pair, not a median.
-        # (an ideal's samples time the language model only: its row's vision time is added to each)
-        vision = row["vision_s"] if row["kind"] == "ideal" else 0.0
-        vision_cpu = row["vision_cpu_s"] if row["kind"] == "ideal" else 0.0
+        # (an ideal's samples time the language model only: its row's outside time is added to each)
+        outside = row["outside_s"] if row["kind"] == "ideal" else 0.0
+        outside_cpu = row["outside_cpu_s"] if row["kind"] == "ideal" else 0.0
         own = samples[row["config"]]
         row["ttft_speedup_vs_dense"], row["ttft_speedup_spread"] = _paired(
-            [_ratio(d.ttft, s.ttft + vision) for d, s in zip(samples["dense"], own)])
-        row["ttft_per_pass_s"] = [s.ttft + vision for s in own]
+            [_ratio(d.ttft, s.ttft + outside) for d, s in zip(samples["dense"], own)])
+        row["ttft_per_pass_s"] = [s.ttft + outside for s in own]
         # the same ratios in process CPU time (CPU only): what a loaded machine distorts least (timing.Clock)
         row["ttft_cpu_speedup_vs_dense"], row["ttft_cpu_speedup_spread"] = _paired(
-            [_ratio(d.ttft_cpu, _plus(s.ttft_cpu, vision_cpu)) for d, s in zip(samples["dense"], own)])
-        row["ttft_cpu_per_pass_s"] = [_plus(s.ttft_cpu, vision_cpu) for s in own]
+            [_ratio(d.ttft_cpu, _plus(s.ttft_cpu, outside_cpu)) for d, s in zip(samples["dense"], own)])
+        row["ttft_cpu_per_pass_s"] = [_plus(s.ttft_cpu, outside_cpu) for s in own]
         row["llm_speedup_vs_dense"] = _ratio(dense["llm_s"], row["llm_s"])
         row["decode_speedup_vs_dense"] = _ratio(dense["decode_step_s"], row["decode_step_s"])
         ideal = by_label.get(row["config"] + " ideal")
         if row["kind"] == "method" and ideal is not None:  # a grid may leave the ideals out (the scaling run)
-            # 1.0 = as fast as the ideal; an ideal's own samples time the language model only, so each pass adds
-            # the ideal row's vision time (the dense tower's, or the method's own pruned tower's)
+            # 1.0 = as fast as the ideal
             row["ttft_vs_ideal"], row["ttft_vs_ideal_spread"] = _paired(
-                [_ratio(i.ttft + ideal["vision_s"], s.ttft) for i, s in
+                [_ratio(i.ttft + ideal["outside_s"], s.ttft) for i, s in
                  zip(samples[ideal["config"]], samples[row["config"]])])
             row["ttft_cpu_vs_ideal"], row["ttft_cpu_vs_ideal_spread"] = _paired(
-                [_ratio(_plus(i.ttft_cpu, ideal["vision_cpu_s"]), s.ttft_cpu) for i, s in
+                [_ratio(_plus(i.ttft_cpu, ideal["outside_cpu_s"]), s.ttft_cpu) for i, s in
                  zip(samples[ideal["config"]], samples[row["config"]])])
     return rows
 
@@ -315,7 +330,9 @@ def _medians(samples: list[Sample], text_config) -> dict:
         "ttft_spread": _spread([s.ttft for s in samples]),
         "vision_s": median([s.vision for s in samples]),
         "ttft_cpu_s": median([s.ttft_cpu for s in samples]),
+        "ttft_cpu_spread": _spread([s.ttft_cpu for s in samples]),
         "vision_cpu_s": median([s.vision_cpu for s in samples]),
+        "llm_cpu_s": median([s.llm_cpu for s in samples]),
         "llm_s": median([s.llm for s in samples]),
         "selection_s": median([s.selection for s in samples]),
         "decode_step_s": median([s.decode_step for s in samples]),

@@ -24,11 +24,12 @@ class NotEnoughMemory(RuntimeError):
     """The model would not fit in the device's available memory; raised before anything is built."""
 
 
-def load_config(name: str, layers: int | None = None, vision_layers: int | None = None, width_divisor: int = 1):
+def load_config(name: str, layers: int | None = None, vision_layers: int | None = None, width_divisor: int = 1,
+                vision_width_divisor: int = 1):
     """Config of a shipped model name (``llava-1.5-7b``...), a config.json path, or a hub id / checkpoint dir;
     optionally with fewer text and vision layers (same widths). Vision-layer indexes past the kept depth (Qwen2.5-VL's
     full-attention blocks, Qwen3-VL's DeepStack taps) are dropped. ``width_divisor`` narrows the language model
-    (see ``narrow``)."""
+    (see ``narrow``), ``vision_width_divisor`` the vision tower (``narrow_vision``)."""
     if name in SHIPPED or name.endswith(".json"):
         data = json.loads(Path(SHIPPED.get(name, name)).read_text())
         data = {k: v for k, v in data.items() if not k.startswith("_")}
@@ -50,7 +51,33 @@ def load_config(name: str, layers: int | None = None, vision_layers: int | None 
                 setattr(vision, key, [i for i in getattr(vision, key) if i < vision_layers])
     if width_divisor != 1:
         narrow(config, width_divisor)
+    if vision_width_divisor != 1:
+        narrow_vision(config, vision_width_divisor)
     return config
+
+
+# The vision towers' width fields: CLIP / SigLIP, Qwen2-VL (embed_dim; its hidden_size is the merger's output),
+# Qwen2.5-VL / Qwen3-VL (hidden_size; the merger's output is out_hidden_size).
+_VISION_WIDTHS = {"qwen2_vl": ("embed_dim", None, "num_heads"),
+                  "qwen2_5_vl": ("hidden_size", "intermediate_size", "num_heads"),
+                  "qwen3_vl": ("hidden_size", "intermediate_size", "num_heads")}
+
+
+def narrow_vision(config, divisor: int) -> None:
+    """Divide the vision tower's width by ``divisor`` in place: hidden size, MLP size (Qwen2-VL: its MLP ratio
+    follows) and heads, keeping the head dimension (so the tower's rotary embedding and attention per head are the
+    real model's) and its depth. With ``narrow`` by the same divisor, the tower's share of a prefill is close to
+    the real model's (its attention's share grows as the language model's does), which is what lets a benchmark
+    weigh vision-side signal work as the real model would. Raises ValueError when the widths do not divide."""
+    vision = config.vision_config
+    hidden, mlp, heads = _VISION_WIDTHS.get(config.model_type, ("hidden_size", "intermediate_size",
+                                                                 "num_attention_heads"))
+    for key in (hidden, mlp, heads):
+        if key is not None and getattr(vision, key) % divisor:
+            raise ValueError(f"the vision tower's {key} ({getattr(vision, key)}) does not divide by {divisor}")
+    for key in (hidden, mlp, heads):
+        if key is not None:
+            setattr(vision, key, getattr(vision, key) // divisor)
 
 
 def narrow(config, divisor: int) -> None:
@@ -153,6 +180,7 @@ class Plan:
     needed: int | None = None  # weights plus WORKSPACE
     available: int | None = None
     width_divisor: int = 1  # the language model's width divided by this (``narrow``)
+    vision_width_divisor: int = 1  # the vision tower's width divided by this (``narrow_vision``)
 
     def describe(self) -> str:
         """One line, e.g. ``llava-1.5-7b: random weights, 3 of 32 decoder layers, 2 of 24 vision layers, 0.74 B
@@ -164,6 +192,8 @@ class Plan:
             parts.append(f"language model at 1/{self.width_divisor} of its width")
         if self.vision_layers is not None:
             parts.append(f"{self.vision_layers} of {self.total_vision_layers} vision layers")
+        if self.vision_width_divisor != 1:
+            parts.append(f"vision tower at 1/{self.vision_width_divisor} of its width")
         where = f"{str(self.dtype).removeprefix('torch.')} on {self.device}"
         if self.parameters is not None:
             where = f"{self.parameters / 1e9:.2f} B parameters in {where} (about {self.needed / 1e9:.1f} GB)"
@@ -171,7 +201,8 @@ class Plan:
 
 
 def plan(name: str, random_init: bool = False, layers: int | None = None, vision_layers: int | None = None,
-         dtype: str = "auto", device: str = "auto", check_memory: bool = True, width_divisor: int = 1) -> Plan:
+         dtype: str = "auto", device: str = "auto", check_memory: bool = True, width_divisor: int = 1,
+         vision_width_divisor: int = 1) -> Plan:
     """Resolve what ``name`` means and estimate its memory. Raises ``NotEnoughMemory`` (with the estimate and what
     is available) when the weights plus ``WORKSPACE`` exceed the device's available memory; ``ValueError`` for an
     unknown tiny family, --layers/--vision-layers on a checkpoint with real weights or --vision-layers on a tiny
@@ -181,25 +212,26 @@ def plan(name: str, random_init: bool = False, layers: int | None = None, vision
     kind = kind_of(name)
     if kind == "tiny":
         from ..testing import FAMILIES
-        if width_divisor != 1:
-            raise ValueError("tiny models are already narrow; --width-divisor applies to shipped configs, config "
-                             "files and --random-init")
+        if width_divisor != 1 or vision_width_divisor != 1:
+            raise ValueError("tiny models are already narrow; --width-divisor and --vision-width-divisor apply to "
+                             "shipped configs, config files and --random-init")
         if name[len(TINY_PREFIX):] not in FAMILIES:
             raise ValueError(f"unknown tiny model {name!r}; choose from {', '.join(TINY_PREFIX + f for f in FAMILIES)}")
         if vision_layers is not None:
             raise ValueError("tiny models have 2 vision layers; --vision-layers does not apply")
         return Plan(name, kind, True, None, dtype_, device_, layers=layers or 4, total_layers=layers or 4)
     random_weights = random_init or kind in ("shipped", "config")
-    if not random_weights and (layers is not None or vision_layers is not None or width_divisor != 1):
-        raise ValueError("--layers/--vision-layers/--width-divisor apply to random weights only (shipped configs, "
-                         "config.json files, or --random-init)")
+    if not random_weights and (layers is not None or vision_layers is not None or width_divisor != 1
+                               or vision_width_divisor != 1):
+        raise ValueError("--layers/--vision-layers/--width-divisor/--vision-width-divisor apply to random weights "
+                         "only (shipped configs, config.json files, or --random-init)")
     total_layers, total_vision = _depths(load_config(name))
-    config = load_config(name, layers, vision_layers, width_divisor)
+    config = load_config(name, layers, vision_layers, width_divisor, vision_width_divisor)
     kept_layers, kept_vision = _depths(config)
     parameters, size = weight_bytes(config, dtype_)
     result = Plan(name, kind, random_weights, config, dtype_, device_, kept_layers, total_layers, kept_vision,
                   total_vision, parameters, size, int(size * (1 + WORKSPACE)), available_memory(device_),
-                  width_divisor)
+                  width_divisor, vision_width_divisor)
     if check_memory and result.available is not None and result.needed > result.available:
         raise NotEnoughMemory(
             f"{name} with {kept_layers} of {total_layers} decoder layers in {str(dtype_).removeprefix('torch.')} "

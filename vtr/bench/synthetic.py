@@ -24,6 +24,7 @@ from ..layout import VisualSpan
 from ..methods import lookup
 from ..methods.base import Stage
 from ..signals import SpanCandidates
+from ..signals.text import TextSignals
 
 CLIP_CROP = 576  # patches of one CLIP-336 crop (LLaVA); [CLS] is token 0 of each crop
 PREFIX, SUFFIX = 16, 48  # text tokens before and after the visual span
@@ -103,6 +104,11 @@ class SyntheticContext:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def request_cached(self, key, compute):  # one stage is timed: its per-request signals are computed in it
+        return self.cached(("request", key), compute)
+
+    text_raters = TextSignals.text_raters  # the context's own rule, on the stand-in's embeddings
 
     def candidates(self) -> SpanCandidates:
         return SpanCandidates(self.span, self.span.positions.to(self.hidden.device), torch.arange(self.n))

@@ -99,6 +99,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self._resumed: dict[int, tuple] = {}  # thread id -> (cache, input length) of a generate resuming a cache
         # thread id -> the last image encoding's vision signals; generate() encodes images before its prefills
         self._vision: dict[int, VisionCall] = {}
+        self._expansion: dict[int, int] = {}  # thread id -> rows per prompt after generate() repeated its encodings
         self._closing = False
         self._handles = []
 
@@ -169,10 +170,13 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                 for i in range(first, len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self._post_attention_hooks(reg, layers)
+            if "layer_inputs" in self.method.needs:
+                self._own_projection_hooks(reg, layers)
             if "attention_inputs" in self.method.needs:
                 for k in layer_stages:
                     attn = compat.self_attention(layers[k - 1])
                     reg(attn.register_forward_pre_hook(self._capture_hook(k - 1), with_kwargs=True))
+                    reg(compat.key_projection(attn).register_forward_hook(self._capture_keys_hook(k - 1)))
             if self.decode_spec is not None:
                 self._attach_decode(reg, layers)
             if "vision" in self.method.needs or self.vision_stage_layers:
@@ -180,6 +184,10 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             if self.family.deepstack and layer_stages:
                 compat.shadow_method(self.lm, "_deepstack_process", self._deepstack)
             compat.shadow_method(self.model, "generate", self._generate)
+            if hasattr(self.model, compat.GENERATE_EXPANSION):
+                compat.shadow_method(self.model, compat.GENERATE_EXPANSION, self._expanding)
+            compat.shadow_method(self.model, "forward", self._guarded_forward)
+            compat.shadow_method(compat.base_model(self.model), "forward", self._guarded_forward)
         except Exception:
             self.detach()
             raise
@@ -190,6 +198,9 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self._handles.clear()
         compat.unshadow_method(self.lm, "_deepstack_process")
         compat.unshadow_method(self.model, "generate")
+        compat.unshadow_method(self.model, compat.GENERATE_EXPANSION)
+        compat.unshadow_method(self.model, "forward")
+        compat.unshadow_method(compat.base_model(self.model), "forward")
         compat.unshadow_method(compat.base_model(self.model), compat.IMAGE_FEATURES)
         compat.unshadow_method(compat.base_model(self.model), compat.VIDEO_FEATURES)
         self._vision.clear()
@@ -208,6 +219,21 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             self._closing = True
             self._idle.wait_for(lambda: not self._states and not +self._generating)
             self.detach()
+            self._refuse_pruned_caches()
+
+    def _refuse_pruned_caches(self) -> None:
+        """Every live KV cache this patch pruned is made to refuse further use: its layers hold the pruned sequence,
+        whose masks and positions only this patch knew, so the unpatched model (or a new patch, which did not prune
+        it) would continue it silently wrong. Caches whose request removed nothing stay usable."""
+        message = (f"vtr: this KV cache was pruned by vtr.patch(model, {self.method.name!r}, ...), which has since "
+                   "been removed (handle.remove(), or the end of its with-block). Its layers hold the pruned "
+                   "sequence, whose attention masks and positions only that patch knew, so neither the unpatched "
+                   "model nor a new patch can continue it. Continue the conversation while the patch is in place, "
+                   "or start a new cache with the whole conversation.")
+        pruned = [cache for cache, request in self._requests.items() if request.layouts]  # under self._lock
+        self._requests.clear()
+        for cache in pruned:
+            compat.refuse_cache(cache, message)
 
     def __reduce_ex__(self, protocol):
         # Hooks and shadowed methods of a patched model point here; copying them would share one engine (and its
@@ -251,7 +277,37 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                     self._states.pop(me, None)  # a forward interrupted by a BaseException never ran its exit
                     self._resumed.pop(me, None)
                     self._vision.pop(me, None)
+                    self._expansion.pop(me, None)
                 self._idle.notify_all()
+
+    def _expanding(self, original, *args, **kwargs):
+        """``generate``'s row expansion (beam search, ``num_return_sequences``): when it repeats visual encodings it
+        made before, the prefill's rows are mapped to them (``ForwardState.expansion``)."""
+        expand = compat.pre_encoded_expansion(original, args, kwargs)
+        if expand > 1:
+            self._expansion[threading.get_ident()] = expand
+        return original(*args, **kwargs)
+
+    def _guarded_forward(self, original, *args, **kwargs):
+        """The model's (and the base model's) ``forward`` while patched: whatever exception ends it, this thread's
+        in-flight state is cleared, so that ``remove()`` does not wait for it forever. Torch runs no always-call
+        forward hook when a ``BaseException`` that is not an ``Exception`` (Ctrl-C, ``SystemExit``) ends the call."""
+        try:
+            return original(*args, **kwargs)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """Forget the forward call in flight in this thread (one that ended by an exception)."""
+        me = threading.get_ident()
+        with self._idle:
+            self._states.pop(me, None)
+            if not self._generating[me]:
+                self._vision.pop(me, None)
+                self._resumed.pop(me, None)
+                self._expansion.pop(me, None)
+            self._idle.notify_all()
 
     def _state(self) -> ForwardState | None:
         return self._states.get(threading.get_ident())
@@ -329,6 +385,9 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         past = compat.cache_length(cache)
         visual = self.family.has_visual_inputs(kwargs)
         resumed = self._resumed.pop(threading.get_ident(), None)  # only a generate's first forward may use it
+        refusal = compat.cache_refusal(cache) if cache is not None else None
+        if refusal is not None:
+            raise ValueError(refusal)
         if past == 0:
             return self._prefill_inputs(fwd, ids, embeds, cache, visual, kwargs)
         with self._lock:

@@ -52,6 +52,7 @@ class RequestState:
     added: list[list[AddedToken]] = field(default_factory=list)  # per row: tokens merging stages added, in order
     decode_state: dict = field(default_factory=dict)  # the method's kv_cache-stage state (select_decode)
     method_state: dict = field(default_factory=dict)  # what a method's stage leaves for its later stages
+    signals: dict = field(default_factory=dict)  # signals that do not change between stages (vtr.signals), by key
     decode_spans: list | None = None  # per row: (span, [n] cache slots of its present visual tokens, [n] ids)
     length_layer: int = 0  # the layer whose cache length transformers reads (``compat.length_layer``)
     # [B, L] the bidirectional attention block of each prompt token (-1: causal), for models that attend
@@ -132,8 +133,8 @@ class RequestState:
 class VisionCall:
     """One ``get_image_features`` (or ``get_video_features``) call: its anyres image sizes (LLaVA-NeXT) or image
     grids (Qwen-VL) and, per captured vision layer, [attention module, attention input, layer output]
-    (``[n_crops, N, D_v]`` each; Qwen-VL: ``[S, D_v]`` patches in the tower's order) and the attention call's other
-    arguments (``extras``)."""
+    (``[n_crops, N, D_v]`` each; Qwen-VL: ``[S, D_v]`` patches in the tower's order), the attention call's other
+    arguments (``extras``) and the attention's own projections (``projections``)."""
 
     image_sizes: list | None
     grid_thw: torch.Tensor | None = None
@@ -145,6 +146,11 @@ class VisionCall:
     frames: int | None = None  # LLaVA-OneVision videos: frames per video (every video of a call has as many)
     video: "VisionCall | None" = None  # the same forward's video call, beside its image call
     pixel_values: torch.Tensor | None = None  # the call's pixel input, as passed (VFlowOpt's patch entropy)
+    # per captured vision layer, the attention's own query and key projections (``{"q", "k"}``: ``[n_crops, N, H * d]``;
+    # Qwen-VL: ``{"qkv"}``, ``[S, 3 * H * d]``), as the tower computed them: signals read them instead of projecting
+    # the attention input again
+    projections: dict = field(default_factory=dict)
+    signals: dict = field(default_factory=dict)  # signals computed from this call, shared by every stage
 
 
 @dataclass
@@ -163,12 +169,20 @@ class ForwardState:
     loss_kwargs: dict = field(default_factory=dict)
     decode_tail: torch.Tensor | None = None
     captures: dict = field(default_factory=dict)  # layer -> (attention module, normed hidden, cos, sin)
+    # stage layer -> {"normed": [B, L, D], "keys": [B, L, H_kv d]}: what a "layer_inputs" signal computed with the
+    # layer's own input norm and key projection over the stage's whole sequence; then, once the stage pruned,
+    # layer -> ([B, L'] slots gathered, that dict), handed to the layer in place of computing them again
+    own_projections: dict = field(default_factory=dict)
+    reuse: dict = field(default_factory=dict)
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
     mask2d: torch.Tensor | None = None  # a continuation's 2-D mask as the base model got it (before any mask mapping)
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
     block_outputs: dict = field(default_factory=dict)  # layer -> its output, made by a post-attention stage
     in_block: bool = False  # a post-attention stage is running a layer's MLP block itself
+    # generate() encoded each prompt's visual inputs once, then repeated every row this many times (beam search,
+    # num_return_sequences): row r of the prefill reads the encoding of prompt r // expansion
+    expansion: int = 1
 
 
 def insertion_index(keep: torch.Tensor, after: list, length: int) -> torch.Tensor:

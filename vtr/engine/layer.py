@@ -12,6 +12,16 @@ from .core import ForwardState, SeqLayout, deepstack_inputs, shift_positions
 class LayerStages:
     """Part of ``Engine`` (see ``vtr.engine``)."""
 
+    def _capture_keys_hook(self, layer: int):
+        """The key projection's output of layer ``layer`` (before the rotary embedding) in a prefill: the signals
+        rotate it at each row's own positions, or read it unrotated, instead of projecting the keys again."""
+        def hook(module, args, output):
+            fwd = self._state()
+            if fwd is not None and fwd.prefill and fwd.request is not None:
+                fwd.captures["keys", layer] = output
+            return None
+        return hook
+
     def _capture_hook(self, layer: int):
         def hook(module, args, kwargs):
             fwd = self._state()
@@ -20,6 +30,43 @@ class LayerStages:
                 cos, sin = kwargs["position_embeddings"]
                 fwd.captures[layer] = (module, hidden, cos, sin)
             return None
+        return hook
+
+    def _own_projection_hooks(self, reg, layers) -> None:
+        """A method scoring with a stage layer's own input norm and key projection (``"layer_inputs"``: PyramidDrop)
+        computes them over the whole sequence before the stage prunes; the layer would then compute them again for
+        the tokens kept. Instead, once per prefill, a pre-hook hands the norm (and the projection) one row of its
+        input (negligible work) and a forward hook returns the kept rows of what the signal computed (the same
+        rows: both are row-wise)."""
+        for spec in self.specs:
+            if spec.stage is Stage.LAYER:
+                layer = layers[spec.layer]
+                for name, module in (("normed", compat.input_norm(layer)),
+                                     ("keys", compat.key_projection(compat.self_attention(layer)))):
+                    reg(module.register_forward_pre_hook(self._reuse_input(spec.layer, name)))
+                    reg(module.register_forward_hook(self._reuse_output(spec.layer, name)))
+
+    def _reuse_input(self, i: int, name: str):
+        def hook(module, args):
+            fwd = self._state()
+            entry = fwd.reuse.get(i) if fwd is not None and fwd.prefill else None
+            if entry is None or name not in entry[1] or not args:
+                return None
+            select, own = entry
+            full = own.pop(name)
+            if not own:
+                del fwd.reuse[i]
+            rows = full if select is None else kernels.gather_rows(full, select)
+            if rows.shape[:2] != args[0].shape[:2]:
+                return None
+            fwd.reuse["out", i, name] = rows
+            return (args[0][:, :1],) + tuple(args[1:])
+        return hook
+
+    def _reuse_output(self, i: int, name: str):
+        def hook(module, args, output):
+            fwd = self._state()
+            return fwd.reuse.pop(("out", i, name), None) if fwd is not None else None
         return hook
 
     def _post_attention_hooks(self, reg, layers) -> None:
@@ -42,6 +89,7 @@ class LayerStages:
             hidden = args[0]
             pruned = self._prune(fwd, spec, fwd.request.final(), hidden)
             fwd.captures.pop(spec.layer - 1, None)
+            fwd.captures.pop(("keys", spec.layer - 1), None)
             if pruned is None:
                 return None
             new, select, merged, added = pruned
@@ -89,11 +137,17 @@ class LayerStages:
                 earlier = [request.layout_at(j) for j in range(i)] if spec.slice_earlier else None
                 pruned = self._prune(fwd, spec, prev, hidden)
                 fwd.captures.pop(i - 1, None)  # layer i-1's attention inputs: no later stage reads them
+                fwd.captures.pop(("keys", i - 1), None)
+                own = fwd.own_projections.pop(i, None)
                 if pruned is not None:
                     layout, select, merged, added = pruned
                     hidden = self._gathered(hidden, select, merged, added)
                     if earlier is not None:
                         self._slice_earlier(fwd, layout, earlier, added is not None)
+                    if own and not merged and added is None:
+                        fwd.reuse[i] = (select, own)
+                elif own:
+                    fwd.reuse[i] = (None, own)
             active = request.active(i)
             fwd.current = active
             if active is None:

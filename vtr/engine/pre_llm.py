@@ -37,6 +37,11 @@ class PreLLMStage:
         fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
         fwd.lm_embeds = hidden
         fwd.vision = self._vision.get(threading.get_ident())
+        if fwd.vision is not None:
+            fwd.expansion = self._expansion.get(threading.get_ident(), 1)
+            if B % fwd.expansion:
+                raise RuntimeError(f"vtr: generate() repeated its visual encodings {fwd.expansion} times but the "
+                                   f"prefill has {B} rows")
         arange = torch.arange(L, device=device).expand(B, L)
         base = SeqLayout(index=arange, local=arange, mask2d=valid, positions=positions,
                          shift=torch.zeros(B, dtype=torch.long, device=device))
@@ -47,6 +52,10 @@ class PreLLMStage:
         request.length_layer = compat.length_layer(self.lm)
         if self.family.bidirectional_blocks:
             request.blocks = self.family.block_ids(self.model, fwd.inputs)
+        if self.method.keep is not None:  # a layer-averaged keep out of the schedule's reach, before any layer runs
+            for row in fwd.layout.rows:
+                for span in row.spans:
+                    self.method.check_layer_average(request.record.n_layers, span.n)
         fwd.request, fwd.cache = request, cache
         if cache is not None:
             with self._lock:

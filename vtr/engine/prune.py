@@ -41,7 +41,7 @@ class Pruning:
                 eligible = ctx.eligible(present)
                 ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
                 for group in ctx.groups(present.subset(eligible)):
-                    budget = self._checked_budget(self.method.budget_for(ctx, b, group))
+                    budget = self._checked_budget(self.method.budget_for(ctx, b, group), len(group))
                     if budget >= len(group):
                         chosen = torch.arange(len(group), device=group.slots.device)
                     else:
@@ -202,9 +202,13 @@ class Pruning:
             rows.append([request.added[b][a] for a in numbers])
         return rows
 
-    def _checked_budget(self, budget) -> int:
+    def _checked_budget(self, budget, n: int) -> int:
+        """A keep count must be an int, and at least 1 for an image (or tile) with candidates: the min-1 rule."""
         if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget:
             raise RuntimeError(f"{self.method.name}: budget_for() must return a non-negative int, got {budget!r}")
+        if n and not budget:
+            raise RuntimeError(f"{self.method.name}: budget_for() kept no token of an image (or tile) of {n} "
+                               "candidates; every image keeps at least one (the min-1 rule)")
         return budget
 
     def _checked_merge(self, merge: Merge, spec: StageSpec, budget: int, n: int) -> Merge:
@@ -248,7 +252,7 @@ class Pruning:
         if len(chosen) != budget:
             raise RuntimeError(f"{name}: select() returned {len(chosen)} indices for a budget of {budget} (of {n} "
                                "tokens); the keep count must follow the method's budget_for()")
-        if int(chosen.min()) < 0 or int(chosen.max()) >= n or len(chosen.unique()) != len(chosen):
+        if len(chosen) and (int(chosen.min()) < 0 or int(chosen.max()) >= n or len(chosen.unique()) != len(chosen)):
             raise RuntimeError(f"{name} selected invalid token indices {chosen.tolist()} (of {n}): each must be "
                                "distinct and in [0, n)")
         return chosen

@@ -42,16 +42,20 @@ class VisionSignals:
     """Part of ``Engine`` (see ``vtr.engine``)."""
 
     def _attach_vision(self, reg) -> None:
-        """Capture, for each vision layer the method reads, its attention input and its output, during the image
-        encoding (inside the forward, or before the prefill in generate). The tower keeps its own attention
-        backend; signals are recomputed from these inputs for the rows a method needs."""
+        """Capture, for each vision layer the method reads, its attention input, its query and key projections and
+        its output, during the image encoding (inside the forward, or before the prefill in generate). The tower
+        keeps its own attention backend; signals compute the attention rows a method needs from the tower's own
+        projections."""
         layers = compat.vision_layers(self.model)
         wanted = self.method.vision_layers(len(layers), compat.vision_feature_layer(self.model)) \
             if "vision" in self.method.needs else ()
         for i in wanted:
-            reg(compat.vision_self_attention(layers[i]).register_forward_pre_hook(self._vision_input(i),
-                                                                                   with_kwargs=True))
+            attn = compat.vision_self_attention(layers[i])
+            reg(attn.register_forward_pre_hook(self._vision_input(i), with_kwargs=True))
             reg(layers[i].register_forward_hook(self._vision_output(i)))
+            for name, module in compat.vision_projections(attn).items():  # what the tower itself projects
+                if name != "v":
+                    reg(module.register_forward_hook(self._vision_projection(i, name)))
         if self.vision_stage_layers and compat.is_qwen_tower(self.model):
             self._attach_qwen_stage(reg)
         elif self.vision_stage_layers:
@@ -106,6 +110,13 @@ class VisionSignals:
             if call is not None:
                 call.layers[i] = [module, kwargs.get("hidden_states", args[0] if args else None), None]
                 call.extras[i] = {k: v for k, v in kwargs.items() if k in ("cu_seqlens", "position_embeddings")}
+        return hook
+
+    def _vision_projection(self, i: int, name: str):
+        def hook(module, args, output):
+            call = self._vision.get(threading.get_ident())
+            if call is not None:
+                call.projections.setdefault(i, {})[name] = output
         return hook
 
     def _vision_output(self, i: int):

@@ -79,6 +79,18 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
 # than a block and on exactly representable ties).
 BLOCK_ROWS = 1024
 MIN_GEMM_ROWS = 8
+# The largest N x N matrix (bytes) a selection holds by default (DivPrune's distances, CDPruner's kernel,
+# VisPruner's similarities): 1 GiB, an fp32 matrix over 16,384 tokens. Within it the selection holds the matrix, as
+# the official code does (which holds two or three of them), and reads its rows; above it, it works in blocks of
+# rows with O(N) extra memory, recomputing what a pick reads (one pass over the features per pick). Each method
+# that uses it takes a ``matrix_mb`` option.
+MATRIX_BYTES = 1 << 30
+
+
+def fits(n: int, dtype: torch.dtype = torch.float32, budget: int | None = None) -> bool:
+    """Whether an ``n x n`` matrix of ``dtype`` fits ``budget`` bytes (default ``MATRIX_BYTES``)."""
+    budget = MATRIX_BYTES if budget is None else budget
+    return n * n * torch.empty(0, dtype=dtype).element_size() <= budget
 
 
 def row_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -89,6 +101,28 @@ def row_products(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if m < MIN_GEMM_ROWS:
         left = torch.cat([left, left[-1:].expand(MIN_GEMM_ROWS - m, -1)])
     return (left @ right.T)[:m]
+
+
+GRAM_BLOCK = 256
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``x @ x.T`` for ``x: [N, D]``, ``[N, N]``. On the CPU, blocks of ``GRAM_BLOCK`` rows at and above the diagonal
+    are multiplied and mirrored below it: the product is symmetric bit for bit (``x_i . x_j`` and ``x_j . x_i``
+    sum the same products in the same order) and each block's entries are the full product's (``row_products``;
+    every block multiplies at least ``GRAM_BLOCK`` columns, as a tiny product can take another kernel that rounds
+    differently), so this is the full product's floats in about half the multiplications (the official
+    selections multiply the whole matrix). On other devices one matrix product."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or n <= 2 * GRAM_BLOCK:
+        return row_products(x, x)
+    out = torch.empty(n, n, dtype=x.dtype, device=x.device)
+    for start, stop in row_blocks(n, GRAM_BLOCK):
+        first = min(start, n - GRAM_BLOCK)  # the columns multiplied: from the diagonal, at least GRAM_BLOCK
+        block = row_products(x[start:stop], x[first:])[:, start - first:]
+        out[start:stop, start:] = block
+        out[stop:, start:stop] = block[:, stop - start:].T
+    return out
 
 
 def row_blocks(n: int, block: int = BLOCK_ROWS):
@@ -122,35 +156,40 @@ def nearest_other_distance(unit: torch.Tensor) -> torch.Tensor:
     return nearest
 
 
-def maxmin_start(x: torch.Tensor, dtype: torch.dtype = torch.float32):
+def maxmin_start(x: torch.Tensor, dtype: torch.dtype = torch.float32, max_matrix_bytes: int | None = None):
     """What both greedy max-min implementations start from: ``(unit rows, nearest-other distances [N], dist)``
-    where ``dist`` is the dense ``[N, N]`` distance matrix when ``N <= BLOCK_ROWS`` (the rows of later picks are
-    read from it, as before) and None above (each pick's row is computed: ``1 - unit @ unit[j]``)."""
+    where ``dist`` is the dense ``[N, N]`` distance matrix when it fits ``max_matrix_bytes`` (default
+    ``MATRIX_BYTES``; the rows of later picks are read from it; its diagonal holds +inf, which no pick reads) and
+    None above (each pick's row is computed: ``1 - unit @ unit[j]``). The dense matrix is the only ``N x N``
+    allocation (built in place)."""
     unit = unit_rows(x, dtype)
     n = unit.shape[0]
-    if n <= BLOCK_ROWS:
-        dist = 1 - unit @ unit.T
-        nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), float("inf")).amin(0)
-        return unit, nearest, dist
+    if fits(n, dtype, max_matrix_bytes):
+        dist = gram(unit).neg_().add_(1)  # 1 - cos, the same floats as ``1 - unit @ unit.T``
+        dist.diagonal().fill_(float("inf"))  # a row is not its own neighbour
+        return unit, dist.amin(0), dist
     return unit, nearest_other_distance(unit), None
 
 
-def greedy_maxmin(x: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def greedy_maxmin(x: torch.Tensor, k: int, dtype: torch.dtype = torch.float32,
+                  max_matrix_bytes: int | None = None) -> torch.Tensor:
     """Greedy max-min diversity selection (DivPrune) over the rows of ``x: [N, D]``.
 
     The first pick is the row farthest from its nearest other row; each next pick is the row whose distance to the
     picked set (its nearest picked row) is largest. Distance is cosine distance in ``dtype``; ties go to the
     lowest index. Returns ``[k]`` long: the picks in selection order.
 
-    Memory O(N) beyond ``x`` above ``BLOCK_ROWS`` rows: the distance matrix is never held (official DivPrune
-    builds it whole: three N x N matrices, +2.3 GiB at 16k tokens); the first pick reduces it ``BLOCK_ROWS`` rows
-    at a time and each step computes the newest pick's row. Time O(N^2 D) for the first pick plus O(k N D) for
-    the steps (memory-bound: one read of ``x`` per pick)."""
+    Memory: the ``N x N`` distance matrix while it fits ``max_matrix_bytes`` (default ``MATRIX_BYTES``, 1 GiB:
+    16,384 tokens in fp32; official DivPrune holds three such matrices): time O(N^2 D) for the matrix plus O(k N)
+    for the steps, each reading one row of it (the official loop re-reduces every picked row at each step,
+    O(k^2 N)). Above the budget, O(N) beyond ``x``: the first pick reduces the distances ``BLOCK_ROWS`` rows at a
+    time and each step computes the newest pick's row, O(k N D) more time (memory-bound: one read of ``x`` per
+    pick). Both give the same picks (the same floats: ``row_products``)."""
     n = x.shape[0]
     k = min(k, n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    unit, nearest, dist = maxmin_start(x, dtype)
+    unit, nearest, dist = maxmin_start(x, dtype, max_matrix_bytes)
     row = (lambda j: dist[j]) if dist is not None else (lambda j: 1 - unit @ unit[j])
     first = int(torch.argmax(nearest)) if n > 1 else 0
     picks = [first]

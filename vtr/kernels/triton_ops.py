@@ -354,20 +354,20 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | 
     return out
 
 
-def greedy_maxmin(x: torch.Tensor, k: int) -> torch.Tensor:
+def greedy_maxmin(x: torch.Tensor, k: int, max_matrix_bytes: int | None = None) -> torch.Tensor:
     """DivPrune greedy max-min selection over the rows of ``x: [N, D]``; returns ``[min(k, N)]`` long, the picks
     in selection order (identical to the reference).
 
-    Why: the distances come from the reference's own products (``maxmin_start``: the dense matrix up to
-    ``BLOCK_ROWS`` rows, one cuBLAS matmul; above, blockwise with O(N) memory and one matrix-vector product per
+    Why: the distances come from the reference's own products (``maxmin_start``: the dense matrix while it fits
+    ``max_matrix_bytes``, one cuBLAS matmul; above, blockwise with O(N) memory and one matrix-vector product per
     pick), so the selection sees the very same floats; the k sequential steps, which the reference drives from
-    Python with ~4 launches and a host sync each, run inside ONE Triton program up to ``BLOCK_ROWS`` rows, and as
-    one program per step above it (the pick stays on the device: no host sync per step)."""
+    Python with ~4 launches and a host sync each, run inside ONE Triton program over the dense matrix, and as
+    one program per step without it (the pick stays on the device: no host sync per step)."""
     n = x.shape[0]
     k = min(int(k), n)
     if k <= 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
-    unit, nearest, dist = reference.maxmin_start(x)
+    unit, nearest, dist = reference.maxmin_start(x, max_matrix_bytes=max_matrix_bytes)
     out = torch.empty(k, dtype=torch.long, device=x.device)
     to_set = torch.empty(n, dtype=torch.float32, device=x.device)
     if dist is not None:

@@ -29,7 +29,9 @@ IMPLEMENTED_STAGES = (Stage.VISION, Stage.PRE_LLM, Stage.LAYER)
 BEFORE_LM = (Stage.VISION, Stage.PRE_LLM)
 
 
-@dataclass(frozen=True)
+# Not frozen: torch.compile cannot rebuild a frozen dataclass instance made in traced code after a graph break
+# (methods read their stage list while selecting); hashable and compared by value all the same.
+@dataclass(unsafe_hash=True)
 class StageSpec:
     """stage, and layer: the first decoder layer that runs on the pruned sequence (0 for pre_llm).
     post_attention (``layer`` stages): select inside layer ``layer - 1``, after its self-attention and residual add,
@@ -81,6 +83,13 @@ class Merge:
 POSITION_POLICIES = ("original", "compact", "span_prefix")
 SCORE_DTYPES = ("float32", "model")
 
+SEED = {"min": 0, "max": 2 ** 32 - 1}  # field metadata of a seed option (a torch.Generator seed)
+
+
+def choices(*allowed) -> dict:
+    """Field metadata of a ``str`` option that takes one of ``allowed``."""
+    return {"choices": allowed}
+
 
 @dataclass
 class Method:
@@ -115,7 +124,8 @@ class Method:
     returns a ``Merge``.
 
     Subclasses set the class attributes, add their options as fields (annotated ``int``, ``float``, ``bool`` or
-    ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers), and implement ``select``.
+    ``str``; ``field(metadata={"min": m, "max": M})`` bounds numbers, ``metadata=choices(...)`` lists a string's
+    values; ``_check_options`` checks them all), and implement ``select``.
     """
 
     name: ClassVar[str] = ""
@@ -152,7 +162,7 @@ class Method:
     keep: int | None = None
     """Visual tokens kept per image or video (>= 1), instead of ratio; the method's keep-count rule turns it into its
     exact count."""
-    positions: str | None = None
+    positions: str | None = field(default=None, metadata=choices(*POSITION_POLICIES))
     """RoPE position policy of the kept tokens: "original", "compact" or "span_prefix" (stages before the language
     model only); None takes the method's official default (original on M-RoPE models)."""
     # ``layer`` stages: also cut the KV caches of the layers before this one down to the stage's kept tokens once
@@ -161,10 +171,10 @@ class Method:
     slice_earlier: bool = False
     """Layer stages: also cut the KV caches of the layers before the stage to its kept tokens once the prefill has
     filled them, so decoding attends to the kept tokens only (PruneVid's behaviour)."""
-    scope: str = "image"
+    scope: str = field(default="image", metadata=choices("image", "crop"))
     """Budget unit: "image" (one budget per image or video) or "crop" (one per LLaVA-NeXT anyres tile plus one for
     the base image)."""
-    score_dtype: str = "float32"
+    score_dtype: str = field(default="float32", metadata=choices(*SCORE_DTYPES))
     """Precision of scores, norms and similarities: "float32", or "model" (the model's dtype, as the official code
     computes them: reproduces a bf16 run token for token)."""
 
@@ -183,21 +193,19 @@ class Method:
         if self.keep is not None and not (isinstance(self.keep, int) and self.keep >= 1):
             raise ValueError(f"{self.name}: keep must be an integer >= 1 (visual tokens kept per image), "
                              f"got {self.keep!r}")
-        if self.positions is not None and self.positions not in POSITION_POLICIES:
-            raise ValueError(f"{self.name}: positions must be one of {POSITION_POLICIES}, got {self.positions!r}")
-        if self.scope not in ("image", "crop"):
-            raise ValueError(f"{self.name}: scope must be 'image' or 'crop', got {self.scope!r}")
-        if self.score_dtype not in SCORE_DTYPES:
-            raise ValueError(f"{self.name}: score_dtype must be one of {SCORE_DTYPES}, got {self.score_dtype!r}")
         if self.score_dtype == "model" and not self.computes_scores:
             raise ValueError(f"{self.name}: score_dtype='model' does not apply: {self.name} computes no scores")
         self._check_options()
 
     def _check_options(self) -> None:
-        """Type and range of the method's own options (the fields a subclass adds), checked at construction."""
+        """Every option but the budget, checked at construction by one rule per option type: ``bool`` options take
+        ``True`` / ``False`` only; ``int`` options integers (not booleans); ``float`` options finite real numbers
+        (not booleans, nan or inf); ``str`` options strings, one of ``metadata["choices"]`` when given; numbers
+        within ``metadata["min"]`` / ``["max"]`` (``SEED``: a seed's range). An option annotated ``X | None`` may
+        be left ``None`` (resolved per model) where its default is. Raises ``ValueError`` naming the option."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            if f.name in {g.name for g in dataclasses.fields(Method)}:
+            if f.name in ("ratio", "keep"):  # checked above, with the budget's own messages
                 continue
             value, kind = getattr(self, f.name), hints.get(f.name)
             if value is None and f.default is None:  # an optional option left unset
@@ -208,8 +216,11 @@ class Method:
                   bool: isinstance(value, bool), str: isinstance(value, str)}.get(kind, True)
             if not ok:
                 raise ValueError(f"{self.name}: {f.name} must be of type {kind.__name__}, got {value!r}")
-            if kind is float and math.isnan(value):
-                raise ValueError(f"{self.name}: {f.name} must be a number, got nan")
+            if kind is float and not math.isfinite(value):
+                raise ValueError(f"{self.name}: {f.name} must be a finite number, got {value!r}")
+            allowed = f.metadata.get("choices")
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{self.name}: {f.name} must be one of {allowed}, got {value!r}")
             low, high = f.metadata.get("min"), f.metadata.get("max")
             if (low is not None and value < low) or (high is not None and value > high):
                 bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
@@ -318,6 +329,31 @@ class Method:
         ``handle.last.nominal_retention`` beside the actual retention."""
         return 1 - self.ratio if self.ratio is not None else None
 
+    # ----------------------------------------------------------------------------------- layer-averaged budgets
+    def layer_average_range(self, n_layers: int) -> tuple[float, float] | None:
+        """Methods whose ``ratio`` / ``keep`` name a *layer-averaged* retention (the fraction of an image's visual
+        tokens present on average over the decoder layers: PyramidDrop, SparseVLM, VFlowOpt): the range of it
+        their schedule reaches on an ``n_layers``-layer model, as fractions, up to the min-1 rule (a stage keeps at
+        least one token per image) and rounding to whole tokens. None: a per-stage budget, or one the schedule
+        always reaches."""
+        return None
+
+    def check_layer_average(self, n_layers: int, n: int | None = None) -> None:
+        """Refuse a layer-averaged budget out of the schedule's reach (``layer_average_range``): at patch time for
+        ``ratio`` (``n`` None), at the first forward for ``keep`` (``n``: the image's visual tokens). Raises
+        ``ValueError`` naming the reachable range."""
+        reach = self.layer_average_range(n_layers)
+        if reach is None or self.ratio == 0:
+            return
+        if self.ratio is not None:
+            target = 1 - self.ratio
+        elif n is None:
+            return
+        else:
+            target = min(1.0, self.keep / n)
+        if not reach[0] - 1e-12 <= target <= reach[1] + 1e-12:
+            raise unreachable_budget(self, target, reach[0], reach[1], n_layers, n)
+
     # ----------------------------------------------------------------------------------------------- helpers
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -326,6 +362,22 @@ class Method:
         """``with method(model) as handle:`` patches ``model`` for the block (kvpress style)."""
         from ..api import patch
         return patch(model, self)
+
+
+def unreachable_budget(method: Method, target: float, low: float, high: float, n_layers: int,
+                       n: int | None = None, why: str = "") -> ValueError:
+    """The error for a layer-averaged budget out of a schedule's reach: it names the budget, the reachable range
+    (as retention and as ``ratio``) and why. ``n``: the image's visual tokens when the budget is a ``keep``."""
+    budget = f"ratio={method.ratio!r}" if method.ratio is not None else f"keep={method.keep!r} (of {n} tokens)"
+    if target < low:
+        keep = f", keep >= {math.ceil(low * n - 1e-9)}" if n else ""
+        bound = f"the lowest it reaches is {low:.2%} (ratio <= {1 - low:.4g}{keep})"
+    else:
+        keep = f", keep <= {math.floor(high * n + 1e-9)}" if n else ""
+        bound = f"the highest it reaches is {high:.2%} (ratio >= {1 - high:.4g}{keep})"
+    return ValueError(f"{method.name}: {budget} names a layer-averaged retention of {target:.2%} of each image's "
+                      f"(or video's) visual tokens, which its schedule cannot reach on this {n_layers}-layer model: "
+                      f"{bound}{'; ' + why if why else ''}")
 
 
 def layer_list(method: Method, text: str, n_layers: int, lowest: int = 1) -> tuple[int, ...]:

@@ -7,8 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from ..kernels.reference import BLOCK_ROWS, row_blocks, row_products
-from .base import Method, Stage
+from ..kernels.reference import MATRIX_BYTES, fits, gram, row_blocks, row_products
+from .base import Method, Stage, choices
 from .registry import register
 
 KERNELS = ("paper", "openvino")
@@ -73,11 +73,14 @@ class CDPruner(Method):
         row depend on its companions); constant relevance (max = min, official: division by zero) is uniform;
       * features are normalised in fp32 (official: in the model dtype, then cast to fp32, as ``score_dtype="model"``
         does; the relevance likewise in the model dtype; the similarities and the DPP are fp32 either way);
-      * memory: above 1024 candidates the N x N similarity and kernel matrices are never held
-        (``ConditionalKernel``, ``BlendedKernel`` serve a row per pick); the greedy DPP's own Cholesky rows remain,
-        O(N T) (``greedy_dpp``; a failed allocation raises a ``MemoryError`` naming ``split_threshold``); the same
-        picks unless gains differ only in their last bits (past the kernel's rank they are rounding noise in any
-        implementation);
+      * memory and time: the N x N kernel is built once, in place, while it fits ``matrix_mb`` (default 1024 MiB:
+        16,384 tokens; official: the similarity and the kernel), as the official code computes it; above it it is
+        never held (``ConditionalKernel``, ``BlendedKernel`` serve a row per pick, O(N) extra memory at one pass
+        over the features per pick, the diagonal in O(N C)); the greedy DPP's own Cholesky rows remain, O(N T)
+        (``greedy_dpp``; a failed allocation raises a ``MemoryError`` naming ``split_threshold``). The two paths
+        give the same picks unless gains differ only in their last bits: past the kernel's rank they are rounding
+        noise in any implementation, and so is the diagonal where the quality is uniform (unit features: every
+        diagonal entry is 1 up to rounding);
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout, newline tokens always kept, one budget and one DPP per
         image (``scope="crop"``: one DPP per tile with its own budget, as the official per-crop budget, on relevance
         min-max normalised over all tiles of the image, as the official code normalises over every crop it
@@ -96,11 +99,11 @@ class CDPruner(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs_whole_prompt: ClassVar[bool] = True
-    relevance: str = "auto"
+    relevance: str = field(default="auto", metadata=choices("auto", "clip", "embeddings"))
     """Relevance to the instruction: "clip" (the official CLIP text tower; LLaVA-1.5 / NeXT), "embeddings" (mean of
     the language model's input embeddings over the prompt's text, OpenVINO GenAI's Qwen-VL substitute) or "auto"
     (clip where the model has a CLIP tower, else embeddings)."""
-    kernel: str = "paper"
+    kernel: str = field(default="paper", metadata=choices(*KERNELS))
     """"paper": the official kernel diag(r) S diag(r); "openvino": OpenVINO GenAI's default compiled graph,
     (1 - w) S + w diag(r) S diag(r) with its normalisations and rounding."""
     relevance_weight: float | None = field(default=None, metadata={"min": 0.0, "max": 1.0})
@@ -115,13 +118,12 @@ class CDPruner(Method):
     tokenizer: str = ""
     """The language model's tokenizer used to read the instruction back from each prompt (relevance="clip"), loaded
     at patch time; "" takes the model's own checkpoint."""
+    matrix_mb: int = field(default=MATRIX_BYTES >> 20, metadata={"min": 0})
+    """Largest N x N kernel (MiB) held: within it the dense kernel, as the official code; above it a row per pick
+    with O(N) extra memory (same picks up to rounding ties, slower on a CPU: one pass over the features per pick)."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.relevance not in ("auto", "clip", "embeddings"):
-            raise ValueError(f"cdpruner: relevance must be 'auto', 'clip' or 'embeddings', got {self.relevance!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"cdpruner: kernel must be one of {KERNELS}, got {self.kernel!r}")
         openvino = self.kernel == "openvino"
         if self.relevance_weight is None:
             self.relevance_weight = 0.5 if openvino else 1.0
@@ -211,11 +213,12 @@ class CDPruner(Method):
             relevance = self._minmax(raw).float()
         if relevance is None:  # no text: uniform (paper), OpenVINO's zero text embedding gives zero relevance
             relevance = (torch.zeros if openvino else torch.ones)(len(features), device=features.device)
-        if len(features) <= BLOCK_ROWS:  # an image: the dense kernel is one block, computed as the official code
-            similarity = features @ features.T
+        if fits(len(features), features.dtype, self.matrix_mb << 20):  # the dense kernel, as the official code
+            similarity = gram(features)
             if openvino:
                 return greedy_dpp(blended_kernel(similarity, relevance, self.relevance_weight), budget)
-            return greedy_dpp(conditional_kernel(similarity, relevance, self.relevance_weight), budget)
+            return greedy_dpp(conditional_kernel(similarity, relevance, self.relevance_weight, in_place=True),
+                              budget)
         if openvino:
             return greedy_dpp(BlendedKernel(features, relevance, self.relevance_weight), budget)
         return greedy_dpp(ConditionalKernel(features, quality(relevance, self.relevance_weight)), budget)
@@ -235,10 +238,14 @@ def quality(relevance: torch.Tensor, weight: float) -> torch.Tensor:
     return torch.exp(weight / (2 * (1 - weight)) * relevance)
 
 
-def conditional_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight: float) -> torch.Tensor:
+def conditional_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight: float,
+                       in_place: bool = False) -> torch.Tensor:
     """``[N, N]`` DPP kernel from similarities ``[N, N]`` and relevance ``[N]`` in [0, 1]: ``diag(q) S diag(q)``
-    with ``q = quality(relevance, weight)``. The dense form (tests); selection uses ``ConditionalKernel``."""
+    with ``q = quality(relevance, weight)``; ``in_place`` overwrites ``similarity`` (the same floats, no second
+    ``N x N`` matrix)."""
     q = quality(relevance, weight)
+    if in_place:
+        return similarity.mul_(q[:, None]).mul_(q[None, :])
     return q[:, None] * similarity * q[None, :]
 
 
@@ -252,7 +259,7 @@ def blended_kernel(similarity: torch.Tensor, relevance: torch.Tensor, weight: fl
 
 class BlendedKernel:
     """``blended_kernel`` of unit features ``F: [N, C]`` served a row at a time (``ConditionalKernel``'s memory
-    bound) above ``BLOCK_ROWS`` tokens: ``K_ij = S_ij ((1 - w) + w r_i r_j)``, up to the last bit."""
+    bound) above ``CDPruner.matrix_mb``: ``K_ij = S_ij ((1 - w) + w r_i r_j)``, up to the last bit."""
 
     def __init__(self, features: torch.Tensor, relevance: torch.Tensor, weight: float):
         self.features, self.relevance, self.n = features, relevance, features.shape[0]
@@ -274,23 +281,18 @@ class BlendedKernel:
 class ConditionalKernel:
     """The kernel ``diag(q) F F^T diag(q)`` of unit features ``F: [N, C]`` and quality ``q: [N]``, served a row at
     a time so that it is never held whole (O(N) memory; the official code builds the ``N x N`` similarity and
-    kernel matrices). Used above ``BLOCK_ROWS`` tokens. The diagonal is the dense formula's, bit for bit (blocks
-    of rows: see ``vtr.kernels.reference.row_products``); a row is a matrix-vector product, equal to the dense
-    entries up to the last bit."""
+    kernel matrices). Used where the dense kernel exceeds ``CDPruner.matrix_mb``. A row is a matrix-vector
+    product, equal to the dense entries up to the last bit; so is the diagonal, in O(N C)."""
 
     def __init__(self, features: torch.Tensor, quality: torch.Tensor):
         self.features, self.quality = features, quality
         self.n = features.shape[0]
 
     def diagonal(self) -> torch.Tensor:
-        """``[N]``: ``q_i (f_i . f_i) q_i``, ``BLOCK_ROWS`` rows at a time. Each block is multiplied by all of ``F``
-        (O(N^2 C) time, as the dense similarity): a product with few columns (the last block's own) can round
-        differently from the full one."""
+        """``[N]``: ``q_i (f_i . f_i) q_i``, each ``f_i . f_i`` a row's own sum of squares (O(N C); the dense
+        similarity's diagonal comes out of an O(N^2 C) product and may differ in the last bit)."""
         f, q = self.features, self.quality
-        diag = torch.empty(self.n, dtype=f.dtype, device=f.device)
-        for start, stop in row_blocks(self.n):
-            diag[start:stop] = torch.diagonal(row_products(f[start:stop], f)[:, start:stop])
-        return q * diag * q
+        return q * (f * f).sum(-1) * q
 
     def row(self, j: int) -> torch.Tensor:
         """``[N]``: row ``j`` of the kernel."""

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .. import kernels
+from ..kernels.reference import MATRIX_BYTES
 from .base import Method, Stage
 from .registry import register
 
@@ -28,10 +29,11 @@ class DivPrune(Method):
         relies on self-distance 0); the first pick excludes the diagonal instead of taking the column's
         second-smallest value (identical unless distances underflow);
       * batched: each row and each image selects on its own (official: batch 1, one image);
-      * memory: above 1024 tokens (videos, large images) the n x n distance matrix is never held (official: three
-        of them, +2.3 GiB at 16,384 tokens): the first pick reduces it in blocks of 1024 rows and each later pick's
-        row is computed (``kernels.reference.greedy_maxmin``), O(n) extra memory; the same picks unless two
-        distances differ only in their last bit (up to 1024 tokens: the dense matrix, unchanged).
+      * memory and time: the n x n distance matrix is held once while it fits ``matrix_mb`` (default 1024 MiB:
+        16,384 tokens; official: three of them) and each pick reads one row of it (official: every step reduces
+        all picked rows again, O(k^2 n)); above it the matrix is never held: the first pick reduces it in blocks
+        of 1024 rows and each later pick's row is computed (``kernels.reference.greedy_maxmin``), O(n) extra
+        memory at one pass over the features per pick; the same picks either way (the same floats).
     LLaVA-NeXT / OneVision: newline tokens are candidates, as in the official code (it prunes the whole image
     feature sequence, newlines included).
     """
@@ -40,6 +42,9 @@ class DivPrune(Method):
     summary: ClassVar[str] = "greedy max-min diversity of projected visual tokens, before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     newline_candidates: ClassVar[bool] = True  # official LLaVA-NeXT code prunes the whole feature span
+    matrix_mb: int = field(default=MATRIX_BYTES >> 20, metadata={"min": 0})
+    """Largest n x n distance matrix (MiB) held: within it the fast dense path; above it blockwise with O(n)
+    extra memory (same picks, slower on a CPU: one pass over the features per pick)."""
 
     def budget(self, n):
         if self.ratio is not None and self.ratio > 0:
@@ -47,4 +52,5 @@ class DivPrune(Method):
         return super().budget(n)
 
     def select(self, ctx, row, span, budget):
-        return kernels.greedy_maxmin(ctx.hidden[row, span.slots], budget, dtype=ctx.score_dtype)
+        return kernels.greedy_maxmin(ctx.hidden[row, span.slots], budget, dtype=ctx.score_dtype,
+                                     max_matrix_bytes=self.matrix_mb << 20)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Method, Stage, StageSpec
+from .base import Method, Stage, StageSpec, choices
 from .registry import register
 
 
@@ -72,16 +72,11 @@ class DyCoke(Method):
     """L: layers >= L attend to the chosen visual cache entries at each decoding step, scored at layer L-1; None: 3
     (the official L), the last layer of a shallower model."""
     similarity: float = 0.9
-    """A decoding step re-selects when the cosine similarity of its attention to the previous step's is below this;
-    otherwise the step is stable (see stable)."""
-    stable: str = "full"
+    """A decoding step re-selects when the cosine similarity of its attention to the previous step's is below this
+    (above 1: no step is stable, every step selects); otherwise the step is stable (see stable)."""
+    stable: str = field(default="full", metadata=choices("full", "previous"))
     """On a stable step: "full" attends to every visual token (official) or "previous" keeps the previous step's
     subset."""
-
-    def _check_options(self) -> None:
-        super()._check_options()
-        if self.stable not in ("full", "previous"):
-            raise ValueError(f"{self.name}: stable must be 'full' or 'previous', got {self.stable!r}")
 
     def stages(self) -> list[StageSpec]:
         return [StageSpec(Stage.PRE_LLM, 0)]

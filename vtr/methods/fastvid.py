@@ -9,7 +9,7 @@ import torch
 
 from . import video
 from .. import compat
-from .base import Merge, Method, Stage
+from .base import SEED, Merge, Method, Stage, choices
 from .clustering import dpc_scores
 from .registry import register
 
@@ -74,7 +74,9 @@ class FastVID(Method):
         signals in fp32 unless ``score_dtype="model"``; merges in fp32;
       * a video with fewer frames than ``segments`` gets one segment per frame (official: needs F >= c); a
         context count larger than the anchor's non-salient tokens is capped at that number (official: topk
-        error); ``R`` is at least 1;
+        error); ``R`` is at least 1; a video (or image) whose counts come to no token at all (``variant="qwen"``
+        on one-token frames: its context cap ``N // 2`` is 0) keeps the most salient token of its last frame
+        (official: none), as every method keeps at least one token per image;
       * batched (each row its own selection), several videos and images per prompt (official: batch 1, one video).
     """
 
@@ -83,7 +85,7 @@ class FastVID(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "original"
 
-    variant: str | None = None  # "ov" or "qwen"; None: by model
+    variant: str | None = field(default=None, metadata=choices("ov", "qwen"))
     """Code path: "ov" (the official OneVision code: parallel salient/context split per frame) or "qwen" (the
     Qwen2.5-VL code: sequential, per segment); None picks by model."""
     segments: int = field(default=8, metadata={"min": 1})  # c
@@ -102,9 +104,9 @@ class FastVID(Method):
     """beta: weight of the density-peak target in its merge with its members."""
     dpc_k: int = field(default=4, metadata={"min": 1})
     """k of the DPC-KNN density score that picks the context targets (itself included)."""
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
     """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
-    signals: str = "auto"  # G and A: "vision" (the official ones), "embedding" (fallback), "auto"
+    signals: str = field(default="auto", metadata=choices("auto", "vision", "embedding"))
     """Frame descriptor and salience: "vision" (the official ones: Qwen-VL's last ViT block, or SigLIP's head on
     OneVision), "embedding" (the documented fallback from the language model's input embeddings) or "auto" (vision
     where vtr can compute it)."""
@@ -114,10 +116,6 @@ class FastVID(Method):
 
     def _check_options(self) -> None:
         super()._check_options()
-        if self.variant not in (None, "ov", "qwen"):
-            raise ValueError(f"{self.name}: variant must be 'ov' or 'qwen', got {self.variant!r}")
-        if self.signals not in ("auto", "vision", "embedding"):
-            raise ValueError(f"{self.name}: signals must be 'auto', 'vision' or 'embedding', got {self.signals!r}")
         if self.siglip_head is not None:
             compat.vision_pooling_module(self.siglip_head)  # ValueError naming what it lacks
 
@@ -239,6 +237,8 @@ class FastVID(Method):
                     members = flat[assign == j]
                     sources.append(torch.cat([members.new_tensor([t]), members[members != t]]).sort().values)
         keep = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long, device=device)
+        if not len(keep):  # the min-1 rule: the last frame's most salient token
+            keep = table[-1, A[-1].argmax()].view(1)
         targets = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long, device=device)
         merged = torch.cat(merged) if merged else embeds.new_zeros(0, embeds.shape[-1]).float()
         return keep, targets, merged, sources

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Merge, Method, Stage, StageSpec
+from .base import Merge, Method, Stage, StageSpec, unreachable_budget
 from .registry import register
 
 
@@ -64,8 +64,12 @@ class FrameFusion(Method):
         slots, never the text's);
       * ``L`` is the model's depth by default (official: 28 hard-coded, wrong for other depths; ``cost_layers=28``
         reproduces it);
-      * where the official code raises (merges already spent the budget, ``L * C < sum q``) ``u`` is 1; the
-        pruning step keeps at least one token (official: ``round`` may keep none);
+      * where the official code fails an assertion (the merges already spent the budget, ``L * C < sum q``; an
+        image below ``C = 1 / L``, whose layer 0 runs on all its tokens) vtr raises a ``ValueError`` naming the
+        lowest reachable cost, before the layers it concerns run where that is known (an image: before layer 0);
+        as in the official code, merges at the last call (no pruning step follows) may end above the budget
+        (``handle.last.layer_retention`` says by how much); the pruning step keeps at least one token (official:
+        ``round`` may keep none);
       * batched (a state per video of each row; official: batch 1, one state for the sequence); several videos
         and images per prompt, each its own cascade; merges averaged in fp32 (official: the model's dtype);
         similarities and the pruning attention in fp32 (official: the model's dtype; ``score_dtype="model"``
@@ -136,11 +140,12 @@ class FrameFusion(Method):
         states = ctx.request_state.setdefault(self.name, {})
         n = len(group)
         if key not in states:
-            states[key] = CascadeState(cost=self._cost(n))
+            states[key] = CascadeState(cost=self._cost(n), n=n)
         state = states[key]
         if state.done or n == 0:
             return None
         n_layers = self.cost_layers or self._depth
+        self._check_reach(state, n_layers)
         u = required_sparsity(state.sparsities, state.cost, n_layers)
         device = group.slots.device
         if not state.merging:  # the pruning step (never the first call: merging runs there)
@@ -155,10 +160,24 @@ class FrameFusion(Method):
         sims, prev = video.chain_similarity(hidden, chain, ctx.score_dtype)
         members, state.merging, state.done = merge_decision(sims, u, self.similarity_lower_bound,
                                                             self.ratio_lower_bound, state.sparsities)
+        if not state.merging and not state.done:  # the next call prunes: out of reach already?
+            self._check_reach(state, n_layers)
         if not bool(members.any()):
             return None
         keep, anchors, embeds, sources = video.merge_runs(hidden, prev, members.to(device))
         return Merge(keep=keep, slots=anchors, embeds=embeds, sources=sources)
+
+    def _check_reach(self, state: CascadeState, n_layers: int) -> None:
+        """Where the official cost model fails an assertion (the layers the merges so far committed already hold
+        more than the budget, ``L * C < sum q``, when the next step's sparsity is computed; checked as soon as
+        the next step is known to be the pruning step): ``ValueError`` naming the lowest cost reachable then."""
+        spent = committed_cost(state.sparsities)
+        if n_layers * state.cost < spent - 1e-9:
+            m = len(state.sparsities)
+            why = (f"layers 0 to {m - 1} run on {spent / m:.0%} of the tokens on average before FrameFusion can "
+                   "prune (all of an image's; merging a video's repeated tokens lowers it)")
+            raise unreachable_budget(self, state.cost, spent / n_layers, 1.0, n_layers,
+                                     state.n if self.keep is not None else None, why)
 
     def _cost(self, n: int) -> float:
         if self.ratio is not None:
@@ -176,9 +195,20 @@ class CascadeState:
     """One video's FrameFusion state within a request: merge sparsities so far, and the phase."""
 
     cost: float
+    n: int = 0  # the video's candidate tokens at the first call
     sparsities: list = field(default_factory=list)
     merging: bool = True
     done: bool = False
+
+
+def committed_cost(sparsities: list) -> float:
+    """``sum_i q_i``: the layers' worth of a video's tokens the layers after the ``m`` merge steps so far run on
+    (layer ``i`` on the fraction ``q_{i+1}`` left after merge ``i + 1``)."""
+    q, spent = 1.0, 0.0
+    for s in sparsities:
+        q *= 1 - s
+        spent += q
+    return spent
 
 
 def required_sparsity(sparsities: list, cost: float, n_layers: int) -> float:

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Merge, Method, Stage, StageSpec, scale_layers
+from .base import SEED, Merge, Method, Stage, StageSpec, choices, scale_layers
 from .clustering import dpc_knn
 from .registry import register
 
@@ -121,12 +121,12 @@ class HoliTom(Method):
     """K of the inner stage inside the language model; None: 18 of 28 layers, scaled to the model's depth."""
     inner_ratio: float = field(default=0.5, metadata={"min": 0.0, "max": 0.999999})
     """Share of the tokens the inner stage merges away at layer K (the official r_in = 0.5); 0 turns it off."""
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
     """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
     context_share: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})  # D
     """D: share of each frame's dynamic budget given to density-peak centres of the tokens the attention left (0 as
     the official scripts)."""
-    attention: str = "auto"  # A: "vision" (SigLIP received attention), "embedding" (fallback), "auto"
+    attention: str = field(default="auto", metadata=choices(*ATTENTION_SIGNALS))
     """Attention that ranks dynamic tokens: "vision" (SigLIP's last-layer received attention, LLaVA-OneVision
     videos), "embedding" (the fallback from input embeddings) or "auto"."""
 
@@ -134,8 +134,6 @@ class HoliTom(Method):
         super().__post_init__()
         if self.scope != "image":
             raise ValueError(f"{self.name}: scope must be 'image' (its budget is per video)")
-        if self.attention not in ATTENTION_SIGNALS:
-            raise ValueError(f"{self.name}: attention must be one of {ATTENTION_SIGNALS}, got {self.attention!r}")
 
     @property
     def needs(self) -> frozenset:

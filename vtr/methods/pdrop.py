@@ -56,8 +56,16 @@ class PyramidDrop(Method):
     ``ratio <= 17/32`` keeps at least the official schedule's average (15/32 of the image, 270 of 576), else to
     2,8,16, the authors' suggestion for the 192 / 128 / 64 budgets (issue #29); with ``keep`` always 2,8,16. So
     ``ratio=17/32`` reproduces the official default exactly (``lam = 0.5``: 576 -> 288 -> 144 -> 72 on
-    LLaVA-1.5-7B). ``lam`` (0 < lam <= 1) fixes the per-stage ratio directly and overrides the budget.
+    LLaVA-1.5-7B). ``lam`` (0 < lam <= 1) fixes the per-stage ratio directly and overrides the budget. A budget
+    below ``K_1 / L`` (the layers before the first stage run on every token; 2/32 with the 2,8,16 schedule, 1/4 on
+    a 4-layer model) is out of reach: ``ValueError`` naming the lowest reachable value (at patch time for
+    ``ratio``, at the first forward for ``keep``).
     The realised average (after flooring) is in ``handle.last.layer_average``.
+
+    Cost: the stage layer's input norm and key projection over the whole sequence before each stage are the
+    signal itself (the official code computes them too); the stage layer then takes the kept rows of them instead
+    of computing them again (the engine's ``"layer_inputs"`` reuse), so what PyramidDrop costs beyond its ideal is
+    that signal over the tokens it drops, the last token's attention row and the top-k.
 
     Deliberate differences from the official code: batched with each row's own last real token, padding on
     either side (official: right padding required); several images per prompt: each image keeps its own count;
@@ -88,6 +96,13 @@ class PyramidDrop(Method):
             early = False
         layers = scale_layers(EARLY if early else OFFICIAL, n_layers)
         return dataclasses.replace(self, layers=",".join(map(str, layers)))
+
+    def layer_average_range(self, n_layers: int) -> tuple[float, float] | None:
+        """The layers before the first stage run on every token: the average is above ``K_1 / L`` (``lam`` given:
+        it fixes the schedule and overrides the budget)."""
+        if self.lam is not None:
+            return None
+        return self.stages()[0].layer / n_layers, 1.0
 
     def _lambda(self, n: int, n_layers: int) -> float:
         if self.lam is not None:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from . import video
-from .base import Merge, Method, Stage, StageSpec
+from .base import SEED, Merge, Method, Stage, StageSpec
 from .clustering import cluster_merge, dpc_knn
 from .registry import register
 
@@ -98,7 +98,7 @@ class PruneVid(Method):
     layer: int | None = field(default=None, metadata={"min": 0})  # attention of this layer; None: by depth
     """Decoder layer whose text-to-video attention drives stage 2 (official selected_layer 10); None: 10 on models
     deeper than 11 layers, else the same fraction of 32."""
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
     """Seed of the DPC-KNN tie-breaking noise (fresh generator per video)."""
 
     def alpha(self, n: int) -> float:

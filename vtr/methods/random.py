@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Method, Stage
+from .base import SEED, Method, Stage
 from .registry import register
 
 
@@ -23,7 +23,7 @@ class Random(Method):
     summary: ClassVar[str] = "seeded random subset of each image's tokens (baseline), before the LLM"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     computes_scores: ClassVar[bool] = False
-    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
+    seed: int = field(default=0, metadata=SEED)
     """Seed of the subset; it depends only on the seed and the image's token count, not on the batch row."""
 
     def select(self, ctx, row, span, budget):

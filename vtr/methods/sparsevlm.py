@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Merge, Method, Stage, layer_list, scale_layers
+from .base import SEED, Merge, Method, Stage, choices, layer_list, scale_layers
 from .clustering import dpc_knn
 from .registry import register
 
@@ -43,9 +43,9 @@ class SparseVLM(Method):
     recycling of pruned tokens. Official code: ``Gumpest/SparseVLM`` (v1.5: main branch, ``USE_VERSION`` unset,
     behind the paper's tables); notes: ../shared/research/methods_image.md section 3.
 
-    Raters (once, from the language model's input embeddings): with ``V`` an image's embeddings and ``X`` those of
-    the text after it, ``m = mean_visual(softmax_text(V X^T))``; the raters are the text tokens with
-    ``m > mean(m)``. At each stage (the outputs of layers 2, 6, 15 are pruned: ``layers="3,7,16"``, the first
+    Raters (once per request, from the language model's input embeddings: ``SelectionContext.text_raters``): with
+    ``V`` an image's embeddings and ``X`` those of the text after it, ``m = mean_visual(softmax_text(V X^T))``; the
+    raters are the text tokens with ``m > mean(m)``. At each stage (the outputs of layers 2, 6, 15 are pruned: ``layers="3,7,16"``, the first
     layers that run on the pruned sequence) the score of a visual token is the raters' softmax attention to it at
     the layer before, mean over heads, then over raters (rows recomputed for the raters only; no full attention
     matrix, any attention backend). Each image keeps its top ``min(count_s, n_cur - 1)`` tokens.
@@ -61,7 +61,8 @@ class SparseVLM(Method):
     is (3*576 + 4*300 + 9*200 + 16*110) / 32 before recycling). Other budgets and image sizes: per-stage fractions
     interpolated between the released schedules (``stage_fractions``), times the image's token count, at least 1.
     The realised average (recycled tokens included, which puts it above the nominal one, issue #33) is
-    ``handle.last.layer_average``.
+    ``handle.last.layer_average``. A budget below ``K_1 / L`` (the layers before the first stage run on every
+    token: 3/32 with the official layers) is out of reach: ``ValueError`` naming the lowest reachable value.
 
     Positions: v1.5 compacts (merged tokens numbered right after the image's kept tokens; decoding continues per
     layer with that layer's compacted numbering); ``positions="original"`` keeps original positions and gives a
@@ -91,19 +92,17 @@ class SparseVLM(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     needs_whole_prompt: ClassVar[bool] = True
     newline_candidates: ClassVar[bool] = True  # the official code prunes the whole visual span
-    version: str = "1.5"
+    version: str = dataclasses.field(default="1.5", metadata=choices(*COUNTS))
     """Version: "1.5" (main branch: recycling, compact positions) or "2.0" (SparseVLM+: rotary-corrected scores,
     top heads, no recycling, original positions)."""
     layers: str = ""
     """Stage layers, comma separated (the first layers that run on the pruned sequence); "" takes the official 3,7,16
     (scaled on models under 17 layers)."""
-    seed: int = 0
+    seed: int = dataclasses.field(default=0, metadata=SEED)
     """Seed of the DPC-KNN density noise in the recycling step."""
 
     def __post_init__(self):
         super().__post_init__()
-        if self.version not in COUNTS:
-            raise ValueError(f"sparsevlm: version must be one of {sorted(COUNTS)}, got {self.version!r}")
         if self.scope != "image":
             raise ValueError("sparsevlm: scope must be 'image' (its counts are per image)")
 
@@ -125,6 +124,10 @@ class SparseVLM(Method):
     def recycles(self) -> bool:
         return self.version == "1.5"
 
+    def layer_average_range(self, n_layers: int) -> tuple[float, float] | None:
+        """The layers before the first stage run on every token: the average is above ``K_1 / L``."""
+        return self.stages()[0].layer / n_layers, 1.0
+
     def budget_for(self, ctx, row, group):
         n = group.span.n
         fraction = self.keep / n if self.keep is not None else 1 - self.ratio
@@ -134,20 +137,10 @@ class SparseVLM(Method):
         count = max(1, round(stage_fractions(self.version, fraction)[stage] * n))
         return max(1, min(count, len(group) - 1))
 
-    def raters(self, ctx, row, span) -> torch.Tensor:
-        """Original prompt positions ``[r]`` of the text tokens that rate ``span`` (see the class docstring)."""
-        text = ctx.prompt_text_after(row, span)
-        if not len(text):
-            return ctx.fwd.request.base.mask2d[row].nonzero().flatten()[-1:]
-        v = ctx.input_embeddings(row, span.positions).to(ctx.score_dtype)
-        x = ctx.input_embeddings(row, text).to(ctx.score_dtype)
-        m = (v @ x.T).softmax(-1).mean(0)
-        return text[(m > m.mean()).to(text.device)] if bool((m > m.mean()).any()) else text
-
     def scores(self, ctx, row, group) -> torch.Tensor:
-        """``[c]``: the raters' attention to each candidate, mean over heads (v2.0: priority heads, gravity
-        corrected), then over raters."""
-        slots = ctx.slots_of(row, self.raters(ctx, row, group.span))
+        """``[c]``: the raters' attention to each candidate (raters: ``ctx.text_raters``, once per request), mean
+        over heads (v2.0: priority heads, gravity corrected), then over raters."""
+        slots = ctx.slots_of(row, ctx.text_raters(row, group.span))
         if self.version == "1.5":
             return ctx.attention_rows(row, slots)[:, group.slots].mean(0)
         probs = ctx.attention_rows(row, slots, per_head=True) / ctx.rotary_gravity(row, slots)  # [H, r, L]

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Merge, Method, Stage, StageSpec, layer_list, scale_layers
+from .base import Merge, Method, Stage, StageSpec, layer_list, scale_layers, unreachable_budget
 from .registry import register
 
 OFFICIAL_DEPTH = 28  # LLaVA-OneVision-7B's Qwen2-7B, where the official LLM stages are layers 9 and 18
@@ -115,7 +115,8 @@ class VFlowOpt(Method):
     tokens, keeps everything at every stage.
 
     Errors: ``ValueError`` for a model other than LLaVA-OneVision (``vtr.patch``), a video, ``scope="crop"``, an
-    ``llm_keep`` whose count differs from the stage layers, a ``vision_layer`` the tower lacks.
+    ``llm_keep`` whose count differs from the stage layers, a ``vision_layer`` the tower lacks, a budget that
+    ``vit_keep`` or ``llm_keep`` alone puts out of reach (naming the reachable range).
 
     Official code: ``sihany077/VFlowOpt``, ``siglip_encoder.py`` (``SigLipEncoderLayer.forward``),
     ``llava_qwen_training_free.py`` (``prepare_inputs_labels_for_multimodal``), ``modeling_qwen2.py``
@@ -238,6 +239,31 @@ class VFlowOpt(Method):
             raise ValueError(f"{self.name}: vision_layer must be in [0, {n_layers - 1}] for this {n_layers}-layer "
                              f"vision tower, got {self.vision_layer}")
         return (self.vision_layer,)
+
+    def check_layer_average(self, n_layers: int, n: int | None = None) -> None:
+        """A budget ``vit_keep`` or ``llm_keep`` puts out of reach (the other part of the schedule solved for it
+        would need a keep ratio outside [0, 1]) is refused, naming the reachable range; with both given the
+        schedule is the user's and the budget only picks the preset's ``t`` and ``m``."""
+        llm = self.llm_ratios()
+        if self.ratio == 0 or (self.vit_keep is None and llm is None) or (self.vit_keep is not None and llm):
+            return
+        if self.ratio is None and n is None:
+            return
+        target = self.retention(n or 1)
+        layers = tuple(s.layer for s in self.stages()[1:])
+        vit, solved = solve_schedule(target, layers, n_layers, self.vit_keep, llm)
+        if abs(layer_average(vit, solved, layers, n_layers) - target) <= 1e-9:
+            return
+        if llm is not None:
+            low, high = 0.0, layer_average(1.0, llm, layers, n_layers)
+            why = f"llm_keep={self.llm_keep!r} fixes the LLM stages"
+        else:
+            base = PRESETS[nearest_preset(target)][4]
+            base = base if len(base) == len(layers) else (1.0,) * len(layers)
+            low = layer_average(self.vit_keep, base[:-1] + (0.0,), layers, n_layers)
+            high = layer_average(self.vit_keep, base[:-1] + (1.0,), layers, n_layers)
+            why = f"vit_keep={self.vit_keep!r} fixes the vision stage"
+        raise unreachable_budget(self, target, low, high, n_layers, n, why)
 
     def budget_for(self, ctx, row, group):
         n = group.span.n

@@ -33,9 +33,12 @@ class VisPruner(Method):
         indexing would fail) is split the same way, A holding one more token;
       * LLaVA-NeXT: transformers' ``spatial_unpad`` layout (official: ``spatial``, 5 x 576 tokens), newline tokens
         always kept, one budget per image (``scope="crop"``: per tile, as the official code);
-      * A-to-B similarities in blocks of 1024 rows, O(n) extra memory (official: the whole matrix; same result).
-        The algorithm itself is cubic in time (``(R - T) / 8`` rounds of an ``R/2 x R/2`` product): seconds per
-        576-token crop, about a minute for a 2304-token image on a 2-core CPU (``scope="crop"`` keeps it per crop);
+      * time and memory: the official rounds each multiply the gathered A and B features (``(R - T) / 8`` rounds of
+        an ``R/2 x R/2 x C`` product: cubic in the tokens). vtr finds each token's 64 most similar tokens once (one
+        pass over the similarities, in blocks of 1024 rows, O(n) memory) and a round reads, per A token, the first
+        of them in B (the largest similarity to B; the official product with B for a token with none in B), so
+        the sequential rounds cost ``R/2 x 64`` each: quadratic in all, the first pass's. The same picks (each
+        similarity is the same float: ``row_products``);
       * scores and similarities in fp32 (official: model dtype; ``score_dtype="model"`` computes the attention
         logits in the tower's dtype and the features' similarities in the model's);
       * undefined in the official code, decided here: a round that must drop more tokens than group A holds
@@ -64,21 +67,57 @@ class VisPruner(Method):
         return torch.cat([order[:n_important], diverse])
 
 
-def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: int, step: int = 8) -> torch.Tensor:
+NEIGHBOURS = 64  # most similar tokens kept per token for the duplicate-removal rounds
+
+
+def nearest_neighbours(features: torch.Tensor, m: int = NEIGHBOURS) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)``, each ``[N, min(m, N)]``: every row's ``m`` largest cosine similarities to the rows of
+    ``features`` (``[N, C]``, L2-normalised; itself included), in descending order, and whose they are. Computed
+    ``BLOCK_ROWS`` rows at a time (O(N m) memory); each value is the float the full product holds
+    (``row_products``)."""
+    n = len(features)
+    m = min(m, n)
+    values = torch.empty(n, m, dtype=features.dtype, device=features.device)
+    indices = torch.empty(n, m, dtype=torch.long, device=features.device)
+    for start, stop in row_blocks(n):
+        values[start:stop], indices[start:stop] = torch.topk(row_products(features[start:stop], features), m, dim=1)
+    return values, indices
+
+
+def remove_duplicates(features: torch.Tensor, residual: torch.Tensor, target: int, step: int = 8,
+                      neighbours: int = NEIGHBOURS) -> torch.Tensor:
     """VisPruner's iterative bipartite duplicate removal: ``residual`` (indices into ``features``, in order) shrinks
     to ``target`` entries, at most ``step`` per round. features: ``[N, C]`` L2-normalised. Returns the remaining
-    indices in their final order. Memory O(N) (A-to-B similarities ``BLOCK_ROWS`` rows at a time); time
-    O((R - target) / step * R^2 C), the official algorithm's."""
+    indices in their final order.
+
+    Each round scores every token of its A half by its largest similarity to a token of its B half. The official
+    rounds multiply the gathered A and B features (``R/2 x R/2 x C`` per round, ``(R - target) / step`` rounds:
+    cubic in the tokens). Here each token's ``neighbours`` most similar tokens are found once
+    (``nearest_neighbours``: one pass over the ``N x N`` similarities, in blocks) and a round reads, for each A token,
+    the first of them in B: the largest similarity to B, since every token outside the list is no more similar
+    (``R/2 x neighbours`` per round). A token none of whose neighbours is in B (late rounds, when B is small) is
+    scored by its products with B, as the official round does. The same floats as the official rounds' products
+    (``row_products``), hence the same result; O(N neighbours) memory."""
     if target <= 0:
         return residual[:0]
+    if len(residual) <= target:
+        return residual
+    values, indices = nearest_neighbours(features, neighbours)
+    in_b = torch.zeros(len(features), dtype=torch.bool, device=features.device)
     while True:
         R = len(residual)
         drop = min(step, R - target)
         if drop <= 0:
             return residual
         a, b = residual[0::2], residual[1::2]
-        # Blockwise (O(R) memory; the official code holds the whole A x B similarity), the same floats.
-        similarity = torch.cat([row_products(features[a[start:stop]], features[b]).amax(-1)
-                                for start, stop in row_blocks(len(a))])
+        in_b.zero_()
+        in_b[b] = True
+        hits = in_b[indices[a]]  # [R/2, m]: which of each A token's nearest tokens are in B
+        first = hits.to(torch.uint8).argmax(1, keepdim=True)  # the most similar of them (argmax: first True)
+        similarity = values[a].gather(1, first)[:, 0]
+        missing = (~hits.any(1)).nonzero().flatten()
+        if len(missing):  # no neighbour in B: the official products with B, in blocks (O(R) memory)
+            similarity[missing] = torch.cat([row_products(features[a[missing[start:stop]]], features[b]).amax(-1)
+                                             for start, stop in row_blocks(len(missing))])
         distinct = torch.sort(similarity, descending=True, stable=True).indices[drop:]
         residual = torch.cat([a[distinct], b])

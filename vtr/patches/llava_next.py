@@ -3,8 +3,15 @@ one unpadded grid with a newline token after every row), and OneVision videos (f
 newline after the last frame). 1-D RoPE.
 
 The grid of each image is read from the merged embeddings: newline tokens are the model's ``image_newline``
-vector itself. That works in ``generate`` too, which (transformers 5.23) pre-encodes the images and drops
-``image_sizes``; the tile (crop) of each token needs ``image_sizes`` and is left unknown (-1) without it.
+vector itself (``parse_anyres``; extreme aspect ratios included). That works in ``generate`` too, which
+(transformers 5.23) pre-encodes the images and drops ``image_sizes``; the tile (crop) of each token needs
+``image_sizes`` and is left unknown (-1) without it.
+
+How extreme real checkpoints' images get (measured with transformers' own ``unpad_image`` on the released
+configurations): LLaVA-v1.6 (336-pixel tiles of 24 x 24 patches, grids up to 3 tiles wide) keeps no
+high-resolution row of an image wider than about 72:1 (139 x 10000 pixels keeps one, 138 x 10000 none), and no
+column of one taller than that; LLaVA-OneVision (384-pixel tiles of 27 x 27, an odd side) always keeps at least one
+row and one column. Both processors accept such images (1 x 4000 pixels included).
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ class LlavaNextFamily(Family):
             positions_b = (ids[b] == config.image_token_id).nonzero().flatten()
             if len(positions_b) and has_kind("image", inputs):
                 is_newline = (embeds[b, positions_b.to(embeds.device)] == newline).all(-1).cpu()
-                for start, stop, width, height in parse_anyres(is_newline.tolist(), side * side):
+                for start, stop, width, height in parse_anyres(is_newline.tolist(), side * side,
+                                                               compat.anyres_max_width(config, side)):
                     size = image_sizes[image_index].tolist() if image_sizes is not None else None
                     spans.append(anyres_span(config, positions_b[start:stop], side, width, height, size))
                     image_index += 1
@@ -120,55 +128,63 @@ class LlavaOnevisionFamily(LlavaNextFamily):
         return spans
 
 
-def parse_anyres(is_newline: list[bool], base: int) -> list[tuple[int, int, int, int]]:
-    """Split a row's run of image tokens into images. Each image is ``base`` tokens of the base grid, then either
-    one newline (no tiles) or rows of ``width`` tokens each ended by a newline. Returns (start, stop, width,
-    height) per image, ``width = height = 0`` for an image without tiles."""
-    newlines = [i for i, flag in enumerate(is_newline) if flag]
+def parse_anyres(is_newline: list[bool], base: int, max_width: int) -> list[tuple[int, int, int, int]]:
+    """Split a row's run of image tokens into images, as ``pack_image_features`` lays each out: ``base`` tokens of
+    the base grid, then the unpadded high-resolution grid as rows of ``width`` tokens each ended by a newline (or,
+    for an image without tiles, one newline). Extreme aspect ratios give degenerate grids: unpadding can keep no
+    row (the base grid alone, no newline) or no column (rows that are a newline each). ``max_width``: the widest
+    grid the model's tiles can make (``compat.anyres_max_width``), which tells a grid row from the next image's base
+    grid. Returns (start, stop, width, height) per image; ``height = 0`` for an image without high-resolution rows
+    (``stop - start`` is ``base + 1`` with its one newline, ``base`` without). Raises ``ValueError`` when the run
+    does not parse."""
     images, i, n = [], 0, len(is_newline)
-
-    def next_newline(at):
-        return next((j for j in newlines if j >= at), None)
-
     while i < n:
         start = i
         i += base
-        j = next_newline(i)
-        if i > n or j is None:
-            raise ValueError("vtr: cannot read the anyres layout of an image (newline tokens not found)")
-        if j == i:  # base grid + one newline
-            images.append((start, j + 1, 0, 0))
-            i = j + 1
+        if i > n or any(is_newline[start:i]):
+            raise ValueError("vtr: cannot read the anyres layout of an image (a base grid of "
+                             f"{base} tokens without newline tokens was expected)")
+        run = i
+        while run < n and is_newline[run]:
+            run += 1
+        if run > i:  # one newline: an image without tiles; several: grid rows that unpadding left no column of
+            images.append((start, run, 0, 0 if run - i == 1 else run - i))
+            i = run
             continue
-        width, height = j - i, 0
-        while (j := next_newline(i)) is not None and j - i == width:
+        width = next((j - i for j in range(i, min(n, i + max_width + 1)) if is_newline[j]), None)
+        if width is None:  # no newline within a grid row's reach: unpadding left no row (or the run ends)
+            images.append((start, i, 0, 0))
+            continue
+        height = 0
+        while i + width < n and is_newline[i + width] and not any(is_newline[i:i + width]):
             height += 1
-            i = j + 1
+            i += width + 1
         images.append((start, i, width, height))
     return images
 
 
 def anyres_span(config, positions, side: int, width: int, height: int, image_size) -> VisualSpan:
     """Coordinates of one anyres image: frame 0 is the ``side x side`` base grid, frame 1 the ``height x width``
-    high-resolution grid whose rows each end with a newline token (column ``width``)."""
+    high-resolution grid whose rows each end with a newline token (column ``width``; ``width`` may be 0). An image
+    without rows is its base grid, then its one newline when it has no tiles."""
     base = torch.arange(side * side)
     frame = [torch.zeros(side * side, dtype=torch.long)]
     row, col, newline = [base // side], [base % side], [torch.zeros(side * side, dtype=torch.bool)]
     crop = [torch.zeros(side * side, dtype=torch.long)]
-    if height == 0:  # base grid + one newline
+    if height == 0 and len(positions) > side * side:  # base grid + one newline
         frame.append(torch.zeros(1, dtype=torch.long))
         row.append(torch.tensor([side - 1]))
         col.append(torch.tensor([side]))
         newline.append(torch.ones(1, dtype=torch.bool))
         crop.append(torch.zeros(1, dtype=torch.long))
-    else:
+    elif height:
         grid = torch.arange(height * (width + 1))
         r, c = grid // (width + 1), grid % (width + 1)
         frame.append(torch.ones_like(grid))
         row.append(r)
         col.append(c)
         newline.append(c == width)
-        crop.append(_tiles(config, image_size, side, height, width, r, c.clamp(max=width - 1)))
+        crop.append(_tiles(config, image_size, side, height, width, r, c.clamp(max=max(width - 1, 0))))
     return VisualSpan(kind="image", index=0, positions=positions, grid=None, frame=torch.cat(frame),
                       row=torch.cat(row), col=torch.cat(col), newline=torch.cat(newline), crop=torch.cat(crop))
 

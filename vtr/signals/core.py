@@ -1,5 +1,6 @@
 """What every signal source shares: the candidate tokens of each image (or tile), the stage's view of the
-batch and the per-stage memo through which each signal is computed once."""
+batch, and the memos through which each signal is computed once: per stage (``_memo``, ``cached``) and, for signals
+no stage changes, per request (``request_cached``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import compat
 from ..layout import TokenLayout, VisualSpan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +50,16 @@ class ContextBase:
         inverse[rows, prev.index[rows, slots]] = slots
         self._inverse = inverse
 
+    def encoding_row(self, row: int) -> int:
+        """The row whose visual inputs the vision call encoded for ``row``: itself, or, where ``generate`` encoded
+        each prompt once before repeating the rows (beam search, ``num_return_sequences``), the prompt's first
+        row."""
+        return row - row % self.fwd.expansion
+
+    def encoded_rows(self) -> range:
+        """The rows whose visual inputs the vision call encoded, in its order (see ``encoding_row``)."""
+        return range(0, len(self.layout.rows), self.fwd.expansion)
+
     def cached(self, key, compute):
         """``compute()`` once per stage for ``key`` (a method's per-image plan, shared by ``budget_for`` and
         ``select``)."""
@@ -55,6 +67,14 @@ class ContextBase:
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
+
+    def request_cached(self, key, compute):
+        """``compute()`` once per request for ``key``: a signal that no stage changes (it reads the prompt or the
+        language model's inputs), shared by every stage of a multi-stage method."""
+        memo = self.fwd.request.signals
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     @property
     def request_state(self) -> dict:
@@ -149,6 +169,21 @@ class ContextBase:
     def score_dtype(self) -> torch.dtype:
         """dtype scores are computed in: fp32, or the model's own with the method's ``score_dtype="model"``."""
         return self.hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32
+
+    def _layer(self, layer: int | None) -> int:
+        return self.engine.vision_feature_layer if layer is None else layer
+
+    def _vision_qk(self, layer: int | None, call=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A vision layer's query and key projections ``[n, N, H * d]`` as the tower computed them (projected again
+        from the captured attention input only where they were not captured)."""
+        call = self.fwd.vision if call is None else call
+        layer = self.engine.vision_feature_layer if layer is None else layer
+        projected = call.projections.get(layer, {})
+        if "q" in projected and "k" in projected:
+            return projected["q"], projected["k"]
+        attn, hidden, _ = call.layers[layer]
+        projections = compat.vision_projections(attn)
+        return projections["q"](hidden), projections["k"](hidden)
 
     def _vision_dtype(self, hidden: torch.Tensor) -> torch.dtype:
         return hidden.dtype if self.engine.method.score_dtype == "model" else torch.float32

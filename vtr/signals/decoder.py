@@ -42,6 +42,8 @@ class DecoderSignals(ContextBase):
                 cos, sin = compat.rotary_embeddings(self.engine.lm, h, positions[-3:] if positions.dim() == 3
                                                     else positions, self.spec.layer)
                 self._memo["own"] = (compat.self_attention(layer), h, cos, sin)
+                # the layer computes the same norm for the tokens the stage keeps: the engine hands it these rows
+                self.fwd.own_projections[self.spec.layer] = {"normed": h}
             return self._memo["own"]
         capture = self.fwd.captures.get(self.spec.layer - 1)
         if capture is None:
@@ -110,7 +112,9 @@ class DecoderSignals(ContextBase):
         attn, h, _, _ = self._attention_inputs()
         slots = queries.to(h.device)
         q = compat.project_unrotated(attn, "q", h[row, slots][None])
-        k = compat.project_unrotated(attn, "k", h[row:row + 1])
+        projected = self._projected_keys()
+        k = (compat.project_unrotated(attn, "k", h[row:row + 1]) if projected is None
+             else compat.keys_from_projection(attn, projected[row:row + 1], None, None))
         scores = kernels.reference.attention_scores(q, k, self.valid[row:row + 1].to(h.device),
                                                     compat.attention_scaling(attn), reduce, dtype=self.score_dtype)
         return scores[0]
@@ -125,11 +129,22 @@ class DecoderSignals(ContextBase):
         return q[0].to(self.score_dtype)
 
     def values(self) -> torch.Tensor:
-        """``[B, H_kv, L, d]``: the scoring layer's values (before grouped-query repetition), in ``score_dtype``."""
+        """``[B, H_kv, L, d]``: the scoring layer's values (before grouped-query repetition), in ``score_dtype``: read
+        from the KV cache layer K-1 just filled, else projected from its inputs."""
         if "values" not in self._memo:
-            attn, h, _, _ = self._attention_inputs()
-            self._memo["values"] = compat.project_values(attn, h).to(self.score_dtype)
+            values = None
+            if not self._own_layer:
+                values = compat.cached_values(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
+            if values is None:
+                attn, h, _, _ = self._attention_inputs()
+                values = compat.project_values(attn, h)
+            self._memo["values"] = values.to(self.score_dtype)
         return self._memo["values"]
+
+    def _projected_keys(self) -> torch.Tensor | None:
+        """``[B, L, H_kv * d]``: layer K-1's key projection as the layer computed it (before the rotary embedding),
+        if captured."""
+        return None if self._own_layer else self.fwd.captures.get(("keys", self.spec.layer - 1))
 
     def rotary_gravity(self, row: int, queries: torch.Tensor) -> torch.Tensor:
         """``[q, L]``: the scaled attention logit an all-ones query at slots ``queries`` and an all-ones key at each
@@ -153,9 +168,16 @@ class DecoderSignals(ContextBase):
             keys = None
             if not self._own_layer and not bool(self.position_offsets().any()):
                 keys = compat.cached_keys(self.fwd.cache, self.spec.layer - 1, self.hidden.shape[1])
-            if keys is None:
+            if keys is None and self._own_layer:
                 attn, h, _, _ = self._attention_inputs()
-                keys = compat.project_keys(attn, h, *self._rotary())
+                projected = compat.key_projection(attn)(h)  # the layer's own key projection, over every token
+                self.fwd.own_projections.setdefault(self.spec.layer, {})["keys"] = projected
+                keys = compat.keys_from_projection(attn, projected, *self._rotary())
+            elif keys is None:  # rows numbered from a padding slot: the layer's own keys, rotated at own positions
+                attn, h, _, _ = self._attention_inputs()
+                projected = self._projected_keys()
+                keys = (compat.project_keys(attn, h, *self._rotary()) if projected is None
+                        else compat.keys_from_projection(attn, projected, *self._rotary()))
             self._memo["keys"] = keys
         return self._memo["keys"]
 

@@ -1,5 +1,6 @@
 """Signals of the prompt's text: the instruction read back from the prompt, its CLIP text embeddings, the mean of
-the language model's input embeddings over the text (text-conditioned selection: CDPruner)."""
+the language model's input embeddings over the text (text-conditioned selection: CDPruner), the text tokens that
+rate an image (SparseVLM)."""
 from __future__ import annotations
 
 import torch
@@ -56,3 +57,20 @@ class TextSignals(ContextBase):
         """``[c, C]``: each candidate's feature-layer hidden state in CLIP's joint image-text space (the tower's
         post-layernorm, then CLIP's visual projection; fp32)."""
         return compat.clip_image_embeddings(self.engine.model, self.engine.clip, self.vision_features(row, tokens))
+
+    def text_raters(self, row: int, span) -> torch.Tensor:
+        """Original prompt positions ``[r]`` of the text tokens that rate ``span`` (SparseVLM's raters): with ``V``
+        the span's language-model input embeddings and ``X`` those of the row's real text after it, ``m =
+        mean_visual(softmax_text(V X^T))`` (in ``score_dtype``) and the raters are the text tokens with ``m >
+        mean(m)`` (all of them when none is; the row's last token when no text follows the span). They read the
+        language model's inputs only, so they are computed once per request and shared by every stage."""
+        def compute():
+            text = self.prompt_text_after(row, span)
+            if not len(text):
+                return self.fwd.request.base.mask2d[row].nonzero().flatten()[-1:]
+            v = self.input_embeddings(row, span.positions).to(self.score_dtype)
+            x = self.input_embeddings(row, text).to(self.score_dtype)
+            m = (v @ x.T).softmax(-1).mean(0)
+            above = m > m.mean()
+            return text[above.to(text.device)] if bool(above.any()) else text
+        return self.request_cached(("raters", row, span.offset, self.score_dtype), compute)

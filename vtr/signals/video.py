@@ -1,7 +1,8 @@
 """Signals of video frames in the vision tower. LLaVA-OneVision encodes every frame of every video of the call
 as one tower batch (video after video, rows in order); a frame's signals are pooled like its features
 (``compat.pool_video_frames``), so that their ``[F, N]`` entries line up with the frame's ``N`` pooled tokens in
-raster order (``video.frame_table``)."""
+raster order (``video.frame_table``). Attention signals are computed from the tower's own query and key
+projections (captured with the layer), never projected again."""
 from __future__ import annotations
 
 import torch
@@ -26,13 +27,13 @@ class VideoSignals(ContextBase):
         """(ordinal of the video among the call's videos, rows in order; visual tokens of the videos before it)."""
         if "videos" not in self._memo:
             numbers, k, first = {}, 0, 0
-            for b, layout_row in enumerate(self.layout.rows):
-                for s in layout_row.spans:
+            for b in self.encoded_rows():
+                for s in self.layout.rows[b].spans:
                     if s.kind == "video":
                         numbers[b, s.index, int(s.positions[0])] = (k, first)
                         k, first = k + 1, first + s.n
             self._memo["videos"] = numbers
-        return self._memo["videos"][row, span.index, int(span.positions[0])]
+        return self._memo["videos"][self.encoding_row(row), span.index, int(span.positions[0])]
 
     def _video_call(self, span: VisualSpan):
         call = self.fwd.vision.video if self.fwd.vision is not None else None
@@ -48,17 +49,17 @@ class VideoSignals(ContextBase):
         call = self._video_call(span)
         attn, hidden, _ = self._video_layer(layer)
         layer = self.engine.vision_feature_layer if layer is None else layer
-        key = ("video_mean_query", layer)
-        if key not in self._memo:
+        key = ("video_mean_query", layer, self._vision_dtype(hidden))
+        if key not in call.signals:  # once per request, from the block's own projections
             unit = compat.qwen_merge_unit(self.engine.model)
             per_unit = compat.qwen_mean_query_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden),
-                                                        unit)
+                                                        unit, qkv=call.projections.get(layer, {}).get("qkv"))
             order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
             salience = torch.empty_like(per_unit)
             salience[order] = per_unit  # from the tower's (window) order to merged-token order
-            self._memo[key] = salience.cpu()
+            call.signals[key] = salience.cpu()
         _, first = self._video_number(row, span)
-        salience = self._memo[key][first:first + span.n]
+        salience = call.signals[key][first:first + span.n]
         if len(salience) != span.n:
             raise RuntimeError("vtr: the vision call encoded fewer merged video tokens than the prompt holds")
         return salience.view(int(span.frame.max()) + 1, -1)
@@ -82,9 +83,11 @@ class VideoSignals(ContextBase):
         pooled like the features to the frame's ``N`` tokens (HoliTom's SigLIP signal). Frame by frame, so that one
         frame's ``[H, P, P]`` probabilities are held at a time. fp32 unless ``score_dtype="model"``."""
         frames = self.video_frames(row, span)
+        call = self.fwd.vision.video
         attn, hidden, _ = self._video_layer(layer)
         dtype = self._vision_dtype(hidden)
-        received = torch.stack([compat.vision_attention_rows(attn, hidden[f][None], slice(None), dtype)[0]
+        q, k = self._vision_qk(layer, call)  # the tower's own projections of every frame
+        received = torch.stack([compat.vision_attention_probs(attn, q[f:f + 1], k[f:f + 1], slice(None), dtype)[0]
                                 .mean(0).mean(0) for f in frames.tolist()])  # [F, P]
         return self.pool_video(received[..., None])[..., 0]
 

@@ -1,6 +1,8 @@
-"""Signals of the vision tower for images, read from the inputs and outputs of the vision layers a
-``needs={"vision"}`` method names, captured while the images were encoded; only the attention rows a method asks
-for are computed (the tower keeps SDPA / FlashAttention)."""
+"""Signals of the vision tower for images, read from the inputs, query and key projections and outputs of the
+vision layers a ``needs={"vision"}`` method names, captured while the images were encoded: the projections are the
+tower's own (never computed again) and only the attention rows a method asks for are computed from them (the tower
+keeps SDPA / FlashAttention, which return no probabilities). Each signal is computed once per request (kept with
+the vision call), whatever the number of stages that read it."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +23,15 @@ class TowerSignals(ContextBase):
                                "(pass pixel_values to forward() or generate(), not precomputed features)")
         return call.layers[layer]
 
+    def _vision_memo(self) -> dict:
+        """The memo of the vision call's signals: once per request (stages after the first read them again)."""
+        return self.fwd.vision.signals
+
+    def _qwen_qkv(self, layer: int, call=None) -> torch.Tensor | None:
+        """A Qwen-VL block's fused projection output ``[S, 3 * H * d]`` as the tower computed it (None if absent)."""
+        call = self.fwd.vision if call is None else call
+        return call.projections.get(layer, {}).get("qkv")
+
     def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
         """``(crop, index)``: ``[c]`` the vision-tower input (all images' crops in input order) and ``[c]`` the token
         index in its sequence ([CLS] included) that made each candidate, or ``[c, u]`` the ``u`` patches a language
@@ -29,7 +40,7 @@ class TowerSignals(ContextBase):
         span = self._image_only(tokens).span
         key = ("sources", row, span.index)
         if key not in self._memo:
-            first, size = self._image_crops()[row, span.index]
+            first, size = self._image_crop(row, span)
             crop, index = self.engine.family.vision_patches(self.engine.model, span, size)
             self._memo[key] = (crop + first).masked_fill(crop < 0, -1), index
         crop, index = self._memo[key]
@@ -47,13 +58,17 @@ class TowerSignals(ContextBase):
                              f"holds a {tokens.span.kind}")
         return tokens
 
+    def _image_crop(self, row: int, span) -> tuple[int, object]:
+        """(first crop of the row's image ``span`` in the tower's batch, its image size)."""
+        return self._image_crops()[self.encoding_row(row), span.index]
+
     def _image_crops(self) -> dict:
-        """(row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
+        """(encoded row, image span index) -> (first crop of the image in the tower's batch, its image size)."""
         if "crops" not in self._memo:
             sizes = self.fwd.vision.image_sizes if self.fwd.vision is not None else None
             crops, first, k = {}, 0, 0
-            for b, row in enumerate(self.layout.rows):
-                for span in row.spans:
+            for b in self.encoded_rows():
+                for span in self.layout.rows[b].spans:
                     if span.kind == "image":
                         size = sizes[k] if sizes is not None else None
                         crops[b, span.index] = (first, size)
@@ -67,11 +82,12 @@ class TowerSignals(ContextBase):
         vision layer (default: the feature layer, CLIP's ``attentions[-2]`` on LLaVA), mean over heads."""
         self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
-        key = ("cls", layer)
-        if key not in self._memo:
-            probs = compat.vision_attention_rows(attn, hidden, slice(0, 1), self._vision_dtype(hidden))
-            self._memo[key] = probs.mean(1)[:, 0]  # [n_crops, N]
-        return _per_token(self._memo[key], *self.vision_sources(row, tokens))
+        memo, key = self._vision_memo(), ("cls", self._layer(layer), self._vision_dtype(hidden))
+        if key not in memo:
+            q, k = self._vision_qk(layer)
+            probs = compat.vision_attention_probs(attn, q, k, slice(0, 1), self._vision_dtype(hidden))
+            memo[key] = probs.mean(1)[:, 0]  # [n_crops, N]: one query row per crop
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_features(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c, D_v]``: each candidate's hidden state at the output of a vision layer (default: the feature
@@ -89,10 +105,10 @@ class TowerSignals(ContextBase):
         """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
         self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
-        key = ("keys", layer)
-        if key not in self._memo:
-            self._memo[key] = compat.vision_head_mean_keys(attn, hidden)  # [n_crops, N, d]
-        return _per_token(self._memo[key], *self.vision_sources(row, tokens))
+        memo, key = self._vision_memo(), ("keys", self._layer(layer))
+        if key not in memo:
+            memo[key] = compat.vision_heads(attn, self._vision_qk(layer)[1], "k").mean(1)  # [n_crops, N, d]
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
@@ -109,12 +125,13 @@ class TowerSignals(ContextBase):
             return self._qwen_received(layer)[units]
         self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
-        key = ("received", layer)
-        if key not in self._memo:
+        memo, key = self._vision_memo(), ("received", self._layer(layer), self._vision_dtype(hidden))
+        if key not in memo:
             dtype = self._vision_dtype(hidden)
-            self._memo[key] = torch.stack([compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0]
-                                           .mean(0).mean(0) for h in hidden])  # [n_crops, N]
-        return _per_token(self._memo[key], *self.vision_sources(row, tokens))
+            q, k = self._vision_qk(layer)
+            memo[key] = torch.stack([compat.vision_attention_probs(attn, q[c:c + 1], k[c:c + 1], slice(None), dtype)
+                                     [0].mean(0).mean(0) for c in range(len(q))])  # [n_crops, N]
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_global_attention(self, row: int, tokens: SpanCandidates, threshold: float,
                                 layer: int | None = None, newline: float = 1.0,
@@ -131,12 +148,14 @@ class TowerSignals(ContextBase):
         pixel entropy (``vision_patch_entropy``)."""
         self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
-        key = ("global", layer, float(threshold), float(entropy_weight))
-        if key not in self._memo:
+        memo, key = self._vision_memo(), ("global", self._layer(layer), float(threshold), float(entropy_weight),
+                                          self._vision_dtype(hidden))
+        if key not in memo:
             dtype = self._vision_dtype(hidden)
+            q, k = self._vision_qk(layer)
             maps = []
-            for h in hidden:
-                A = compat.vision_attention_rows(attn, h[None], slice(None), dtype)[0].mean(0)  # [N, N]
+            for c in range(len(q)):
+                A = compat.vision_attention_probs(attn, q[c:c + 1], k[c:c + 1], slice(None), dtype)[0].mean(0)
                 received = A.mean(0)
                 chosen = received > threshold * received.mean()
                 maps.append(A[chosen].mean(0) if bool(chosen.any()) else received)
@@ -144,14 +163,14 @@ class TowerSignals(ContextBase):
             if entropy_weight:
                 entropy = self.vision_patch_entropy().to(maps.device)  # [n_crops, P]
                 maps[:, maps.shape[1] - entropy.shape[1]:] += entropy_weight * entropy.softmax(-1).to(maps.dtype)
-            self._memo[key] = maps
-        first, size = self._image_crops()[row, tokens.span.index]
+            memo[key] = maps
+        first, size = self._image_crop(row, tokens.span)
         count = self.engine.family.crops_per_image(self.engine.model, size)
-        packed = self.engine.family.pack_crop_values(self.engine.model, self._memo[key][first:first + count], size,
+        packed = self.engine.family.pack_crop_values(self.engine.model, memo[key][first:first + count], size,
                                                      newline)
         if packed is not None:  # OneVision: follows the grid through anyres_max's resize, newlines included
-            return packed[tokens.ids.to(packed.device)].to(self._memo[key].dtype)
-        return _per_token(self._memo[key], *self.vision_sources(row, tokens))
+            return packed[tokens.ids.to(packed.device)].to(memo[key].dtype)
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_patch_entropy(self) -> torch.Tensor:
         """``[n_crops, P]``: Shannon entropy (bits) of each patch's pixels, per vision-tower input, patches in
@@ -159,11 +178,12 @@ class TowerSignals(ContextBase):
         about [-1, 1] for SigLIP) times 255 truncated to integers and wrapped modulo 256 (the official cast to
         uint8, which wraps negative values on CPU), grey = the channels weighted 0.3333 each and rounded, a
         256-bin histogram per patch, ``-sum p log2(p + 1e-10)``. fp32."""
-        if "entropy" not in self._memo:
-            call = self.fwd.vision
-            if call is None or call.pixel_values is None:
-                raise RuntimeError(f"{self.engine.method.name}: the pixel entropy needs the images' pixels, encoded "
-                                   "by the model in the same call (pass pixel_values, not precomputed features)")
+        call = self.fwd.vision
+        if call is None or call.pixel_values is None:
+            raise RuntimeError(f"{self.engine.method.name}: the pixel entropy needs the images' pixels, encoded "
+                               "by the model in the same call (pass pixel_values, not precomputed features)")
+        memo = call.signals
+        if "entropy" not in memo:
             pixels = compat.tower_pixels(self.engine.model, call.pixel_values, call.image_sizes).float()
             size = compat.vision_patch_size(self.engine.model)
             C = pixels.shape[1]
@@ -174,8 +194,8 @@ class TowerSignals(ContextBase):
             grey = (values * torch.full((1, C, 1), 0.3333)).sum(1).round().long()  # [n h w, size^2]
             hist = torch.zeros(len(grey), 256).scatter_add_(1, grey, torch.ones_like(grey, dtype=torch.float32))
             p = hist / hist.sum(1, keepdim=True)
-            self._memo["entropy"] = (-(p * torch.log2(p + 1e-10)).sum(1)).view(n, h * w)
-        return self._memo["entropy"]
+            memo["entropy"] = (-(p * torch.log2(p + 1e-10)).sum(1)).view(n, h * w)
+        return memo["entropy"]
 
     def vision_grid(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Where each candidate lies on its grid: ``(grid, cell, width, cells)``: ``[c]`` the grid it belongs to (a
@@ -203,28 +223,29 @@ class TowerSignals(ContextBase):
                              f"holds a {tokens.span.kind}")
         if "units" not in self._memo:
             first, units = 0, {}
-            for b, layout_row in enumerate(self.layout.rows):
-                for span in layout_row.spans:
+            for b in self.encoded_rows():
+                for span in self.layout.rows[b].spans:
                     if span.kind == "image":
                         units[b, span.index] = first
                         first += span.n
             self._memo["units"] = units
-        return self._memo["units"][row, tokens.span.index] + tokens.ids.cpu()
+        return self._memo["units"][self.encoding_row(row), tokens.span.index] + tokens.ids.cpu()
 
     def _qwen_received(self, layer: int | None) -> torch.Tensor:
         """``[U]`` received attention per merged token of the whole vision call (see vision_received_attention)."""
         attn, hidden, _ = self._vision_layer(layer)
         layer = self.engine.vision_feature_layer if layer is None else layer
-        key = ("received", layer)
-        if key not in self._memo:
+        memo, key = self._vision_memo(), ("received", self._layer(layer), self._vision_dtype(hidden))
+        if key not in memo:
             call = self.fwd.vision
-            patches = compat.qwen_received_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden))
+            patches = compat.qwen_received_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden),
+                                                     qkv=self._qwen_qkv(layer))
             per_unit = patches.view(-1, compat.qwen_merge_unit(self.engine.model)).mean(-1)
             order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
             received = torch.empty_like(per_unit)
             received[order] = per_unit  # from the tower's (window) order to merged-token order
-            self._memo[key] = received.cpu()
-        return self._memo[key]
+            memo[key] = received.cpu()
+        return memo[key]
 
 
 def _per_token(table: torch.Tensor, crop: torch.Tensor, index: torch.Tensor, reduce: str | None = "mean"):
