@@ -40,7 +40,12 @@ def load_config(name: str, layers: int | None = None, vision_layers: int | None 
     if layers is not None:
         text.num_hidden_layers = layers
         if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[:layers]
+            types = list(text.layer_types[:layers])
+            if "linear_attention" in types and all(t == "linear_attention" for t in types):
+                # a hybrid model cut above its first attention layer (Qwen3.5: 3 linear, then 1 full) keeps one,
+                # last: a cache needs an attention layer to have a length
+                types[-1] = "full_attention"
+            text.layer_types = types
     if vision_layers is not None:
         vision = config.vision_config
         for key in ("num_hidden_layers", "depth"):
@@ -91,11 +96,15 @@ def narrow(config, divisor: int) -> None:
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
-        if getattr(text, key) % divisor:
+        if getattr(text, key, None) is not None and getattr(text, key) % divisor:
             raise ValueError(f"--width-divisor {divisor} does not divide the language model's {key} "
                              f"({getattr(text, key)})")
     text.hidden_size //= divisor
-    text.intermediate_size //= divisor
+    if getattr(text, "intermediate_size", None) is not None:  # (Qwen3.5-MoE has none: experts only)
+        text.intermediate_size //= divisor
+    for key in ("shared_expert_intermediate_size",):
+        if getattr(text, key, None):
+            setattr(text, key, max(1, getattr(text, key) // divisor))
     if getattr(text, "moe_intermediate_size", None):  # mixture-of-experts models: each expert's width too
         text.moe_intermediate_size = max(1, text.moe_intermediate_size // divisor)
     text.num_attention_heads //= divisor
@@ -316,7 +325,8 @@ def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size:
     generator = torch.Generator().manual_seed(seed)
     text = config.get_text_config()
     special = {getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                   "vision_end_token_id")} | {text.bos_token_id, text.eos_token_id}
+                                                   "vision_end_token_id")} | {getattr(text, "bos_token_id", None),
+                                                                          getattr(text, "eos_token_id", None)}
     def words(n):
         ids = torch.randint(100, min(text.vocab_size, 30000), (batch, n), generator=generator)
         ids[torch.isin(ids, torch.tensor([s for s in special if s is not None]))] = 100
