@@ -120,7 +120,7 @@ def test_beams_and_several_sequences_per_prompt(method, family):
     inputs = tm.image_inputs(family, proc, 2)
     copies = tm.image_inputs(family, proc, 2, rows=[0, 0, 1, 1] * 2)  # what the repeated rows of both runs stand for
     steps, several = 2, dict(num_return_sequences=2, return_dict_in_generate=True, max_new_tokens=2)
-    with vtr.patch(model, method, ratio=0.5) as handle, torch.no_grad():
+    with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)) as handle, torch.no_grad():
         beams = model.generate(**inputs, num_beams=2, do_sample=False, length_penalty=0.0, output_scores=True,
                                **several)
         beam_record = handle.last

@@ -234,3 +234,13 @@ def test_qwen3_5_refuses_layer_methods_that_read_a_linear_layer():
                                          r"softmax attention: \[2\]"):
         vtr.patch(model, "fastv", ratio=0.5, layer=3)
     assert vtr.handle_of(model) is None
+
+
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_qwen3_5_sparsevlm_one_stage_is_exact(mode):
+    """SparseVLM with the one stage the tiny hybrid model allows (layer 2: its scoring layer 1 has softmax attention;
+    its recycled tokens enter the linear-attention layers after it) at a ratio its schedule reaches (0.5), against the
+    unpatched model fed the kept and recycled tokens (left-padded batch of two, two images in a row)."""
+    model, proc = tm.build("qwen3_5", attn="eager")
+    check_against_reference(model, tm.image_inputs("qwen3_5", proc, 2, "multi"), "sparsevlm", mode, ratio=0.5,
+                            **tm.options("sparsevlm", "qwen3_5"))

@@ -68,7 +68,9 @@ MATRIX_SUBSET = {
     "qwen3_vl_moe": ("divprune", "dart", "dycoke"),
     "internvl": ("divprune", "fastervlm", "visionzip", "vispruner", "dart"),
     "gemma3": ("divprune", "fastv", "dart", "sparsevlm", "dycoke"),
-    "qwen3_5": ("divprune", "fastv", "pdrop", "sparsevlm"),
+    # SparseVLM: its one stage the tiny model allows (layer 2) reaches no less than 50% on average, under the
+    # matrices' ratio 0.75 (refused as out of reach); its exactness on Qwen3.5 is checked at 0.5 in test_families
+    "qwen3_5": ("divprune", "fastv", "pdrop"),
     "qwen3_5_moe": ("divprune",),
     "glm4v": ("divprune", "dart", "dycoke", "prunevid"),
     "glm4v_moe": ("divprune",),
