@@ -188,7 +188,7 @@ def test_a_pruned_cache_is_never_continued_after_removal(method, family):
     inputs = tm.image_inputs(family, proc, 2)
     kwargs = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
-        with vtr.patch(model, method, ratio=0.5) as handle:
+        with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)) as handle:
             turn = model.generate(**inputs, **kwargs)
         cache = turn.past_key_values
         mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(2, 1)], 1)
@@ -208,7 +208,7 @@ def test_a_pruned_cache_is_never_continued_after_removal(method, family):
             model.generate(**again, past_key_values=cache)
         with pytest.raises(ValueError, match=removed):
             model.generate(**again, past_key_values=copy.deepcopy(cache))
-        with vtr.patch(model, method, ratio=0.5), pytest.raises(ValueError, match=removed):
+        with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)), pytest.raises(ValueError, match=removed):
             model.generate(**again, past_key_values=cache)
         assert cache.get_seq_length() > 0  # still readable
 

@@ -157,7 +157,7 @@ def test_images_and_frames_of_one_token_keep_at_least_one(method, family):
     for video in kinds:
         inputs = one_token_inputs(family, proc, video)
         for budget in ({"keep": 1}, {"ratio": 0.75}):
-            with vtr.patch(model, method, **budget) as handle, torch.no_grad():
+            with vtr.patch(model, method, **budget, **tm.options(method, family)) as handle, torch.no_grad():
                 model(**inputs)
             record = handle.last
             for row, kept in zip(record.layout.rows, record.kept):

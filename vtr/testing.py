@@ -230,6 +230,9 @@ def tiny_model(family: str = "qwen2_vl", attn: str = "sdpa", layers: int = 4, se
                           tokenizer=tok, chat_template=template)
     torch.manual_seed(seed)
     model = model_cls._from_config(cfg, attn_implementation=attn).eval()
+    if family == "gemma3":  # its projector weight starts at zero (every image token's embedding 0): random instead
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
     model.generation_config.eos_token_id = None
     model.generation_config.max_new_tokens = 20  # transformers' default count, without its warning
     return model, proc
