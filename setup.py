@@ -48,5 +48,6 @@ setup(
         "console_scripts": ["vtr-bench=vtr.bench.speed:main"],
         "lmms_eval.models": ["vtr=vtr.integrations.lmms_eval_manifest:manifests"],
         "vllm.general_plugins": ["vtr=vtr.integrations.vllm:register"],
+        "vllm.stat_logger_plugins": ["vtr=vtr.integrations.vllm_metrics:VtrStatLogger"],
     },
 )

@@ -77,11 +77,14 @@ def video_model_classes() -> set[str]:
 
 def cell(method_cls, model_class: str) -> str:
     """``"✓"`` (images and videos the model takes), ``"images"`` (the method prunes images only, the model also
-    takes videos) or ``"-"`` (``vtr.patch`` refuses the model)."""
+    takes videos), ``"videos"`` (the method prunes videos only and leaves images whole) or ``"-"`` (``vtr.patch``
+    refuses the model)."""
     if not method_cls(ratio=0.5).supports(model_class) or (method_cls.name, model_class) in LAYER_REFUSED:
         return "-"
     if model_class in video_model_classes() and "video" not in method_cls.visual_kinds:
         return "images"
+    if "image" not in method_cls.visual_kinds:
+        return "videos"
     return "✓"
 
 
@@ -178,13 +181,17 @@ def where(cls) -> list[str]:
             text = STAGE_TEXT[spec.stage.value]
             if spec.stage.value == "vision":
                 layers = _ranges(list(method.vision_stage_layers(vision_depth, feature)))
-                text += f" (its step runs after vision layers {layers} of {vision_depth}, 0-based)"
+                where_ = "inside vision layers {}, between attention and MLP," if cls.vision_merge_point == "attention" \
+                    else "after vision layers {}"
+                text += f" (its step runs {where_.format(layers)} of {vision_depth}, 0-based)"
             parts.append(text)
         layer = [s for s in specs if s.stage.value == "layer"]
         post = [s.layer for s in layer if s.post_attention]
         plain = [s.layer for s in layer if not s.post_attention]
         if plain:
-            cut = " (also cutting the earlier layers' KV caches)" if any(s.slice_earlier for s in layer) else ""
+            starts = {s.slice_from for s in layer if s.slice_earlier}
+            cut = "" if not starts else " (also cutting the earlier layers' KV caches)" if starts == {0} else \
+                f" (also cutting the KV caches of layers {min(starts)} on to the kept tokens)"
             parts.append(f"before decoder layer{'s' if len(plain) > 1 else ''} {_ranges(plain)}{cut}")
         if post:
             parts.append(f"inside decoder layers {_ranges([k - 1 for k in post])}, after their attention")
@@ -219,7 +226,7 @@ def docstring_md(cls) -> str:
 
 def method_page(name: str) -> str:
     cls = registry()[name]
-    supported = [f"{label}" + (" (images)" if c == "images" else "")
+    supported = [f"{label}" + (f" ({c})" if c in ("images", "videos") else "")
                  for model, (label, _) in MODELS.items() if (c := cell(cls, model)) != "-"]
     kinds = " and ".join({"image": "images", "video": "videos"}[k] for k in cls.visual_kinds)
     needs = ", ".join(NEEDS_TEXT.get(n, n) for n in sorted(cls(ratio=0.5).needs)) or "the visual tokens' embeddings"
@@ -271,26 +278,55 @@ def pages() -> dict[str, str]:
     return out
 
 
+def vllm_cell(method_cls, model_class: str) -> str:
+    """What the vLLM plugin serves of one method on one model class: ``"refused"`` (no serving engine can run the
+    method as configured by default: ``vtr.serving.servable_reason``), ``"-"`` (``vtr.patch`` refuses the model
+    too), or the inputs it prunes (``"images"``, ``"images, videos"``), with the option the method needs there
+    (the one that turns off its stage inside the language model, ``vtr.serving.REST_OFF``; on a 1-D-RoPE model,
+    ``positions="compact"`` where its default keeps gaps, which vLLM's consecutive numbering cannot give)."""
+    from vtr.methods import Method
+    from vtr.patches import FAMILIES
+    from vtr.serving import COUNT_REASONS, REST_OFF, servable_reason, served_kinds
+    name, options = method_cls.name, {}
+    if servable_reason(method_cls(ratio=0.5)) is not None:
+        if method_cls.name not in REST_OFF:
+            return "refused"
+        options = dict([REST_OFF[name]])
+        if servable_reason(method_cls(ratio=0.5, **options)) is not None:
+            return "refused"
+    method = method_cls(ratio=0.5, **options)
+    if not method.supports(model_class):
+        return "-"
+    family = next(f for f in FAMILIES if model_class in f.model_classes)
+    if not family.mrope and method.for_model(family).positions != "compact":
+        options["positions"] = "compact"
+    kinds = [k for k in served_kinds(method) if k == "image" or model_class in video_model_classes()]
+    # a video's keep count sized from its grid within a limit (marked ¹, explained on the page)
+    limited = type(method).budget_for is not Method.budget_for and name in COUNT_REASONS
+    text = ", ".join(k + "s" + ("¹" if k == "video" and limited else "") for k in kinds)
+    if options:
+        text += " (" + ", ".join(f"`{k}={v!r}`".replace("'", '"') for k, v in options.items()) + ")"
+    return text
+
+
 def vllm_matrix() -> dict[str, dict[str, str]]:
-    """{model class: {method: "✓" or "refused"}} in vLLM: the plugin's pruned architectures x the methods
-    ``vtr.serving`` can run in a serving engine (``servable_reason`` is None)."""
-    from vtr.integrations.vllm import PRUNED, REFUSED
-    from vtr.serving import servable_reason
-    servable = {name for name, cls in registry().items() if servable_reason(cls(ratio=0.5)) is None}
-    return {model: {name: "✓" if model in PRUNED and name in servable else "refused" for name in registry()}
-            for model in [*PRUNED, *REFUSED]}
+    """{model class: {method: cell}} in vLLM: the plugin's architectures (``vtr.integrations.vllm.PRUNED``) x
+    every registered method (``vllm_cell``)."""
+    from vtr.integrations.vllm import PRUNED
+    return {model: {name: vllm_cell(cls, model) for name, cls in registry().items()} for model in PRUNED}
 
 
 def vllm_matrix_md() -> str:
+    """The matrix, one row per group of methods served alike, served methods first."""
     matrix = vllm_matrix()
-    servable = [m for m in registry() if any(cells[m] == "✓" for cells in matrix.values())]
-    lines = ["| in vLLM | " + " | ".join(f"`{m}`" for m in servable) + " | other methods |",
-             "|---|" + "---|" * (len(servable) + 1)]
-    videos = video_model_classes()
-    for model, cells in matrix.items():
-        inputs = " (images, videos)" if model in videos else " (images)"
-        lines.append(f"| {MODELS[model][0]} (`{model}`){inputs} | " + " | ".join(cells[m] for m in servable)
-                     + " | refused |")
+    models = list(matrix)
+    rows: dict[tuple, list[str]] = {}
+    for name in registry():
+        rows.setdefault(tuple(matrix[m][name] for m in models), []).append(name)
+    lines = ["| method | " + " | ".join(MODELS[m][0] for m in models) + " |", "|---|" + "---|" * len(models)]
+    for cells, names in sorted(rows.items(), key=lambda item: all(c == "refused" for c in item[0])):
+        label = ", ".join(f"[`{n}`](methods/{n}.md)" for n in names)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,9 +338,12 @@ def support_short_md() -> str:
     for model, cells in support_matrix().items():
         refused = [m for m, c in cells.items() if c == "-"]
         images = [m for m, c in cells.items() if c == "images"]
+        videos_only = [m for m, c in cells.items() if c == "videos"]
         text = f"all {len(cells)}" if not refused else f"all but {', '.join(refused)}"
-        if images:
-            text += f" ({', '.join(images)}: images only)"
+        notes = ([f"{', '.join(images)}: images only"] if images else []) + \
+            ([f"{', '.join(videos_only)}: videos only"] if videos_only else [])
+        if notes:
+            text += f" ({'; '.join(notes)})"
         label = MODELS[model][0]
         lines.append(f"| {label} | {'images, videos' if model in videos else 'images'} | {text} |")
     return "\n".join(lines) + "\n"

@@ -22,12 +22,15 @@ def lm_of(model):
     return model.model.language_model
 
 
-def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens: dict | None = None) -> dict:
+def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens: dict | None = None,
+                      merging=None) -> dict:
     """Inputs the language model receives at the prefill of an unpatched forward (or ``generate``, which numbers
     positions from the attention mask): embeddings, 2-D mask, positions. ``vision_tokens`` (a vision stage's
     record, ``handle.last.vision_tokens``): the vision tower's feature layer is recomputed crop by crop by the
     unpatched layers, each run on the kept tokens from the layer after each pruning layer on (``vision_reference``);
-    the unpatched model then projects those features. ``seen["again"](vision_tokens)`` captures again so."""
+    the unpatched model then projects those features. ``merging``: ``(handle.last.vision_merges, method)`` of a
+    merging vision stage, whose groups the recomputation merges by size (see ``vision_reference``).
+    ``seen["again"](vision_tokens, merging)`` captures again so."""
     seen = {}
     tower_hook = None
     if vision_tokens and compat.is_qwen_tower(model):
@@ -39,7 +42,7 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
         def replace(module, args, kwargs, output):
             pixels = kwargs.get("pixel_values", args[0] if args else None)
             hidden = list(output.hidden_states)
-            hidden[feature + 1] = vision_reference(tower, pixels, vision_tokens, feature)
+            hidden[feature + 1] = vision_reference(tower, pixels, vision_tokens, feature, merging)
             output.hidden_states = tuple(hidden)
             return output
 
@@ -72,7 +75,7 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
             handle.remove()
         if tower_hook is not None:
             tower_hook.remove()
-    seen["again"] = lambda tokens: capture_lm_inputs(model, inputs, generate, tokens)
+    seen["again"] = lambda tokens, merging=None: capture_lm_inputs(model, inputs, generate, tokens, merging)
     seen["spans"] = visual_runs(model, inputs["input_ids"])
     B, L, _ = seen["embeds"].shape
     if seen["mask"] is None:
@@ -84,22 +87,57 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
     return seen
 
 
-def vision_reference(tower, pixels: torch.Tensor, vision_tokens: dict, feature: int) -> torch.Tensor:
+def vision_reference(tower, pixels: torch.Tensor, vision_tokens: dict, feature: int, merging=None) -> torch.Tensor:
     """``[C, N, D_v]``: the feature layer's output of each tower input, computed alone by the unpatched CLIP layers;
     after each pruning layer ``i`` of ``vision_tokens`` (``[C, W]`` original token indices kept, -1 padding) only the
-    kept tokens go on. Pruned tokens are zero."""
+    kept tokens go on. Pruned tokens are zero. ``merging``: ``(vision_merges, method)``: at a merging layer ``i``
+    (after its attention for ``method.vision_merge_point == "attention"``, else after the layer) every token goes
+    into the token ``vision_merges[i]`` names, each kept token the size-weighted mean of its group (ToMe's
+    merge_wavg), and with ``method.proportional_attention`` every layer adds ``log(size)`` of each key to its
+    attention logits."""
     vm = getattr(tower, "vision_model", tower)
+    merges, method = merging if merging else ({}, None)
+    mid = method is not None and method.vision_merge_point == "attention"
+    proportional = method is not None and method.proportional_attention
     with torch.no_grad():
         embedded = vm.pre_layrnorm(vm.embeddings(pixels))
         out = torch.zeros_like(embedded)
         for c in range(embedded.shape[0]):
             hidden, names = embedded[c:c + 1], list(range(embedded.shape[1]))
+            sizes = torch.ones(len(names))
+            previous = list(range(embedded.shape[1]))  # the engine's layout before each merging step
+
+            def merge(h, i):
+                nonlocal names, sizes, previous
+                went = dict(zip(previous, merges[i][c].tolist()))
+                kept = [t for t in vision_tokens[i][c].tolist() if t >= 0]
+                rows = {t: j for j, t in enumerate(kept)}
+                summed = torch.zeros(1, len(kept), h.shape[-1])
+                total = torch.zeros(len(kept))
+                for j, t in enumerate(names):
+                    if went[t] >= 0:
+                        summed[0, rows[went[t]]] += h[0, j].float() * sizes[j]
+                        total[rows[went[t]]] += sizes[j]
+                names, sizes, previous = kept, total, kept
+                return (summed / total[None, :, None]).to(h.dtype)
+
             for i, layer in enumerate(vm.encoder.layers[:feature + 1]):
-                hidden = layer(hidden, None)
-                if i in vision_tokens:
+                bias = None
+                if proportional and bool((sizes > 1).any()):
+                    bias = sizes.log()[None, None, None, :].expand(1, 1, len(names), len(names)).to(hidden.dtype)
+                if i in merges and mid:
+                    attended = layer.self_attn(layer.layer_norm1(hidden), attention_mask=bias)[0]
+                    hidden = merge(hidden + attended, i)
+                    hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+                    continue
+                hidden = layer(hidden, bias)
+                if i in merges:
+                    hidden = merge(hidden, i)
+                elif i in vision_tokens:
                     kept = [t for t in vision_tokens[i][c].tolist() if t >= 0]
                     hidden = hidden[:, [names.index(t) for t in kept]]
-                    names = kept
+                    sizes = sizes[[names.index(t) for t in kept]]
+                    names = previous = kept
             out[c, names] = hidden[0]
     return out
 
@@ -419,7 +457,9 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
                     for p in policies]
     else:
         policies = [policy] * len(stages) if isinstance(policy, str) else list(policy)
-    slice_earlier = [False] + list(slice_earlier or [False] * len(stages))
+    # per group: None, or the first layer whose cache the stage cuts (True: layer 0)
+    slice_earlier = [None] + [None if s is False or s is None else 0 if s is True else int(s)
+                              for s in (slice_earlier or [None] * len(stages))]
     masks, positions, starts, stacks = [], [], [], []
     for g, group in enumerate(groups):
         index = group[1]
@@ -479,16 +519,17 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
 
     def group_of(i):
         if sliced[0]:  # decoding after the prefill: a slicing stage covers every layer before it
-            later = [g for g, group in enumerate(groups) if slice_earlier[g] and group[0] > i]
+            later = [g for g, group in enumerate(groups) if slice_earlier[g] is not None and group[0] > i
+                     and i >= slice_earlier[g]]
             if later:
                 return max(later)
         return max(g for g, group in enumerate(groups) if group[0] <= i)
 
     def slice_caches():
         for g, group in enumerate(groups):
-            if not slice_earlier[g]:
+            if slice_earlier[g] is None:
                 continue
-            for i in range(group[0]):
+            for i in range(slice_earlier[g], group[0]):
                 held = groups[group_of(i)][1]
                 B = group[1].shape[0]
                 if held is None:
@@ -617,8 +658,9 @@ def with_merges(lm_inputs: dict, record) -> dict:
 def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None, record=None):
     """The reference matching a patched method's (single) stage: (prefill, step, ``then`` logits). ``record``:
     the pruned run's ``handle.last``, whose merged embeddings (if any) replace those of the merged tokens."""
-    if record is not None and record.vision_tokens:  # the unpatched tower run on the kept patches
-        lm_inputs = lm_inputs["again"](record.vision_tokens)
+    merging = record is not None and record.vision_merges
+    if record is not None and record.vision_tokens:  # the unpatched tower run on the kept (merged) patches
+        lm_inputs = lm_inputs["again"](record.vision_tokens, (record.vision_merges, method) if merging else None)
     if record is not None and record.layout is not None:  # adjacent images (LLaVA) are one run of placeholders
         lm_inputs = dict(lm_inputs, spans=[[s.positions.tolist() for s in row.spans] for row in record.layout.rows])
     decode = method.decode_stage()
@@ -634,7 +676,8 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
                                 merged=[s.merged for s in stages], layout=record.layout)
     if len(specs) > 1 and specs[0].stage.value == "pre_llm" and any(s.merged for s in record.stages[1:]):
         return merging_stages_reference(model, method, lm_inputs, record, steps, tokens, then)
-    lm_inputs = with_merges(lm_inputs, record)
+    if not merging:  # a merging vision stage's merged embeddings come from the recomputed tower instead
+        lm_inputs = with_merges(lm_inputs, record)
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
     # one layer stage that added tokens (SparseVLM's recycled tokens when ``layers`` names a single stage): the
@@ -647,7 +690,8 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
         return stages_reference(model, lm_inputs, [(s.layer, s.index, s.added) for s in stages],
                                 method.positions, steps, tokens, then,
                                 policies=[d.positions if d is not None else None for d in done],
-                                slice_earlier=[bool(d is not None and d.slice_earlier) for d in done])
+                                slice_earlier=[d.slice_from if d is not None and d.slice_earlier else None
+                                               for d in done])
     return layer_reference(model, lm_inputs, index, specs[0].layer, method.positions, steps, tokens, then)
 
 

@@ -407,16 +407,23 @@ def test_bench_row_labels_show_the_options():
     assert grid[3].label == "divprune[ratio=0.5]"
 
 
-@pytest.mark.parametrize("method,family", [("holitom", "qwen2_vl"), ("prunevid", "qwen2_vl"),
-                                           ("framefusion", "qwen2_vl"), ("vflowopt", "llava_onevision")])
-def test_ideal_of_a_pre_llm_stage_followed_by_layer_stages(method, family):
+# MustDrop: a vision stage, then layer stages whose thresholds (inside the tiny model's attention shares over the
+# 31 tokens its tower leaves at ratio 0.5) drop tokens, each cutting the caches of layers 1 on (layer 0 keeps its whole cache)
+MUSTDROP = {"window": 2, "global_thr": 0.0324, "individual_thr": 0.0297, "layers": "2,3"}
+
+
+@pytest.mark.parametrize("method,family,options", [
+    ("holitom", "qwen2_vl", {}), ("prunevid", "qwen2_vl", {}), ("framefusion", "qwen2_vl", {}),
+    ("vflowopt", "llava_onevision", {}), ("mustdrop", "llava", MUSTDROP)])
+def test_ideal_of_a_pre_llm_stage_followed_by_layer_stages(method, family, options):
     """The ideal bounds each stage where it acts: the layers before the first layer stage run on the pre-LLM
     stage's kept tokens (not on the full prompt), later layers on their stage's, post-attention stages run the
     layer before's MLP on the kept tokens and cut caches are cut: every layer's KV cache has the pruned run's
     length after the prefill and after each decoding step."""
     from vtr.bench.grid import Config, Runner
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, 1) if method == "vflowopt" else tm.video_inputs(family, proc, 1)
+    images = method in ("vflowopt", "mustdrop")
+    inputs = tm.image_inputs(family, proc, 1) if images else tm.video_inputs(family, proc, 1)
     runner = Runner(model, inputs, decode_tokens=2)
     caches = {}
     for kind in ("method", "ideal"):  # the caches each run leaves, read from the model's forward
@@ -425,12 +432,12 @@ def test_ideal_of_a_pre_llm_stage_followed_by_layer_stages(method, family):
         if kind == "method":
             dense = runner.run(Config("dense"))
             caches.clear()
-        sample = runner.run(Config(kind, method, {"ratio": 0.5}))
+        sample = runner.run(Config(kind, method, {"ratio": 0.5}, options))
         hook.remove()
         if kind == "method":
             pruned = sample
     ideal = sample
-    stages = runner.stages[Config("method", method, {"ratio": 0.5}).label]
+    stages = runner.stages[Config("method", method, {"ratio": 0.5}, options).label]
     assert stages["stages"][0][0] == 0 and len(stages["stages"]) > 1  # a pre-LLM stage, then layer stages
     assert ideal.layer_lengths == pruned.layer_lengths
     if method != "framefusion":  # (its pre-LLM stage merges only where frames repeat: none in random video)

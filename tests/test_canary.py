@@ -52,8 +52,9 @@ def test_every_registered_method_is_on_the_curve(tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     methods = {label.split(" ")[0] for label in report["curves"]}
     assert set(REGISTRY) | {"oracle-informative", "oracle-background"} == methods | set(report["refused"])
-    # flowcut: its 2-layer tower has no layer below the feature layer; vflowopt: LLaVA-OneVision only
-    assert set(report["refused"]) == {"flowcut", "vflowopt"}
+    # flowcut, mustdrop: their 2-layer tower has no layer below the feature layer; vflowopt: LLaVA-OneVision only;
+    # evs and vidcom2: videos only (LLaVA-1.5 takes none)
+    assert set(report["refused"]) == {"flowcut", "mustdrop", "vflowopt", "evs", "vidcom2"}
     for name, cls in REGISTRY.items():  # pre-LLM methods under both position policies
         if cls.stage.value == "pre_llm" and name not in report["refused"]:
             assert {f"{name} (compact)", f"{name} (original)"} <= set(report["curves"])

@@ -38,7 +38,7 @@ def test_manual_forward_loop(method, family, batch):
     """Decode positions stay right without generate (Qwen: rope_deltas; pre-LLM pruning: the short layer-0 cache).
     Qwen is run without a mask: transformers 5.23 itself fails a Qwen decode step given a mask and no positions."""
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, batch)
+    inputs = tm.visual_inputs(method, family, proc, batch)
     with vtr.patch(model, method, ratio=0.75) as handle:
         got = manual_loop(model, inputs, STEPS, with_mask=batch > 1)
         record = handle.last
@@ -51,7 +51,7 @@ def test_manual_forward_loop(method, family, batch):
 def test_sampling_matches_the_reference(method):
     family = tm.family_for(method, "llava")
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, 2)
+    inputs = tm.visual_inputs(method, family, proc, 2)
     with vtr.patch(model, method, ratio=0.75) as handle:
         torch.manual_seed(7)
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=True, top_k=20, return_dict_in_generate=True,
@@ -153,9 +153,10 @@ def test_beam_search_batched_equals_row_by_row(method):
 def test_loss_over_text_tokens(method, family):
     """Labels are pruned with the sequence: the loss equals the reference logits' loss on the kept labels."""
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, 2)
+    inputs = tm.visual_inputs(method, family, proc, 2)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     labels = labels.masked_fill(labels == model.config.image_token_id, -100)
+    labels = labels.masked_fill(labels == getattr(model.config, "video_token_id", -1), -100)
     # The first real token of a left-padded row would be "predicted" from a padding slot: never a target.
     first = inputs["attention_mask"].argmax(1)
     labels[torch.arange(len(first)), first] = -100

@@ -29,7 +29,7 @@ def cases():
             if not tm.in_matrix(method, family):  # refused at patch time (test_errors.py), or not in the subset
                 continue
             policies = [None, "other"] if family in ("llava", "llava_next") else [None]
-            inputs = [("image", x) for x in INPUTS["image"]]
+            inputs = [("image", x) for x in INPUTS["image"]] if "image" in REGISTRY[method].visual_kinds else []
             if family in tm.VIDEO_FAMILIES and "video" in REGISTRY[method].visual_kinds:
                 inputs += [("video", x) for x in INPUTS["video"]]
             for policy in policies:
@@ -114,7 +114,8 @@ def test_pruned_equals_reference(method, family, policy, attn, batch, variant, m
     check_against_reference(model, inputs_for(family, proc, batch, variant), method, mode, **options)
 
 
-@pytest.mark.parametrize("method,family", tm.method_family(tm.matrix_methods(), ["llava_next", "llava_onevision"]))
+@pytest.mark.parametrize("method,family", tm.method_family(  # images: the video-only methods leave them whole
+    [m for m in tm.matrix_methods() if "image" in REGISTRY[m].visual_kinds], ["llava_next", "llava_onevision"]))
 def test_extreme_aspect_ratios_equal_reference(method, family):
     """Anyres images whose unpadded grid keeps no row (20x300 on the tiny models) or no column (300x20) beside an
     ordinary one: pruned as the reference (generate: the layout read from the newline tokens alone)."""

@@ -10,6 +10,7 @@ import torch
 
 import tiny_models as tm
 import vtr
+from vtr.methods import REGISTRY
 
 METHODS = tm.matrix_methods()
 
@@ -61,6 +62,12 @@ def expected_kept(method: str, n: int, ratio=None, keep=None) -> int:
         return min(n, 4 + 8 * per_pivot)
     if method == "dycoke":  # an image is one frame: temporal pruning keeps it whole (the KV stage prunes it)
         return n
+    if method in ("evs", "vidcom2"):  # videos only: images pass whole
+        return n
+    if method == "mustdrop":  # budget T: (n + 1 - T) // 8 of the 3x3 windows merge (8 tokens each), as many as fit
+        budget = min(keep, n) if keep is not None else max(1, round(n * (1 - ratio)))
+        windows = (math.isqrt(n) // 3) ** 2
+        return n - 8 * min(windows, max(0, (n + 1 - budget) // 8))
     if method == "holitom":  # an image is one frame: ceil(n * r) tokens at the input, then the inner stage halves
         # r: the official RETAIN_RATIO, 1 - ratio in decimal; its official count ceil(n * r) in floating point
         r = float(Decimal(1) - Decimal(repr(ratio))) if ratio is not None else min(1.0, keep / n)
@@ -96,7 +103,9 @@ def pdrop_counts(n: int, ratio=None, keep=None, n_layers: int = 4) -> list[int]:
     return [max(1, int(n * lam ** s + 1e-6)) for s in (1, 2, 3)]
 
 
-@pytest.mark.parametrize("method,family", tm.method_family([m for m in METHODS if m != "sparsevlm"],
+# SparseVLM's released counts and PruMerge's adaptive (IQR) count depend on the attention: their own tests
+# (test_methods.py, test_merging_methods.py) check them against the official rule.
+@pytest.mark.parametrize("method,family", tm.method_family([m for m in METHODS if m not in ("sparsevlm", "prumerge")],
                                                            ["llava", "qwen2_vl"]))
 @pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": 0.9}, {"ratio": 0.778}, {"keep": 1}, {"keep": 20}])
 def test_kept_counts_follow_the_rule(method, family, budget):
@@ -183,9 +192,11 @@ def test_unpatch_restores_the_model(method, how):
 def test_a_pruned_cache_is_never_continued_after_removal(method, family):
     """A cache the patch pruned refuses the unpatched model after remove(), in a hand-written decoding step and in
     a second generate turn, and so do a copy of it and a new patch of the same method; a cache whose request
-    removed nothing (DyCoke on an image, kept whole before its decoding stage) continues as the unpatched model's."""
+    removed nothing (DyCoke on an image, kept whole before its decoding stage) continues as the unpatched model's.
+    The video-only methods (EVS, VidCom2) on videos."""
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, 2)
+    videos_only = "image" not in REGISTRY[method].visual_kinds
+    inputs = tm.video_inputs(family, proc, 2) if videos_only else tm.image_inputs(family, proc, 2)
     kwargs = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
         with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)) as handle:

@@ -110,8 +110,12 @@ def test_smallest_images_keep_at_least_one_token(method, family, budget):
     if family.startswith("qwen"):
         assert span.n == 4
     candidates = span.n if REGISTRY[method].newline_candidates else int((~span.newline).sum())
-    # DART always keeps its image pivots; DyCoke's temporal pruning keeps a one-frame input whole
-    expected = 4 if method == "dart" else candidates if method == "dycoke" else 1
+    # DART always keeps its image pivots; DyCoke's temporal pruning keeps a one-frame input whole; EVS and VidCom2
+    # leave images whole
+    expected = 4 if method == "dart" else candidates if method in ("dycoke", "evs", "vidcom2") else 1  # videos only
+    if method == "mustdrop":  # its windows merge 8 tokens each, as many as the grid holds
+        from test_invariants import expected_kept
+        expected = expected_kept(method, candidates, **budget)
     if method == "holitom":  # one token and the newlines pass its outer stage; its inner stage halves them all
         expected = max(1, round((1 + int(span.newline.sum())) * 0.5))
     if method == "vflowopt":  # one representative per merge bucket passes the pre-LLM stage; its LLM stages
@@ -203,7 +207,7 @@ def test_text_continuation_of_a_pruned_cache(method, family, policy, attn):
     transformers 5.23 itself fails Qwen steps given a mask and no positions."""
     batch = 1 if family.startswith("qwen") else 2
     model, proc = tm.build(family, attn=attn)
-    inputs = tm.image_inputs(family, proc, batch)
+    inputs = tm.visual_inputs(method, family, proc, batch)
     options = tm.options(method, family)
     if policy:
         options["positions"] = "compact" if REGISTRY[method].default_positions == "original" else "original"
@@ -238,13 +242,13 @@ def test_second_turn_with_generate(method, family):
     input_ids (and no pixel values). generate() slices the inputs by the cache's layer-0 length, which pre-LLM
     pruning shortened; vtr passes on only the new tokens. The second turn equals the reference."""
     model, proc = tm.build(family)
-    inputs = tm.image_inputs(family, proc, 1)
+    inputs = tm.visual_inputs(method, family, proc, 1)
     with vtr.patch(model, method, ratio=0.75) as handle, torch.no_grad():
         first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         record = handle.last
         then = follow_up(proc, 1)
         conversation = torch.cat([first.sequences, then], 1)
-        second = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask")}
+        second = {k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_values_videos", "input_ids", "attention_mask")}
         if "mm_token_type_ids" in second:
             second["mm_token_type_ids"] = torch.cat(
                 [second["mm_token_type_ids"], torch.zeros_like(conversation[:, inputs["input_ids"].shape[1]:])], 1)
@@ -307,6 +311,13 @@ def test_prompt_ending_with_image_tokens(method, family, mode):
     """The prompt's last token may be pruned (the official code does the same); decoding still continues after
     the unpruned length."""
     model, proc = tm.build(family)
+    if "image" not in REGISTRY[method].visual_kinds:  # videos only (EVS, VidCom2): a prompt ending with a video
+        prompt = "<|im_start|> user what is this ? <|vision_start|><|video_pad|><|vision_end|>"
+        inputs = tm._qwen_video_by_hand(family, proc, [prompt], [tm.random_video(6, 64, 48)])
+        for key in ("input_ids", "attention_mask", "mm_token_type_ids"):  # without the closing <|vision_end|>
+            inputs[key] = inputs[key][:, :-1]
+        assert inputs["input_ids"][0, -1] == model.config.video_token_id
+        return check_against_reference(model, inputs, method, mode)
     vis = "<image>" if family == "llava" else "<|vision_start|><|image_pad|>"
     prompt = f"{'USER :' if family == 'llava' else '<|im_start|> user'} what is this ? {vis}"
     inputs = proc(text=[prompt], images=[tm.random_image(64, 64)], return_tensors="pt")
@@ -343,7 +354,7 @@ def test_score_dtype_is_validated():
 
 SCORING_OPS = {"matmul", "__matmul__", "mm", "bmm", "einsum", "softmax", "cosine_similarity", "normalize", "norm",
                "linalg_vector_norm", "vector_norm", "cdist"}  # torch function names
-VIDEO_METHODS = {"fastvid", "dycoke", "holitom", "prunevid", "framefusion"}
+VIDEO_METHODS = {"fastvid", "dycoke", "holitom", "prunevid", "framefusion", "evs", "vidcom2"}
 
 
 class ScoringDtypes(torch.overrides.TorchFunctionMode):

@@ -199,6 +199,15 @@ def image_inputs(family: str, proc, batch: int = 1, variant: str = "single", pad
                 padding_side=padding_side)
 
 
+def visual_inputs(method: str, family: str, proc, batch: int = 1):
+    """What a method prunes, for the tests that run every method on one kind of input: ``image_inputs`` (one image
+    per row), or ``video_inputs`` for a method that prunes videos only (EVS, VidCom2 leave images whole)."""
+    from vtr.methods import REGISTRY
+    if "image" in REGISTRY[method].visual_kinds:
+        return image_inputs(family, proc, batch)
+    return video_inputs(family, proc, batch)
+
+
 def random_video(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, 255, size=(frames, height, width, 3), dtype=np.uint8)

@@ -155,9 +155,11 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
         if not layers:
             raise ValueError(f"{method.name}: this vision tower has no layer below its feature layer {feature} to "
                              "prune after (the projector reads the first layer's output)")
-        # Qwen-VL: the official code also prunes after the last block, whose output the merger reads
-        limit = feature + 1 if compat.is_qwen_tower(model) else feature
-        if any(not 0 <= i < limit for i in layers):
+        # Qwen-VL: the official code also prunes after the last block, whose output the merger reads; a step
+        # between a layer's attention and its MLP (ToMe) may run in the feature layer itself. Steps in later layers
+        # only read signals (MustDrop's key set): the engine refuses a selection there.
+        limit = compat.vision_prune_limit(model, method)
+        if any(not 0 <= i < len(compat.vision_layers(model)) for i in layers) or min(layers) >= limit:
             raise ValueError(f"{method.name}: vision-stage layers {list(layers)} must lie below the feature layer "
                              f"{feature} of this vision tower")
     lm = compat.text_model(model)

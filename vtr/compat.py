@@ -662,6 +662,44 @@ def vision_projections(attn: torch.nn.Module) -> dict:
     return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}
 
 
+def vision_prune_limit(model: torch.nn.Module, method) -> int:
+    """The first vision layer at which a ``vision`` stage step may no longer drop tokens: the feature layer (its
+    output is what the projector reads), one more on Qwen-VL towers (the official code prunes after the last block,
+    which the merger reads) and for a step between a layer's attention and its MLP (ToMe: the feature layer's MLP
+    then runs on the kept tokens)."""
+    feature = vision_feature_layer(model)
+    return feature + 1 if is_qwen_tower(model) or method.vision_merge_point == "attention" else feature
+
+
+def vision_attention_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a CLIP/SigLIP encoder layer applies to its input before self-attention (``layer_norm1``)."""
+    return layer.layer_norm1
+
+
+def vision_feed_forward_norm(layer: torch.nn.Module) -> torch.nn.Module:
+    """The norm a CLIP/SigLIP encoder layer applies to its residual stream after self-attention, before its MLP
+    (``layer_norm2``: its input is the post-attention residual stream)."""
+    return layer.layer_norm2
+
+
+def vision_feed_forward_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The second half of a CLIP/SigLIP encoder layer on its post-attention residual stream: ``h + mlp(norm2(h))``."""
+    return hidden + layer.mlp(layer.layer_norm2(hidden))
+
+
+def vision_attention_bias(lengths: torch.Tensor, sizes: torch.Tensor | None, width: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``[C, 1, width, width]`` additive attention mask of a CLIP/SigLIP layer (eager and SDPA add it to the
+    logits): ``log(size)`` of each real key token (ToMe's proportional attention; 0 without ``sizes``) and the
+    dtype's minimum for each crop's right padding. sizes: ``[C, width]`` or None."""
+    valid = torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+    bias = torch.zeros(valid.shape, dtype=torch.float32, device=lengths.device)
+    if sizes is not None:
+        bias = torch.where(valid, sizes.float().clamp(min=1).log(), bias)
+    mask = torch.where(valid, bias, torch.finfo(dtype).min).to(dtype)
+    return mask[:, None, None, :].expand(-1, 1, width, width)
+
+
 def vision_attention_scale(attn: torch.nn.Module) -> float:
     """The factor the attention logits are scaled by (``head_dim ** -0.5``)."""
     return attn.scaling if hasattr(attn, "scaling") else attn.scale

@@ -114,6 +114,11 @@ class PrefillRecord:
             (inputs in the tower's batch order: images, LLaVA-NeXT crops); Qwen-VL towers: block -> ``[1, S']`` the
             original row (the call's images packed in order; Qwen2.5-VL: window order) of every kept row, whole
             2x2 merge units. None for other methods.
+        vision_merges (dict | None): a vision stage that merges (ToMe, MustDrop), whole batch: vision layer ->
+            ``[C, W]`` for each token of each tower input before that layer's step (laid out as
+            ``vision_tokens`` of the step before), the original index of the token it is part of after the step
+            (itself if it stayed on its own, -1 if dropped or padding); merged tokens are the size-weighted means
+            of their groups. None for other methods.
         nominal_retention (float | None): the fraction of visual tokens the method's budget names (``1 - ratio``
             for most methods; None for ``keep``), beside what really happened (``input_retention``,
             ``layer_retention``).
@@ -131,6 +136,7 @@ class PrefillRecord:
     layout: TokenLayout | None = field(default=None, repr=False)
     n_layers: int = 0
     vision_tokens: dict | None = field(default=None, repr=False)
+    vision_merges: dict | None = field(default=None, repr=False)
     nominal_retention: float | None = None
     decode_steps: list = field(default_factory=list)
 

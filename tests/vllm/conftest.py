@@ -15,10 +15,12 @@ import tiny  # noqa: E402
 
 @pytest.fixture(scope="session")
 def folders(tmp_path_factory):
-    """family -> folder of its saved tiny model and processor."""
+    """family -> folder of its saved tiny model and processor; "clip" -> a tiny CLIP model (CDPruner's relevance)."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
     for family in tiny.FAMILIES:
         tiny.build(family, root / family)
         out[family] = str(root / family)
+    tiny.build_clip(root / "clip")
+    out["clip"] = str(root / "clip")
     return out

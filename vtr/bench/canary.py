@@ -11,7 +11,9 @@ colour square overlaps, then background; ``oracle-background`` keeps only backgr
 stays between them; a selection bug (wrong slots, shuffled positions, kept indices mapped to the wrong image)
 shows as accuracy near or below ``random``. Pre-LLM methods run under both position policies (``original``
 keeps the kept tokens' RoPE positions, ``compact`` renumbers them), since the policy changes accuracy; layer
-methods prune before layer 1 of the 2-layer model and keep their positions, as their official code does.
+methods prune before layer 1 of the 2-layer model and keep their positions, as their official code does. A
+fraction a method cannot reach on the 2-layer tower (ToMe merges at most half of the tokens in its one merging
+layer) has no point (None in the JSON, "-" in the table).
 """
 from __future__ import annotations
 

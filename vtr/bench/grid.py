@@ -86,7 +86,8 @@ class Runner:
                 self.stages[config.label] = {
                     "stages": [(s.layer, s.index) for s in handle.last.stages if s.index is not None],
                     "post_attention": [s.layer for s in specs if s.post_attention],
-                    "slice_earlier": [s.layer for s in specs if s.slice_earlier]}
+                    "slice_earlier": [s.layer for s in specs if s.slice_earlier],
+                    "slice_from": {s.layer: s.slice_from for s in specs if s.slice_earlier}}
             return sample
         finally:
             if capture is not None:

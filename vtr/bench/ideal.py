@@ -32,7 +32,8 @@ class LayeredIdeal:
     costs the same); a stage at layer 0 is one before the language model (the model is fed its kept tokens). Or
     ``index`` and ``layer`` for a single stage. ``post_attention``: the stage layers whose stage selects inside the
     layer before (its MLP block runs on the kept tokens); ``slice_earlier``: the stage layers that cut the KV caches
-    of the layers before them to their kept tokens once the prefill filled them. Kept tokens keep their original
+    of the layers before them to their kept tokens once the prefill filled them; ``slice_from``: per such stage
+    layer, the first layer it cuts (default 0; MustDrop leaves the layers before its first pruning layer - 1 whole). Kept tokens keep their original
     positions (the cost does not depend on the numbering). Qwen3-VL's DeepStack additions to the first layers'
     visual states are left out (three additions of ``[n, D]`` per prefill: a bound slightly under the true one).
 
@@ -44,7 +45,7 @@ class LayeredIdeal:
     """
 
     def __init__(self, model, lm_inputs: dict, index: torch.Tensor | None = None, layer: int | None = None,
-                 stages: list | None = None, post_attention=(), slice_earlier=()):
+                 stages: list | None = None, post_attention=(), slice_earlier=(), slice_from: dict | None = None):
         self.model, self.lm = model, compat.text_model(model)
         embeds = lm_inputs["embeds"]
         B, L = embeds.shape[:2]
@@ -65,6 +66,7 @@ class LayeredIdeal:
         self.layers = [k for k, _ in stages]
         self.post_attention = {k for k in self.layers if k in set(post_attention)}
         self.slice_earlier = {k for k in self.layers if k in set(slice_earlier)}
+        self.slice_from = {k: (slice_from or {}).get(k, 0) for k in self.slice_earlier}
         if self.post_attention & self.slice_earlier:
             raise ValueError("a stage cannot both select after attention and cut the earlier caches")
         # per group g (0: the model's input, g: after the g-th layer stage): its tokens' 2-D mask, where each token
@@ -109,7 +111,8 @@ class LayeredIdeal:
         that cut the earlier caches runs on that stage's tokens."""
         g = sum(k <= i for k in self.layers)
         if not self._prefill:
-            later = [n + 1 for n, k in enumerate(self.layers) if k in self.slice_earlier and k > i]
+            later = [n + 1 for n, k in enumerate(self.layers)
+                     if k in self.slice_earlier and self.slice_from[k] <= i < k]
             g = max([g] + later)
         return g
 
@@ -149,9 +152,12 @@ class LayeredIdeal:
         return hook
 
     def _slice(self, g: int) -> None:
-        """Cut the KV caches of the layers before stage ``g`` (just filled by the prefill) to its tokens."""
-        for j in range(self.layers[g - 1]):
-            h = sum(k <= j for k in self.layers)
+        """Cut the KV caches of the layers before stage ``g`` (just filled by the prefill; from its ``slice_from``)
+        to its tokens."""
+        for j in range(self.slice_from[self.layers[g - 1]], self.layers[g - 1]):
+            # its cache's layout: the group it ran on, or the last earlier stage that cut it (MustDrop's stages)
+            h = max([sum(k <= j for k in self.layers)] + [n + 1 for n, k in enumerate(self.layers[:g - 1])
+                                                          if k in self.slice_earlier and self.slice_from[k] <= j < k])
             compat.gather_cache_layer(self.cache, j, self._between(h, g))
 
     def _between(self, h: int, g: int) -> torch.Tensor:

@@ -132,6 +132,9 @@ class SyntheticContext:
     def input_embeddings(self, row, positions):
         return self.hidden[row, positions.to(self.hidden.device)]
 
+    def with_deepstack(self, row, tokens, features):
+        return features  # the stand-in has no DeepStack levels
+
     def prompt_text_after(self, row, span):
         return torch.arange(PREFIX + self.n, self.L, device=self.hidden.device)
 
@@ -211,6 +214,20 @@ class SyntheticContext:
             self._memo["global", threshold] = torch.stack(maps)
         crop, index = self.vision_sources(row, tokens)
         return self._memo["global", threshold][crop, index]
+
+    def last_vision_layer(self):
+        return 23
+
+    def vision_cls_attention_one_head(self, row, tokens, layer=None):
+        if ("cls_one_head", layer) not in self._memo:  # one head over the full width (PruMerge)
+            q, k = (x.transpose(1, 2).flatten(2) for x in (self._vision_q[:, :, :1], self._vision_k))
+            self._memo["cls_one_head", layer] = (q @ k.transpose(1, 2) * q.shape[-1] ** -0.5).softmax(-1)[:, 0]
+        crop, index = self.vision_sources(row, tokens)
+        return self._memo["cls_one_head", layer][crop, index]
+
+    def vision_projected_keys(self, row, tokens, layer=None):
+        crop, index = self.vision_sources(row, tokens)
+        return self._vision_k.transpose(1, 2).flatten(2)[crop, index]
 
     def vision_features(self, row, tokens, layer=None):
         crop, index = self.vision_sources(row, tokens)

@@ -166,7 +166,8 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
             layers = compat.decoder_layers(self.lm)
             layer_stages = [s.layer for s in self.specs if s.stage is Stage.LAYER]
             if layer_stages:
-                first = 0 if any(s.slice_earlier for s in self.specs) else min(layer_stages)
+                sliced = [s.slice_from for s in self.specs if s.slice_earlier]
+                first = min(sliced + [min(layer_stages)])
                 for i in range(first, len(layers)):
                     reg(layers[i].register_forward_pre_hook(self._layer_hook(i), with_kwargs=True))
             self._post_attention_hooks(reg, layers)

@@ -35,6 +35,7 @@ class SeqLayout:
     stage: Stage | None = None
     policy: str | None = None  # the stage's position policy ("original" / "compact"); None: the base layout
     earlier: bool = False  # a layer stage whose layout the KV caches of the layers before it were cut down to
+    earlier_from: int = 0  # with ``earlier``: the first layer cut
 
     @property
     def length(self) -> int:
@@ -113,7 +114,8 @@ class RequestState:
         """The layer-stage layout decoder layer ``layer`` runs on, if any."""
         found = None
         for layout in self.layouts:
-            if layout.stage is Stage.LAYER and (layout.layer <= layer or layout.earlier):
+            if layout.stage is Stage.LAYER and (layout.layer <= layer
+                                                or (layout.earlier and layer >= layout.earlier_from)):
                 found = layout
         return found
 
@@ -177,6 +179,8 @@ class ForwardState:
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
     mask2d: torch.Tensor | None = None  # a continuation's 2-D mask as the base model got it (before any mask mapping)
+    # Qwen3-VL: the prefill's DeepStack inputs, (visual_pos_masks [B, L], per level [n_visual, D]); else None
+    deepstack: tuple | None = None
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts
     block_outputs: dict = field(default_factory=dict)  # layer -> its output, made by a post-attention stage
     in_block: bool = False  # a post-attention stage is running a layer's MLP block itself

@@ -134,7 +134,7 @@ class LayerStages:
             if fwd.prefill and i in stage_at:
                 prev = request.final()
                 spec = stage_at[i]
-                earlier = [request.layout_at(j) for j in range(i)] if spec.slice_earlier else None
+                earlier = [request.layout_at(j) for j in range(spec.slice_from, i)] if spec.slice_earlier else None
                 pruned = self._prune(fwd, spec, prev, hidden)
                 fwd.captures.pop(i - 1, None)  # layer i-1's attention inputs: no later stage reads them
                 fwd.captures.pop(("keys", i - 1), None)
@@ -143,7 +143,7 @@ class LayerStages:
                     layout, select, merged, added = pruned
                     hidden = self._gathered(hidden, select, merged, added)
                     if earlier is not None:
-                        self._slice_earlier(fwd, layout, earlier, added is not None)
+                        self._slice_earlier(fwd, layout, earlier, added is not None, spec.slice_from)
                     if own and not merged and added is None:
                         fwd.reuse[i] = (select, own)
                 elif own:
@@ -161,12 +161,13 @@ class LayerStages:
             return args, kwargs
         return hook
 
-    def _slice_earlier(self, fwd: ForwardState, layout: SeqLayout, earlier: list, added: bool):
-        """Cut the KV caches of the layers before a ``slice_earlier`` stage (just filled by the prefill, each laid
-        out as ``earlier[j]``) down to ``layout``'s slots; from then on those layers run on ``layout`` too."""
+    def _slice_earlier(self, fwd: ForwardState, layout: SeqLayout, earlier: list, added: bool, start: int = 0):
+        """Cut the KV caches of layers ``start`` to the one before a ``slice_earlier`` stage (just filled by the
+        prefill, layer ``start + j`` laid out as ``earlier[j]``) down to ``layout``'s slots; from then on those
+        layers run on ``layout`` too."""
         if added:
             raise RuntimeError(f"{self.method.name}: a stage that cuts the earlier KV caches cannot add tokens")
-        layout.earlier = True
+        layout.earlier, layout.earlier_from = True, start
         if fwd.cache is None:
             return
         memo = {}
@@ -178,7 +179,7 @@ class LayerStages:
                 inverse[rows, old.index[rows, slots]] = slots
                 index = layout.index.to(inverse.device)
                 memo[id(old)] = torch.where(index >= 0, inverse.gather(1, index.clamp(min=0)), 0)
-            compat.gather_cache_layer(fwd.cache, j, memo[id(old)])
+            compat.gather_cache_layer(fwd.cache, start + j, memo[id(old)])
 
     def _substitute(self, fwd: ForwardState, i: int, active: SeqLayout, hidden: torch.Tensor, kwargs: dict):
         """Give layer ``i`` the mask, rotary embeddings and positions of the pruned sequence it runs on. Masks and

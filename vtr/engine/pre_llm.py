@@ -36,6 +36,8 @@ class PreLLMStage:
             positions = positions.expand(*positions.shape[:-2], B, L)
         fwd.layout = self.family.layout(self.model, fwd.inputs, hidden, positions)
         fwd.lm_embeds = hidden
+        if kwargs.get("visual_pos_masks") is not None and kwargs.get("deepstack_visual_embeds") is not None:
+            fwd.deepstack = (kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"])
         fwd.vision = self._vision.get(threading.get_ident())
         if fwd.vision is not None:
             fwd.expansion = self._expansion.get(threading.get_ident(), 1)
@@ -64,6 +66,7 @@ class PreLLMStage:
         if spec.stage in BEFORE_LM:
             if spec.stage is Stage.VISION and fwd.vision is not None and fwd.vision.stage is not None:
                 request.record.vision_tokens = fwd.vision.stage.history
+                request.record.vision_merges = getattr(fwd.vision.stage, "merges", None) or None
                 request.record.selection_seconds += fwd.vision.stage.seconds
             pruned = self._prune(fwd, spec, base, hidden)
             if pruned is not None:

@@ -37,6 +37,10 @@ class Pruning:
                     keep[b, present.slots[~survivors]] = False
                     dropped_any = dropped_any or not bool(survivors.all())
                     ids.append(span.offset + present.ids[survivors].cpu())
+                    tower_merges = self._vision_merged(fwd, ctx, b, present.subset(survivors.to(present.slots.device)),
+                                                       present, hidden)
+                    if tower_merges is not None:
+                        row_merges.append(tower_merges)
                     continue
                 eligible = ctx.eligible(present)
                 ids.append(span.offset + present.ids[~eligible].cpu())  # tokens the method may not drop
@@ -74,8 +78,9 @@ class Pruning:
             n_alive.append(alive)
             merged_record.append(MergedTokens.join(row_merges))
         record = request.record
+        recorded = merged or any(len(m.kept) for m in merged_record)  # a vision stage's merges: record only
         stage = StageRecord(stage=spec.stage.value, layer=spec.layer, n_visual=n_alive, kept=kept_ids,
-                            length=prev.length, merged=merged_record if merged else None)
+                            length=prev.length, merged=merged_record if recorded else None)
         record.stages.append(stage)
         try:
             if not dropped_any and not any(additions):
@@ -168,6 +173,34 @@ class Pruning:
         alive = stage.survived()
         survivors[~newline] = alive[crop.to(alive.device), index.to(alive.device)].cpu()
         return survivors
+
+    def _vision_merged(self, fwd: ForwardState, ctx: SelectionContext, row: int, kept, present,
+                       hidden: torch.Tensor) -> MergedTokens | None:
+        """The image's kept tokens into which a merging vision stage (``VisionMerge``) merged others: their
+        visual indices, the embeddings the language model receives for them, and the tokens of the prompt merged
+        into each (itself included); None when the stage merged nothing (or on Qwen-VL towers)."""
+        stage = fwd.vision.stage if fwd.vision is not None else None
+        owner = getattr(stage, "owner", None)
+        if owner is None or self.family.mrope or not len(kept):
+            return None
+        span = present.span
+        free = ~span.newline[present.ids.to(span.newline.device)].cpu()
+        crop, index = ctx.vision_sources(row, present.subset(free.to(present.slots.device)))
+        where = {(int(c), int(t)): int(i) for c, t, i in zip(crop, index, present.ids[free.to(present.ids.device)])}
+        kept = kept.subset(~span.newline[kept.ids.to(span.newline.device)].to(kept.slots.device))
+        k_crop, k_index = ctx.vision_sources(row, kept)
+        owner = owner.cpu()
+        ids, slots, sources = [], [], []
+        for c, t, i, slot in zip(k_crop.tolist(), k_index.tolist(), kept.ids.tolist(), kept.slots.tolist()):
+            members = (owner[c] == t).nonzero().flatten().tolist()
+            if len(members) > 1:
+                ids.append(i)
+                slots.append(slot)
+                sources.append(span.offset + torch.tensor(sorted(where[c, m] for m in members if (c, m) in where)))
+        if not ids:
+            return None
+        embeds = hidden[row, torch.tensor(slots).to(hidden.device)]
+        return MergedTokens(kept=span.offset + torch.tensor(ids), embeds=embeds, sources=sources)
 
     def _with_added(self, request: RequestState, prev: SeqLayout, additions: list, hidden: torch.Tensor):
         """``prev``'s index, local slots, mask and positions extended by the rows' added tokens (column

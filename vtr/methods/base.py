@@ -48,6 +48,9 @@ class StageSpec:
     # the prefill has filled them (PruneVid), so that later forward calls (decoding) attend to the kept tokens
     # only, in every layer. The prefill itself is unchanged. Not with tokens a merging stage adds.
     slice_earlier: bool = False
+    # with ``slice_earlier``: the first layer whose cache is cut (MustDrop leaves the layers before its first
+    # pruning layer whole)
+    slice_from: int = 0
     post_attention: bool = False
 
 
@@ -78,6 +81,22 @@ class Merge:
     added: torch.Tensor | None = None
     added_sources: list = field(default_factory=list)
     added_anchors: torch.Tensor | None = None
+
+
+@dataclass
+class VisionMerge:
+    """What a merging method's ``vision_step`` returns (ToMe, MustDrop's spatial merge) instead of plain indices.
+
+    keep: ``[n_crops, k]`` indices into each crop's current patches ([CLS] excluded: the engine keeps it), as a
+    plain ``vision_step`` selection.
+    into: ``[n_crops, n_patches]`` for every current patch, the position in ``keep`` (``0 .. k-1``) of the kept
+    patch it merges into (a kept patch: its own position), or -1 for a patch dropped without merging.
+
+    The engine merges by token size, ToMe's ``merge_wavg``: each kept patch becomes the size-weighted mean of
+    itself and the patches merged into it, its size the sum of theirs (every token starts with size 1)."""
+
+    keep: torch.Tensor
+    into: torch.Tensor
 
 
 POSITION_POLICIES = ("original", "compact", "span_prefix")
@@ -143,7 +162,8 @@ class Method:
     # ``unsupported_reason``. The test matrices read this to skip those combinations.
     model_classes: ClassVar[tuple[str, ...] | None] = None
     unsupported_reason: ClassVar[str] = ""
-    # Which visual inputs the method prunes; a prompt with another kind raises (tests skip those combinations).
+    # Which visual inputs the method prunes; a prompt with another kind raises (tests skip those combinations),
+    # except for video methods whose official code leaves images alone (EVS, VidCom2): images pass whole.
     visual_kinds: ClassVar[tuple[str, ...]] = ("image", "video")
     # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
     newline_candidates: ClassVar[bool] = False
@@ -152,6 +172,10 @@ class Method:
     needs_whole_prompt: ClassVar[bool] = False
     # the option that sets the decoder layer(s) a layer or kv_cache stage starts at, named in range errors
     layer_option: ClassVar[str] = "layer"
+    # Vision stage: where ``vision_step`` runs in each of ``vision_stage_layers``: "output" (on the layer's output)
+    # or "attention" (on the residual stream after the layer's self-attention, before its MLP, which then runs on
+    # what the step keeps: ToMe).
+    vision_merge_point: ClassVar[str] = "output"
     # Whether the selection computes scores or similarities (``score_dtype`` applies); the baselines that read only
     # the layout or a seed refuse ``score_dtype="model"``.
     computes_scores: ClassVar[bool] = True
@@ -267,19 +291,27 @@ class Method:
         ``feature_layer``: the tower's later layers, the projector and the language model see what they keep."""
         return ()
 
-    def vision_target(self, n_tokens: int, n_crops: int) -> int:
+    def vision_target(self, n_tokens: int, n_crops: int) -> int | None:
         """Vision stage: the patches each tower input (crop) of an image keeps once the stage is done, given the
         image's visual token count in the prompt (``n_tokens``, newlines included) and its number of crops. The
-        engine checks that every crop ends with exactly this many ([CLS] not counted). Qwen-VL towers (one crop per
-        image): counted in merge units (language tokens, 4 patches each), which the engine keeps whole."""
+        engine checks that every crop ends with exactly this many ([CLS] not counted); None: an adaptive count
+        (the steps decide; MustDrop's similarity threshold). Qwen-VL towers (one crop per image): counted in merge
+        units (language tokens, 4 patches each), which the engine keeps whole."""
         raise NotImplementedError
+
+    @property
+    def proportional_attention(self) -> bool:
+        """Vision stage: whether, once tokens have merged, every tower layer adds ``log(size)`` of each key token to
+        its attention logits (ToMe's proportional attention; eager and SDPA towers)."""
+        return False
 
     def vision_step(self, ctx, image) -> torch.Tensor | None:
         """Vision stage: called once per image after each of ``vision_stage_layers``, with that layer's signals
         (``vtr.signals.VisionStageContext``) and the image's state (``vtr.signals.VisionImage``: its crops, their
         current patch count, the target, a per-request ``state`` dict the method may keep scores in). Returns
         ``[n_crops, k]`` indices into each crop's current patches ([CLS] excluded: the engine keeps it) to keep, the
-        same ``k`` for every crop of the image, or None to keep them all. Qwen-VL towers (``image.unit`` > 1):
+        same ``k`` for every crop of the image, or None to keep them all, or a ``VisionMerge`` (CLIP/SigLIP towers)
+        to merge the others into kept ones. Qwen-VL towers (``image.unit`` > 1):
         ``[1, k]`` indices into the image's current merge units (``image.n_units``; unit ``u`` is the current
         patches ``u * unit`` to ``u * unit + unit - 1``)."""
         raise NotImplementedError

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import torch
 
+# The model classes with video inputs, for the methods that prune videos only (EVS, VidCom2).
+VIDEO_MODELS = ("LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+NO_VIDEO = "it prunes videos only (images pass whole), and this model takes no video input."
+
 
 def frame_table(span, ids: torch.Tensor, method: str) -> torch.Tensor:
     """``[F, N]``: the candidates of one video (or image) laid out by frame, each frame's tokens in raster order.

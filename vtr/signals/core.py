@@ -152,6 +152,20 @@ class ContextBase:
         ``[n]`` (what the model received before any stage pruned)."""
         return self.fwd.lm_embeds[row, positions.to(self.fwd.lm_embeds.device)]
 
+    def with_deepstack(self, row: int, tokens: SpanCandidates, features: torch.Tensor) -> torch.Tensor:
+        """``features`` ``[c, D]`` of candidates still at their language-model input slots (a ``pre_llm`` stage)
+        followed, on Qwen3-VL, by their DeepStack features, level after level: ``[c, D * (1 + levels)]``, the
+        merger outputs vLLM's Qwen3-VL concatenates and hands its video pruning. Unchanged elsewhere."""
+        if self.fwd.deepstack is None:
+            return features
+        masks, levels = self.fwd.deepstack
+        rank = masks.flatten().long().cumsum(0).view_as(masks) - 1  # [B, L]: index into each level's rows
+        positions = self.prev.index[row, tokens.slots.to(self.prev.index.device)].to(masks.device)
+        if not bool(masks[row, positions].all()):
+            raise RuntimeError(f"{self.engine.method.name}: DeepStack features cover only the visual tokens")
+        rows = rank[row, positions]
+        return torch.cat([features] + [level[rows.to(level.device)].to(features) for level in levels], -1)
+
     def prompt_text_after(self, row: int, span: VisualSpan) -> torch.Tensor:
         """Original prompt positions ``[t]`` of the row's real non-visual tokens after ``span``, ascending."""
         base = self.fwd.request.base

@@ -23,6 +23,20 @@ class TowerSignals(ContextBase):
                                "(pass pixel_values to forward() or generate(), not precomputed features)")
         return call.layers[layer]
 
+    def vision_stage_state(self, row: int, span) -> dict:
+        """The per-image ``state`` dict a ``vision`` stage's steps kept for the image ``span`` of ``row`` (what a
+        multi-stage method carries from the tower to its later stages: MustDrop's key set); empty if the stage
+        did not run on it."""
+        stage = self.fwd.vision.stage if self.fwd.vision is not None else None
+        if stage is None:
+            return {}
+        first, _ = self._image_crop(row, span)  # the prompt's encoding (beams repeat its rows)
+        return next((image.state for image in stage.images if image.crops.start == first), {})
+
+    def last_vision_layer(self) -> int:
+        """0-based index of the vision tower's last layer."""
+        return len(compat.vision_layers(self.engine.model)) - 1
+
     def _vision_memo(self) -> dict:
         """The memo of the vision call's signals: once per request (stages after the first read them again)."""
         return self.fwd.vision.signals
@@ -109,6 +123,34 @@ class TowerSignals(ContextBase):
         if key not in memo:
             memo[key] = compat.vision_heads(attn, self._vision_qk(layer)[1], "k").mean(1)  # [n_crops, N, d]
         return _per_token(memo[key], *self.vision_sources(row, tokens))
+
+    def vision_projected_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
+        """``[c, H * d]``: each candidate's key at a vision layer's attention, the full ``k_proj`` output (bias
+        included, heads not split), as the tower computed it, in ``score_dtype``'s precision."""
+        self._image_only(tokens)
+        _, hidden, _ = self._vision_layer(layer)
+        memo, key = self._vision_memo(), ("projected_keys", self._layer(layer))
+        if key not in memo:
+            memo[key] = self._vision_qk(layer)[1].to(self._vision_dtype(hidden))
+        crop, index = self.vision_sources(row, tokens)
+        return memo[key][crop.to(hidden.device), index.to(hidden.device)]
+
+    def vision_cls_attention_one_head(self, row: int, tokens: SpanCandidates,
+                                      layer: int | None = None) -> torch.Tensor:
+        """``[c]``: the [CLS] query's attention to each candidate's patch computed as ONE head over the full
+        projection width (PruMerge's): ``softmax_j(q_0 . k_j / sqrt(D_v))`` over every token of the crop ([CLS]
+        included), ``q`` and ``k`` the full ``q_proj`` / ``k_proj`` outputs of a vision layer's attention input (as
+        the tower computed them, in ``score_dtype``'s precision), ``D_v`` the tower's hidden width. Softmax in fp32."""
+        self._image_only(tokens)
+        _, hidden, _ = self._vision_layer(layer)
+        memo, key = self._vision_memo(), ("cls_one_head", self._layer(layer))
+        if key not in memo:
+            dtype = self._vision_dtype(hidden)
+            q, k = (x.to(dtype) for x in self._vision_qk(layer))  # [n_crops, N, W]
+            logits = torch.matmul(q[:, :1], k.transpose(-1, -2)) * hidden.shape[-1] ** -0.5
+            memo[key] = logits.softmax(-1, dtype=torch.float32)[:, 0]  # [n_crops, N]
+        crop, index = self.vision_sources(row, tokens)
+        return memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""

@@ -19,7 +19,8 @@ class VisionImage:
 
     crops: the image's tower inputs (a range of the tower's batch: one for LLaVA-1.5, base + tiles for LLaVA-NeXT).
     n: current tokens per crop ([CLS] included where the tower has one). cls: whether token 0 is a [CLS] token the
-    engine always keeps. target: patches per crop the stage must end with (``Method.vision_target``). layer: the
+    engine always keeps. target: patches per crop the stage must end with (``Method.vision_target``; None: an
+    adaptive count). sizes: after a merging step, how many original tokens each current token stands for. layer: the
     vision layer that just ran; feature_layer: the layer whose output the projector reads. state: per image and
     request, kept by the method between layers (e.g. cumulative scores, which the method gathers itself when it
     prunes).
@@ -32,12 +33,13 @@ class VisionImage:
     crops: slice
     n: int
     cls: bool
-    target: int
+    target: int | None
     layer: int
     feature_layer: int
     state: dict
     unit: int = 1
     rows: slice | None = None
+    sizes: torch.Tensor | None = None  # [n_crops, n] tokens merged into each current token ([CLS] included); None: 1
 
     @property
     def n_crops(self) -> int:
@@ -59,10 +61,23 @@ class VisionStageContext:
     block's fused ``qkv`` output ``[S, 3 * H * d]`` of the packed rows, rotated with the rows' rotary embedding), so
     the tower keeps SDPA / FlashAttention and nothing is projected twice. Each signal is computed once per image."""
 
-    def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict, rotary=None):
+    def __init__(self, engine: "Engine", attn: torch.nn.Module, projections: dict, rotary=None,
+                 hidden: torch.Tensor | None = None, tokens: torch.Tensor | None = None):
         self.engine, self.attn, self.projections = engine, attn, projections
         self.rotary = rotary  # Qwen-VL: (cos, sin) ``[S, d]`` of the current rows, which the block rotated q, k by
+        self.hidden = hidden  # CLIP/SigLIP: ``[C, W, D]`` the states the step runs on (see ``states``)
+        self.tokens = tokens  # CLIP/SigLIP: ``[C, W]`` each slot's original token index (see ``original_tokens``)
         self._memo = {}
+
+    def original_tokens(self, image: VisionImage) -> torch.Tensor:
+        """``[c, n]``: the original index in the unpruned tower sequence ([CLS] = 0, patch ``p`` = ``p + 1``) of
+        each of the image's crops' current tokens."""
+        return self.tokens[image.crops, :image.n]
+
+    def states(self, image: VisionImage) -> torch.Tensor:
+        """``[c, n, D]``: the image's crops' hidden states where the step runs: the layer's output, or, for a
+        method with ``vision_merge_point="attention"``, the residual stream after the layer's self-attention."""
+        return self.hidden[image.crops, :image.n]
 
     @property
     def score_dtype(self) -> torch.dtype:
@@ -92,6 +107,10 @@ class VisionStageContext:
             logits = torch.matmul(q, self._heads("k", image).transpose(-1, -2)) * scale
             self._memo[key] = logits.softmax(-1, dtype=torch.float32).to(self.score_dtype)
         return self._memo[key]
+
+    def keys(self, image: VisionImage) -> torch.Tensor:
+        """``[c, H, n, d]``: the attention's key projections (bias included) per head."""
+        return self._heads("k", image)
 
     def values(self, image: VisionImage) -> torch.Tensor:
         """``[c, H, n, d]``: the attention's value projections (bias included) per head."""
