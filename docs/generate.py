@@ -31,6 +31,25 @@ MODELS = {
     "Qwen2VLForConditionalGeneration": ("Qwen2-VL", "qwen2_vl"),
     "Qwen2_5_VLForConditionalGeneration": ("Qwen2.5-VL", "qwen2_5_vl"),
     "Qwen3VLForConditionalGeneration": ("Qwen3-VL", "qwen3_vl"),
+    "Qwen3VLMoeForConditionalGeneration": ("Qwen3-VL-MoE", "qwen3_vl_moe"),
+    "InternVLForConditionalGeneration": ("InternVL 3 / 3.5", "internvl"),
+    "Gemma3ForConditionalGeneration": ("Gemma 3", "gemma3"),
+    "Qwen3_5ForConditionalGeneration": ("Qwen3.5", "qwen3_5"),
+    "Qwen3_5MoeForConditionalGeneration": ("Qwen3.5-MoE", "qwen3_5_moe"),
+    "Glm4vForConditionalGeneration": ("GLM-4.1V", "glm4v"),
+    "Glm4vMoeForConditionalGeneration": ("GLM-4.5V", "glm4v_moe"),
+}
+# Methods whose stage needs what a decoder layer type of the model cannot give (``vtr.patch`` refuses them there,
+# naming the layer): a KV cache cut to the kept tokens in the layers before the stage (a sliding window of keys or a
+# recurrent state cannot be), or attention weights / per-token cache entries of a linear-attention layer.
+LAYER_REFUSED = {
+    ("prunevid", "Gemma3ForConditionalGeneration"): "cuts the earlier layers' caches (sliding windows)",
+    ("prunevid", "Qwen3_5ForConditionalGeneration"): "cuts the earlier layers' caches (recurrent states)",
+    ("prunevid", "Qwen3_5MoeForConditionalGeneration"): "cuts the earlier layers' caches (recurrent states)",
+    ("dycoke", "Qwen3_5ForConditionalGeneration"): "hides cache entries a recurrent layer does not have",
+    ("dycoke", "Qwen3_5MoeForConditionalGeneration"): "hides cache entries a recurrent layer does not have",
+    ("framefusion", "Qwen3_5ForConditionalGeneration"): "needs the attention of a linear-attention layer",
+    ("framefusion", "Qwen3_5MoeForConditionalGeneration"): "needs the attention of a linear-attention layer",
 }
 REFERENCE_RATIO = 0.778
 STAGE_TEXT = {"pre_llm": "before the language model (between the projector and decoder layer 0)",
@@ -60,7 +79,7 @@ def cell(method_cls, model_class: str) -> str:
     """``"✓"`` (images and videos the model takes), ``"images"`` (the method prunes images only, the model also
     takes videos), ``"videos"`` (the method prunes videos only and leaves images whole) or ``"-"`` (``vtr.patch``
     refuses the model)."""
-    if not method_cls(ratio=0.5).supports(model_class):
+    if not method_cls(ratio=0.5).supports(model_class) or (method_cls.name, model_class) in LAYER_REFUSED:
         return "-"
     if model_class in video_model_classes() and "video" not in method_cls.visual_kinds:
         return "images"

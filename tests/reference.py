@@ -48,13 +48,22 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
 
         tower_hook = tower.register_forward_hook(replace, with_kwargs=True)
 
+    base = {}
+
+    def base_hook(module, args, kwargs):
+        if not base:  # models whose base model builds the masks (Gemma 3) hand the language model a mapping
+            base.update(mask=kwargs.get("attention_mask"), token_type_ids=kwargs.get("token_type_ids"))
+
     def hook(module, args, kwargs):
         if not seen:
-            seen.update(embeds=kwargs["inputs_embeds"].detach().clone(), mask=kwargs.get("attention_mask"),
+            mask = kwargs.get("attention_mask")
+            seen.update(embeds=kwargs["inputs_embeds"].detach().clone(),
+                        mask=base["mask"] if isinstance(mask, dict) else mask,
                         positions=kwargs.get("position_ids"), visual_pos_masks=kwargs.get("visual_pos_masks"),
-                        deepstack=kwargs.get("deepstack_visual_embeds"))
+                        deepstack=kwargs.get("deepstack_visual_embeds"), token_type_ids=base.get("token_type_ids"))
 
-    handle = lm_of(model).register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [model.model.register_forward_pre_hook(base_hook, with_kwargs=True),
+               lm_of(model).register_forward_pre_hook(hook, with_kwargs=True)]
     try:
         with torch.no_grad():
             if generate:
@@ -62,7 +71,8 @@ def capture_lm_inputs(model, inputs: dict, generate: bool = False, vision_tokens
             else:
                 model(**inputs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         if tower_hook is not None:
             tower_hook.remove()
     seen["again"] = lambda tokens, merging=None: capture_lm_inputs(model, inputs, generate, tokens, merging)
@@ -288,12 +298,52 @@ def added_positions(lm_inputs: dict, index: torch.Tensor, added: list, mask: tor
     return out if kept.dim() == 3 else out[0]
 
 
-def additive_mask(key_valid: torch.Tensor, q_len: int, dtype) -> torch.Tensor:
-    """``[B, 1, q, kv]`` float mask: query i (the last q of kv slots) sees valid keys up to itself."""
+def additive_mask(key_valid: torch.Tensor, q_len: int, dtype, blocks: torch.Tensor | None = None,
+                  window: int | None = None) -> torch.Tensor:
+    """``[B, 1, q, kv]`` float mask: query i (the last q of kv slots) sees valid keys up to itself; with ``blocks``
+    (``[B, kv]`` bidirectional block per slot, -1 none) also the keys of its own block; with a ``window``
+    (sliding-window layers) only keys less than ``window`` slots before it, as Gemma 3 composes them:
+    (causal OR same block) AND window."""
     B, kv = key_valid.shape
     q_slot = torch.arange(kv - q_len, kv)[:, None]
-    allowed = (torch.arange(kv)[None, :] <= q_slot)[None] & key_valid.bool()[:, None, :]
+    keys = torch.arange(kv)[None, :]
+    allowed = (keys <= q_slot)[None].expand(B, -1, -1)
+    if blocks is not None:
+        q_block = blocks[:, kv - q_len:, None]
+        allowed = allowed | ((q_block == blocks[:, None, :]) & (q_block >= 0))
+    if window is not None:
+        allowed = allowed & (keys > q_slot - window)[None]
+    allowed = allowed & key_valid.bool()[:, None, :]
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+def layer_window(lm, i: int) -> int | None:
+    """The sliding window of decoder layer ``i`` (Gemma 3's local layers), or None."""
+    types = getattr(lm.config, "layer_types", None)
+    return lm.config.sliding_window if types is not None and types[i] == "sliding_attention" else None
+
+
+def rope(lm, hidden, positions, i: int):
+    """(cos, sin) of decoder layer ``i`` at ``positions`` (Gemma 3: each layer type has its own rotary base)."""
+    return compat.rotary_embeddings(lm, hidden, positions, i)
+
+
+def plain_cache(lm):
+    """A cache whose every attention layer keeps all its keys (no sliding-window truncation: the references apply
+    each layer's window through its mask instead, a mechanism independent of the engine's); linear-attention
+    layers (Qwen3.5) keep their recurrent state."""
+    types = getattr(lm.config, "layer_types", None) or []
+    return DynamicCache() if "sliding_attention" in types else DynamicCache(config=lm.config)
+
+
+def layer_mask(lm, i: int, key_valid: torch.Tensor, q_len: int, dtype, blocks=None):
+    """The mask decoder layer ``i`` takes: additive 4-D for attention layers (``additive_mask``, with its window),
+    the 2-D padding mask of the new tokens for a linear-attention layer (None for one token, which is never
+    padding), as transformers' ``create_recurrent_attention_mask`` gives it."""
+    types = getattr(lm.config, "layer_types", None)
+    if types is not None and types[i] == "linear_attention":
+        return key_valid[:, -q_len:].long() if q_len > 1 else None
+    return additive_mask(key_valid, q_len, dtype, blocks, layer_window(lm, i))
 
 
 def next_positions(lm_inputs: dict, index: torch.Tensor, policy: str) -> torch.Tensor:
@@ -335,8 +385,12 @@ def pre_llm_reference(model, lm_inputs: dict, index: torch.Tensor, policy: str, 
     positions = pruned_positions(lm_inputs["positions"], lm_inputs["mask"], index, policy, lm_inputs.get("spans"))
     cache = DynamicCache(config=lm_of(model).config)
     deepstack = kept_deepstack(lm_inputs, index)
+    token_types = lm_inputs.get("token_type_ids")  # Gemma 3: the kept tokens' types make its image blocks
+    token_types = gather_seq(token_types, index, 0) if token_types is not None else None
 
     def forward(inputs_embeds, first=False, **kwargs):
+        if first and token_types is not None:
+            kwargs["token_type_ids"] = token_types
         if not deepstack:
             return model(inputs_embeds=inputs_embeds, **kwargs)
         extra = deepstack if first else {}
@@ -443,7 +497,23 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
             positions.append(_rope_rows(added_positions(lm_inputs, index, group[2], mask, policy)))
             stacks.append(kept_deepstack(lm_inputs, index))
             starts.append(next_positions(lm_inputs, index, policy))
-    cache = DynamicCache(config=lm.config)
+    cache = plain_cache(lm)
+    token_types = lm_inputs.get("token_type_ids")
+    blocks = None
+    if token_types is not None:  # Gemma 3: each run of kept image tokens stays one bidirectional block
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        blocks = []
+        for group in groups:
+            index = group[1] if group[1] is not None else torch.arange(token_types.shape[1]).expand(
+                token_types.shape[0], -1)
+            anchors = index.clone()
+            if len(group) > 2 and group[2] is not None:
+                for b in range(index.shape[0]):
+                    ids = [j for j, p in enumerate(index[b].tolist()) if p < -1]
+                    for j, token in zip(ids, group[2][b]):
+                        anchors[b, j] = token.position
+            types = gather_seq(token_types, anchors, 0)
+            blocks.append(get_block_sequence_ids_for_mask(types))
 
     sliced = [False]
 
@@ -512,14 +582,15 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
             if prefill and g > 0 and groups[g][0] == i and i not in post_attention:
                 hidden = to_group(hidden, g)
             q = hidden.shape[1]
-            cos, sin = lm.rotary_emb(hidden, q_pos[g])
-            kwargs = {"attention_mask": additive_mask(masks[g], q, hidden.dtype), "position_embeddings": (cos, sin),
-                      "position_ids": None, "past_key_values": cache, "use_cache": True}
+            cos, sin = rope(lm, hidden, q_pos[g], i)
+            group_blocks = blocks[g] if blocks is not None and prefill else None
+            kwargs = {"attention_mask": layer_mask(lm, i, masks[g], q, hidden.dtype, group_blocks),
+                      "position_embeddings": (cos, sin), "position_ids": None, "past_key_values": cache,
+                      "use_cache": True}
             split = prefill and i + 1 in post_attention and g + 1 < len(groups) and groups[g + 1][0] == i + 1
             if split:  # the layer by hand: attention on this group's tokens, its MLP on the next group's
-                attended, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
-                hidden = to_group(hidden + attended, g + 1)
-                hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+                hidden = to_group(attention_half(block, hidden, kwargs), g + 1)
+                hidden = mlp_half(block, hidden)
                 g += 1
             else:
                 hidden = block(hidden, **kwargs)
@@ -542,6 +613,28 @@ def stages_reference(model, lm_inputs: dict, stages: list, policy, steps: int, t
 
         step_logits, chunk_logits = _drive(prefill[:, -1], steps, tokens, then, feed)
     return prefill, step_logits, chunk_logits
+
+
+def attention_half(block, hidden, kwargs):
+    """A decoder layer's first half: ``x + attn(norm(x))``, the attention output normed first where the layer
+    does so (Gemma 3's ``post_attention_layernorm``, GLM-4.1V's ``post_self_attn_layernorm``)."""
+    attended, _ = block.self_attn(hidden_states=block.input_layernorm(hidden), **kwargs)
+    if hasattr(block, "pre_feedforward_layernorm"):
+        attended = block.post_attention_layernorm(attended)
+    elif hasattr(block, "post_self_attn_layernorm"):
+        attended = block.post_self_attn_layernorm(attended)
+    return hidden + attended
+
+
+def mlp_half(block, hidden):
+    """A decoder layer's second half: ``h + mlp(norm(h))`` (Gemma 3: its pre- and post-feed-forward norms; GLM-4.1V:
+    ``post_mlp_layernorm`` on the MLP output)."""
+    if hasattr(block, "pre_feedforward_layernorm"):
+        return hidden + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
+    out = block.mlp(block.post_attention_layernorm(hidden))
+    if hasattr(block, "post_mlp_layernorm"):
+        out = block.post_mlp_layernorm(out)
+    return hidden + out
 
 
 def _rope_rows(positions: torch.Tensor) -> torch.Tensor:
@@ -587,7 +680,10 @@ def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None
         lm_inputs = with_merges(lm_inputs, record)
     if specs[0].stage.value in ("pre_llm", "vision") and len(specs) == 1:
         return pre_llm_reference(model, lm_inputs, index, method.positions, steps, tokens, then)
-    if len(specs) > 1:
+    # one layer stage that added tokens (SparseVLM's recycled tokens when ``layers`` names a single stage): the
+    # staged reference, which places them
+    added = record is not None and any(getattr(s, "added", None) for s in record.stages)
+    if len(specs) > 1 or added:
         stages = _changing(record)
         by_layer = {(s.stage.value, s.layer): s for s in specs}
         done = [by_layer.get((s.stage, s.layer)) for s in stages]
@@ -661,14 +757,20 @@ def decode_subset_reference(model, lm_inputs: dict, index, policy: str, steps: i
         for s, p in enumerate(index[b].tolist()):
             if p in ids:
                 visual_slot[b, s] = ids[p]
-    cache = DynamicCache(config=lm.config)
+    cache = plain_cache(lm)
+    token_types = lm_inputs.get("token_type_ids")
+    blocks = None
+    if token_types is not None:
+        from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+        blocks = get_block_sequence_ids_for_mask(gather_seq(token_types, index, 0))
 
     def run(hidden, pos, full, sub, prefill):
         for i, block in enumerate(lm.layers):
             m = sub if (sub is not None and i >= layer) else full
-            cos, sin = lm.rotary_emb(hidden, pos)
-            hidden = block(hidden, attention_mask=additive_mask(m, hidden.shape[1], hidden.dtype),
-                           position_embeddings=(cos, sin), position_ids=None, past_key_values=cache, use_cache=True)
+            cos, sin = rope(lm, hidden, pos, i)
+            mask = layer_mask(lm, i, m, hidden.shape[1], hidden.dtype, blocks if prefill else None)
+            hidden = block(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None,
+                           past_key_values=cache, use_cache=True)
             if prefill and deepstack.get("deepstack_visual_embeds") and i < len(deepstack["deepstack_visual_embeds"]):
                 hidden = hidden.clone()
                 hidden[deepstack["visual_pos_masks"]] += deepstack["deepstack_visual_embeds"][i]

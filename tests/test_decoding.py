@@ -120,7 +120,7 @@ def test_beams_and_several_sequences_per_prompt(method, family):
     inputs = tm.image_inputs(family, proc, 2)
     copies = tm.image_inputs(family, proc, 2, rows=[0, 0, 1, 1] * 2)  # what the repeated rows of both runs stand for
     steps, several = 2, dict(num_return_sequences=2, return_dict_in_generate=True, max_new_tokens=2)
-    with vtr.patch(model, method, ratio=0.5) as handle, torch.no_grad():
+    with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)) as handle, torch.no_grad():
         beams = model.generate(**inputs, num_beams=2, do_sample=False, length_penalty=0.0, output_scores=True,
                                **several)
         beam_record = handle.last
@@ -160,7 +160,7 @@ def test_loss_over_text_tokens(method, family):
     # The first real token of a left-padded row would be "predicted" from a padding slot: never a target.
     first = inputs["attention_mask"].argmax(1)
     labels[torch.arange(len(first)), first] = -100
-    with vtr.patch(model, method, ratio=0.75) as handle:
+    with vtr.patch(model, method, ratio=0.75, **tm.options(method, family)) as handle:
         with torch.no_grad():
             loss = model(**inputs, labels=labels).loss
         index = handle.last.index

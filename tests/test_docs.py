@@ -50,7 +50,8 @@ def test_every_method_option_has_a_meaning():
 @pytest.mark.parametrize("family", tm.FAMILIES)
 def test_support_matrix_is_what_patch_accepts(family):
     """Each cell of the generated matrix against ``vtr.patch`` on the tiny model of that class: "-" is refused
-    with a ValueError naming the model, every other cell patches."""
+    with a ValueError naming the model, every other cell patches (with the layer options a hybrid or
+    sliding-window model needs, ``tm.OPTIONS``)."""
     model, _ = tm.build(family)
     cls_name = type(model).__name__
     assert generate.MODELS[cls_name][1] == family
@@ -61,7 +62,7 @@ def test_support_matrix_is_what_patch_accepts(family):
             with pytest.raises(ValueError, match=cls_name):
                 vtr.patch(model, method, ratio=0.5)
         else:
-            vtr.patch(model, method, ratio=0.5).remove()
+            vtr.patch(model, method, ratio=0.5, **tm.options(method, family)).remove()
             assert (cell == "images") == (cls_name in generate.video_model_classes()
                                           and "video" not in generate.registry()[method].visual_kinds)
     assert vtr.handle_of(model) is None

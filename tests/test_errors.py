@@ -49,12 +49,23 @@ def test_unsupported_model_lists_supported_ones():
 
 
 @pytest.mark.parametrize("method,family", [
-    pytest.param(m, f, id=f"{m}-{f}") for m in sorted(vtr.methods()) for f in tm.FAMILIES if not tm.supports(m, f)])
+    pytest.param(m, f, id=f"{m}-{f}") for m in sorted(vtr.methods()) for f in tm.FAMILIES
+    if not tm.supports(m, f) and (m, f) not in tm.LAYER_REFUSED])
 def test_methods_refuse_models_they_do_not_support(method, family):
     """A method whose official code has no rule for a model (no [CLS] token in its vision tower, ...) is refused
     at patch time, naming the model; nothing is attached."""
     model, _ = tm.build(family)
     with pytest.raises(ValueError, match=rf"{method} does not support {tm.MODEL_CLASSES[family]}: .+ Supported: "):
+        vtr.patch(model, method, ratio=0.5)
+    assert hook_count(model) == 0 and vtr.handle_of(model) is None
+
+
+@pytest.mark.parametrize("method,family", [pytest.param(m, f, id=f"{m}-{f}") for m, f in sorted(tm.LAYER_REFUSED)])
+def test_methods_refuse_layer_types_they_cannot_use(method, family):
+    """A method that needs what a layer of the model cannot give (a KV cache cut token by token in a sliding-window
+    or recurrent layer) is refused at patch time, naming the layer and why; nothing is attached."""
+    model, _ = tm.build(family)
+    with pytest.raises(ValueError, match=tm.LAYER_REFUSED[method, family]):
         vtr.patch(model, method, ratio=0.5)
     assert hook_count(model) == 0 and vtr.handle_of(model) is None
 

@@ -26,7 +26,7 @@ INPUTS = {"image": ((1, "single"), (2, "single"), (2, "multi"), (2, "mixed")), "
 def cases():
     for method in tm.matrix_methods():
         for family in tm.FAMILIES:
-            if not tm.supports(method, family):  # refused at patch time: test_errors.py
+            if not tm.in_matrix(method, family):  # refused at patch time (test_errors.py), or not in the subset
                 continue
             policies = [None, "other"] if family in ("llava", "llava_next") else [None]
             inputs = [("image", x) for x in INPUTS["image"]] if "image" in REGISTRY[method].visual_kinds else []
@@ -108,7 +108,9 @@ def check_against_reference(model, inputs, method, mode, ratio=RATIO, **options)
 @pytest.mark.parametrize("method,family,policy,attn,batch,variant,mode", list(cases()))
 def test_pruned_equals_reference(method, family, policy, attn, batch, variant, mode):
     model, proc = tm.build(family, attn=attn)
-    options = {"positions": _policy(method, family, policy)} if policy else {}
+    options = tm.options(method, family)
+    if policy:
+        options["positions"] = _policy(method, family, policy)
     check_against_reference(model, inputs_for(family, proc, batch, variant), method, mode, **options)
 
 

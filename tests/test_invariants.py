@@ -32,7 +32,7 @@ def test_ratio_zero_is_identity(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2)
     expected = run(model, inputs)
-    with vtr.patch(model, method, ratio=0.0) as handle:
+    with vtr.patch(model, method, ratio=0.0, **tm.options(method, family)) as handle:
         got = run(model, inputs)
         assert handle.last.n_kept == handle.last.n_visual
         assert handle.last.index is None
@@ -114,10 +114,10 @@ def test_kept_counts_follow_the_rule(method, family, budget):
     sizes = [int((ids == model.config.image_token_id).sum()) for ids in inputs["input_ids"]]
     if any(tm.out_of_reach(method, n, **budget) for n in sizes):  # refused: test_multistage.py
         with pytest.raises(ValueError, match="cannot reach"), torch.no_grad():
-            with vtr.patch(model, method, **budget):
+            with vtr.patch(model, method, **budget, **tm.options(method, family)):
                 model(**inputs)
         return
-    with vtr.patch(model, method, **budget) as handle:
+    with vtr.patch(model, method, **budget, **tm.options(method, family)) as handle:
         with torch.no_grad():
             model(**inputs)
     record = handle.last
@@ -133,7 +133,7 @@ def test_kept_counts_follow_the_rule(method, family, budget):
 def test_text_tokens_are_never_dropped(method, family):
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 2, "mixed")
-    with vtr.patch(model, method, ratio=tm.reachable_ratio(method, 0.9)) as handle:
+    with vtr.patch(model, method, ratio=tm.reachable_ratio(method, 0.9), **tm.options(method, family)) as handle:
         with torch.no_grad():
             model(**inputs)
     record = handle.last
@@ -155,7 +155,7 @@ def test_text_only_prompts_pass_through(method, family):
     model, proc = tm.build(family)
     inputs = tm.text_inputs(proc, 2)
     expected = run(model, inputs)
-    with vtr.patch(model, method, ratio=tm.reachable_ratio(method, 0.9)) as handle:
+    with vtr.patch(model, method, ratio=tm.reachable_ratio(method, 0.9), **tm.options(method, family)) as handle:
         got = run(model, inputs)
         assert handle.last.n_visual == [0, 0]
     for e, g in zip(expected, got):
@@ -199,7 +199,7 @@ def test_a_pruned_cache_is_never_continued_after_removal(method, family):
     inputs = tm.video_inputs(family, proc, 2) if videos_only else tm.image_inputs(family, proc, 2)
     kwargs = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True)
     with torch.no_grad():
-        with vtr.patch(model, method, ratio=0.5) as handle:
+        with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)) as handle:
             turn = model.generate(**inputs, **kwargs)
         cache = turn.past_key_values
         mask = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(2, 1)], 1)
@@ -219,7 +219,7 @@ def test_a_pruned_cache_is_never_continued_after_removal(method, family):
             model.generate(**again, past_key_values=cache)
         with pytest.raises(ValueError, match=removed):
             model.generate(**again, past_key_values=copy.deepcopy(cache))
-        with vtr.patch(model, method, ratio=0.5), pytest.raises(ValueError, match=removed):
+        with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)), pytest.raises(ValueError, match=removed):
             model.generate(**again, past_key_values=cache)
         assert cache.get_seq_length() > 0  # still readable
 

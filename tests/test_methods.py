@@ -11,6 +11,7 @@ from transformers import DynamicCache
 import reference as R
 import tiny_models as tm
 import vtr
+from vtr import compat
 from vtr.methods import dart as dart_module
 
 
@@ -42,7 +43,10 @@ def test_fastv_is_topk_of_eager_last_token_attention(family, batch):
     inputs = tm.image_inputs(family, proc, batch)
     record = patched_forward(model, inputs, "fastv", ratio=0.75, layer=2)
     out, _ = unpatched_signals(model, inputs)
-    attention = out.attentions[1].mean(1)[:, -1]  # [B, L]: layer K-1 = 1
+    # [B, L]: layer K-1 = 1 (hybrid models return the attention of their softmax-attention layers only)
+    types = compat.layer_types(compat.text_model(model))
+    softmax = [i for i, t in enumerate(types) if t != "linear_attention"]
+    attention = out.attentions[softmax.index(1) if len(out.attentions) < len(types) else 1].mean(1)[:, -1]
     for b, row in enumerate(record.layout.rows):
         expected = []
         for span in row.spans:

@@ -163,9 +163,10 @@ def _validate(model: torch.nn.Module, method: Method, family) -> None:
             raise ValueError(f"{method.name}: vision-stage layers {list(layers)} must lie below the feature layer "
                              f"{feature} of this vision tower")
     lm = compat.text_model(model)
-    types = set(compat.layer_types(lm))
-    if types != {"full_attention"}:
-        raise ValueError(f"vtr supports full-attention decoder layers only; this model has {sorted(types)}")
+    types = set(compat.layer_types(lm)) - set(compat.LAYER_TYPES)
+    if types:
+        raise ValueError(f"vtr supports decoder layers of the types {list(compat.LAYER_TYPES)}; this model also has "
+                         f"{sorted(types)}")
     n_layers = len(compat.decoder_layers(lm))
     for spec in method.stages():
         if spec.stage not in IMPLEMENTED_STAGES:

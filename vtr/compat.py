@@ -20,6 +20,7 @@ import warnings
 import torch
 import transformers
 from packaging.version import Version
+from transformers import masking_utils
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
@@ -27,6 +28,9 @@ MIN_TRANSFORMERS = Version("5.17.0")
 MAX_TRANSFORMERS = Version("5.23.99")
 # Backends whose masks vtr rebuilds through transformers' own mask functions.
 ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2")
+# Decoder layer types whose masks, caches and positions vtr follows (``causal_mask``): global and sliding-window
+# softmax attention (Gemma 3) and linear attention with a recurrent state (Qwen3.5's Gated DeltaNet).
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")
 
 
 def check_transformers_version() -> None:
@@ -62,20 +66,33 @@ def input_norm(layer: torch.nn.Module) -> torch.nn.Module:
     return layer.input_layernorm
 
 
+def _feed_forward_norms(layer: torch.nn.Module):
+    """(the norm before the MLP, the norm after it or None) of a decoder layer built as ``h = x + attn'(x)``,
+    ``out = h + post(mlp(pre(h)))``: Llama / Qwen (``post_attention_layernorm`` before the MLP, nothing after),
+    Gemma 3 (``pre_feedforward_layernorm`` / ``post_feedforward_layernorm``), GLM-4.1V (``post_attention_layernorm``
+    / ``post_mlp_layernorm``). Raises ``ValueError`` for another structure."""
+    if getattr(layer, "mlp", None) is not None:
+        if hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm"):
+            return layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm
+        norm = getattr(layer, "post_attention_layernorm", None)
+        if norm is not None and not hasattr(layer, "post_feedforward_layernorm"):
+            return norm, getattr(layer, "post_mlp_layernorm", None)
+    raise ValueError(f"vtr: a post-attention stage needs decoder layers of the form h = x + attn(x), "
+                     f"out = h + mlp(norm2(h)); {type(layer).__name__} is not one")
+
+
 def feed_forward_norm(layer: torch.nn.Module) -> torch.nn.Module:
     """The norm a decoder layer applies to the residual stream after self-attention, before its MLP (its input is
-    the post-attention residual stream). Raises ``ValueError`` for a layer not built as ``h = x + attn(norm(x));
-    out = h + mlp(norm2(h))`` (Llama, Qwen2, Qwen3)."""
-    norm = getattr(layer, "post_attention_layernorm", None)
-    if norm is None or getattr(layer, "mlp", None) is None or hasattr(layer, "post_feedforward_layernorm"):
-        raise ValueError(f"vtr: a post-attention stage needs decoder layers of the form h = x + attn(norm(x)), "
-                         f"out = h + mlp(norm2(h)); {type(layer).__name__} is not one")
-    return norm
+    the post-attention residual stream). Raises ``ValueError`` for a layer not built as ``h = x + attn'(x);
+    out = h + post(mlp(norm2(h)))`` (Llama, Qwen2, Qwen3, Gemma 3, GLM-4.1V)."""
+    return _feed_forward_norms(layer)[0]
 
 
 def feed_forward_block(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The second half of a decoder layer on the post-attention residual stream: ``h + mlp(norm2(h))``."""
-    return hidden + layer.mlp(feed_forward_norm(layer)(hidden))
+    """The second half of a decoder layer on the post-attention residual stream: ``h + post(mlp(norm2(h)))``."""
+    pre, post = _feed_forward_norms(layer)
+    out = layer.mlp(pre(hidden))
+    return hidden + (post(out) if post is not None else out)
 
 
 def final_norm(lm: torch.nn.Module) -> torch.nn.Module:
@@ -103,6 +120,12 @@ def use_cache(lm: torch.nn.Module, kwargs: dict) -> bool:
 
 def is_dynamic_cache(cache) -> bool:
     return isinstance(cache, DynamicCache)
+
+
+def length_layer(lm: torch.nn.Module) -> int:
+    """The decoder layer whose KV cache ``cache.get_seq_length()`` reads: layer 0, or on hybrid models the first
+    layer that is not linear attention (a recurrent state tracks no length)."""
+    return next((i for i, t in enumerate(layer_types(lm)) if t != "linear_attention"), 0)
 
 
 def cache_length(cache, layer_idx: int = 0) -> int:
@@ -142,22 +165,74 @@ def layer_keys(cache, layer_idx: int) -> torch.Tensor:
     return cache.layers[layer_idx].keys
 
 
-def rotary_embeddings(lm: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
-    """(cos, sin) for explicit positions: ``position_ids`` is ``[B, L]`` (or ``[3, B, L]`` for M-RoPE)."""
+def rotary_embeddings(lm: torch.nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int = 0):
+    """(cos, sin) for explicit positions: ``position_ids`` is ``[B, L]`` (or ``[3, B, L]`` for M-RoPE). Models
+    whose layer types have their own rotary bases (Gemma 3: global and sliding layers) take the type of
+    ``layer_idx``."""
+    if "layer_type" in inspect.signature(lm.rotary_emb.forward).parameters:
+        return lm.rotary_emb(hidden, position_ids, layer_type(lm, layer_idx))
     return lm.rotary_emb(hidden, position_ids)
 
 
-def causal_mask(lm: torch.nn.Module, layer_idx: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache):
-    """The attention mask that decoder layer ``layer_idx`` needs for a sequence whose padding is ``mask2d``.
+def causal_mask(lm: torch.nn.Module, layer_idx: int, hidden: torch.Tensor, mask2d: torch.Tensor, cache,
+                blocks: torch.Tensor | None = None):
+    """The attention mask that decoder layer ``layer_idx`` needs for a sequence whose padding is ``mask2d``, built by
+    transformers' own mask functions for the layer's type.
 
     hidden: ``[B, q, D]`` (only shape, dtype and device are read); mask2d: ``[B, past + q]`` bool. The mask is sized
-    against the cache of ``layer_idx``, whose length differs from layer 0 once the layer runs on a pruned sequence.
-    Returns whatever the configured backend expects (4-D bool / float mask, 2-D mask, or ``None``)."""
+    against the cache of ``layer_idx``, whose length differs from layer 0 once the layer runs on a pruned sequence
+    (a sliding layer's cache: its window). blocks: ``[B, past + q]`` bidirectional block of each token (Gemma 3's
+    ``block_sequence_ids``: -1 causal), or None. Per type: ``full_attention`` causal OR same block;
+    ``sliding_attention`` (window) AND (causal OR same block), as Gemma 3 composes them; ``linear_attention`` the
+    2-D padding mask of the new tokens (Qwen3.5's recurrent layers). Returns whatever the configured backend expects
+    (4-D bool / float mask, 2-D mask, or ``None``)."""
     kind = layer_types(lm)[layer_idx]
-    if kind != "full_attention":
-        raise NotImplementedError(f"vtr cannot rebuild masks for {kind!r} layers")
-    return create_causal_mask(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d,
-                              past_key_values=cache, position_ids=None, layer_idx=layer_idx)
+    args = dict(config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
+                position_ids=None)
+    if kind == "full_attention":
+        extra = {"block_sequence_ids": blocks} if blocks is not None else {}
+        return create_causal_mask(**args, layer_idx=layer_idx, **extra)
+    if kind == "sliding_attention":
+        if blocks is None:
+            return masking_utils.create_sliding_window_causal_mask(**args, layer_idx=layer_idx)
+        early_exit, _, _, _, kv_length, _, kv_offset = masking_utils._preprocess_mask_arguments(
+            **args, layer_idx=layer_idx)
+        if not early_exit:
+            blocks = masking_utils.maybe_pad_block_sequence_ids(blocks, mask2d, kv_length, kv_offset)
+        return create_causal_mask(**args, or_mask_function=masking_utils.blockwise_overlay(blocks),
+                                  and_mask_function=masking_utils.sliding_window_overlay(lm.config.sliding_window),
+                                  layer_idx=layer_idx)
+    if kind == "linear_attention":
+        return masking_utils.create_recurrent_attention_mask(**args)
+    raise NotImplementedError(f"vtr cannot rebuild masks for {kind!r} layers")
+
+
+def mask_mapping(lm: torch.nn.Module, hidden: torch.Tensor, mask2d: torch.Tensor, cache,
+                 blocks: torch.Tensor | None = None) -> dict:
+    """``{layer type: mask}`` for every layer type of the language model (each built for the first layer of its
+    type), as models whose base model builds the masks (Gemma 3) hand them to the language model."""
+    out = {}
+    for i, kind in enumerate(layer_types(lm)):
+        if kind not in out:
+            out[kind] = causal_mask(lm, i, hidden, mask2d, cache, blocks)
+    return out
+
+
+def bidirectional_block_ids(model: torch.nn.Module, token_types: torch.Tensor) -> torch.Tensor:
+    """``[B, L]``: the bidirectional attention block of each token as the model derives it from its
+    ``token_type_ids`` (Gemma 3: each run of image tokens is a block, -1 elsewhere)."""
+    module = sys.modules[type(model.model).__module__]
+    return module.get_block_sequence_ids_for_mask(token_types, device=token_types.device)
+
+
+def layer_type(lm: torch.nn.Module, layer_idx: int) -> str:
+    """``"full_attention"``, ``"sliding_attention"`` (Gemma 3), ``"linear_attention"`` (Qwen3.5's Gated DeltaNet)."""
+    return layer_types(lm)[layer_idx]
+
+
+def sliding_window(lm: torch.nn.Module, layer_idx: int) -> int | None:
+    """Keys a query of a sliding-window layer sees (itself included), or None for other layers."""
+    return lm.config.sliding_window if layer_type(lm, layer_idx) == "sliding_attention" else None
 
 
 def _rotate(attn: torch.nn.Module):
@@ -166,7 +241,13 @@ def _rotate(attn: torch.nn.Module):
 
 
 def _project(attn, proj: str, norm: str, hidden: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    return _heads(attn, norm, getattr(attn, proj)(hidden), cos, sin)
+    x = getattr(attn, proj)(hidden)
+    config = getattr(attn, "config", None)
+    if proj == "q_proj" and config is not None and x.shape[-1] == 2 * config.num_attention_heads * attn.head_dim:
+        # gated attention (Qwen3.5): each head's query, then its output gate
+        B, L, _ = x.shape
+        x = x.view(B, L, -1, 2 * attn.head_dim)[..., :attn.head_dim].reshape(B, L, -1)
+    return _heads(attn, norm, x, cos, sin)
 
 
 def _heads(attn, norm: str, projected: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
@@ -438,11 +519,15 @@ def vision_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     tower = getattr(tower, "vision_model", tower)  # older releases wrap the transformer once more
     if tower is None or not hasattr(tower, "encoder"):
         raise ValueError(f"vtr: {type(model).__name__} has no CLIP/SigLIP-style vision tower")
-    return tower.encoder.layers
+    encoder = tower.encoder
+    return encoder.layers if hasattr(encoder, "layers") else encoder.layer  # InternViT: ``encoder.layer``
 
 
 def vision_self_attention(layer: torch.nn.Module) -> torch.nn.Module:
-    return layer.self_attn if hasattr(layer, "self_attn") else layer.attn
+    for name in ("self_attn", "attn", "attention"):  # CLIP / SigLIP, Qwen-VL, InternViT
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise ValueError(f"vtr: no attention module found in the vision layer {type(layer).__name__}")
 
 
 def layer_output(output) -> torch.Tensor:
@@ -464,15 +549,50 @@ def vision_feature_layer(model: torch.nn.Module) -> int:
     return index
 
 
+def _side(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
 def vision_grid_side(model: torch.nn.Module) -> int:
     """Patches per row of one square vision-tower input."""
     vision = model.config.vision_config
-    return vision.image_size // vision.patch_size
+    return _side(vision.image_size) // _side(vision.patch_size)
 
 
 def vision_patch_size(model: torch.nn.Module) -> int:
     """Pixels per side of one vision-tower patch."""
-    return model.config.vision_config.patch_size
+    return _side(model.config.vision_config.patch_size)
+
+
+# InternVL: each tile's patch grid (CLS dropped) is pixel-shuffled 2x2 (``downsample_ratio`` 0.5) into language tokens
+# by ``InternVLModel.pixel_shuffle``, four patch features concatenated per token.
+def vision_token_side(model: torch.nn.Module) -> int:
+    """Language tokens per row of one tile after the pixel shuffle (16 for a 448-px InternViT tile)."""
+    return int(vision_grid_side(model) * model.config.downsample_ratio)
+
+
+def tokens_per_tile(model: torch.nn.Module) -> int:
+    return vision_token_side(model) ** 2
+
+
+def pixel_shuffle_units(model: torch.nn.Module) -> torch.Tensor:
+    """``[T, u]``: the raster patch indices (0-based, no [CLS]) whose features the model's own pixel shuffle
+    concatenates into each of a tile's ``T`` language tokens, in concatenation order (``u = 4``), found by running
+    ``pixel_shuffle`` on the patch indices themselves."""
+    side = vision_grid_side(model)
+    grid = torch.arange(side * side, dtype=torch.float64).view(1, side, side, 1)
+    shuffled = model.model.pixel_shuffle(grid, scale_factor=model.config.downsample_ratio)
+    return shuffled.reshape(-1, shuffled.shape[-1]).round().long()
+
+
+def vision_feature_output(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What the model's feature selection makes of the feature layer's output: InternVL with
+    ``vision_feature_layer=-1`` reads the tower's ``last_hidden_state``, i.e. after its final ``layernorm`` (an
+    identity under ``use_mean_pooling``); LLaVA reads ``hidden_states`` (the layer output itself)."""
+    tower = getattr(model.model, "vision_tower", None)
+    if type(model).__name__ == "InternVLForConditionalGeneration" and model.config.vision_feature_layer == -1:
+        return tower.layernorm(hidden)
+    return hidden
 
 
 def vision_feature_strategy(model: torch.nn.Module) -> str:
@@ -492,9 +612,14 @@ def call_argument(function, args: tuple, kwargs: dict, name: str):
 
 
 def _vision_heads(attn: torch.nn.Module, proj: str, hidden: torch.Tensor) -> torch.Tensor:
-    """``[n, N, D]`` -> ``[n, H, N, d]`` projections of a CLIP/SigLIP attention module."""
+    """``[n, N, D]`` -> ``[n, H, N, d]`` projections of a CLIP/SigLIP/InternViT attention module (InternViT-6B: its
+    RMSNorm over the whole projection, ``q_norm`` / ``k_norm``, before the split into heads)."""
     n, N, _ = hidden.shape
-    return getattr(attn, proj)(hidden).view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
+    x = getattr(attn, proj)(hidden)
+    norm = getattr(attn, proj[0] + "_norm", None)
+    if norm is not None:
+        x = norm(x)
+    return x.view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
 
 
 def vision_attention_rows(attn: torch.nn.Module, hidden: torch.Tensor, rows: slice | torch.Tensor,
@@ -513,8 +638,8 @@ def vision_attention_probs(attn: torch.nn.Module, queries: torch.Tensor, keys: t
     a CLIP/SigLIP attention module's own query and key projections ``[n, N, H * d]`` (bias included, queries not
     yet scaled: the outputs of ``vision_projections``). Logits in ``dtype``, softmax in fp32 as eager attention
     does; only the ``r`` rows asked for are computed."""
-    q = vision_heads(attn, queries[:, rows]).to(dtype)
-    k = vision_heads(attn, keys).to(dtype)
+    q = vision_heads(attn, queries[:, rows], "q").to(dtype)
+    k = vision_heads(attn, keys, "k").to(dtype)
     logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
     return logits.softmax(-1, dtype=torch.float32).to(dtype)
 
@@ -580,8 +705,12 @@ def vision_attention_scale(attn: torch.nn.Module) -> float:
     return attn.scaling if hasattr(attn, "scaling") else attn.scale
 
 
-def vision_heads(attn: torch.nn.Module, projected: torch.Tensor) -> torch.Tensor:
-    """``[n, N, H * d]`` -> ``[n, H, N, d]``."""
+def vision_heads(attn: torch.nn.Module, projected: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    """``[n, N, H * d]`` -> ``[n, H, N, d]``; ``kind`` (``"q"`` / ``"k"``): the module's norm over the whole
+    projection applied first where it has one (InternViT-6B's ``q_norm`` / ``k_norm``; an identity elsewhere)."""
+    norm = getattr(attn, f"{kind}_norm", None) if kind is not None else None
+    if norm is not None:
+        projected = norm(projected)
     n, N, _ = projected.shape
     return projected.view(n, N, attn.num_heads, attn.head_dim).transpose(1, 2)
 
@@ -597,7 +726,8 @@ def vision_has_cls(model: torch.nn.Module) -> bool:
         return False
     tower = vision_tower(model)
     tower = getattr(tower, "vision_model", tower)
-    return hasattr(getattr(tower, "embeddings", None), "class_embedding")
+    embeddings = getattr(tower, "embeddings", None)
+    return hasattr(embeddings, "class_embedding") or hasattr(embeddings, "cls_token")  # CLIP, InternViT
 
 
 def vision_attn_implementation(model: torch.nn.Module) -> str:

@@ -14,6 +14,8 @@ import transformers
 from .. import compat
 from .cli import CONFIG_DIR, SHIPPED, TINY_PREFIX, kind_of  # noqa: F401  (CONFIG_DIR, SHIPPED: public names)
 
+# Models laid out as Qwen-VL's grids of merged tokens between a start and an end token, 3-D RoPE.
+QWEN_GRID_KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")
 # Share of the weights' size added for activations, the KV cache and the loader's buffers in the memory estimate.
 WORKSPACE = 0.15
 
@@ -38,7 +40,12 @@ def load_config(name: str, layers: int | None = None, vision_layers: int | None 
     if layers is not None:
         text.num_hidden_layers = layers
         if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[:layers]
+            types = list(text.layer_types[:layers])
+            if "linear_attention" in types and all(t == "linear_attention" for t in types):
+                # a hybrid model cut above its first attention layer (Qwen3.5: 3 linear, then 1 full) keeps one,
+                # last: a cache needs an attention layer to have a length
+                types[-1] = "full_attention"
+            text.layer_types = types
     if vision_layers is not None:
         vision = config.vision_config
         for key in ("num_hidden_layers", "depth"):
@@ -89,11 +96,17 @@ def narrow(config, divisor: int) -> None:
     text = config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     for key in ("hidden_size", "intermediate_size", "num_attention_heads"):
-        if getattr(text, key) % divisor:
+        if getattr(text, key, None) is not None and getattr(text, key) % divisor:
             raise ValueError(f"--width-divisor {divisor} does not divide the language model's {key} "
                              f"({getattr(text, key)})")
     text.hidden_size //= divisor
-    text.intermediate_size //= divisor
+    if getattr(text, "intermediate_size", None) is not None:  # (Qwen3.5-MoE has none: experts only)
+        text.intermediate_size //= divisor
+    for key in ("shared_expert_intermediate_size",):
+        if getattr(text, key, None):
+            setattr(text, key, max(1, getattr(text, key) // divisor))
+    if getattr(text, "moe_intermediate_size", None):  # mixture-of-experts models: each expert's width too
+        text.moe_intermediate_size = max(1, text.moe_intermediate_size // divisor)
     text.num_attention_heads //= divisor
     text.num_key_value_heads = max(1, text.num_key_value_heads // divisor)
     if hasattr(text, "head_dim"):
@@ -129,6 +142,7 @@ def weight_bytes(config, dtype: torch.dtype) -> tuple[int, int]:
     """(parameters, bytes) of the model ``config`` describes, counted on the meta device (nothing allocated)."""
     with compat.skip_weight_init(), torch.device("meta"):
         model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        model.tie_weights()  # skipping the initialisation skips the tying too (Gemma 3 ties its embeddings)
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(p.numel() for p in model.parameters()), sum(t.numel() * t.element_size() for t in tensors)
 
@@ -311,7 +325,8 @@ def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size:
     generator = torch.Generator().manual_seed(seed)
     text = config.get_text_config()
     special = {getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                   "vision_end_token_id")} | {text.bos_token_id, text.eos_token_id}
+                                                   "vision_end_token_id")} | {getattr(text, "bos_token_id", None),
+                                                                          getattr(text, "eos_token_id", None)}
     def words(n):
         ids = torch.randint(100, min(text.vocab_size, 30000), (batch, n), generator=generator)
         ids[torch.isin(ids, torch.tensor([s for s in special if s is not None]))] = 100
@@ -341,15 +356,34 @@ def synthetic_inputs(model, batch: int = 1, prompt_tokens: int = 64, image_size:
         image = torch.full((batch, len(features[0])), config.image_token_id)
         ids = torch.cat([words(before), image, words(after)], 1)
         inputs = {"input_ids": ids, "pixel_values": pixels, "image_sizes": sizes}
-    elif kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    elif kind == "internvl":
+        # One image of image_size x image_size pixels (default: 2 x 2 tiles), its tiles then the thumbnail, as the
+        # processor cuts a square image; image_seq_length tokens per tile between <img> and </img> (here: text).
+        side = compat.vision_grid_side(model) * compat.vision_patch_size(model)
+        tiles = max(1, round((image_size or 2 * side) / side)) ** 2
+        crops = tiles + (tiles > 1)
+        image = torch.full((batch, crops * compat.tokens_per_tile(model)), config.image_token_id)
+        ids = torch.cat([words(before), image, words(after)], 1)
+        inputs = {"input_ids": ids, "pixel_values": torch.randn(batch * crops, 3, side, side, generator=generator)}
+    elif kind == "gemma3":
+        # One image: mm_tokens_per_image placeholders between <start_of_image> and <end_of_image>, token types 1
+        vision = config.vision_config
+        image = torch.cat([torch.full((batch, 1), config.boi_token_index),
+                           torch.full((batch, config.mm_tokens_per_image), config.image_token_id),
+                           torch.full((batch, 1), config.eoi_token_index)], 1)
+        ids = torch.cat([words(before), image, words(after)], 1)
+        inputs = {"input_ids": ids, "token_type_ids": (ids == config.image_token_id).long(),
+                  "pixel_values": torch.randn(batch, 3, vision.image_size, vision.image_size, generator=generator)}
+    elif kind in QWEN_GRID_KINDS:
         vision = config.vision_config
         unit = vision.patch_size * vision.spatial_merge_size
         side = (image_size or 672) // unit * unit
         grid = side // vision.patch_size  # patches per side
         n = (grid // vision.spatial_merge_size) ** 2
-        image = torch.cat([torch.full((batch, 1), config.vision_start_token_id),
-                           torch.full((batch, n), config.image_token_id),
-                           torch.full((batch, 1), config.vision_end_token_id)], 1)
+        start, end = ((config.image_start_token_id, config.image_end_token_id) if kind.startswith("glm4v") else
+                      (config.vision_start_token_id, config.vision_end_token_id))
+        image = torch.cat([torch.full((batch, 1), start), torch.full((batch, n), config.image_token_id),
+                           torch.full((batch, 1), end)], 1)
         ids = torch.cat([words(before), image, words(after)], 1)
         patch_dim = 3 * vision.temporal_patch_size * vision.patch_size ** 2
         inputs = {"input_ids": ids,
@@ -381,26 +415,30 @@ def _synthetic_video(model, batch: int, prompt_tokens: int, video: tuple[int, in
 
     before, after = prompt_tokens // 4, prompt_tokens - prompt_tokens // 4
     kind = config.model_type
-    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    if kind in QWEN_GRID_KINDS:
         vision = config.vision_config
         side = int(tokens ** 0.5)
         if side * side != tokens:
             raise ValueError(f"Qwen-VL frames are square grids of merged tokens: tokens per frame must be a square "
                              f"number (e.g. 256 = 16 x 16), got {tokens}")
         grid = side * vision.spatial_merge_size  # patches per side
-        start = torch.full((batch, 1), config.vision_start_token_id)
-        end = torch.full((batch, 1), config.vision_end_token_id)
-        run = torch.full((batch, tokens), video_id)
-        if kind == "qwen3_vl":
+        glm = kind.startswith("glm4v")  # frames are images between <|begin_of_video|> ... <|end_of_video|>
+        start = torch.full((batch, 1), config.image_start_token_id if glm else config.vision_start_token_id)
+        end = torch.full((batch, 1), config.image_end_token_id if glm else config.vision_end_token_id)
+        run = torch.full((batch, tokens), config.image_token_id if glm else video_id)
+        if kind.startswith(("qwen3_vl", "qwen3_5", "glm4v")):  # one start ... end run per temporal slice
             body = torch.cat([torch.cat([start, run, end], 1) for _ in range(frames)], 1)
         else:
             body = torch.cat([start, run.repeat(1, frames), end], 1)
+        if glm:
+            body = torch.cat([torch.full((batch, 1), config.video_start_token_id), body,
+                              torch.full((batch, 1), config.video_end_token_id)], 1)
         ids = torch.cat([words(before), body, words(after)], 1)
         patch_dim = 3 * vision.temporal_patch_size * vision.patch_size ** 2
         inputs = {"input_ids": ids,
                   "pixel_values_videos": torch.randn(batch * frames * grid * grid, patch_dim, generator=generator),
                   "video_grid_thw": torch.tensor([[frames, grid, grid]] * batch),
-                  "mm_token_type_ids": (ids == video_id).long() * 2}
+                  "mm_token_type_ids": (ids == (config.image_token_id if glm else video_id)).long() * 2}
     elif kind == "llava_onevision":
         vision = config.vision_config
         side = vision.image_size // vision.patch_size

@@ -76,6 +76,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self.lm = compat.text_model(model)
         self.specs = method.stages()
         self.decode_spec = method.decode_stage()
+        self._check_layer_types()
         self.vision_stage_layers: tuple[int, ...] = ()
         self.vision_feature_layer = None
         if "vision" in method.needs or self.specs[0].stage is Stage.VISION:
@@ -101,6 +102,57 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
         self._expansion: dict[int, int] = {}  # thread id -> rows per prompt after generate() repeated its encodings
         self._closing = False
         self._handles = []
+
+    def _check_layer_types(self) -> None:
+        """Refuse, before anything is attached, a method that needs what a layer of another type than
+        ``full_attention`` cannot give: attention weights of a linear-attention (recurrent) layer (Qwen3.5), a KV
+        cache that can be cut or masked token by token in a recurrent layer or a sliding-window layer (Gemma 3: its
+        cache keeps only the last ``W - 1`` keys). Sliding layers do give attention weights (over their window)."""
+        types = compat.layer_types(self.lm)
+        if all(t == "full_attention" for t in types):
+            return
+        method, model = self.method.name, type(self.model).__name__
+        softmax = [i for i, t in enumerate(types) if t != "linear_attention"]
+        option = self.method.layer_option
+
+        def scoring(k: int, what: str, shift: int) -> None:
+            if types[k] == "linear_attention":
+                valid = [i + shift for i in softmax if 1 <= i + shift < len(types)]
+                raise ValueError(
+                    f"vtr: {method} scores with {what} (decoder layer {k}), which in {model} is a linear-attention "
+                    f"(recurrent) layer: it computes no attention weights. Give {option} values whose scoring layer "
+                    f"has softmax attention: {valid[:8]}{' ...' if len(valid) > 8 else ''}.")
+
+        for spec in self.specs:
+            if spec.stage is not Stage.LAYER:
+                continue
+            if "layer_inputs" in self.method.needs:
+                scoring(spec.layer, f"the attention of its stage layer {spec.layer}", 0)
+            elif "attention_inputs" in self.method.needs or spec.post_attention:
+                scoring(spec.layer - 1, f"the attention of the layer before its stage at {spec.layer}", 1)
+            if spec.slice_earlier:
+                bad = [j for j in range(spec.layer) if types[j] != "full_attention"]
+                if bad:
+                    raise ValueError(
+                        f"vtr: {method} cuts the KV caches of the decoder layers before its stage (layer "
+                        f"{spec.layer}) down to the kept tokens; in {model} layer {bad[0]} is a {types[bad[0]]} layer, "
+                        "whose cache (a sliding window of keys, or a recurrent state) cannot be cut to a subset of "
+                        "the prompt's tokens, so decoding could not equal the model run on the kept tokens")
+        if self.decode_spec is not None:
+            L = self.decode_spec.layer
+            if types[L - 1] != "full_attention":
+                raise ValueError(
+                    f"vtr: {method} scores each new token's attention over the whole visual cache of decoder layer "
+                    f"{L - 1}; in {model} that layer is a {types[L - 1]} layer (its cache holds "
+                    f"{'only its window' if types[L - 1] == 'sliding_attention' else 'a recurrent state, no keys'}). "
+                    f"Give {option} a value whose layer before is a full-attention layer: "
+                    f"{[i + 1 for i, t in enumerate(types[:-1]) if t == 'full_attention'][:8]}")
+            bad = [j for j in range(L, len(types)) if types[j] == "linear_attention"]
+            if bad:
+                raise ValueError(
+                    f"vtr: {method} hides visual tokens from the KV caches of decoder layers >= {L} at each decoding "
+                    f"step; in {model} layer {bad[0]} is a linear-attention layer whose recurrent state has no "
+                    "per-token entries to hide")
 
     def attach(self) -> None:
         try:
@@ -414,6 +466,7 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                              "request's visual tokens once, in its first prefill, and needs them all there; start a "
                              "new cache with the whole conversation")
         fwd.request, fwd.cache = request, cache
+        fwd.mask2d = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         if request.layouts and (self.specs[0].stage in BEFORE_LM or request.cache_prompt_length != request.prompt_length):
             # transformers numbers new tokens from the layer-0 cache length (or, in generate, from positions it
             # derived with it), which pre-LLM pruning (or a stage that cut the earlier caches) shortened: number

@@ -55,6 +55,25 @@ class RequestState:
     method_state: dict = field(default_factory=dict)  # what a method's stage leaves for its later stages
     signals: dict = field(default_factory=dict)  # signals that do not change between stages (vtr.signals), by key
     decode_spans: list | None = None  # per row: (span, [n] cache slots of its present visual tokens, [n] ids)
+    length_layer: int = 0  # the layer whose cache length transformers reads (``compat.length_layer``)
+    # [B, L] the bidirectional attention block of each prompt token (-1: causal), for models that attend
+    # bidirectionally within each image (Gemma 3); None otherwise
+    blocks: torch.Tensor | None = None
+
+    def layout_blocks(self, layout: "SeqLayout") -> torch.Tensor | None:
+        """``[B, L']``: the bidirectional block of each slot of ``layout`` (an added token: its anchor's; padding:
+        -1), or None for models without blocks. The kept tokens of a block stay one block."""
+        if self.blocks is None:
+            return None
+        index = layout.index
+        anchors = index.clone()
+        for b, added in enumerate(self.added):
+            extra = index[b] >= self.prompt_length
+            if bool(extra.any()):
+                anchors[b, extra] = torch.tensor([added[int(i) - self.prompt_length].position
+                                                  for i in index[b, extra].tolist()], device=index.device)
+        blocks = self.blocks.to(index.device).gather(1, anchors.clamp(min=0))
+        return torch.where(index >= 0, blocks, -1)
 
     def original_position(self, row: int, index: int) -> int:
         """The prompt position a slot of index ``index`` stands for (an added token: its anchor's)."""
@@ -82,8 +101,9 @@ class RequestState:
 
     @property
     def cache_prompt_length(self) -> int:
-        """How many prompt slots the layer-0 KV cache holds (the cache length transformers reads)."""
-        return self.layout_at(0).length
+        """How many prompt slots the KV cache of the layer whose length transformers reads holds (layer 0, or on
+        hybrid models the first attention layer: ``length_layer``)."""
+        return self.layout_at(self.length_layer).length
 
     @property
     def lm_input_length(self) -> int:
@@ -158,6 +178,7 @@ class ForwardState:
     reuse: dict = field(default_factory=dict)
     vision: "VisionCall | None" = None  # the vision-tower signals of this prefill's images
     lm_embeds: torch.Tensor | None = None  # [B, L, D] the language model's input embeddings of the prefill
+    mask2d: torch.Tensor | None = None  # a continuation's 2-D mask as the base model got it (before any mask mapping)
     # Qwen3-VL: the prefill's DeepStack inputs, (visual_pos_masks [B, L], per level [n_visual, D]); else None
     deepstack: tuple | None = None
     memo: dict = field(default_factory=dict)  # per-forward masks and rotary embeddings of pruned layouts

@@ -182,18 +182,22 @@ class LayerStages:
             compat.gather_cache_layer(fwd.cache, start + j, memo[id(old)])
 
     def _substitute(self, fwd: ForwardState, i: int, active: SeqLayout, hidden: torch.Tensor, kwargs: dict):
-        """Give layer ``i`` the mask, rotary embeddings and positions of the pruned sequence it runs on."""
-        key = id(active)
+        """Give layer ``i`` the mask, rotary embeddings and positions of the pruned sequence it runs on. Masks and
+        rotary embeddings are per layer type (Gemma 3's sliding and global layers differ in both): one per
+        (layout, type), built for the first such layer (the layers of a type that run on one layout hold equal
+        caches). In the prefill each image block stays bidirectional over its kept tokens."""
+        key, kind = id(active), compat.layer_type(self.lm, i)
         compact = active.policy == "compact"
         if fwd.prefill:
-            if (key, "mask") not in fwd.memo:
-                fwd.memo[key, "mask"] = compat.causal_mask(self.lm, active.layer, hidden, active.mask2d, fwd.cache)
-            if (key, "rope") not in fwd.memo:
+            if (key, "mask", kind) not in fwd.memo:
+                fwd.memo[key, "mask", kind] = compat.causal_mask(self.lm, i, hidden, active.mask2d, fwd.cache,
+                                                                 fwd.request.layout_blocks(active))
+            if (key, "rope", kind) not in fwd.memo:
                 if compact:
-                    rope = compat.rotary_embeddings(self.lm, hidden, active.positions)
+                    rope = compat.rotary_embeddings(self.lm, hidden, active.positions, i)
                 else:
                     rope = tuple(kernels.gather_rows(t, active.local) for t in kwargs["position_embeddings"])
-                fwd.memo[key, "rope"] = rope
+                fwd.memo[key, "rope", kind] = rope
             positions = kwargs.get("position_ids")
             if isinstance(positions, torch.Tensor) and positions.shape[-1] == fwd.request.lm_input_length:
                 if (key, "pos") not in fwd.memo:
@@ -201,24 +205,24 @@ class LayerStages:
                                             else kernels.gather_positions(positions, active.local))
                 kwargs["position_ids"] = fwd.memo[key, "pos"]
         else:
-            if (key, "mask") not in fwd.memo:
+            if (key, "mask", kind) not in fwd.memo:
                 mask2d = torch.cat([active.mask2d, fwd.decode_tail], 1)
-                fwd.memo[key, "mask"] = compat.causal_mask(self.lm, active.layer, hidden, mask2d, fwd.cache)
+                fwd.memo[key, "mask", kind] = compat.causal_mask(self.lm, i, hidden, mask2d, fwd.cache)
             if compact:
-                if (key, "rope") not in fwd.memo:
+                if (key, "pos") not in fwd.memo:
                     positions = kwargs.get("position_ids")
                     if positions is None:
                         raise ValueError("vtr: compact positions need position_ids when decoding")
                     # a pre-LLM (or vision) stage's shift is already in the language model's positions
                     first = fwd.request.layouts[0]
                     done = first.shift if first.stage is Stage.PRE_LLM else 0
-                    positions = shift_positions(positions.expand(hidden.shape[0], -1), active.shift - done)
-                    fwd.memo[key, "pos"] = positions
-                    fwd.memo[key, "rope"] = compat.rotary_embeddings(self.lm, hidden, positions)
+                    fwd.memo[key, "pos"] = shift_positions(positions.expand(hidden.shape[0], -1), active.shift - done)
+                if (key, "rope", kind) not in fwd.memo:
+                    fwd.memo[key, "rope", kind] = compat.rotary_embeddings(self.lm, hidden, fwd.memo[key, "pos"], i)
                 kwargs["position_ids"] = fwd.memo[key, "pos"]
-        kwargs["attention_mask"] = fwd.memo[key, "mask"]
-        if (key, "rope") in fwd.memo:
-            kwargs["position_embeddings"] = fwd.memo[key, "rope"]
+        kwargs["attention_mask"] = fwd.memo[key, "mask", kind]
+        if (key, "rope", kind) in fwd.memo:
+            kwargs["position_embeddings"] = fwd.memo[key, "rope", kind]
 
     def _deepstack(self, original, hidden, masks, embeds):
         """Qwen3-VL adds visual features after its first decoder layers; on a pruned layer the mask and features

@@ -25,6 +25,9 @@ class PreLLMStage:
             cache = compat.new_cache(self.lm)
             kwargs["past_key_values"] = cache
         mask_in = kwargs.get("attention_mask")
+        mapping = isinstance(mask_in, dict)  # the base model built the masks (Gemma 3): start from its 2-D mask
+        if mapping:
+            mask_in = fwd.inputs.get("attention_mask")
         valid = mask_in.bool() if mask_in is not None else torch.ones(B, L, dtype=torch.bool, device=device)
         positions = kwargs.get("position_ids")
         if positions is None:
@@ -48,6 +51,9 @@ class PreLLMStage:
                                record=PrefillRecord(n_visual=fwd.layout.n_visual, layout=fwd.layout,
                                                     n_layers=len(compat.decoder_layers(self.lm)),
                                                     nominal_retention=self.method.nominal_retention))
+        request.length_layer = compat.length_layer(self.lm)
+        if self.family.bidirectional_blocks:
+            request.blocks = self.family.block_ids(self.model, fwd.inputs)
         if self.method.keep is not None:  # a layer-averaged keep out of the schedule's reach, before any layer runs
             for row in fwd.layout.rows:
                 for span in row.spans:
@@ -71,6 +77,9 @@ class PreLLMStage:
                         hidden[b, slots] = embeds.to(hidden.dtype)
                 kwargs["inputs_embeds"] = kernels.gather_rows(hidden, select)
                 kwargs["attention_mask"] = layout.mask2d.to(mask_in.dtype if mask_in is not None else torch.long)
+                if mapping:  # the masks of the pruned sequence, each image block bidirectional over its kept tokens
+                    kwargs["attention_mask"] = compat.mask_mapping(self.lm, kwargs["inputs_embeds"], layout.mask2d,
+                                                                   cache, request.layout_blocks(layout))
                 kwargs["position_ids"] = layout.positions
                 if kwargs.get("visual_pos_masks") is not None:
                     masks, embeds = deepstack_inputs(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"],
@@ -81,6 +90,9 @@ class PreLLMStage:
     def _lm_decode(self, fwd: ForwardState, kwargs) -> dict:
         request = fwd.request
         mask_in = kwargs.get("attention_mask")
+        mapping = isinstance(mask_in, dict)  # the base model built the masks (Gemma 3): start from its 2-D mask
+        if mapping:
+            mask_in = fwd.mask2d
         if mask_in is not None and not (isinstance(mask_in, torch.Tensor) and mask_in.dim() == 2):
             raise ValueError("vtr needs a 2-D attention mask (or none) when decoding a pruned cache")
         hidden = kwargs.get("inputs_embeds")
@@ -100,6 +112,10 @@ class PreLLMStage:
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = torch.cat([zero.mask2d, fwd.decode_tail], 1).to(
             mask_in.dtype if mask_in is not None else torch.long)
+        if mapping:  # new tokens are text: causal (and windowed) over the pruned cache, no block to keep
+            probe = hidden if hidden is not None else torch.zeros(
+                zero.mask2d.shape[0], q_len, 1, dtype=next(self.lm.parameters()).dtype, device=zero.mask2d.device)
+            kwargs["attention_mask"] = compat.mask_mapping(self.lm, probe, kwargs["attention_mask"], fwd.cache)
         if first.stage is Stage.PRE_LLM and first.policy == "compact" and kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = shift_positions(kwargs["position_ids"], first.shift)
         return kwargs

@@ -9,8 +9,11 @@ from .base import Method, Stage
 from .registry import register
 
 CLIP_MODELS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
-NO_CLS = ("its score is the vision tower's [CLS] attention; the SigLIP tower of LLaVA-OneVision and the Qwen-VL "
-          "vision transformers have no [CLS] token, and the method documents no substitute for them.")
+# Vision towers with a [CLS] token: CLIP (LLaVA-1.5 / NeXT) and InternViT (InternVL 3 / 3.5).
+CLS_MODELS = CLIP_MODELS + ("InternVLForConditionalGeneration",)
+NO_CLS = ("its score is the vision tower's [CLS] attention; the SigLIP towers of LLaVA-OneVision and Gemma 3 and the "
+          "Qwen-VL / GLM-4.1V vision transformers have no [CLS] token, and the method documents no substitute for "
+          "them.")
 
 
 @register
@@ -28,7 +31,8 @@ class FasterVLM(Method):
     75 / 90 / 95 %; the official ``visual_token_num`` is the count itself) or ``min(keep, n)``, at least 1.
     Positions: ``compact`` (official: the kept features form a contiguous block).
 
-    Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP towers with [CLS]); other models are refused at patch time.
+    Supported: LLaVA-1.5, LLaVA-NeXT (CLIP towers with [CLS]) and InternVL 3 / 3.5 (InternViT, with [CLS]); other
+    models are refused at patch time.
 
     Deliberate differences from the official code:
       * LLaVA-NeXT: vtr keeps transformers' ``spatial_unpad`` layout (unpadded high-resolution grid with newline
@@ -37,7 +41,10 @@ class FasterVLM(Method):
         budget is per image (``scope="crop"`` gives one budget per tile, as the official code);
       * scores in fp32 from recomputed q/k (official: eager attention probabilities in the model dtype;
         ``score_dtype="model"`` computes the logits in the tower's dtype);
-      * the projector is not run on the dropped patches (official: projects all 576, then masks; same result).
+      * the projector is not run on the dropped patches (official: projects all 576, then masks; same result);
+      * InternVL (no official code): a language token is the pixel shuffle of a 2x2 unit of patches; its score is
+        the mean of the unit's [CLS] attention (the rule VisPruner's authors give for merged tokens, VisPruner#1),
+        each tile (and the thumbnail) scored by its own [CLS]; one budget per image (``scope="crop"``: per tile).
     """
 
     name: ClassVar[str] = "fastervlm"
@@ -45,7 +52,7 @@ class FasterVLM(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
-    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
+    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS
 
     def select(self, ctx, row, span, budget):

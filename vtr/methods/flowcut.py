@@ -134,10 +134,13 @@ class FlowCut(Method):
     needs: ClassVar[frozenset] = frozenset({"attention_inputs"})
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                                                 "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-                                                "Qwen3VLForConditionalGeneration")
+                                                "Qwen3VLForConditionalGeneration",
+                                                "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
+                                                "Qwen3_5MoeForConditionalGeneration")
     unsupported_reason: ClassVar[str] = ("vtr implements FlowCut's vision stage for CLIP towers with a [CLS] token "
-                                         "(LLaVA-1.5, LLaVA-NeXT) and for the Qwen2/2.5/3-VL vision transformers; "
-                                         "other towers (SigLIP) have no official rule.")
+                                         "(LLaVA-1.5, LLaVA-NeXT) and for the Qwen2/2.5/3-VL and Qwen3.5 vision "
+                                         "transformers; other towers (SigLIP, InternViT, GLM-4.1V's) have no official "
+                                         "rule.")
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     newline_candidates: ClassVar[bool] = True  # the anyres code drops the tile newlines; the LM stage scores all
     needs_whole_prompt: ClassVar[bool] = True  # the LLaVA-NeXT stage reads the prompt's last token

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 
 from .base import Method, Stage
-from .fastervlm import CLIP_MODELS
+from .fastervlm import CLS_MODELS
 from .registry import register
 
 
@@ -56,9 +56,9 @@ class HiPrune(Method):
     summary: ClassVar[str] = "object-layer anchors + neighbour buffers + feature-layer registers, by received attention"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     needs: ClassVar[frozenset] = frozenset({"vision"})
-    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS + ("Qwen2_5_VLForConditionalGeneration",)
+    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS + ("Qwen2_5_VLForConditionalGeneration",)
     unsupported_reason: ClassVar[str] = ("the official code covers CLIP towers (LLaVA-1.5 / NeXT) and Qwen2.5-VL's "
-                                         "vision transformer only.")
+                                         "vision transformer only (vtr adds InternViT, a [CLS] tower like CLIP).")
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     object_layer: int = field(default=0, metadata={"min": 0})
     """Vision layer (1-based, as the official attentions[object_layer - 1]) whose received attention picks the

@@ -7,7 +7,7 @@ import torch
 
 from ..kernels.reference import row_blocks, row_products
 from .base import Merge, Method, Stage
-from .fastervlm import CLIP_MODELS, NO_CLS
+from .fastervlm import CLS_MODELS, NO_CLS
 from .registry import register
 
 
@@ -52,7 +52,7 @@ class VisionZip(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
-    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
+    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS
 
     @staticmethod
@@ -65,7 +65,8 @@ class VisionZip(Method):
         dominant, contextual = self.split(budget)
         scores = ctx.vision_cls_attention(row, span)
         _, index = ctx.vision_sources(row, span)
-        scores = scores.masked_fill((index == 0).to(scores.device), float("inf"))  # [CLS] ("full"): always kept
+        cls = (index if index.dim() == 1 else index[:, 0]) == 0
+        scores = scores.masked_fill(cls.to(scores.device), float("inf"))  # [CLS] ("full"): always kept
         top = torch.topk(scores, dominant).indices
         if contextual == 0:
             return top

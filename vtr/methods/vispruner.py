@@ -7,7 +7,7 @@ import torch
 
 from ..kernels.reference import row_blocks, row_products
 from .base import Method, Stage
-from .fastervlm import CLIP_MODELS, NO_CLS
+from .fastervlm import CLS_MODELS, NO_CLS
 from .registry import register
 
 
@@ -53,7 +53,7 @@ class VisPruner(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
-    model_classes: ClassVar[tuple[str, ...] | None] = CLIP_MODELS
+    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS
     unsupported_reason: ClassVar[str] = NO_CLS
     important_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})
     """Share of the budget kept as important tokens by [CLS] attention; the rest are diverse tokens."""

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from .base import Family
+from .gemma3 import Gemma3Family
+from .internvl import InternVLFamily
 from .llava import LlavaFamily
 from .llava_next import LlavaNextFamily, LlavaOnevisionFamily
-from .qwen2_vl import Qwen3VLFamily, QwenVLFamily
+from .qwen2_vl import Glm4vFamily, Qwen3_5Family, Qwen3VLFamily, QwenVLFamily
 
 FAMILIES: tuple[Family, ...] = (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                                Qwen3VLFamily())
+                                Qwen3VLFamily(), Qwen3_5Family(), Glm4vFamily(), InternVLFamily(), Gemma3Family())
 
 
 def supported_model_classes() -> list[str]:

@@ -13,11 +13,17 @@ class Family:
     model_classes: tuple[str, ...] = ()
     mrope: bool = False  # positions are 3-D (temporal, height, width) rows
     deepstack: bool = False  # visual features are also added after the first decoder layers (Qwen3-VL)
+    bidirectional_blocks: bool = False  # the tokens of each image attend to each other bidirectionally (Gemma 3)
 
     def has_visual_inputs(self, kwargs: dict) -> bool:
         mm = kwargs.get("mm_encoder_outputs") or {}
         return any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
             v is not None for v in mm.values())
+
+    def block_ids(self, model, inputs: dict) -> torch.Tensor | None:
+        """``[B, L]``: the bidirectional attention block of each prompt token (-1: causal) as the model derives it
+        from the base model's ``inputs`` (``bidirectional_blocks`` families), or None when the inputs give none."""
+        return None
 
     def delimiter_ids(self, config) -> list[int]:
         """Token ids that frame a visual span in the prompt (Qwen-VL's vision start / end), not text."""
@@ -38,11 +44,18 @@ class Family:
         raise NotImplementedError
 
     def vision_patches(self, model, span: VisualSpan, image_size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each token of an image ``span`` comes from in the vision tower: ``(crop, patch)``, each ``[n]``:
-        the image's tower input (0 for the only or base crop, anyres tiles after it) and the token index in that
-        input's sequence of the vision layers ([CLS] included); -1 for tokens no patch makes (newlines).
-        ``image_size``: the image's (height, width) as passed to ``get_image_features`` (anyres models)."""
+        """Where each token of an image ``span`` comes from in the vision tower: ``(crop, patch)``: ``[n]`` the
+        image's tower input (0 for the only or base crop, anyres tiles after it) and ``[n]`` the token index in that
+        input's sequence of the vision layers ([CLS] included), -1 for tokens no patch makes (newlines); or
+        ``[n, u]`` for towers whose language token concatenates ``u`` patches (InternVL's pixel shuffle), in the
+        order of that concatenation. ``image_size``: the image's (height, width) as passed to
+        ``get_image_features`` (anyres models)."""
         raise ValueError(f"vtr: vision-tower signals are not available for {self.name} models")
+
+    def token_grid(self, model, span: VisualSpan):
+        """``(cell [n], width, cells)``: each token's raster cell in the token grid of its tower input, where a
+        language token is not one patch (InternVL); None where the patch grid is the token grid (CLIP)."""
+        return None
 
     def pack_crop_values(self, model, values: torch.Tensor, image_size, newline: float) -> torch.Tensor | None:
         """``[n]``: numbers given per token of each vision-tower input of an image (``values`` ``[c, N]``) laid out
@@ -54,8 +67,8 @@ class Family:
         """Visual tokens an image of ``image_size`` (anyres models; None otherwise) gets in the prompt."""
         raise ValueError(f"vtr: the vision stage is not available for {self.name} models")
 
-    def crops_per_image(self, model, image_size) -> int:
-        """How many vision-tower inputs (crops) an image makes."""
+    def crops_per_image(self, model, image_size, span: VisualSpan | None = None) -> int:
+        """How many vision-tower inputs (crops) an image makes (``span``: its tokens in the prompt)."""
         return 1
 
 
@@ -69,8 +82,9 @@ def has_kind(kind: str, inputs: dict) -> bool:
     return inputs.get(key) is not None or encoded(kind, inputs) is not None
 
 
-def spans_for_kind(ids_row: torch.Tensor, token_id: int, kind: str, sizes: list[int], grids: list) -> list[VisualSpan]:
-    """Cut the row's tokens equal to ``token_id`` into consecutive spans of ``sizes`` tokens."""
+def spans_for_kind(ids_row: torch.Tensor, token_id, kind: str, sizes: list[int], grids: list) -> list[VisualSpan]:
+    """Cut the row's tokens equal to ``token_id`` into consecutive spans of ``sizes`` tokens (``ids_row`` may be a
+    bool mask of the placeholders, with ``token_id=True``)."""
     positions = (ids_row == token_id).nonzero().flatten()
     chunks = split_positions(positions, sizes)
     return [VisualSpan(kind=kind, index=i, positions=p, grid=g) for i, (p, g) in enumerate(zip(chunks, grids))]

@@ -51,7 +51,7 @@ class LlavaNextFamily(Family):
     def _videos(self, model, inputs, ids, row) -> list[VisualSpan]:
         return []
 
-    def crops_per_image(self, model, image_size) -> int:
+    def crops_per_image(self, model, image_size, span=None) -> int:
         return compat.anyres_patch_count(model.config, image_size)
 
     def image_token_count(self, model, image_size) -> int:

@@ -18,6 +18,21 @@ class DecoderSignals(ContextBase):
         stage's hidden states, PyramidDrop) rather than with layer K-1's (FastV, DART)."""
         return "layer_inputs" in self.engine.method.needs
 
+    @property
+    def _scoring_layer(self) -> int:
+        return self.spec.layer if self._own_layer else self.spec.layer - 1
+
+    def _window_mask(self, slots: torch.Tensor) -> torch.Tensor | None:
+        """``[B, L]`` keys within the scoring layer's sliding window of query ``slots`` ``[B]`` (Gemma 3's local
+        layers: a query sees itself and the ``W - 1`` slots before it), or None for a layer without window: the
+        scores are the attention the layer itself computes."""
+        window = compat.sliding_window(self.engine.lm, self._scoring_layer)
+        if window is None:
+            return None
+        keys = torch.arange(self.valid.shape[1], device=self.valid.device)
+        slots = slots.to(self.valid.device)[:, None]
+        return (keys[None] <= slots) & (keys[None] > slots - window)
+
     def _attention_inputs(self):
         if self._own_layer:
             if "own" not in self._memo:
@@ -25,7 +40,7 @@ class DecoderSignals(ContextBase):
                 h = compat.input_norm(layer)(self.hidden)
                 positions = self.prev.positions
                 cos, sin = compat.rotary_embeddings(self.engine.lm, h, positions[-3:] if positions.dim() == 3
-                                                    else positions)
+                                                    else positions, self.spec.layer)
                 self._memo["own"] = (compat.self_attention(layer), h, cos, sin)
                 # the layer computes the same norm for the tokens the stage keeps: the engine hands it these rows
                 self.fwd.own_projections[self.spec.layer] = {"normed": h}
@@ -51,7 +66,9 @@ class DecoderSignals(ContextBase):
             rows, last = torch.arange(h.shape[0], device=h.device), self.last_slots().to(h.device)
             q = compat.project_queries(attn, h[rows, last][:, None], cos[rows, last][:, None],
                                        sin[rows, last][:, None])
-            scores = kernels.attention_scores(q, self.keys(), self.valid, compat.attention_scaling(attn), "mean",
+            window = self._window_mask(last)
+            valid = self.valid if window is None else self.valid & window
+            scores = kernels.attention_scores(q, self.keys(), valid, compat.attention_scaling(attn), "mean",
                                               dtype=self.score_dtype)
             self._memo["last_attention"] = scores[:, 0]
         return self._memo["last_attention"]
@@ -77,8 +94,14 @@ class DecoderSignals(ContextBase):
         slots = queries.to(h.device)
         q = compat.project_queries(attn, h[row, slots][None], cos[row, slots][None], sin[row, slots][None])
         score = kernels.reference.attention_scores if per_head else kernels.attention_scores
-        scores = score(q, self.keys()[row:row + 1], self.valid[row:row + 1], compat.attention_scaling(attn),
-                       "none" if per_head else "mean", q_positions=slots[None], dtype=self.score_dtype)
+        reduce, scale = "none" if per_head else "mean", compat.attention_scaling(attn)
+        window = self._window_mask(slots)
+        if window is not None:  # a sliding layer: each query over its own window
+            return torch.cat([score(q[..., j:j + 1, :], self.keys()[row:row + 1],
+                                    self.valid[row:row + 1] & window[j:j + 1], scale, reduce,
+                                    dtype=self.score_dtype)[0] for j in range(len(slots))], -2)
+        scores = score(q, self.keys()[row:row + 1], self.valid[row:row + 1], scale, reduce, q_positions=slots[None],
+                       dtype=self.score_dtype)
         return scores[0]
 
     def unrotated_attention(self, row: int, queries: torch.Tensor, reduce: str = "max") -> torch.Tensor:
@@ -166,7 +189,7 @@ class DecoderSignals(ContextBase):
             if bool(offset.any()):
                 positions = self.prev.positions
                 own = (positions[-3:] if positions.dim() == 3 else positions) - offset.view(-1, 1)
-                cos, sin = compat.rotary_embeddings(self.engine.lm, h, own)
+                cos, sin = compat.rotary_embeddings(self.engine.lm, h, own, self._scoring_layer)
             B = h.shape[0]
             self._memo["rotary"] = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
         return self._memo["rotary"]

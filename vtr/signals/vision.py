@@ -47,8 +47,10 @@ class TowerSignals(ContextBase):
         return call.projections.get(layer, {}).get("qkv")
 
     def vision_sources(self, row: int, tokens: SpanCandidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(crop, index)``, each ``[c]``: the vision-tower input (all images' crops in input order) and the token
-        index in its sequence ([CLS] included) that made each candidate. Images only; newline tokens have none."""
+        """``(crop, index)``: ``[c]`` the vision-tower input (all images' crops in input order) and ``[c]`` the token
+        index in its sequence ([CLS] included) that made each candidate, or ``[c, u]`` the ``u`` patches a language
+        token concatenates (InternVL's pixel shuffle; signals per patch are then averaged over them). Images only;
+        newline tokens have none."""
         span = self._image_only(tokens).span
         key = ("sources", row, span.index)
         if key not in self._memo:
@@ -84,7 +86,7 @@ class TowerSignals(ContextBase):
                     if span.kind == "image":
                         size = sizes[k] if sizes is not None else None
                         crops[b, span.index] = (first, size)
-                        first += self.engine.family.crops_per_image(self.engine.model, size)
+                        first += self.engine.family.crops_per_image(self.engine.model, size, span)
                         k += 1
             self._memo["crops"] = crops
         return self._memo["crops"]
@@ -99,16 +101,19 @@ class TowerSignals(ContextBase):
             q, k = self._vision_qk(layer)
             probs = compat.vision_attention_probs(attn, q, k, slice(0, 1), self._vision_dtype(hidden))
             memo[key] = probs.mean(1)[:, 0]  # [n_crops, N]: one query row per crop
-        crop, index = self.vision_sources(row, tokens)
-        return memo[key][crop.to(hidden.device), index.to(hidden.device)]
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_features(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c, D_v]``: each candidate's hidden state at the output of a vision layer (default: the feature
-        layer, i.e. what the projector reads)."""
+        layer, as the model's feature selection reads it, i.e. what the projector reads). InternVL: the ``u``
+        patches' states concatenated in the pixel shuffle's order, ``[c, u * D_v]``."""
         self._image_only(tokens)
         _, _, output = self._vision_layer(layer)
         crop, index = self.vision_sources(row, tokens)
-        return output[crop.to(output.device), index.to(output.device)]
+        features = _per_token(output, crop, index, reduce=None)
+        if layer is None or layer == self.engine.vision_feature_layer:
+            features = compat.vision_feature_output(self.engine.model, features)
+        return features.flatten(1, 2) if index.dim() == 2 else features
 
     def vision_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
@@ -116,9 +121,8 @@ class TowerSignals(ContextBase):
         attn, hidden, _ = self._vision_layer(layer)
         memo, key = self._vision_memo(), ("keys", self._layer(layer))
         if key not in memo:
-            memo[key] = compat.vision_heads(attn, self._vision_qk(layer)[1]).mean(1)  # [n_crops, N, d]
-        crop, index = self.vision_sources(row, tokens)
-        return memo[key][crop.to(hidden.device), index.to(hidden.device)]
+            memo[key] = compat.vision_heads(attn, self._vision_qk(layer)[1], "k").mean(1)  # [n_crops, N, d]
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_projected_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
         """``[c, H * d]``: each candidate's key at a vision layer's attention, the full ``k_proj`` output (bias
@@ -169,8 +173,7 @@ class TowerSignals(ContextBase):
             q, k = self._vision_qk(layer)
             memo[key] = torch.stack([compat.vision_attention_probs(attn, q[c:c + 1], k[c:c + 1], slice(None), dtype)
                                      [0].mean(0).mean(0) for c in range(len(q))])  # [n_crops, N]
-        crop, index = self.vision_sources(row, tokens)
-        return memo[key][crop.to(hidden.device), index.to(hidden.device)]
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_global_attention(self, row: int, tokens: SpanCandidates, threshold: float,
                                 layer: int | None = None, newline: float = 1.0,
@@ -209,8 +212,7 @@ class TowerSignals(ContextBase):
                                                      newline)
         if packed is not None:  # OneVision: follows the grid through anyres_max's resize, newlines included
             return packed[tokens.ids.to(packed.device)].to(memo[key].dtype)
-        crop, index = self.vision_sources(row, tokens)
-        return memo[key][crop.to(hidden.device), index.to(hidden.device)]
+        return _per_token(memo[key], *self.vision_sources(row, tokens))
 
     def vision_patch_entropy(self) -> torch.Tensor:
         """``[n_crops, P]``: Shannon entropy (bits) of each patch's pixels, per vision-tower input, patches in
@@ -248,6 +250,10 @@ class TowerSignals(ContextBase):
             ids = tokens.ids.cpu()
             return torch.zeros_like(ids), ids, grid[2], tokens.span.n
         crop, index = self.vision_sources(row, tokens)
+        tokens_grid = self.engine.family.token_grid(self.engine.model, tokens.span)
+        if tokens_grid is not None:  # a language token is several patches (InternVL): the tile's token grid
+            cell, width, cells = tokens_grid
+            return crop, cell[tokens.ids.cpu()], width, cells
         side = compat.vision_grid_side(self.engine.model)
         return crop, index - 1, side, side * side  # CLIP's [CLS] is token 0, patch p is token p + 1
 
@@ -283,3 +289,13 @@ class TowerSignals(ContextBase):
             memo[key] = received.cpu()
         return memo[key]
 
+
+def _per_token(table: torch.Tensor, crop: torch.Tensor, index: torch.Tensor, reduce: str | None = "mean"):
+    """``table[crop, index]`` for per-patch values ``table`` ``[n_crops, N, ...]``; where a language token is ``u``
+    patches (``index`` ``[c, u]``), their values averaged (``reduce="mean"``, the rule VisPruner's and HiPrune's
+    authors apply to merged tokens) or kept ``[c, u, ...]`` (``reduce=None``)."""
+    crop, index = crop.to(table.device), index.to(table.device)
+    if index.dim() == 1:
+        return table[crop, index]
+    values = table[crop[:, None], index]
+    return values.mean(1) if reduce == "mean" else values

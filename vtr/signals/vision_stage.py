@@ -94,7 +94,7 @@ class VisionStageContext:
                 heads = compat.qwen_vision_heads(self.attn, self.projections["qkv"][image.rows], cos, sin)
                 self._memo[key] = dict(zip("qkv", (h[None].to(self.score_dtype).contiguous() for h in heads)))
             return self._memo[key][name]
-        heads = compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n])
+        heads = compat.vision_heads(self.attn, self.projections[name][image.crops, :image.n], name)
         return heads.to(self.score_dtype).contiguous()  # reductions over a transposed view are slow on CPU
 
     def attention_rows(self, image: VisionImage, rows: slice) -> torch.Tensor:
