@@ -282,17 +282,16 @@ def vllm_cell(method_cls, model_class: str) -> str:
     """What the vLLM plugin serves of one method on one model class: ``"refused"`` (no serving engine can run the
     method as configured by default: ``vtr.serving.servable_reason``), ``"-"`` (``vtr.patch`` refuses the model
     too), or the inputs it prunes (``"images"``, ``"images, videos"``), with the option the method needs there
-    (the one that turns off its stage inside the language model, ``vtr.serving.REST_OFF``; on a 1-D-RoPE model,
+    (``vtr.serving.serving_options``: the one that turns off its stage inside the language model, or VidCom2's
+    ``variant="vllm"``, whose count follows from the grid; on a 1-D-RoPE model,
     ``positions="compact"`` where its default keeps gaps, which vLLM's consecutive numbering cannot give)."""
     from vtr.methods import Method
     from vtr.patches import FAMILIES
-    from vtr.serving import COUNT_REASONS, REST_OFF, servable_reason, served_kinds
+    from vtr.serving import COUNT_REASONS, servable_reason, served_kinds, serving_options
     name, options = method_cls.name, {}
     if servable_reason(method_cls(ratio=0.5)) is not None:
-        if method_cls.name not in REST_OFF:
-            return "refused"
-        options = dict([REST_OFF[name]])
-        if servable_reason(method_cls(ratio=0.5, **options)) is not None:
+        options = serving_options(name)
+        if not options or servable_reason(method_cls(ratio=0.5, **options)) is not None:
             return "refused"
     method = method_cls(ratio=0.5, **options)
     if not method.supports(model_class):

@@ -9,20 +9,26 @@ import tiny_models as tm
 import vtr
 from vtr import compat, serving
 from vtr.methods import REGISTRY
+from vtr.integrations.vllm import PRUNED
 from vtr.patches import family_of
 
-SERVABLE = ["cdpruner", "divprune", "dycoke (kv_ratio=0)", "fastervlm", "fastvid", "hiprune",
-            "holitom (inner_ratio=0)", "random", "uniform", "visionzip", "vispruner"]
+SERVABLE = ["cdpruner", "divprune", "dycoke (kv_ratio=0)", "evs", "fastervlm", "fastvid", "hiprune",
+            "holitom (inner_ratio=0)", "random", "uniform", "vidcom2 (variant=vllm)", "visionzip", "vispruner"]
 # methods whose choice reads the input's features (and the prompt's text) only: serving.select runs them here
 FEATURE_ONLY = [("random", {}), ("uniform", {}), ("divprune", {}), ("cdpruner", {"relevance": "embeddings"}),
-                ("dycoke", {"kv_ratio": 0}), ("fastvid", {"signals": "embedding"}), ("holitom", {"inner_ratio": 0})]
+                ("dycoke", {"kv_ratio": 0}), ("fastvid", {"signals": "embedding"}), ("holitom", {"inner_ratio": 0}),
+                ("evs", {}), ("vidcom2", {"variant": "vllm"})]
+SERVED_FAMILIES = [f for f in tm.FAMILIES if tm.MODEL_CLASSES[f] in PRUNED]  # the families vtr prunes in vLLM
 
 
 def _one_input(family, kind):
-    """(model, inputs, the input's LM input features, the span inputs) of a one-row prompt with one input."""
+    """(model, inputs, the input's LM input features, its span, the signals a serving engine hands with them: the
+    mean text embedding, Qwen3-VL's DeepStack features as vLLM concatenates them) of a one-row prompt with one
+    input."""
     model, proc = tm.build(family)
     inputs = tm.image_inputs(family, proc, 1) if kind == "image" else tm.video_inputs(family, proc, 1)
-    embeds = R.capture_lm_inputs(model, inputs)["embeds"][0]
+    lm = R.capture_lm_inputs(model, inputs)
+    embeds = lm["embeds"][0]
     config = model.config
     token = config.image_token_id if kind == "image" else config.video_token_id
     ids = inputs["input_ids"][0]
@@ -37,9 +43,10 @@ def _one_input(family, kind):
     family_ = family_of(model)
     text = ~torch.isin(ids, torch.tensor(family_.placeholder_ids(config) + family_.delimiter_ids(config)))
     text &= inputs["attention_mask"][0].bool()
-    text_embedding = embeds[text].float().mean(0)
+    signals = serving.InputSignals(text_embedding=embeds[text].float().mean(0),
+                                   deepstack=torch.cat(list(lm["deepstack"]), -1) if lm.get("deepstack") else None)
     return model, inputs, features, serving.layout_span(family_, model, kind, len(features), features, **extra), \
-        text_embedding
+        signals
 
 
 def _resolved(model, name, **settings):
@@ -50,15 +57,15 @@ def _resolved(model, name, **settings):
                               compat.vision_feature_layer(model))
 
 
-@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("family", SERVED_FAMILIES)
 @pytest.mark.parametrize("kind", ["image", "video"])
 @pytest.mark.parametrize("method,options", FEATURE_ONLY, ids=[m for m, _ in FEATURE_ONLY])
 def test_prompt_count_and_selection_equal_the_hf_engine(method, options, kind, family):
     if (kind == "video" and family not in tm.VIDEO_FAMILIES) or kind not in REGISTRY[method].visual_kinds:
         pytest.skip("the family or the method has no videos")
-    if method == "fastvid" and family.startswith("llava"):
-        options = dict(options, positions="compact")
-    model, inputs, features, span, text_embedding = _one_input(family, kind)
+    if family.startswith("llava") and REGISTRY[method].default_positions == "original":
+        options = dict(options, positions="compact")  # vLLM numbers a 1-D-RoPE prompt consecutively
+    model, inputs, features, span, signals = _one_input(family, kind)
     settings = dict(ratio=0.5, **options)
     if (method, kind) == ("holitom", "video"):  # its keep count follows the frames' static windows
         with pytest.raises(ValueError, match="static windows"):
@@ -70,8 +77,7 @@ def test_prompt_count_and_selection_equal_the_hf_engine(method, options, kind, f
     method = _resolved(model, method, **settings)
     assert serving.prompt_count(method, span, family_of(model), model) == len(kept)
     assert len(kept) < span.n or (method.name, kind) == ("dycoke", "image")  # TTM keeps an image whole
-    chosen = serving.select(method, span, features, serving.InputSignals(text_embedding=text_embedding),
-                            family_of(model), model)
+    chosen = serving.select(method, span, features, signals, family_of(model), model)
     assert torch.equal(chosen.keep.cpu(), kept)
 
 
@@ -109,11 +115,13 @@ def test_vision_stage_methods_are_refused_with_the_reason():
         serving.configure("flowcut", ratio=0.5)
 
 
-@pytest.mark.parametrize("method,match", [("evs", "DeepStack"), ("prumerge", "outliers"),
-                                          ("vidcom2", "frame budgets")])
-def test_pre_llm_methods_not_served_yet_are_refused_at_configuration(method, match):
+@pytest.mark.parametrize("method,match", [("prumerge", "outliers"), ("vidcom2", "pass variant='vllm'")])
+def test_content_dependent_pre_llm_methods_are_refused_at_configuration(method, match):
+    """PruMerge+'s count is its outliers; the authors' VidCom2 counts its frame budgets (vLLM's port is exact)."""
     with pytest.raises(ValueError, match=match):
         serving.configure(method, ratio=0.5)
+    if method == "vidcom2":
+        assert serving.configure(method, ratio=0.5, variant="vllm").variant == "vllm"
 
 
 @pytest.mark.parametrize("method,option", [("dycoke", "kv_ratio"), ("holitom", "inner_ratio")])

@@ -47,17 +47,18 @@ COUNT_FROM_GRID = {
     # one segment per frame when a video has at most ``segments`` of them, each keeping its salient + context
     "fastvid": lambda method, span: _frames(span) <= method.segments,
     "holitom": lambda method, span: span.kind == "image",  # an image: one frame, no static windows
+    "evs": lambda method, span: True,  # max(N, int(F N (1 - ratio))): frames and tokens per frame
+    "vidcom2": lambda method, span: method.variant == "vllm",  # vLLM's port reconciles to an exact count
 }
+# The option a method needs to be served (its default's keep count depends on the input's features), and why.
+SERVED_VARIANT = {"vidcom2": ("variant", "vllm", "the authors' keep count is the sum of the frame budgets the "
+                              "frames' features set; vLLM's port reconciles it to exactly max(F, int(F N (1 - ratio)))")}
 # Methods before the language model that the plugin does not serve (yet), refused when the server starts: vLLM
 # sizes a prompt's placeholder run before the tower runs, so the keep count must follow from the grid, and the
 # serving context must carry what the selection reads.
 NOT_SERVED = {
-    "evs": "vtr does not serve EVS yet (vLLM runs it itself: --video-pruning-rate); its count follows from the grid, "
-           "but the serving context does not carry the DeepStack features its Qwen3-VL selection reads",
     "prumerge": "its keep count is the number of [CLS]-attention outliers (plus spatial samples) the image's "
                 "tower attention holds, which vLLM would need before the tower runs",
-    "vidcom2": "its keep count is the sum of frame budgets set by the frames' features (vLLM's own port, "
-               "variant='vllm', reconciles to an exact count; vtr does not serve it yet)",
 }
 COUNT_REASONS = {
     "fastvid": "a video of more frames (temporal slices) than `segments` is cut into segments by the similarity "
@@ -102,7 +103,16 @@ def servable_reason(method: Method) -> str | None:
                 "language model alone")
     if method.positions == "span_prefix":
         return f"{method.name}: positions='span_prefix' is not available in vLLM (kept tokens keep their positions)"
+    if not served_kinds(method) and method.name in SERVED_VARIANT:
+        option, value, why = SERVED_VARIANT[method.name]
+        return f"{method.name}: {why}; pass {option}={value!r} to serve it"
     return None
+
+
+def serving_options(name: str) -> dict:
+    """The options that make method ``name`` servable where its defaults are not (``{}`` when they are)."""
+    return dict([REST_OFF[name]] if name in REST_OFF else [SERVED_VARIANT[name][:2]] if name in SERVED_VARIANT
+                else [])
 
 
 def served_kinds(method: Method) -> tuple[str, ...]:
@@ -134,9 +144,8 @@ def servable_methods() -> list[str]:
             try:
                 if servable_reason(cls(ratio=0.5)) is None:
                     out.append(name)
-                elif name in REST_OFF and servable_reason(cls(ratio=0.5, **dict([REST_OFF[name]]))) is None:
-                    option, value = REST_OFF[name]
-                    out.append(f"{name} ({option}={value})")
+                elif serving_options(name) and servable_reason(cls(ratio=0.5, **serving_options(name))) is None:
+                    out.append(f"{name} ({', '.join(f'{k}={v}' for k, v in serving_options(name).items())})")
             except (TypeError, ValueError):
                 continue
         _SERVABLE[:] = out
@@ -266,7 +275,9 @@ class InputSignals:
     extras: vision layer -> the attention call's other arguments (Qwen-VL: ``cu_seqlens``, ``position_embeddings``).
     image_size: the image's (height, width) (anyres models); grid_thw: ``[1, 3]`` its patch grid (Qwen-VL).
     text_embedding: ``[D]`` mean of the language model's input embeddings over the prompt's text tokens.
-    instruction: the prompt's text after the input (CLIP relevance); clip: (CLIP model, its tokenizer)."""
+    instruction: the prompt's text after the input (CLIP relevance); clip: (CLIP model, its tokenizer).
+    deepstack: ``[n, D * levels]`` Qwen3-VL's DeepStack features of the input's tokens (span order), level after
+    level, as vLLM's Qwen3-VL concatenates them after the merger output (EVS and VidCom2 score the whole row)."""
 
     tower: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
@@ -276,6 +287,7 @@ class InputSignals:
     text_embedding: torch.Tensor | None = None
     instruction: str | None = None
     clip: tuple | None = None
+    deepstack: torch.Tensor | None = None
 
 
 class ServingContext(TowerSignals, VideoSignals, TextSignals, ContextBase):
@@ -308,6 +320,12 @@ class ServingContext(TowerSignals, VideoSignals, TextSignals, ContextBase):
 
     def instruction_text(self, row: int, tokens: SpanCandidates) -> str:
         return self._signals.instruction or ""
+
+    def with_deepstack(self, row: int, tokens: SpanCandidates, features: torch.Tensor) -> torch.Tensor:
+        deepstack = self._signals.deepstack
+        if deepstack is None:
+            return features
+        return torch.cat([features, deepstack[tokens.slots.to(deepstack.device)].to(features)], -1)
 
 
 

@@ -160,3 +160,21 @@ def test_bad_server_configuration_stops_the_server_in_one_line(folders, tmp_path
                                                       "model"), output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     print(f"refused after {time.monotonic() - start:.0f} s")
+
+
+def test_selection_time_files_rotate_and_are_deleted_once_read(tmp_path, monkeypatch):
+    """A worker's selection times go to files of bounded size; the stat logger reads every line once and deletes
+    the files it has read to the end whose worker has moved on, so a long-running server's files stay bounded."""
+    from vtr.integrations import vllm_metrics as M
+    monkeypatch.setenv(M.CHANNEL, str(tmp_path))
+    monkeypatch.setattr(M, "ROTATE_BYTES", 100)
+    monkeypatch.setattr(M, "_file", {"seq": 0})
+    logger = object.__new__(M.VtrStatLogger)
+    logger._offsets = {}
+    seen = []
+    for round_ in range(3):
+        for i in range(40):
+            M.record_selection("divprune", round_ * 40 + i)
+        seen += [seconds for _, seconds in logger._new_selections()]
+        assert len(os.listdir(tmp_path)) == 1  # the file being written
+    assert seen == list(range(120)) and M._file["seq"] > 10

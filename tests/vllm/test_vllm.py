@@ -12,9 +12,10 @@ import pytest
 import harness as H
 import tiny
 
-# fp32 on both sides; vLLM's CPU attention and matmuls sum in another order than HF's SDPA (dense runs differ by
-# up to 4.2e-4 in log-prob on these models, measured)
-LOGPROB_TOLERANCE = 2e-3
+# fp32 on both sides; vLLM's CPU attention and matmuls sum in another order than HF's SDPA: over tests/vllm (measured
+# 2026-12-07, every comparison's largest top-5 gap) dense runs differ by up to 1.3e-3 in log-prob (Qwen2-VL, a video),
+# pruned ones by up to 2.1e-3 (Qwen2-VL, DivPrune on an image), with the same tokens kept and generated
+LOGPROB_TOLERANCE = 4e-3
 KINDS = {"llava": ("image",), "llava_next": ("image",), "llava_onevision": ("image", "video"),
          "qwen2_vl": ("image", "video"), "qwen2_5_vl": ("image", "video"), "qwen3_vl": ("image", "video")}
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
@@ -45,7 +46,9 @@ def served(family: str, clip: str) -> list[tuple[str, dict]]:
               ("image", {"method": "holitom", "ratio": 0.5, "inner_ratio": 0})]
     if "video" in KINDS[family]:
         cases += [("video", {"method": "fastvid", "ratio": 0.5, **positions}),
-                  ("video", {"method": "dycoke", "ratio": 0.5, "kv_ratio": 0})]
+                  ("video", {"method": "dycoke", "ratio": 0.5, "kv_ratio": 0}),
+                  ("video", {"method": "evs", "ratio": 0.5, **positions}),
+                  ("video", {"method": "vidcom2", "ratio": 0.5, "variant": "vllm", **positions})]
     return cases
 
 
@@ -58,7 +61,7 @@ def test_served_covers_every_method_vllm_serves():
         name = name.split()[0]
         for family, model_class in MODEL_CLASSES.items():
             cases = {(kind, settings["method"]) for kind, settings in served(family, "clip")}
-            method = REGISTRY[name](ratio=0.5, **dict([serving.REST_OFF[name]] if name in serving.REST_OFF else []))
+            method = REGISTRY[name](ratio=0.5, **serving.serving_options(name))
             if method.supports(model_class):
                 for kind in set(serving.served_kinds(method)) & set(KINDS[family]) - ({"image"} if name == "dycoke"
                                                                                      else set()):

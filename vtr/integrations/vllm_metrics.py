@@ -9,7 +9,9 @@
 
 The selection runs in vLLM's worker processes; each appends ``method seconds`` lines to a file of its own in a
 directory the API server's process creates (``VTR_METRICS_DIR``, inherited by the processes vLLM spawns), and the
-stat logger reads the new lines at every ``record``. Nothing is registered for a model served without vtr.
+stat logger reads the new lines at every ``record``. A worker starts a new file every ``ROTATE_BYTES``, and the
+stat logger deletes a file it has read to the end once its worker writes a newer one, so a server that runs for
+months holds at most about two files per worker on disk. Nothing is registered for a model served without vtr.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ from collections import Counter
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 CHANNEL = "VTR_METRICS_DIR"
+ROTATE_BYTES = 1 << 20  # ~40,000 selections per file
 BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _lock = threading.Lock()
 _tokens: Counter = Counter()  # (method, modality, "received" | "kept") -> tokens, counted in this process
 _metrics = {}
+_file = {"seq": 0}  # this worker's current file number
 
 
 def channel_directory() -> str:
@@ -52,8 +56,12 @@ def record_selection(method: str, seconds: float) -> None:
     path = os.environ.get(CHANNEL)
     if not path or not os.path.isdir(path):
         return
-    with _lock, open(os.path.join(path, f"selection-{os.getpid()}.log"), "a") as f:
-        f.write(f"{method} {seconds:.9f}\n")
+    with _lock:
+        name = os.path.join(path, f"selection-{os.getpid()}-{_file['seq']:09d}.log")
+        with open(name, "a") as f:
+            f.write(f"{method} {seconds:.9f}\n")
+            if f.tell() >= ROTATE_BYTES:  # the stat logger deletes this file once it has read it
+                _file["seq"] += 1
 
 
 def _prometheus():
@@ -107,7 +115,8 @@ class VtrStatLogger(StatLoggerBase):
         if not path or not os.path.isdir(path):
             return []
         out = []
-        for name in sorted(os.listdir(path)):
+        names = sorted(os.listdir(path))  # a worker's files in the order it wrote them
+        for i, name in enumerate(names):
             file = os.path.join(path, name)
             with open(file) as f:
                 f.seek(self._offsets.get(file, 0))
@@ -117,6 +126,10 @@ class VtrStatLogger(StatLoggerBase):
             for line in complete.splitlines():
                 method, seconds = line.split()
                 out.append((method, float(seconds)))
+            later = names[i + 1] if i + 1 < len(names) else ""
+            if complete == data and later.rsplit("-", 1)[0] == name.rsplit("-", 1)[0]:
+                os.remove(file)  # read to its end, and its worker has moved on to a later file
+                del self._offsets[file]
         return out
 
     def log_engine_initialized(self):

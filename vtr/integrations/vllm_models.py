@@ -594,7 +594,8 @@ class _MRoPE(_Model):
                            **{f"{modality}_grid_thw": torch.tensor([[t, h, w]])})
         call = self._vtr_call()
         tower, extras = qwen_slice(call, first_row, first_row + t * h * w) if call else ({}, {})
-        signals = serving.InputSignals(tower=tower, extras=extras, grid_thw=torch.tensor([[t, h, w]]))
+        signals = serving.InputSignals(tower=tower, extras=extras, grid_thw=torch.tensor([[t, h, w]]),
+                                       deepstack=embeds[:, hidden:] if embeds.shape[1] > hidden else None)
         chosen = self._vtr_select(modality, index, embeds[:, :hidden], span, signals)
         kept = chosen.apply(embeds)
         return kept, positions.to(embeds.device)[chosen.keep.to(embeds.device)], chosen.keep

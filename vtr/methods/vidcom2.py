@@ -72,6 +72,8 @@ class VidCom2(Method):
         if self.ratio == 0 or group.span.kind != "video" or len(group) == 0 or \
                 (self.keep is not None and self.keep >= len(group)):
             return len(group)
+        if self.variant == "vllm":  # exact from the grid, as vLLM sizes the placeholders before the vision pass
+            return self.target(*video.frame_table(group.span, group.ids, self.name).shape[::-1])
         return len(self.plan(ctx, row, group))
 
     def select(self, ctx, row, group, budget):
