@@ -219,7 +219,8 @@ def test_llava_next_drops_the_tile_newlines_and_prunes_again_at_layer_2():
 def test_flowcut_refuses_towers_it_lacks(family):
     model, _ = tm.build(family)
     with pytest.raises(ValueError, match="flowcut does not support .*CLIP towers with a \\[CLS\\] token.*Qwen2/2.5/3-VL "
-                                         "vision transformers; other towers \\(SigLIP\\) have no official rule"):
+                                         "and Qwen3.5 vision transformers; other towers \\(SigLIP, InternViT, "
+                                         "GLM-4.1V's\\) have no official rule"):
         vtr.patch(model, "flowcut", ratio=0.5)
     assert vtr.api.handle_of(model) is None
 

@@ -11,7 +11,8 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHIPPED = {p.stem: p for p in sorted(CONFIG_DIR.glob("*.json"))}
 TINY_PREFIX = "tiny-"  # tiny-<family>: vtr.testing.tiny_model(<family>) and its offline processor
-TINY_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # vtr.testing's
+TINY_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+                 "internvl", "gemma3", "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe")  # vtr.testing's
 METHODS_DIR = Path(__file__).resolve().parent.parent / "methods"
 
 
