@@ -28,7 +28,7 @@ setup(
         # torch 2.14.1 + torchvision 0.29.1 (CUDA builds; they run on the CPU): transformers' video processors,
         # which real Qwen2/2.5/3-VL checkpoints' AutoProcessor needs, plus video decoding.
         "cpu-video": ["torch==2.14.1", "torchvision==0.29.1", "av", DECORD],
-        "test": ["pytest>=8", "pillow", "av", "matplotlib", "tqdm"],
+        "test": ["pytest>=8", "pytest-xdist", "pillow", "av", "matplotlib", "tqdm"],
         "triton": ["triton>=3.6"],
         # Video decoding only (PyAV, decord): leaves the installed torch alone and adds no torchvision.
         "video": ["av", DECORD],

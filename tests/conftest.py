@@ -28,7 +28,9 @@ collect_ignore = [] if _has_vllm() else ["vllm"]
 
 import pytest  # noqa: E402
 
-torch.set_num_threads(2)
+# pytest -n auto (pytest-xdist) runs one worker per core: one torch thread each, so that workers do not fight over the
+# cores (the tiny models' ops gain little from a second thread).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)
