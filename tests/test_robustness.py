@@ -24,10 +24,15 @@ FAMILIES = ("llava", "qwen2_vl")
 # FAMILIES by default (Qwen2-VL where the method supports it), compiled with aot_eager only (dynamo's tracing of the
 # hooks plus AOT autograd's functionalization; the plain "eager" backend traces the same graph); VTR_TEST_FULL=1
 # runs both families and both backends. A method that supports neither (VFlowOpt: LLaVA-OneVision only) runs on
-# the first family it supports.
-ONE_FAMILY = [p for m in METHODS for p in (
-    tm.method_family([m], FAMILIES) if tm.full_matrices() and tm.method_family([m], FAMILIES) else
-    tm.method_family([m], [tm.family_for(m, "qwen2_vl")]))]
+# the first family it supports. torch.compile runs the methods of tm.ENGINE_PATH_METHODS by default (CI time).
+def one_family(methods):
+    return [p for m in methods for p in (
+        tm.method_family([m], FAMILIES) if tm.full_matrices() and tm.method_family([m], FAMILIES) else
+        tm.method_family([m], [tm.family_for(m, "qwen2_vl")]))]
+
+
+ONE_FAMILY = one_family(METHODS)
+COMPILED = one_family([m for m in METHODS if tm.full_matrices() or m in tm.ENGINE_PATH_METHODS])
 
 
 def greedy(model, inputs, steps=4):
@@ -144,7 +149,7 @@ def test_remove_after_keyboard_interrupts_in_other_threads():
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"] if tm.full_matrices() else ["aot_eager"])
-@pytest.mark.parametrize("method,family", ONE_FAMILY)
+@pytest.mark.parametrize("method,family", COMPILED)
 def test_compiled_model_prunes_like_eager(method, family, backend):
     """torch.compile traces the hooks: same kept tokens and same logits as eager (DART's pivot order is computed
     without iterating a set, which compiled code iterates in insertion order)."""

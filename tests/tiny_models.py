@@ -105,6 +105,15 @@ def matrix_methods() -> list[str]:
     return chosen or sorted(REGISTRY)
 
 
+# Methods that between them reach every engine path (pre-LLM drop and merge, vision-tower signals, layer stages from
+# cached keys, from the stage layer's projections and from attention rows, tokens added inside the language model,
+# pruning and merging inside the vision tower, the KV-cache stage, merged states after a layer's attention, stages
+# that cut earlier layers' caches): .ci/run's older-transformers pass runs the matrices on these, and the compile
+# test runs on these unless VTR_TEST_FULL=1 (each compiles a model: 15-55 s).
+ENGINE_PATH_METHODS = ("divprune", "visionzip", "hiprune", "cdpruner", "dart", "pdrop", "sparsevlm", "flowcut",
+                       "dycoke", "framefusion", "prunevid", "vflowopt", "tome", "mustdrop")
+
+
 # Methods whose budget is a layer average of the visual tokens: on the 4-layer tiny models the layer before their
 # first pruning step (layer 0) runs on every token, so a retention below 1/4 is out of reach and refused.
 LAYER_AVERAGED = ("pdrop", "sparsevlm", "framefusion")
