@@ -193,12 +193,14 @@ def follow_up(proc, batch):
 
 def continuation_cases():
     for method in METHODS:
-        for family in ("llava", "llava_next", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"):
+        for family in ("llava", "llava_next", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "internvl", "gemma3",
+                       "qwen3_5", "qwen3_5_moe", "glm4v", "glm4v_moe"):
             if not tm.in_matrix(method, family):
                 continue
             policies = [None, "other"] if family == "llava" else [None]
+            new = family not in tm.FAMILIES[:6] and not tm.full_matrices()  # the families added since: SDPA only
             for policy in policies:
-                for attn in ("eager", "sdpa"):
+                for attn in ("sdpa",) if new else ("eager", "sdpa"):
                     yield pytest.param(method, family, policy, attn,
                                        id=f"{method}-{family}-{policy or 'default'}-{attn}")
 
@@ -207,9 +209,10 @@ def continuation_cases():
 def test_text_continuation_of_a_pruned_cache(method, family, policy, attn):
     """A later turn on a pruned cache: the prompt, two decoding steps, then several new tokens in one call. Logits
     equal the unpatched model fed the kept prompt, the steps and the new tokens at the policy's positions (layers
-    < K holding the full prompt for layer-stage methods). Qwen rows are run one at a time and without a mask:
-    transformers 5.23 itself fails Qwen steps given a mask and no positions."""
-    batch = 1 if family.startswith("qwen") else 2
+    < K holding the full prompt for layer-stage methods). Qwen and GLM-4.1V rows (M-RoPE) are run one at a time and
+    without a mask: transformers 5.23 itself fails their steps given a mask and no positions (it numbers the whole
+    mask)."""
+    batch = 1 if family.startswith(("qwen", "glm4v")) else 2
     model, proc = tm.build(family, attn=attn)
     inputs = tm.visual_inputs(method, family, proc, batch)
     options = tm.options(method, family)
@@ -240,14 +243,14 @@ def test_text_continuation_of_a_pruned_cache(method, family, policy, attn):
     assert (steps[2] - ref_then).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("method,family", tm.method_family(METHODS, ["llava", "qwen2_vl"]))
+@pytest.mark.parametrize("method,family", tm.method_family(METHODS, ["llava", "qwen2_vl"] + list(tm.FAMILIES[6:])))
 def test_second_turn_with_generate(method, family):
     """transformers' multi-turn pattern: generate again on the first turn's cache with the whole conversation's
     input_ids (and no pixel values). generate() slices the inputs by the cache's layer-0 length, which pre-LLM
     pruning shortened; vtr passes on only the new tokens. The second turn equals the reference."""
     model, proc = tm.build(family)
     inputs = tm.visual_inputs(method, family, proc, 1)
-    with vtr.patch(model, method, ratio=0.75) as handle, torch.no_grad():
+    with vtr.patch(model, method, ratio=0.75, **tm.options(method, family)) as handle, torch.no_grad():
         first = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         record = handle.last
         then = follow_up(proc, 1)
