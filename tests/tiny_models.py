@@ -72,7 +72,7 @@ MATRIX_SUBSET = {
     # matrices' ratio 0.75 (refused as out of reach); its exactness on Qwen3.5 is checked at 0.5 in test_families
     "qwen3_5": ("divprune", "fastv", "pdrop"),
     "qwen3_5_moe": ("divprune",),
-    "glm4v": ("divprune", "dart", "dycoke", "prunevid"),
+    "glm4v": ("divprune", "dart", "dycoke", "prunevid", "evs"),
     "glm4v_moe": ("divprune",),
 }
 

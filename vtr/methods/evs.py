@@ -31,7 +31,8 @@ class EVS(Method):
     ``vllm/multimodal/video_prune/evs.py``), ``compute_retention_mask`` and ``compute_retained_tokens_count``.
 
     Images pass whole (vLLM applies EVS to videos only); so does OneVision's trailing newline. Supported: the
-    models with video inputs (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Positions:
+    models with video inputs (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and its MoE, Qwen3.5 dense and MoE,
+    GLM-4.1V / 4.5V). Positions:
     ``original`` (the kept tokens keep their positions, as vLLM keeps their M-RoPE grid positions).
 
     Deliberate differences from vLLM:
@@ -40,8 +41,8 @@ class EVS(Method):
       * the text after a pruned video keeps the position it had in the unpruned prompt (vLLM's
         ``recompute_mrope_positions`` restarts it at the video's first position plus its grid width, where
         transformers and vLLM without pruning use the largest position of the video plus one);
-      * also on Qwen2-VL and LLaVA-OneVision (the same rule on their video frames; vLLM implements it for
-        Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Nemotron), batched, any number of videos per prompt.
+      * also on Qwen2-VL, LLaVA-OneVision and GLM-4.1V / 4.5V (the same rule on their video frames; vLLM
+        implements it for Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Nemotron), batched, any number of videos per prompt.
     """
 
     name: ClassVar[str] = "evs"

@@ -42,7 +42,9 @@ class VidCom2(Method):
       * scores in fp32 (official: the model dtype; ``score_dtype="model"`` computes them there);
       * batched, each video its own selection (official: batch 1, compression off for larger batches), several
         videos per prompt;
-      * ``N`` is each video's own frame size (official OneVision: 196, the 384 px frame).
+      * ``N`` is each video's own frame size (official OneVision: 196, the 384 px frame);
+      * also on Qwen3-VL-MoE, Qwen3.5 (dense, MoE) and GLM-4.1V / 4.5V videos (the Qwen-VL rule on their frames;
+        the official code has adapters for OneVision and Qwen2/2.5/3-VL).
 
     ``variant="vllm"``: vLLM's port (``vllm/multimodal/video_prune/vidcom2.py``, ``compute_retention_mask``;
     ``--video-pruning-method vidcom2``), which sizes a video's placeholders before its embeddings exist and so

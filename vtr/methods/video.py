@@ -13,7 +13,9 @@ import torch
 # The model classes with video inputs, for the methods that prune videos only (EVS, VidCom2).
 VIDEO_MODELS = ("LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
                 "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
-                "Qwen3VLMoeForConditionalGeneration")
+                "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
+                "Qwen3_5MoeForConditionalGeneration", "Glm4vForConditionalGeneration",
+                "Glm4vMoeForConditionalGeneration")
 NO_VIDEO = "it prunes videos only (images pass whole), and this model takes no video input."
 
 
