@@ -110,6 +110,17 @@ def same_selection(record, alone, rows: slice) -> bool:
     return (record.index is None and alone.index is None) or torch.equal(record.index, alone.index[rows])
 
 
+def unpatched_beams_equal_the_prompts(model, proc, family, inputs, several) -> bool:
+    """Whether transformers' own beam search scores each returned sequence as its prompt run alone does."""
+    with torch.no_grad():
+        beams = model.generate(**inputs, num_beams=2, do_sample=False, length_penalty=0.0, output_scores=True,
+                               **several)
+        tokens = beams.sequences[:, -several["max_new_tokens"]:]
+        logits = forced_logits(model, tm.image_inputs(family, proc, 2, rows=[0, 0, 1, 1]), tokens)
+    logprobs = logits.log_softmax(-1).gather(-1, tokens[:, :, None]).sum((1, 2))
+    return torch.allclose(beams.sequences_scores, logprobs, atol=1e-4)
+
+
 @pytest.mark.parametrize("method,family", tm.method_family(METHODS, tm.FAMILIES))
 def test_beams_and_several_sequences_per_prompt(method, family):
     """Beam search returning several sequences, and sampling several sequences per prompt: generate encodes each
@@ -120,6 +131,9 @@ def test_beams_and_several_sequences_per_prompt(method, family):
     inputs = tm.image_inputs(family, proc, 2)
     copies = tm.image_inputs(family, proc, 2, rows=[0, 0, 1, 1] * 2)  # what the repeated rows of both runs stand for
     steps, several = 2, dict(num_return_sequences=2, return_dict_in_generate=True, max_new_tokens=2)
+    if family == "internvl" and not unpatched_beams_equal_the_prompts(model, proc, family, inputs, several):
+        pytest.skip("this transformers' own beam search on InternVL (unpatched) scores other sequences than its "
+                    "prompts run alone (measured: 5.17 does, by 0.039; 5.23 does not)")
     with vtr.patch(model, method, ratio=0.5, **tm.options(method, family)) as handle, torch.no_grad():
         beams = model.generate(**inputs, num_beams=2, do_sample=False, length_penalty=0.0, output_scores=True,
                                **several)

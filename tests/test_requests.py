@@ -7,6 +7,7 @@ import torch
 import reference as R
 import tiny_models as tm
 import vtr
+from vtr import compat
 from test_exactness import check_against_reference
 from vtr.methods import REGISTRY
 
@@ -368,13 +369,15 @@ class ScoringDtypes(torch.overrides.TorchFunctionMode):
     """The floating dtypes of the inputs of every similarity / attention op (products, softmax, norms, cosine)
     run while it is active."""
 
+    paused = 0  # inside the rotary embedding: transformers computes its frequencies in fp32 whatever the dtype
+
     def __init__(self):
         super().__init__()
         self.dtypes = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in SCORING_OPS:
+        if not ScoringDtypes.paused and getattr(func, "__name__", "") in SCORING_OPS:
             self.dtypes |= {a.dtype for a in (*args, *kwargs.values())
                             if isinstance(a, torch.Tensor) and a.is_floating_point()}
         return func(*args, **kwargs)
@@ -401,6 +404,15 @@ def test_score_dtype_model_computes_every_score_in_the_model_dtype(method, monke
     cls = REGISTRY[method]
     for owner, name in [(Pruning, "_prune"), (KVCacheStage, "_decode_subset"), (cls, "vision_step")]:
         monkeypatch.setattr(owner, name, spied(getattr(owner, name)))
+    rotary = compat.rotary_embeddings
+
+    def unscored(*args, **kwargs):  # positions, not scores (transformers 5.17's frequencies are an fp32 matmul)
+        ScoringDtypes.paused += 1
+        try:
+            return rotary(*args, **kwargs)
+        finally:
+            ScoringDtypes.paused -= 1
+    monkeypatch.setattr(compat, "rotary_embeddings", unscored)
     family = "qwen2_vl" if method in VIDEO_METHODS else tm.family_for(method, "llava")
     model, proc = tm.build(family)
     model = model.to(torch.bfloat16)
