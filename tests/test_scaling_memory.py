@@ -240,7 +240,9 @@ def test_divprune_memory_is_linear():
     dense = peak_extra_bytes(lambda: greedy_maxmin_dense(x, 8))
     blockwise = peak_extra_bytes(lambda: ref.greedy_maxmin(x, 8, max_matrix_bytes=0))
     budgeted = peak_extra_bytes(lambda: ref.greedy_maxmin(x, 8))  # the dense path: its one matrix, in place
-    assert N * N * 4 < budgeted < 1.5 * N * N * 4, budgeted
+    # about one matrix: a few pages of it may be ones the process already held resident (freed by an earlier test
+    # in the same worker), which its resident size does not count again (measured: 36 kB short of N * N * 4)
+    assert 0.9 * N * N * 4 < budgeted < 1.5 * N * N * 4, budgeted
     assert dense > N * N * 4  # the measurement sees the dense matrix
     bound = 3 * BLOCK_ROWS * N * 4 + 4 * N * D * 4  # a block of distances and its temporaries, copies of x
     assert blockwise < bound < N * N * 4, (blockwise, bound)
