@@ -155,8 +155,8 @@ def one_token_inputs(family, proc, video: bool):
 @pytest.mark.parametrize("method,family", tm.method_family(METHODS, QWEN))
 def test_images_and_frames_of_one_token_keep_at_least_one(method, family):
     """The min-1 rule where a budget rounds to 0: images of one and two merged tokens (and videos of one-token
-    frames, for the methods that prune videos) keep at least one token each (their own, or a recycled one), with keep=1 and with ratio=0.75 (the
-    lowest a layer-averaged budget reaches on these 4-layer models)."""
+    frames, for the methods that prune videos) keep at least one token each (their own, or a recycled one), with
+    keep=1 and with ratio=0.75 (the lowest a layer-averaged budget reaches on these 4-layer models)."""
     model, proc = tm.build(family)
     kinds = [False] + ([True] if "video" in REGISTRY[method].visual_kinds else [])
     for video in kinds:

@@ -52,7 +52,8 @@ COUNT_FROM_GRID = {
 }
 # The option a method needs to be served (its default's keep count depends on the input's features), and why.
 SERVED_VARIANT = {"vidcom2": ("variant", "vllm", "the authors' keep count is the sum of the frame budgets the "
-                              "frames' features set; vLLM's port reconciles it to exactly max(F, int(F N (1 - ratio)))")}
+                              "frames' features set; vLLM's port reconciles it to exactly "
+                              "max(F, int(F N (1 - ratio)))")}
 # Methods before the language model that the plugin does not serve (yet), refused when the server starts: vLLM
 # sizes a prompt's placeholder run before the tower runs, so the keep count must follow from the grid, and the
 # serving context must carry what the selection reads.
