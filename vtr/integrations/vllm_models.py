@@ -481,6 +481,10 @@ class _Model:
 
 # ------------------------------------------------------------------------------------------------ LLaVA family
 class _Llava(_Model):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._vtr_setup(vllm_config)
+
     def _vtr_tower_layers(self):
         return self.vision_tower.vision_model.encoder.layers, False
 
@@ -500,10 +504,6 @@ class _Llava(_Model):
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class VtrLlava(_Llava, LlavaForConditionalGeneration):
     """LLaVA-1.5 with vtr's pruning of images (stock when vtr is not configured)."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._vtr_setup(vllm_config)
 
     def _process_image_input(self, image_input):
         out = super()._process_image_input(image_input)
@@ -533,19 +533,11 @@ class _AnyresModel(_Llava):
 class VtrLlavaNext(_AnyresModel, LlavaNextForConditionalGeneration):
     """LLaVA-NeXT with vtr's pruning of images (base grid, tiles, newline tokens; stock when not configured)."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._vtr_setup(vllm_config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(VtrLlavaOnevisionProcessor, info=LlavaOnevisionProcessingInfo,
                                         dummy_inputs=LlavaOnevisionDummyInputsBuilder)
 class VtrLlavaOnevision(_AnyresModel, LlavaOnevisionForConditionalGeneration):
     """LLaVA-OneVision with vtr's pruning of images and videos (frames of pooled tokens, then one newline)."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._vtr_setup(vllm_config)
 
     def _process_video_pixels(self, inputs):
         out = super()._process_video_pixels(inputs)
