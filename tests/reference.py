@@ -649,10 +649,17 @@ def with_merges(lm_inputs: dict, record) -> dict:
     if not merged:
         return lm_inputs
     embeds = lm_inputs["embeds"].clone()
+    deepstack = [level.clone() for level in lm_inputs["deepstack"]] if lm_inputs.get("deepstack") else None
     for b, (row, tokens) in enumerate(zip(record.layout.rows, merged)):
         if len(tokens.kept):
-            embeds[b, row.visual_positions[tokens.kept]] = tokens.embeds.to(embeds.dtype)
-    return dict(lm_inputs, embeds=embeds)
+            positions = row.visual_positions[tokens.kept]
+            embeds[b, positions] = tokens.embeds.to(embeds.dtype)
+            if tokens.deepstack is not None:  # Qwen3-VL: merged DeepStack features too, in (row, position) order
+                masks = lm_inputs["visual_pos_masks"]
+                rows = (masks.flatten().long().cumsum(0) - 1).view_as(masks)[b, positions]
+                for level, part in zip(deepstack, tokens.deepstack.split(embeds.shape[-1], -1)):
+                    level[rows] = part.to(level.dtype)
+    return dict(lm_inputs, embeds=embeds, **({"deepstack": deepstack} if deepstack is not None else {}))
 
 
 def reference_for(model, method, lm_inputs, index, steps, tokens=None, then=None, record=None):

@@ -71,11 +71,13 @@ def test_methods_refuse_layer_types_they_cannot_use(method, family):
 
 
 @pytest.mark.video
-def test_image_only_methods_refuse_videos():
-    """HiPrune's Qwen2.5-VL rule is defined for images; a video in the prompt raises, naming the method."""
+@pytest.mark.parametrize("method", ["hiprune", "visionzip", "vispruner"])
+def test_image_only_methods_refuse_videos(method):
+    """HiPrune's Qwen2.5-VL rule and the received-attention substitute of VisionZip / VisPruner are defined for
+    images; a video in the prompt raises, naming the method."""
     model, proc = tm.build("qwen2_5_vl")
-    with vtr.patch(model, "hiprune", ratio=0.5), torch.no_grad():
-        with pytest.raises(ValueError, match="hiprune prunes images with vision-tower signals; this prompt holds a "
+    with vtr.patch(model, method, ratio=0.5), torch.no_grad():
+        with pytest.raises(ValueError, match=f"{method} prunes images with vision-tower signals; this prompt holds a "
                                              "video"):
             model(**tm.video_inputs("qwen2_5_vl", proc, 1))
 

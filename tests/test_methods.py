@@ -773,6 +773,104 @@ def test_hiprune_qwen25_matches_official_selection(batch, variant, budget, alpha
     assert anchors > 0
 
 
+def lightcompress_qwen_signals(model, capture, grid_thw):
+    """Transcription of LightCompress's Qwen2.5-VL port of VisionZip / VisPruner (``visionzip.py`` /
+    ``vispruner.py``: ``Qwen2_5_VLVisionAttention_forward`` on the last block, then ``merger_hook``) for one block:
+    eager attention weights with a block-diagonal mask over cu_seqlens, mean over heads, summed over the queries,
+    averaged over each merge unit's 4 patches; the keys after the vision RoPE averaged over the unit, then over
+    heads; both put back in merged-token order (``reverse_indices``; the identity without window attention)."""
+    import sys
+    attn, hidden, kwargs = capture
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    S = hidden.shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rotate(q, k, *kwargs["position_embeddings"])
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        mask = torch.full((1, S, S), torch.finfo(q.dtype).min)
+        bounds = kwargs["cu_seqlens"].tolist()
+        for i in range(1, len(bounds)):
+            mask[..., bounds[i - 1]:bounds[i], bounds[i - 1]:bounds[i]] = 0
+        weights = (torch.matmul(q, k.transpose(1, 2)) / attn.head_dim ** 0.5 + mask).softmax(-1, dtype=torch.float32)
+    received = weights.mean(0).sum(0).view(S // 4, -1).mean(-1)
+    keys = k.view(k.shape[0], S // 4, 4, -1).mean(2)
+    visual = model.model.visual
+    order = torch.arange(S // 4)
+    if hasattr(visual, "window_size"):
+        from transformers.vision_utils import get_vision_window_index
+        order = torch.argsort(get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
+                                                      visual.patch_size)[0])
+    return received[order], keys[:, order].mean(0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "glm4v"])
+@pytest.mark.parametrize("method,batch,variant,budget", [("vispruner", 1, "single", {"keep": 12}),
+                                                         ("vispruner", 2, "multi", {"ratio": 0.75}),
+                                                         ("visionzip", 1, "single", {"keep": 20}),
+                                                         ("visionzip", 2, "multi", {"ratio": 0.6})])
+def test_global_attention_substitute_matches_lightcompress(family, method, batch, variant, budget):
+    """VisionZip and VisPruner on towers without [CLS] (VisPruner#1; LightCompress's Qwen2.5-VL ports): the
+    received attention of the last block per merged token, the merged tokens (the merger's outputs) as features,
+    VisionZip's keys after the vision RoPE; per image. On Qwen3-VL VisionZip merges the DeepStack features too."""
+    model, proc = tm.build(family, attn="eager")
+    inputs = tm.image_inputs(family, proc, batch, variant)
+    record = patched_forward(model, inputs, method, **budget)
+    captures = qwen_block_attention_inputs(model, inputs)
+    received, keys = lightcompress_qwen_signals(model, captures[len(captures) - 1], inputs["image_grid_thw"])
+    lm = R.capture_lm_inputs(model, inputs)
+    levels = lm.get("deepstack") or []
+    rank = (lm["visual_pos_masks"].flatten().long().cumsum(0) - 1).view_as(lm["visual_pos_masks"]) if levels else None
+    first, n_merged = 0, 0
+    for b, row in enumerate(record.layout.rows):
+        expected, merged_rows = [], {}
+        for span in row.spans:
+            n = span.n
+            T = min(budget["keep"] if "keep" in budget else round(n * (1 - budget["ratio"])), n)
+            embeds = lm["embeds"][b, span.positions]
+            if method == "vispruner":
+                kept = vispruner_official(received[first:first + n], embeds, T, 0.5)
+            else:
+                features = torch.cat([embeds] + [level[rank[b, span.positions]] for level in levels], -1)
+                kept, merged = visionzip_official(received[first:first + n], keys[first:first + n], features, T)
+                merged_rows.update({span.offset + c: h for c, h in merged.items()})
+            expected.append(span.offset + torch.tensor(kept))
+            first += n
+        assert record.kept[b].tolist() == torch.cat(expected).sort().values.tolist()
+        if method == "visionzip":
+            got = record.merged[b]
+            assert sorted(got.kept.tolist()) == sorted(merged_rows)
+            D = lm["embeds"].shape[-1]
+            for i, embed, deep in zip(got.kept.tolist(), got.embeds, got.deepstack if levels else got.embeds):
+                assert torch.allclose(embed, merged_rows[i][:D], atol=1e-5)
+                if levels:  # Qwen3-VL: each DeepStack level merged as the main features
+                    assert torch.allclose(deep, merged_rows[i][D:], atol=1e-5)
+            assert (got.deepstack is not None) == bool(levels)
+            n_merged += len(got.kept)
+    assert method == "vispruner" or n_merged > 0
+
+
+def test_global_attention_substitute_options():
+    """importance: "cls" (official, [CLS] towers) or "global" (the substitute, the default without [CLS]); "cls" on
+    a tower without [CLS] is refused; the other [CLS] methods stay refused on such towers, naming the reason."""
+    model, _ = tm.build("qwen2_vl")
+    for method in ("visionzip", "vispruner"):
+        with vtr.patch(model, method, ratio=0.5) as handle:
+            assert handle.method.importance == "global" and handle.method.positions == "original"
+        with pytest.raises(ValueError, match=r"importance='cls' needs a vision tower with a \[CLS\] token"):
+            vtr.patch(model, method, ratio=0.5, importance="cls")
+        with pytest.raises(ValueError, match=r"importance must be one of \('cls', 'global'\)"):
+            vtr.patch(model, method, ratio=0.5, importance="mean")
+    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
+        vtr.patch(model, "fastervlm", ratio=0.5)
+    llava, proc = tm.build("llava", attn="eager")
+    with vtr.patch(llava, "vispruner", ratio=0.5) as handle:
+        assert handle.method.importance == "cls"
+    inputs = tm.image_inputs("llava", proc, 1, "single")
+    cls = patched_forward(llava, inputs, "vispruner", ratio=0.75)
+    received = patched_forward(llava, inputs, "vispruner", ratio=0.75, importance="global")
+    assert cls.n_kept == received.n_kept and cls.kept[0].tolist() != received.kept[0].tolist()
+
+
 def test_cdpruner_dpp_fills_the_budget_when_the_kernel_rank_runs_out():
     """Four identical tokens and two others span rank 3: the greedy DPP stalls after 3 picks; the rest of a
     budget of 5 are distinct unpicked tokens of largest quality (the official loop picks duplicates via NaN)."""

@@ -315,7 +315,10 @@ class BrokenMerge(vtr.Method):
         if self.kind == "shape":
             embeds = embeds[:, :3]
         sources = [] if self.kind == "sources" else [torch.tensor([0, budget])]
-        return vtr.Merge(keep=keep, slots=slots.get(self.kind, torch.tensor([0])), embeds=embeds, sources=sources)
+        deepstack = {"deepstack": torch.zeros(1, 2 * embeds.shape[-1]),
+                     "deepstack-shape": torch.zeros(1, 5)}.get(self.kind)
+        return vtr.Merge(keep=keep, slots=slots.get(self.kind, torch.tensor([0])), embeds=embeds, sources=sources,
+                         deepstack=deepstack)
 
 
 class BrokenLayerMerge(BrokenMerge):
@@ -339,6 +342,22 @@ def test_the_engine_rejects_a_broken_merge(kind, match):
     with vtr.patch(model, method), torch.no_grad():
         with pytest.raises(RuntimeError, match=match):
             model(**tm.image_inputs("llava", proc, 1))
+
+
+@pytest.mark.parametrize("family,kind,match", [
+    ("llava", "deepstack", r"broken_merge: merged DeepStack features apply before the language model of a model "
+                           r"with DeepStack inputs \(Qwen3-VL\) only"),
+    ("qwen3_vl", "deepstack-shape", r"broken_merge: a merge of 1 tokens needs \[1, 128\] DeepStack features \(2 "
+                                    r"levels\), got \(1, 5\)"),
+])
+def test_the_engine_rejects_broken_merged_deepstack_features(family, kind, match):
+    """Merged DeepStack features (VisionZip on Qwen3-VL): one row of every level per merged token, before the
+    language model of a model that has them; anything else is refused, naming the method."""
+    model, proc = tm.build(family)
+    method = type("Broken", (BrokenMerge,), {"kind": kind})(ratio=0.75)
+    with vtr.patch(model, method), torch.no_grad():
+        with pytest.raises(RuntimeError, match=match):
+            model(**tm.image_inputs(family, proc, 1))
 
 
 class BrokenAdd(vtr.Method):

@@ -65,14 +65,14 @@ def supports(method: str, family: str) -> bool:
 # a [CLS] token, videos; the MoE twins of a dense family run a pre-LLM method (routing is per token: nothing else
 # differs from the dense model).
 MATRIX_SUBSET = {
-    "qwen3_vl_moe": ("divprune", "dart", "dycoke"),
+    "qwen3_vl_moe": ("divprune", "dart", "dycoke", "visionzip"),  # visionzip: merged DeepStack features
     "internvl": ("divprune", "fastervlm", "visionzip", "vispruner", "dart"),
     "gemma3": ("divprune", "fastv", "dart", "sparsevlm", "dycoke"),
     # SparseVLM: its one stage the tiny model allows (layer 2) reaches no less than 50% on average, under the
     # matrices' ratio 0.75 (refused as out of reach); its exactness on Qwen3.5 is checked at 0.5 in test_families
-    "qwen3_5": ("divprune", "fastv", "pdrop"),
+    "qwen3_5": ("divprune", "fastv", "pdrop", "vispruner"),
     "qwen3_5_moe": ("divprune",),
-    "glm4v": ("divprune", "dart", "dycoke", "prunevid", "evs"),
+    "glm4v": ("divprune", "dart", "dycoke", "prunevid", "evs", "visionzip"),
     "glm4v_moe": ("divprune",),
 }
 

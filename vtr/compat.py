@@ -805,6 +805,14 @@ def _qwen_rotated_qk(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, d
     return q.to(dtype), k.to(dtype)
 
 
+def qwen_vision_keys(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
+                     qkv: torch.Tensor | None = None) -> torch.Tensor:
+    """``[S, d]``: a Qwen-VL vision block's keys of its attention input ``hidden`` ``[S, D]`` after the vision RoPE,
+    mean over heads, in the tower's (window) order (the key VisionZip's Qwen2.5-VL port reads); from the block's
+    own fused projection output ``qkv`` when given."""
+    return _qwen_rotated_qk(attn, hidden, extra, dtype, qkv)[1].mean(0)
+
+
 def qwen_received_attention(attn: torch.nn.Module, hidden: torch.Tensor, extra: dict, dtype: torch.dtype,
                             chunk: int = 1024, qkv: torch.Tensor | None = None) -> torch.Tensor:
     """``[S]``: the softmax attention each patch receives in one Qwen-VL vision block, mean over heads and summed

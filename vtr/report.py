@@ -17,18 +17,24 @@ class MergedTokens:
         sources (list[torch.Tensor]): ``m`` index tensors: the visual indices merged into each (itself included).
         embeds (torch.Tensor | None): ``[m, D]`` the embeddings the language model received for them (the model's
             dtype, its hidden size ``D``).
+        deepstack (torch.Tensor | None): ``[m, levels * D]`` the DeepStack features they received, level after
+            level, where the method merged those too (VisionZip on Qwen3-VL); None where each kept its own.
     """
 
     kept: torch.Tensor
     sources: list = field(default_factory=list)
     embeds: torch.Tensor | None = field(default=None, repr=False)
+    deepstack: torch.Tensor | None = field(default=None, repr=False)
 
     @staticmethod
     def join(parts: list["MergedTokens"]) -> "MergedTokens":
         if not parts:
             return MergedTokens(kept=torch.zeros(0, dtype=torch.long))
+        deepstack = [p.deepstack for p in parts if len(p.kept)]
         return MergedTokens(kept=torch.cat([p.kept for p in parts]), sources=[s for p in parts for s in p.sources],
-                            embeds=torch.cat([p.embeds for p in parts]))
+                            embeds=torch.cat([p.embeds for p in parts]),
+                            deepstack=torch.cat(deepstack) if deepstack and all(d is not None for d in deepstack)
+                            else None)
 
 
 @dataclass

@@ -362,7 +362,8 @@ class _Engine(Pruning):
 @dataclass
 class Selection:
     """What a method keeps of one input: ``keep`` ``[k]`` ascending token indices; ``slots`` ``[m]`` the kept tokens
-    whose embedding is replaced (a subset of ``keep``) and ``embeds`` ``[m, D]`` their new embeddings."""
+    whose embedding is replaced (a subset of ``keep``) and ``embeds`` ``[m, D]`` their new embeddings (``[m, D *
+    (1 + levels)]`` where the method merged Qwen3-VL's DeepStack features too, in the layout of vLLM's rows)."""
 
     keep: torch.Tensor
     slots: torch.Tensor
@@ -397,10 +398,13 @@ def select(method: Method, span: VisualSpan, embeds: torch.Tensor, signals: Inpu
             continue
         chosen = method.select(ctx, 0, group, budget)
         if isinstance(chosen, Merge):
-            merge = checks._checked_merge(chosen, ctx.spec, budget, len(group))
+            levels = ctx._signals.deepstack.shape[-1] // embeds.shape[-1] if ctx._signals.deepstack is not None else 0
+            merge = checks._checked_merge(chosen, ctx.spec, budget, len(group), levels)
             if len(merge.slots):
                 slots.append(group.slots[merge.slots.to(group.slots.device)])
-                merged.append(merge.embeds)
+                # merged DeepStack features (VisionZip on Qwen3-VL) follow the embedding, as vLLM's rows hold them
+                merged.append(merge.embeds if merge.deepstack is None else
+                              torch.cat([merge.embeds, merge.deepstack.to(merge.embeds)], -1))
             chosen = merge.keep
         keep.append(group.slots[checks._checked(chosen, budget, len(group)).to(group.slots.device)])
     keep = torch.cat(keep).sort().values

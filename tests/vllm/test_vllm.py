@@ -37,6 +37,8 @@ def served(family: str, clip: str) -> list[tuple[str, dict]]:
         cases += [("image", {"method": m, "ratio": 0.5}) for m in ("fastervlm", "vispruner", "hiprune")]
         cases += [("image", {"method": "visionzip", "ratio": 0.25}),  # 48 kept: 7 contextual tokens merged
                   ("image", {"method": "cdpruner", "ratio": 0.5, "clip": clip})]  # CLIP relevance
+    if family.startswith("qwen"):  # the received-attention substitute (VisPruner#1; Qwen3-VL: merged DeepStack)
+        cases += [("image", {"method": "vispruner", "ratio": 0.5}), ("image", {"method": "visionzip", "ratio": 0.25})]
     if family == "qwen2_5_vl":
         cases += [("image", {"method": "hiprune", "ratio": 0.5}),
                   ("image", {"method": "hiprune", "ratio": 0.75, "object_layer": 3})]

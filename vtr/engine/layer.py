@@ -118,7 +118,7 @@ class LayerStages:
         then the slots of ``select`` are gathered."""
         if merged:  # merged tokens keep their slot with their new state
             hidden = hidden.clone()
-            for b, slots, embeds in merged:
+            for b, slots, embeds, _ in merged:  # DeepStack features: pre_llm stages only (checked)
                 hidden[b, slots] = embeds.to(hidden.dtype)
         return kernels.gather_rows(hidden if added is None else torch.cat([hidden, added], 1), select)
 

@@ -71,10 +71,20 @@ class PreLLMStage:
             pruned = self._prune(fwd, spec, base, hidden)
             if pruned is not None:
                 layout, select, merged, _ = pruned
-                if merged:  # merged tokens take their slot with their new embedding
+                levels = kwargs.get("deepstack_visual_embeds")
+                if merged:  # merged tokens take their slot with their new embedding (and DeepStack features)
                     hidden = hidden.clone()
-                    for b, slots, embeds in merged:
+                    rank = None
+                    for b, slots, embeds, deepstack in merged:
                         hidden[b, slots] = embeds.to(hidden.dtype)
+                        if deepstack is not None:
+                            masks = kwargs["visual_pos_masks"]
+                            if rank is None:
+                                rank = masks.flatten().long().cumsum(0).view_as(masks) - 1
+                                levels = [level.clone() for level in levels]
+                            rows = rank[b, slots.to(rank.device)]
+                            for level, features in zip(levels, deepstack.split(hidden.shape[-1], -1)):
+                                level[rows.to(level.device)] = features.to(level)
                 kwargs["inputs_embeds"] = kernels.gather_rows(hidden, select)
                 kwargs["attention_mask"] = layout.mask2d.to(mask_in.dtype if mask_in is not None else torch.long)
                 if mapping:  # the masks of the pruned sequence, each image block bidirectional over its kept tokens
@@ -82,8 +92,7 @@ class PreLLMStage:
                                                                    cache, request.layout_blocks(layout))
                 kwargs["position_ids"] = layout.positions
                 if kwargs.get("visual_pos_masks") is not None:
-                    masks, embeds = deepstack_inputs(kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"],
-                                                     select)
+                    masks, embeds = deepstack_inputs(kwargs["visual_pos_masks"], levels, select)
                     kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"] = masks, embeds
         return kwargs
 

@@ -18,7 +18,7 @@ class Pruning:
 
     def _prune(self, fwd: ForwardState, spec: StageSpec, prev: SeqLayout, hidden: torch.Tensor):
         """Select at one stage. Returns (new layout, ``[B, L']`` slots to gather, merged tokens as ``(row, [m] slots
-        of prev, [m, D] embeddings)``, ``[B, A, D]`` states of added tokens or None), or None if the stage removes
+        of prev, [m, D] embeddings, [m, levels * D] DeepStack features or None)``, ``[B, A, D]`` states of added tokens or None), or None if the stage removes
         nothing (then the model runs untouched, bit for bit). Gather slots ``>= prev.length`` are added tokens:
         slot ``prev.length + j`` is the row's ``j``-th added state."""
         start = clock(hidden)
@@ -51,12 +51,14 @@ class Pruning:
                     else:
                         chosen = self.method.select(ctx, b, group, budget)
                         if isinstance(chosen, Merge):
-                            merge = self._checked_merge(chosen, spec, budget, len(group))
+                            merge = self._checked_merge(chosen, spec, budget, len(group),
+                                                          len(fwd.deepstack[1]) if fwd.deepstack is not None else 0)
                             chosen = merge.keep
                             if len(merge.slots):
-                                merged.append((b, group.slots[merge.slots], merge.embeds))
+                                merged.append((b, group.slots[merge.slots], merge.embeds, merge.deepstack))
                                 row_merges.append(MergedTokens(
                                     kept=span.offset + group.ids[merge.slots].cpu(), embeds=merge.embeds,
+                                    deepstack=merge.deepstack,
                                     sources=[span.offset + group.ids[s].cpu() for s in merge.sources]))
                             if merge.added is not None:
                                 after = int(group.slots[merge.keep].max())
@@ -244,9 +246,10 @@ class Pruning:
                                "candidates; every image keeps at least one (the min-1 rule)")
         return budget
 
-    def _checked_merge(self, merge: Merge, spec: StageSpec, budget: int, n: int) -> Merge:
+    def _checked_merge(self, merge: Merge, spec: StageSpec, budget: int, n: int, levels: int = 0) -> Merge:
         """A merge must replace distinct kept tokens with one embedding each (before the language model), or add
-        tokens with one state, source list and anchor each (inside it)."""
+        tokens with one state, source list and anchor each (inside it); ``levels``: the DeepStack levels the
+        language model's inputs carry (Qwen3-VL), for merged DeepStack features."""
         name = self.method.name
         if len(merge.slots) and spec.stage is Stage.VISION:
             raise RuntimeError(f"{name}: replaced embeddings are not supported at the vision stage")
@@ -272,6 +275,13 @@ class Pruning:
         if merge.embeds.shape != (len(slots), D) or len(merge.sources) != len(slots):
             raise RuntimeError(f"{name}: a merge of {len(slots)} tokens needs [{len(slots)}, {D}] embeddings and as "
                                f"many source lists, got {tuple(merge.embeds.shape)} and {len(merge.sources)}")
+        if merge.deepstack is not None:
+            if spec.stage is not Stage.PRE_LLM or not levels:
+                raise RuntimeError(f"{name}: merged DeepStack features apply before the language model of a model "
+                                   "with DeepStack inputs (Qwen3-VL) only")
+            if merge.deepstack.shape != (len(slots), levels * D):
+                raise RuntimeError(f"{name}: a merge of {len(slots)} tokens needs [{len(slots)}, {levels * D}] "
+                                   f"DeepStack features ({levels} levels), got {tuple(merge.deepstack.shape)}")
         return dataclasses.replace(merge, keep=keep, slots=slots)
 
     def _checked(self, chosen, budget: int, n: int) -> torch.Tensor:

@@ -72,6 +72,8 @@ class Merge:
     (the sequence renumbered); under ``"original"`` each takes the position of its anchor.
     added_sources: ``a`` index tensors into the candidates: the tokens merged into each added token.
     added_anchors: ``[a]`` indices into the candidates: whose position each added token takes under ``"original"``.
+    deepstack: ``[m, levels * D]`` (``pre_llm`` stages on Qwen3-VL models) the replaced tokens' DeepStack features,
+    level after level (the layout ``SelectionContext.with_deepstack`` appends); None keeps each slot's own.
     """
 
     keep: torch.Tensor
@@ -81,6 +83,7 @@ class Merge:
     added: torch.Tensor | None = None
     added_sources: list = field(default_factory=list)
     added_anchors: torch.Tensor | None = None
+    deepstack: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,6 +12,30 @@ from .registry import register
 CLIP_MODELS = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 # Vision towers with a [CLS] token: CLIP (LLaVA-1.5 / NeXT) and InternViT (InternVL 3 / 3.5).
 CLS_MODELS = CLIP_MODELS + ("InternVLForConditionalGeneration",)
+# Vision transformers without [CLS] whose language tokens each merge a 2x2 unit of patches (Qwen-VL, GLM-4.1V): the
+# [CLS]-attention methods whose authors name a substitute (VisPruner#1: the attention each token receives, "global
+# attention", applied to the merged tokens; LightCompress ports VisionZip and VisPruner to Qwen2.5-VL so) take it.
+GLOBAL_ATTENTION_MODELS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                           "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+                           "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
+                           "Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration")
+NO_SUBSTITUTE = ("its score is the vision tower's [CLS] attention, or on the Qwen-VL / GLM-4.1V vision transformers "
+                 "the received-attention substitute its authors describe (VisPruner#1); the SigLIP towers of "
+                 "LLaVA-OneVision and Gemma 3 have no [CLS] token and vtr does not offer the substitute on them.")
+IMPORTANCE = ("cls", "global")
+
+
+def resolve_importance(method, family):
+    """``method`` with ``importance`` resolved for a model family: None takes "global" on the towers without
+    [CLS] (Qwen-VL, GLM-4.1V: M-RoPE families) and "cls" elsewhere; "cls" on them is refused."""
+    if method.importance is None:
+        return dataclasses.replace(method, importance="global" if family.mrope else "cls")
+    if method.importance == "cls" and family.mrope:
+        raise ValueError(f"{method.name}: importance='cls' needs a vision tower with a [CLS] token; this model's "
+                         "has none (use importance='global', the default here)")
+    return method
+
+
 NO_CLS = ("its score is the vision tower's [CLS] attention; the SigLIP towers of LLaVA-OneVision and Gemma 3 and the "
           "Qwen-VL / GLM-4.1V vision transformers have no [CLS] token, and the method documents no substitute for "
           "them.")

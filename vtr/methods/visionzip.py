@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ..kernels.reference import row_blocks, row_products
-from .base import Merge, Method, Stage
-from .fastervlm import CLS_MODELS, NO_CLS
+from .base import Merge, Method, Stage, choices
+from .fastervlm import CLS_MODELS, GLOBAL_ATTENTION_MODELS, IMPORTANCE, NO_SUBSTITUTE, resolve_importance
 from .registry import register
 
 
@@ -29,7 +29,21 @@ class VisionZip(Method):
     Keep count per image: ``T = round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1 (``keep=64`` gives the
     official 54 + 10). Each contextual token takes its target's slot with the merged embedding
     (``handle.last.merged`` lists the tokens merged into each). Positions: ``compact`` (official: a contiguous
-    block). Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP towers with [CLS]).
+    block; M-RoPE models: ``original``). Supported: LLaVA-1.5, LLaVA-NeXT and InternVL 3 / 3.5 (towers with [CLS]);
+    Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE), Qwen3.5 (dense, MoE) and GLM-4.1V / 4.5V through the substitute
+    below.
+
+    Towers without [CLS] (Qwen-VL, GLM-4.1V; ``importance="global"``, their default): LightCompress's Qwen2.5-VL
+    port (``token_reduction/visionzip.py``: ``Qwen2_5_VLVisionAttention_forward``, ``merger_hook``,
+    ``prune_qwenv25vl_hook``), the "global attention" VisPruner#1 describes for such towers: dominant tokens by the
+    attention each token receives in the tower's last block (mean over heads, summed over the queries of its
+    image), averaged over the 2x2 unit of patches the merger makes one token of (``vision_received_attention``);
+    contextual targets and assignment by that block's keys after the vision RoPE, mean over heads, averaged over
+    the unit (``vision_keys``); the merge (``target + mean(members)``) on the merged tokens themselves, the
+    merger's outputs (``vision_token_features``), which are the language model's inputs (no projector runs).
+    Each contextual token keeps its target's M-RoPE position (LightCompress: the target's ``position_ids``). On
+    Qwen3-VL the DeepStack features of a contextual token are merged the same way (no official code: Qwen3-VL is
+    newer than the port; a linear merge of each level, as of the main features).
 
     Deliberate differences from the official code:
       * the [CLS] token: the official code always keeps it as one of the ``D`` dominant tokens and feeds it to the
@@ -44,7 +58,10 @@ class VisionZip(Method):
         matrix; same assignment);
       * [CLS] attention mean over heads instead of the sum (the same order), fp32 scores, keys and merges (official:
         model dtype; ``score_dtype="model"`` computes the scores in the tower's dtype and the key similarities in
-        the model's; merges stay fp32).
+        the model's; merges stay fp32);
+      * Qwen-VL / GLM-4.1V (the substitute): the vtr split of the budget (LightCompress: ``dominant`` and
+        ``contextual`` as fractions of the image tokens, no default) and per image (LightCompress: batch 1, one
+        selection over all the prompt's image tokens); videos are refused (images only, as LightCompress).
     """
 
     name: ClassVar[str] = "visionzip"
@@ -52,8 +69,15 @@ class VisionZip(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
-    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS
-    unsupported_reason: ClassVar[str] = NO_CLS
+    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS + GLOBAL_ATTENTION_MODELS
+    unsupported_reason: ClassVar[str] = NO_SUBSTITUTE
+    importance: str | None = field(default=None, metadata=choices(*IMPORTANCE))
+    """The dominant tokens' score: "cls" (the [CLS] query's attention, official) or "global" (the attention each
+    token receives, the substitute for towers without [CLS]); None: "cls" where the tower has a [CLS] token,
+    "global" on Qwen-VL and GLM-4.1V."""
+
+    def for_model(self, family):
+        return resolve_importance(super().for_model(family), family)
 
     @staticmethod
     def split(budget: int) -> tuple[int, int]:
@@ -63,10 +87,13 @@ class VisionZip(Method):
 
     def select(self, ctx, row, span, budget):
         dominant, contextual = self.split(budget)
-        scores = ctx.vision_cls_attention(row, span)
-        _, index = ctx.vision_sources(row, span)
-        cls = (index if index.dim() == 1 else index[:, 0]) == 0
-        scores = scores.masked_fill(cls.to(scores.device), float("inf"))  # [CLS] ("full"): always kept
+        if self.importance == "cls":
+            scores = ctx.vision_cls_attention(row, span)
+            _, index = ctx.vision_sources(row, span)
+            cls = (index if index.dim() == 1 else index[:, 0]) == 0
+            scores = scores.masked_fill(cls.to(scores.device), float("inf"))  # [CLS] ("full"): always kept
+        else:
+            scores = ctx.vision_received_attention(row, span)
         top = torch.topk(scores, dominant).indices
         if contextual == 0:
             return top
@@ -74,11 +101,12 @@ class VisionZip(Method):
         rest[top] = False
         rest = rest.nonzero().flatten()  # remaining candidates, in sequence order
         keys = torch.nn.functional.normalize(ctx.vision_keys(row, span)[rest].to(ctx.score_dtype), dim=-1)
-        hidden = ctx.vision_features(row, span)[rest].float()
+        features = ctx.vision_token_features(row, span)
+        hidden = ctx.with_deepstack(row, span, features)[rest].float()  # Qwen3-VL: the DeepStack levels merge too
         targets, members, assign = contextual_assignment(keys, contextual)
         merged = merge_into_targets(hidden, targets, members, assign)
-        return Merge(keep=torch.cat([top, rest[targets]]), slots=rest[targets],
-                     embeds=ctx.project_visual(merged.to(ctx.vision_features(row, span).dtype)),
+        embeds, deepstack = ctx.visual_inputs(merged.to(features.dtype))
+        return Merge(keep=torch.cat([top, rest[targets]]), slots=rest[targets], embeds=embeds, deepstack=deepstack,
                      sources=[torch.cat([rest[t:t + 1], rest[members[assign == j]]]) for j, t in
                               enumerate(targets.tolist())])
 

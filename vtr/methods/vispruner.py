@@ -6,8 +6,8 @@ from typing import ClassVar
 import torch
 
 from ..kernels.reference import row_blocks, row_products
-from .base import Method, Stage
-from .fastervlm import CLS_MODELS, NO_CLS
+from .base import Method, Stage, choices
+from .fastervlm import CLS_MODELS, GLOBAL_ATTENTION_MODELS, IMPORTANCE, NO_SUBSTITUTE, resolve_importance
 from .registry import register
 
 
@@ -26,7 +26,18 @@ class VisPruner(Method):
 
     Keep count per image: ``T = round(n * (1 - ratio))`` or ``min(keep, n)``, at least 1, of which
     ``int(T * important_ratio)`` important (official ``visual_token_num`` and ``important_ratio``; README: 128 with
-    0.5, 64 with 0.75). Positions: ``compact``. Supported: LLaVA-1.5 and LLaVA-NeXT (CLIP towers with [CLS]).
+    0.5, 64 with 0.75). Positions: ``compact`` (M-RoPE models: ``original``). Supported: LLaVA-1.5, LLaVA-NeXT and
+    InternVL 3 / 3.5 (towers with [CLS]); Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense, MoE), Qwen3.5 (dense, MoE) and
+    GLM-4.1V / 4.5V through the substitute below.
+
+    Towers without [CLS] (Qwen-VL, GLM-4.1V; ``importance="global"``, their default): the substitute the authors
+    describe in VisPruner#1 and LightCompress ports to Qwen2.5-VL (``token_reduction/vispruner.py``,
+    ``prune_qwenv25vl_hook``): the importance of a token is the attention it receives in the tower's last block
+    (mean over heads, summed over the queries of its image), averaged over the 2x2 unit of patches the merger
+    makes one token of (``vision_received_attention``), and the duplicate removal compares the merged tokens
+    themselves, the merger's outputs (``vision_token_features``). Kept tokens keep their M-RoPE positions
+    (LightCompress: the kept tokens' ``position_ids``). ``importance="global"`` on a [CLS] tower reads the same
+    received attention at the feature layer ([CLS] query included), for comparison.
 
     Deliberate differences from the official code:
       * an odd number of remaining tokens (never reached with the official 576-token settings, where the official
@@ -41,6 +52,10 @@ class VisPruner(Method):
         similarity is the same float: ``row_products``);
       * scores and similarities in fp32 (official: model dtype; ``score_dtype="model"`` computes the attention
         logits in the tower's dtype and the features' similarities in the model's);
+      * Qwen-VL / GLM-4.1V (the substitute): per image (LightCompress: batch 1, one budget over all the prompt's
+        image tokens); the important count is ``int(T * important_ratio)`` (LightCompress adds 1 when ``n - T_imp``
+        is odd, a workaround for its even/odd split, which vtr's split does not need); videos are refused (images
+        only, as LightCompress);
       * undefined in the official code, decided here: a round that must drop more tokens than group A holds
         (``min(8, R - T_div) > R // 2``, few remaining tokens for a small diverse budget; official: a
         ``RuntimeError`` from its indexing) drops all of A and the rounds go on, so exactly ``T_div`` remain; ties
@@ -53,16 +68,24 @@ class VisPruner(Method):
     stage: ClassVar[Stage] = Stage.PRE_LLM
     visual_kinds: ClassVar[tuple[str, ...]] = ("image",)
     needs: ClassVar[frozenset] = frozenset({"vision"})
-    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS
-    unsupported_reason: ClassVar[str] = NO_CLS
+    model_classes: ClassVar[tuple[str, ...] | None] = CLS_MODELS + GLOBAL_ATTENTION_MODELS
+    unsupported_reason: ClassVar[str] = NO_SUBSTITUTE
     important_ratio: float = field(default=0.5, metadata={"min": 0, "max": 1})
     """Share of the budget kept as important tokens by [CLS] attention; the rest are diverse tokens."""
+    importance: str | None = field(default=None, metadata=choices(*IMPORTANCE))
+    """The important tokens' score: "cls" (the [CLS] query's attention, official) or "global" (the attention each
+    token receives, the authors' substitute for towers without [CLS]); None: "cls" where the tower has a [CLS]
+    token, "global" on Qwen-VL and GLM-4.1V."""
+
+    def for_model(self, family):
+        return resolve_importance(super().for_model(family), family)
 
     def select(self, ctx, row, span, budget):
-        scores = ctx.vision_cls_attention(row, span)
+        scores = ctx.vision_cls_attention(row, span) if self.importance == "cls" else \
+            ctx.vision_received_attention(row, span)
         order = torch.sort(scores, descending=True, stable=True).indices
         n_important = int(budget * self.important_ratio)
-        features = torch.nn.functional.normalize(ctx.vision_features(row, span).to(ctx.score_dtype), dim=-1)
+        features = torch.nn.functional.normalize(ctx.vision_token_features(row, span).to(ctx.score_dtype), dim=-1)
         diverse = remove_duplicates(features, order[n_important:], budget - n_important)
         return torch.cat([order[:n_important], diverse])
 

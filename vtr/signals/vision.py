@@ -116,7 +116,13 @@ class TowerSignals(ContextBase):
         return features.flatten(1, 2) if index.dim() == 2 else features
 
     def vision_keys(self, row: int, tokens: SpanCandidates, layer: int | None = None) -> torch.Tensor:
-        """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads."""
+        """``[c, d]``: each candidate's key at a vision layer's attention (bias included), mean over heads. Qwen-VL
+        (a merged token stands for a 2x2 merge unit): the keys after the vision RoPE, averaged over the unit's
+        patches (VisionZip's Qwen2.5-VL port in LightCompress)."""
+        if self.engine.family.mrope:
+            units = self.vision_units(row, tokens)
+            table = self._qwen_unit_table("keys", layer, compat.qwen_vision_keys)
+            return table[units.to(table.device)]
         self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
         memo, key = self._vision_memo(), ("keys", self._layer(layer))
@@ -152,6 +158,32 @@ class TowerSignals(ContextBase):
         crop, index = self.vision_sources(row, tokens)
         return memo[key][crop.to(hidden.device), index.to(hidden.device)]
 
+    def vision_token_features(self, row: int, tokens: SpanCandidates) -> torch.Tensor:
+        """``[c, F]``: the features by which VisionZip and VisPruner compare and merge the candidates. Where a
+        language token is one patch of the tower (CLIP; InternViT: the unit's patches concatenated) the feature
+        layer's hidden states before the projector (``vision_features``); where it merges a 2x2 unit of patches
+        (Qwen-VL, GLM-4.1V) the merged token itself, the merger's output, i.e. its language-model input embedding
+        ``[c, D]`` (VisPruner#1: pruning "on the merged tokens"; LightCompress's Qwen2.5-VL ports). Before the
+        language model (``pre_llm`` stages)."""
+        if not self.engine.family.mrope:
+            return self.vision_features(row, tokens)
+        self.vision_units(row, tokens)  # images only, with the message every image signal gives
+        if self.spec.stage.value != "pre_llm":
+            raise RuntimeError(f"{self.engine.method.name}: merged-token features are read before the language "
+                               "model (pre_llm stages)")
+        return self.hidden[row, tokens.slots]
+
+    def visual_inputs(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The language model's inputs for ``[m, F]`` features in ``vision_token_features``' space (merged ones),
+        optionally followed by DeepStack levels as ``with_deepstack`` appends them: ``(embeds [m, D], deepstack
+        [m, levels * D] or None)``. Tower features go through the projector; on Qwen-VL they are embeddings
+        already, and the DeepStack levels are split off."""
+        if not self.engine.family.mrope:
+            return self.project_visual(features), None
+        D = self.hidden.shape[-1]
+        deepstack = features[:, D:].to(self.hidden.dtype) if features.shape[1] > D else None
+        return features[:, :D].to(self.hidden.dtype), deepstack
+
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
         return compat.project_visual(self.engine.model, features).to(self.hidden.dtype)
@@ -163,8 +195,9 @@ class TowerSignals(ContextBase):
         merge unit): summed over the queries of each patch's attention segment (its image, or its window in
         window-attention blocks), then averaged over the unit's patches, as HiPrune's Qwen2.5-VL code does."""
         if self.engine.family.mrope:
-            units = self.vision_units(row, tokens)
-            return self._qwen_received(layer)[units]
+            units = self.vision_units(row, tokens)  # images only: checked before any signal is looked for
+            received = self._qwen_received(layer)
+            return received[units.to(received.device)]
         self._image_only(tokens)
         attn, hidden, _ = self._vision_layer(layer)
         memo, key = self._vision_memo(), ("received", self._layer(layer), self._vision_dtype(hidden))
@@ -275,18 +308,24 @@ class TowerSignals(ContextBase):
 
     def _qwen_received(self, layer: int | None) -> torch.Tensor:
         """``[U]`` received attention per merged token of the whole vision call (see vision_received_attention)."""
+        return self._qwen_unit_table("received", layer, compat.qwen_received_attention)
+
+    def _qwen_unit_table(self, name: str, layer: int | None, per_patch) -> torch.Tensor:
+        """``[U, ...]``: a per-patch signal of a Qwen-VL vision layer (``per_patch(attn, hidden, extra, dtype,
+        qkv=...)`` -> ``[S, ...]`` in the tower's order) averaged over each merge unit's patches and put in
+        merged-token order, for the whole vision call, once per request."""
         attn, hidden, _ = self._vision_layer(layer)
-        layer = self.engine.vision_feature_layer if layer is None else layer
-        memo, key = self._vision_memo(), ("received", self._layer(layer), self._vision_dtype(hidden))
+        layer = self._layer(layer)
+        memo, key = self._vision_memo(), (name, layer, self._vision_dtype(hidden))
         if key not in memo:
             call = self.fwd.vision
-            patches = compat.qwen_received_attention(attn, hidden, call.extras[layer], self._vision_dtype(hidden),
-                                                     qkv=self._qwen_qkv(layer))
-            per_unit = patches.view(-1, compat.qwen_merge_unit(self.engine.model)).mean(-1)
+            patches = per_patch(attn, hidden, call.extras[layer], self._vision_dtype(hidden),
+                                qkv=self._qwen_qkv(layer))
+            per_unit = patches.view(-1, compat.qwen_merge_unit(self.engine.model), *patches.shape[1:]).mean(1)
             order = compat.qwen_unit_order(self.engine.model, call.grid_thw).to(per_unit.device)
-            received = torch.empty_like(per_unit)
-            received[order] = per_unit  # from the tower's (window) order to merged-token order
-            memo[key] = received.cpu()
+            table = torch.empty_like(per_unit)
+            table[order] = per_unit  # from the tower's (window) order to merged-token order
+            memo[key] = table
         return memo[key]
 
 
