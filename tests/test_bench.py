@@ -555,11 +555,12 @@ def test_the_per_method_table_runs_every_registered_method_in_one_command(tmp_pa
     """``python -m vtr.bench.methods``: every registered method once, against its ideal, in process CPU time."""
     from vtr.bench import methods
     from vtr.methods.registry import REGISTRY
-    summary = methods.main(["--tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0", "--ratios", "0.5",
+    summary = methods.main(["--tiny", "--repeats", "1", "--warmup", "0", "--decode-tokens", "0",  # its ratio: 0.5
                             "--out", str(tmp_path), "--tag", "m", "--quiet"])
     assert sorted(r["method"] for r in summary["rows"]) == sorted(REGISTRY)
     for row in summary["rows"]:
         assert row["clock"] == "cpu" and row["over_ideal"] > 0 and row["kept"] < row["visual"], row
+        assert row["ratio"] == 0.5
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == json.loads(json.dumps(summary["rows"]))
     table = (tmp_path / "m.md").read_text()
     assert table.count("\n| ") == len(REGISTRY) + 1 and "say nothing about speed" in table

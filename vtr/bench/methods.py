@@ -47,8 +47,9 @@ OPTIONS = ["relevance=embeddings"]  # cdpruner's only (checked: no other method 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vtr.bench.methods", description=__doc__,
                                 formatter_class=cli.HelpFormatter)
-    p.add_argument("--ratios", default="0.778,0.889",
-                   help="comma-separated fractions of visual tokens removed (default: 0.778,0.889)")
+    p.add_argument("--ratios", default=None,
+                   help="comma-separated fractions of visual tokens removed (default: 0.778,0.889; --tiny: 0.5, "
+                        "which the layer-averaged schedules reach on the tiny models' 4 layers)")
     p.add_argument("--repeats", type=int, default=9, help="timed passes per group (default: 9)")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per group first (default: 1)")
     p.add_argument("--video", default="8x144",
@@ -80,8 +81,9 @@ def main(argv=None) -> dict:
         if name not in wanted:
             continue
         video = "3x16" if args.tiny and args.video == "8x144" else args.video
+        ratios = args.ratios or ("0.5" if args.tiny else "0.778,0.889")
         argv = ["--model", TINY[model] if args.tiny else model, "--methods", ",".join(methods),
-                "--ratios", args.ratios, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                "--ratios", ratios, "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                 "--decode-tokens", str(args.decode_tokens), "--clock", "cpu" if not _cuda() else "wall",
                 "--out", str(out), "--tag", f"{args.tag}-{name}"]
         argv += [a.format(video=video) for a in extra]
