@@ -202,7 +202,7 @@ def cases(device, quick):
                 fn=lambda m, q=q_all[:, :, -1:], k=k, v=valid: m.attention_scores(q, k, v, HEAD_DIM ** -0.5)[:, 0],
                 official=None if heavy else (lambda q=q_all, k=k: official_fastv(q, k, HEAD_DIM ** -0.5)))
 
-    from vtr.methods.cdpruner import CDPruner
+    from vtr.methods.cdpruner import CDPruner, mean_similarity
     from vtr.methods.vispruner import remove_duplicates
     for name, prompt in PROMPTS.items():
         s, N = prompt["s"], prompt["N"]
@@ -217,8 +217,10 @@ def cases(device, quick):
         text = torch.randn(HIDDEN, device=device)
         for k in ((64,) if N == 576 else (320,)):
             def vtr_cdpruner(f=feats.float(), k=k):
-                unit = torch.nn.functional.normalize(f.float(), dim=-1)
-                return sorted(CDPruner(keep=k)._select(unit, unit, text[None], False, k).tolist())
+                method = CDPruner(keep=k, relevance="embeddings")
+                unit = method._unit(f.float())  # the relevance to the text as CDPruner.select computes it
+                raw = mean_similarity(unit, method._unit(text[None].float()), negate=False)
+                return sorted(method._select(unit, None, raw, k).tolist())
             yield "cdpruner_dpp", f"{name} CDPruner k={k} of {N}", dict(
                 fn=lambda m, run=vtr_cdpruner: run(), triton=False,
                 official=lambda f=feats.float(), k=k: sorted(official_cdpruner(f, text, k)))
