@@ -241,6 +241,18 @@ class SyntheticContext:
     def project_visual(self, features):
         return (features.float() @ self._projector).to(self.hidden.dtype)
 
+    def vision_token_features(self, row, tokens):
+        if self.engine.family.mrope:  # a Qwen-VL token merges a 2x2 unit: the merged token itself
+            return self.hidden[row, tokens.slots]
+        return self.vision_features(row, tokens)
+
+    def visual_inputs(self, features):
+        if not self.engine.family.mrope:
+            return self.project_visual(features), None
+        D = self.hidden.shape[-1]
+        return features[:, :D].to(self.hidden.dtype), features[:, D:].to(self.hidden.dtype) if features.shape[1] > D \
+            else None
+
     def video_mean_query_attention(self, row, span, layer=None):
         """FastVID's Qwen2.5-VL salience: per temporal slice, the mean of its ``4 N`` patch queries against each
         merge unit's mean key, softmax over the ``N`` units, mean over heads."""
