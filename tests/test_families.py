@@ -256,3 +256,21 @@ def test_qwen3_5_dycoke_without_its_kv_stage_is_exact(mode):
     with pytest.raises(ValueError, match=tm.LAYER_REFUSED["dycoke", "qwen3_5"]):
         vtr.patch(model, "dycoke", ratio=0.5)
 
+
+def test_decode_stage_refusal_names_the_layers_that_work_and_how_to_turn_it_off():
+    """DyCoke's decode-time stage where its default layer cannot serve it: on Gemma 3 (a sliding layer before it) the
+    error lists the layer values that work, which then patch; on Qwen3.5 (linear-attention layers everywhere after)
+    it says that none does; both name kv_ratio=0."""
+    model, _ = tm.build("gemma3")
+    with pytest.raises(ValueError, match=r"dycoke's decoding stage \(layer=3\) cannot run on Gemma3ForConditional"
+                                         r"Generation: .*sliding_attention layer.*Give layer one of \[2\], or pass "
+                                         r"kv_ratio=0"):
+        vtr.patch(model, "dycoke", ratio=0.5)
+    vtr.patch(model, "dycoke", ratio=0.5, layer=2).remove()
+    model, _ = tm.build("qwen3_5")
+    with pytest.raises(ValueError, match=r"\(layer=2\) cannot run on .*: it hides visual tokens from the KV caches "
+                                         r"of decoder layers >= 2.*No layer value avoids that on this model, or pass "
+                                         r"kv_ratio=0"):
+        vtr.patch(model, "dycoke", ratio=0.5, layer=2)
+    assert vtr.handle_of(model) is None
+

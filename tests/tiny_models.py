@@ -33,8 +33,12 @@ LAYER_REFUSED = {
     ("prunevid", "gemma3"): "prunevid cuts the KV caches of the decoder layers before its stage",
     ("prunevid", "qwen3_5"): "prunevid cuts the KV caches of the decoder layers before its stage",
     ("prunevid", "qwen3_5_moe"): "prunevid cuts the KV caches of the decoder layers before its stage",
-    ("dycoke", "qwen3_5"): r"dycoke scores each new token's attention .* linear_attention layer",
-    ("dycoke", "qwen3_5_moe"): r"dycoke scores each new token's attention .* linear_attention layer",
+    ("dycoke", "qwen3_5"): r"dycoke's decoding stage \(layer=\d+\) cannot run on .*: it scores each new token's "
+                           r"attention .* linear_attention layer.*No layer value avoids that on this model, or pass "
+                           r"kv_ratio=0",
+    ("dycoke", "qwen3_5_moe"): r"dycoke's decoding stage \(layer=\d+\) cannot run on .*: it scores each new token's "
+                           r"attention .* linear_attention layer.*No layer value avoids that on this model, or pass "
+                           r"kv_ratio=0",
     ("framefusion", "qwen3_5"): "framefusion scores with the attention of the layer before its stage at 1",
     ("framefusion", "qwen3_5_moe"): "framefusion scores with the attention of the layer before its stage at 1",
 }

@@ -236,7 +236,7 @@ def check_input(method: Method, span: VisualSpan) -> None:
     keep count that depends on the input's content (see ``COUNT_FROM_GRID``)."""
     if span.kind not in method.visual_kinds:
         raise ValueError(f"vtr: {method.name} prunes {' and '.join(k + 's' for k in method.visual_kinds)} only; "
-                         f"this request holds a {span.kind}")
+                         f"this request holds {'an' if span.kind == 'image' else 'a'} {span.kind}")
     if not _count_from_budget(method) and method.ratio != 0:
         rule = COUNT_FROM_GRID.get(method.name)
         if rule is None or not rule(method, span):

@@ -139,20 +139,30 @@ class Engine(PreLLMStage, LayerStages, KVCacheStage, VisionSignals, QwenVisionSt
                         "whose cache (a sliding window of keys, or a recurrent state) cannot be cut to a subset of "
                         "the prompt's tokens, so decoding could not equal the model run on the kept tokens")
         if self.decode_spec is not None:
-            L = self.decode_spec.layer
-            if types[L - 1] != "full_attention":
-                raise ValueError(
-                    f"vtr: {method} scores each new token's attention over the whole visual cache of decoder layer "
-                    f"{L - 1}; in {model} that layer is a {types[L - 1]} layer (its cache holds "
-                    f"{'only its window' if types[L - 1] == 'sliding_attention' else 'a recurrent state, no keys'}). "
-                    f"Give {option} a value whose layer before is a full-attention layer: "
-                    f"{[i + 1 for i, t in enumerate(types[:-1]) if t == 'full_attention'][:8]}")
-            bad = [j for j in range(L, len(types)) if types[j] == "linear_attention"]
-            if bad:
-                raise ValueError(
-                    f"vtr: {method} hides visual tokens from the KV caches of decoder layers >= {L} at each decoding "
-                    f"step; in {model} layer {bad[0]} is a linear-attention layer whose recurrent state has no "
-                    "per-token entries to hide")
+            problem = self._decode_layer_problem(types, self.decode_spec.layer)
+            if problem:
+                # the layers the stage could use: the one before it keeps keys, none from it on is recurrent
+                valid = [L for L in range(1, len(types)) if not self._decode_layer_problem(types, L)]
+                fix = (f"give {option} one of {valid[:8]}{' ...' if len(valid) > 8 else ''}" if valid else
+                       f"no {option} value avoids that on this model")
+                off = self.method.decode_stage_off
+                raise ValueError(f"vtr: {method}'s decoding stage ({option}={self.decode_spec.layer}) cannot run on "
+                                 f"{model}: it {problem}. {fix[0].upper() + fix[1:]}"
+                                 + (f", or pass {off} to run its stage before the language model alone" if off else ""))
+
+    @staticmethod
+    def _decode_layer_problem(types: list[str], L: int) -> str:
+        """Why a decode-time stage at layer ``L`` (scoring with layer ``L - 1``'s cache, hiding tokens from layers
+        ``>= L``) cannot run over these layer types ("" when it can)."""
+        if types[L - 1] != "full_attention":
+            held = "only its window" if types[L - 1] == "sliding_attention" else "a recurrent state, no keys"
+            return (f"scores each new token's attention over the whole visual cache of decoder layer {L - 1}, a "
+                    f"{types[L - 1]} layer (its cache holds {held})")
+        bad = [j for j in range(L, len(types)) if types[j] == "linear_attention"]
+        if bad:
+            return (f"hides visual tokens from the KV caches of decoder layers >= {L}; layer {bad[0]} is a "
+                    "linear-attention layer whose recurrent state has no per-token entries to hide")
+        return ""
 
     def attach(self) -> None:
         try:

@@ -170,6 +170,9 @@ class Method:
     visual_kinds: ClassVar[tuple[str, ...]] = ("image", "video")
     # Whether row-end newline tokens (LLaVA-NeXT / OneVision) are candidates; otherwise they are always kept.
     newline_candidates: ClassVar[bool] = False
+    # The option setting that removes the decode-time (kv_cache) stage, if any (DyCoke: "kv_ratio=0"); errors that
+    # refuse that stage on a model quote it.
+    decode_stage_off: ClassVar[str] = ""
     # Whether the selection reads the prompt's text (its last token, the text after an image): then the whole
     # prompt must reach the model in one prefill, and generate(prefill_chunk_size=...) is refused.
     needs_whole_prompt: ClassVar[bool] = False

@@ -83,6 +83,8 @@ class DyCoke(Method):
     def stages(self) -> list[StageSpec]:
         return [StageSpec(Stage.PRE_LLM, 0)]
 
+    decode_stage_off: ClassVar[str] = "kv_ratio=0"
+
     def decode_stage(self) -> StageSpec | None:
         if self._kv_ratio() == 0:  # every step would attend to every visual token: no stage, so no layer it needs
             return None
