@@ -722,6 +722,22 @@ def qwen_block_attention_inputs(model, inputs):
     return seen
 
 
+def qwen_block_eager_attention(attn, hidden, kwargs, rotate):
+    """A Qwen-VL vision block's eager attention as the official ports compute it: weights ``[heads, S, S]`` (fp32
+    softmax, block-diagonal mask over ``cu_seqlens``) and keys ``[heads, S, d]`` after the vision RoPE (``rotate``)."""
+    S = hidden.shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rotate(q, k, *kwargs["position_embeddings"])
+        q, k = q.transpose(0, 1), k.transpose(0, 1)
+        mask = torch.full((1, S, S), torch.finfo(q.dtype).min)
+        bounds = kwargs["cu_seqlens"].tolist()
+        for i in range(1, len(bounds)):
+            mask[..., bounds[i - 1]:bounds[i], bounds[i - 1]:bounds[i]] = 0
+        weights = (torch.matmul(q, k.transpose(1, 2)) / attn.head_dim ** 0.5 + mask).softmax(-1, dtype=torch.float32)
+    return weights, k
+
+
 def qwen_hiprune_scores(model, capture, grid_thw):
     """Transcription of HiPrune's Qwen2.5-VL vision forward for one block: eager attention weights with a
     block-diagonal mask over cu_seqlens, mean over heads, sum over queries, mean over each merge unit's 4
@@ -730,15 +746,7 @@ def qwen_hiprune_scores(model, capture, grid_thw):
     from transformers.vision_utils import get_vision_window_index
     attn, hidden, kwargs = capture
     S = hidden.shape[0]
-    with torch.no_grad():
-        q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = qwen.apply_rotary_pos_emb_vision(q, k, *kwargs["position_embeddings"])
-        q, k = q.transpose(0, 1), k.transpose(0, 1)
-        mask = torch.full((1, S, S), torch.finfo(q.dtype).min)
-        bounds = kwargs["cu_seqlens"].tolist()
-        for i in range(1, len(bounds)):
-            mask[..., bounds[i - 1]:bounds[i], bounds[i - 1]:bounds[i]] = 0
-        weights = (torch.matmul(q, k.transpose(1, 2)) / attn.head_dim ** 0.5 + mask).softmax(-1, dtype=torch.float32)
+    weights, _ = qwen_block_eager_attention(attn, hidden, kwargs, qwen.apply_rotary_pos_emb_vision)
     weights = weights.mean(0).sum(0).view(S // 4, -1).mean(-1)
     visual = model.model.visual
     window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size,
@@ -783,15 +791,7 @@ def lightcompress_qwen_signals(model, capture, grid_thw):
     attn, hidden, kwargs = capture
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     S = hidden.shape[0]
-    with torch.no_grad():
-        q, k, _ = attn.qkv(hidden).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = rotate(q, k, *kwargs["position_embeddings"])
-        q, k = q.transpose(0, 1), k.transpose(0, 1)
-        mask = torch.full((1, S, S), torch.finfo(q.dtype).min)
-        bounds = kwargs["cu_seqlens"].tolist()
-        for i in range(1, len(bounds)):
-            mask[..., bounds[i - 1]:bounds[i], bounds[i - 1]:bounds[i]] = 0
-        weights = (torch.matmul(q, k.transpose(1, 2)) / attn.head_dim ** 0.5 + mask).softmax(-1, dtype=torch.float32)
+    weights, k = qwen_block_eager_attention(attn, hidden, kwargs, rotate)
     received = weights.mean(0).sum(0).view(S // 4, -1).mean(-1)
     keys = k.view(k.shape[0], S // 4, 4, -1).mean(2)
     visual = model.model.visual

@@ -66,6 +66,7 @@ class DyCoke(Method):
     summary: ClassVar[str] = "video: temporal pruning of frame pairs/quads before the LLM + per-step KV-cache pruning"
     stage: ClassVar[Stage] = Stage.PRE_LLM
     default_positions: ClassVar[str] = "compact"
+    decode_stage_off: ClassVar[str] = "kv_ratio=0"
 
     kv_ratio: float | None = field(default=None, metadata={"min": 0.0, "max": 0.999999})
     """Official dycoke_p: share of visual tokens hidden from layers >= L at each decoding step; None takes ratio (0
@@ -82,8 +83,6 @@ class DyCoke(Method):
 
     def stages(self) -> list[StageSpec]:
         return [StageSpec(Stage.PRE_LLM, 0)]
-
-    decode_stage_off: ClassVar[str] = "kv_ratio=0"
 
     def decode_stage(self) -> StageSpec | None:
         if self._kv_ratio() == 0:  # every step would attend to every visual token: no stage, so no layer it needs
