@@ -23,6 +23,7 @@ from .. import kernels
 from ..layout import VisualSpan
 from ..methods import lookup
 from ..methods.base import Stage
+from ..signals.vision import split_deepstack
 from ..signals import SpanCandidates
 from ..signals.text import TextSignals
 
@@ -249,9 +250,7 @@ class SyntheticContext:
     def visual_inputs(self, features):
         if not self.engine.family.mrope:
             return self.project_visual(features), None
-        D = self.hidden.shape[-1]
-        return features[:, :D].to(self.hidden.dtype), features[:, D:].to(self.hidden.dtype) if features.shape[1] > D \
-            else None
+        return split_deepstack(features, self.hidden.shape[-1], self.hidden.dtype)
 
     def video_mean_query_attention(self, row, span, layer=None):
         """FastVID's Qwen2.5-VL salience: per temporal slice, the mean of its ``4 N`` patch queries against each

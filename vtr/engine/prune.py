@@ -18,8 +18,8 @@ class Pruning:
 
     def _prune(self, fwd: ForwardState, spec: StageSpec, prev: SeqLayout, hidden: torch.Tensor):
         """Select at one stage. Returns (new layout, ``[B, L']`` slots to gather, merged tokens as ``(row, [m] slots
-        of prev, [m, D] embeddings, [m, levels * D] DeepStack features or None)``, ``[B, A, D]`` states of added tokens or None), or None if the stage removes
-        nothing (then the model runs untouched, bit for bit). Gather slots ``>= prev.length`` are added tokens:
+        of prev, [m, D] embeddings, [m, levels * D] DeepStack features or None)``, ``[B, A, D]`` states of added
+        tokens or None), or None if the stage removes nothing (then the model runs untouched, bit for bit). Gather slots ``>= prev.length`` are added tokens:
         slot ``prev.length + j`` is the row's ``j``-th added state."""
         start = clock(hidden)
         ctx = SelectionContext(self, fwd, prev, hidden, spec)

@@ -11,6 +11,13 @@ from .. import compat
 from .core import ContextBase, SpanCandidates
 
 
+def split_deepstack(features: torch.Tensor, D: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[m, D (+ levels * D)]`` merged-token embeddings, with the DeepStack levels appended (Qwen3-VL): ``(embeds
+    [m, D], deepstack [m, levels * D] or None)`` in ``dtype``."""
+    deepstack = features[:, D:].to(dtype) if features.shape[1] > D else None
+    return features[:, :D].to(dtype), deepstack
+
+
 class TowerSignals(ContextBase):
     """Image signals of the vision tower (FasterVLM, VisionZip, VisPruner, HiPrune, CDPruner, VFlowOpt...)."""
 
@@ -180,9 +187,7 @@ class TowerSignals(ContextBase):
         already, and the DeepStack levels are split off."""
         if not self.engine.family.mrope:
             return self.project_visual(features), None
-        D = self.hidden.shape[-1]
-        deepstack = features[:, D:].to(self.hidden.dtype) if features.shape[1] > D else None
-        return features[:, :D].to(self.hidden.dtype), deepstack
+        return split_deepstack(features, self.hidden.shape[-1], self.hidden.dtype)
 
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         """The model's multimodal projector on vision features ``[..., D_v]``: language-model input embeddings."""
